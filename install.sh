@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# One-command install of tsm_dist and its distributed stack into ./.venv:
+#   torch (kept if you bring one) -> OpenMPI (system/module, or apt) -> Horovod 0.28.1 (patched to C++17,
+#   PyTorch + Gloo + MPI controllers, NCCL ops when torch has CUDA; wheel cached) -> mpi4py (same MPI)
+#   -> NVIDIA DALI -> tsm_dist (editable) with pyyaml, wandb, PyAV, pytest.
+# Idempotent: a second run only checks. Environment knobs (all optional):
+#   TORCH_SPEC="torch==2.5.1"          install this torch instead of the default torch==2.13.0
+#   TSM_DIST_SYSTEM_SITE_PACKAGES=1    create the venv with --system-site-packages (cluster torch modules)
+#   TSM_DIST_VENV=/path/.venv          where the venv lives (default: <repo>/.venv)
+#   TSM_DIST_CACHE=/path               built-wheel cache (default: ~/.cache/tsm_dist)
+#   PYTHON=python3.11                  interpreter that creates the venv
+#   HOROVOD_NCCL_HOME=/path            NCCL for Horovod's GPU ops (default: torch's nvidia-nccl wheel)
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+VENV=${TSM_DIST_VENV:-$ROOT/.venv}
+PY=$VENV/bin/python
+HOROVOD_VERSION=0.28.1
+DEFAULT_TORCH="torch==2.13.0"
+CACHE=${TSM_DIST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tsm_dist}
+LOGS=$ROOT/.install-logs
+mkdir -p "$CACHE" "$LOGS"
+
+say() { printf '[install] %s\n' "$*"; }
+die() { printf '[install] ERROR: %s\n' "$*" >&2; exit 1; }
+pipq() {  # quiet pip install; shows pip's output only when it fails
+  local rc=0
+  "$PY" -m pip install --disable-pip-version-check -q "$@" >"$LOGS/pip.log" 2>&1 || rc=$?
+  [ "$rc" = 0 ] || { grep -v "is ignored: it is neither" "$LOGS/pip.log" | tail -n 30 >&2; die "pip install $* failed"; }
+}
+py_ok() { "$PY" -c "$1" >/dev/null 2>&1; }
+as_root_with_apt() { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; }
+
+# --- 1. virtual environment --------------------------------------------------------------------------
+if [ ! -x "$PY" ]; then
+  say "creating $VENV"
+  args=()
+  [ "${TSM_DIST_SYSTEM_SITE_PACKAGES:-0}" = 1 ] && args+=(--system-site-packages)
+  "${PYTHON:-python3}" -m venv "${args[@]}" "$VENV" || die "could not create a venv with ${PYTHON:-python3} (install python3-venv)"
+fi
+# Horovod's and mpi4py's builds run inside this venv (they must see its torch), so it needs the build tools.
+py_ok "import setuptools, wheel, cffi, cloudpickle, psutil, yaml, packaging" ||
+  pipq "setuptools>=64" wheel cffi cloudpickle psutil pyyaml packaging
+
+# --- 2. torch: keep the user's, else the pinned default ----------------------------------------------
+if [ -n "${TORCH_SPEC:-}" ]; then
+  say "installing $TORCH_SPEC (TORCH_SPEC)"
+  pipq "$TORCH_SPEC"
+elif py_ok "import torch"; then
+  say "keeping torch $("$PY" -c 'import torch; print(torch.__version__)') found in the venv"
+else
+  say "installing $DEFAULT_TORCH"
+  pipq "$DEFAULT_TORCH"
+fi
+read -r TORCH_VERSION TORCH_CUDA < <("$PY" -c "import torch; print(torch.__version__, torch.version.cuda or 'cpu')") ||
+  die "torch does not import in $VENV"
+PY_TAG=$("$PY" -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
+
+# --- 3. MPI: the cluster's (module) or the system's; apt only as a last resort -----------------------
+if ! command -v mpicc >/dev/null 2>&1; then
+  if as_root_with_apt; then
+    say "no mpicc on PATH: installing OpenMPI with apt (libopenmpi-dev openmpi-bin)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq libopenmpi-dev openmpi-bin; } >"$LOGS/apt-openmpi.log" 2>&1 ||
+      { tail -n 20 "$LOGS/apt-openmpi.log"; die "apt-get could not install OpenMPI (log: $LOGS/apt-openmpi.log)"; }
+  else
+    die "no MPI found (mpicc is not on PATH). Load your cluster's MPI (e.g. 'module load openmpi' or
+       'module load spectrum-mpi') or install OpenMPI (Debian/Ubuntu: apt-get install libopenmpi-dev openmpi-bin;
+       RHEL: dnf install openmpi-devel and add /usr/lib64/openmpi/bin to PATH), then run ./install.sh again."
+  fi
+fi
+MPICC=$(command -v mpicc)
+MPI_FLAVOUR=$(mpirun --version 2>/dev/null | head -n 1 || echo "unknown MPI")
+MPI_KEY=$(printf '%s|%s' "$MPICC" "$MPI_FLAVOUR" | sha1sum | cut -c1-10)
+if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+
+# Builds a wheel once per key into the cache and installs it; a venv already holding that key is left alone.
+# usage: cached_wheel NAME KEY BUILD_FUNCTION
+cached_wheel() {
+  local name=$1 key=$2 build=$3 stamp="$VENV/.tsm_dist-$1.key" dir="$CACHE/wheels/$1/$2"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ] && py_ok "import $name"; then
+    say "$name: already built for this stack ($key)"
+    return 0
+  fi
+  if ! ls "$dir"/*.whl >/dev/null 2>&1; then
+    local log="$LOGS/build-$name.log" tmp
+    tmp=$(mktemp -d "$CACHE/build-$name.XXXXXX")
+    say "$name: building wheel (log: $log)"
+    if ! (cd "$tmp" && "$build" "$tmp") >"$log" 2>&1; then
+      echo "----- last lines of $log -----" >&2
+      tail -n 40 "$log" >&2
+      echo "----- likely cause -----" >&2
+      grep -E "error:|Error|CMake Error|fatal|not found|No such file" "$log" | grep -v "^ *#" | head -n 8 >&2 || true
+      die "$name build failed; the whole log is $log"
+    fi
+    mkdir -p "$dir" && mv "$tmp"/out/*.whl "$dir"/ && rm -rf "$tmp"
+  else
+    say "$name: using cached wheel $(ls "$dir"/*.whl)"
+  fi
+  pipq --force-reinstall --no-deps "$dir"/*.whl
+  pipq "$dir"/*.whl   # its dependencies, if any are missing
+  echo "$key" >"$stamp"
+}
+
+# --- 4. Horovod 0.28.1, C++17, PyTorch + Gloo + MPI (+ NCCL when torch has CUDA) ---------------------
+# (Build functions run inside `if`, where bash ignores `set -e`: every step checks its own status.)
+build_horovod() {
+  local work=$1 sdist="$CACHE/src/horovod-$HOROVOD_VERSION.tar.gz" src="$1/horovod-$HOROVOD_VERSION"
+  [ -f "$sdist" ] || "$PY" -m pip download --disable-pip-version-check --no-deps --no-binary :all: \
+    "horovod==$HOROVOD_VERSION" -d "$CACHE/src" || return 1
+  tar xzf "$sdist" -C "$work" || return 1
+  # Horovod 0.28.1 compiles as C++14, but torch >= 2.1 headers need C++17 (ppc64le CUDA flags too: Summit).
+  sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
+  sed -i 's/CMAKE_CUDA_FLAGS} -std=c++11/CMAKE_CUDA_FLAGS} -std=c++17/' "$src/CMakeLists.txt"
+  grep -q "CMAKE_CXX_STANDARD 17" "$src/horovod/torch/CMakeLists.txt" || { echo "C++17 patch did not apply"; return 1; }
+  command -v cmake >/dev/null 2>&1 || "$PY" -m pip install -q "cmake>=3.13" || return 1
+  export PATH="$VENV/bin:$PATH" MAKEFLAGS="-j$(nproc)"
+  export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
+  export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+  if [ "$TORCH_CUDA" != cpu ]; then
+    export HOROVOD_GPU_OPERATIONS=NCCL
+    if [ -z "${HOROVOD_NCCL_HOME:-}${HOROVOD_NCCL_INCLUDE:-}" ]; then
+      # pip's CUDA torch ships NCCL as the nvidia-nccl wheel, whose lib/ has only libnccl.so.2.
+      local nccl
+      nccl=$("$PY" -c "import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))" 2>/dev/null || true)
+      if [ -n "$nccl" ]; then
+        mkdir -p "$work/nccl-lib" && ln -sf "$nccl/lib/libnccl.so.2" "$work/nccl-lib/libnccl.so"
+        export HOROVOD_NCCL_INCLUDE="$nccl/include" HOROVOD_NCCL_LIB="$work/nccl-lib" HOROVOD_NCCL_LINK=SHARED
+      fi
+    fi
+  fi
+  "$PY" -m pip wheel --disable-pip-version-check --no-deps --no-build-isolation -v -w "$work/out" "$src"
+}
+HVD_KEY="horovod-$HOROVOD_VERSION-torch-$TORCH_VERSION-$PY_TAG-$(uname -m)-mpi-$MPI_KEY"
+cached_wheel horovod "$HVD_KEY" build_horovod
+py_ok "import horovod.torch" || die "horovod.torch does not import; rebuild with: rm -rf $CACHE/wheels/horovod/$HVD_KEY && ./install.sh"
+
+# --- 5. mpi4py against the same MPI --------------------------------------------------------------------
+build_mpi4py() {
+  MPICC="$MPICC" "$PY" -m pip wheel --disable-pip-version-check --no-deps --no-binary mpi4py -w "$1/out" "mpi4py>=3.1"
+}
+cached_wheel mpi4py "mpi4py-$PY_TAG-$(uname -m)-mpi-$MPI_KEY" build_mpi4py
+
+# --- 6. NVIDIA DALI, matching torch's CUDA major (the CPU build of torch uses the CUDA 12 package) -----
+case "$TORCH_CUDA" in 13.*) DALI_PKG=nvidia-dali-cuda130 ;; *) DALI_PKG=nvidia-dali-cuda120 ;; esac
+if py_ok "import nvidia.dali"; then
+  say "keeping $DALI_PKG $("$PY" -c 'import nvidia.dali as d; print(d.__version__)')"
+else
+  say "installing $DALI_PKG"
+  pipq "$DALI_PKG"
+fi
+
+# --- 7. tsm_dist itself (editable) and the rest: pyyaml, wandb, PyAV, numpy, matplotlib, pytest -------
+say "installing tsm_dist (editable) with its dependencies"
+pipq --no-build-isolation -e "$ROOT[test]"
+
+# --- 8. what was built --------------------------------------------------------------------------------
+"$VENV/bin/horovodrun" --check-build
+"$PY" -m tsm_dist.selfcheck --summary

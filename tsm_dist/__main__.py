@@ -1,0 +1,3 @@
+from tsm_dist.cli import main
+
+raise SystemExit(main())

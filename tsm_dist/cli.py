@@ -1,0 +1,52 @@
+"""The ``tsm-dist`` command: a thin dispatcher to the module that owns each sub-command.
+
+Every sub-command lives in its own module and exposes ``main(argv: list[str] | None) -> int``;
+modules are imported only when their command runs, so ``tsm-dist --help`` stays fast and a
+sub-command never pays for another's imports (Horovod, DALI, wandb).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("tsm_dist.demo", "train a small TSM and TSN on the synthetic set with 2 local ranks, compare"),
+    "train": ("tsm_dist.train", "train a model (start once per rank: horovodrun, mpirun, jsrun, srun)"),
+    "eval": ("tsm_dist.evaluate", "evaluate checkpoints: 1 clip center crop or K clips x 3 crops"),
+    "profile": ("tsm_dist.models.profiler", "MACs, parameters, compute/IO, temporal resolution, throughput"),
+    "make-synthetic": ("tsm_dist.data.synthetic", "write the synthetic temporal-order video data set"),
+    "convert": ("tsm_dist.data.convert", "convert Kinetics CSV / Something-Something JSON to file lists"),
+    "render-job": ("tsm_dist.launch.render", "render an LSF (jsrun) or Slurm (srun) job script"),
+    "check": ("tsm_dist.selfcheck", "print the stack (torch, Horovod, MPI, DALI) and run a 2-rank self-check"),
+}
+
+
+def _usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: tsm-dist <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'tsm-dist <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from tsm_dist import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"tsm-dist: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
