@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-synthetic": ("tsm_dist.data.synthetic", "write the synthetic temporal-order video data set"),
     "convert": ("tsm_dist.data.convert", "convert Kinetics CSV / Something-Something JSON to file lists"),
     "render-job": ("tsm_dist.launch.render", "render an LSF (jsrun) or Slurm (srun) job script"),
+    "sweep": ("tsm_dist.scaling_sweep", "scaling sweep across node counts (= python -m tsm_dist.scaling_sweep)"),
+    "io-study": ("tsm_dist.io_study", "data time not hidden by compute vs compute, per model and loader"),
     "check": ("tsm_dist.selfcheck", "print the stack (torch, Horovod, MPI, DALI) and run a 2-rank self-check"),
 }
 

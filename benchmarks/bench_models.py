@@ -1,0 +1,183 @@
+"""Model benchmarks: the cost of the temporal shift, and the three models' throughput ratios.
+
+    python benchmarks/bench_models.py shift       # TSM8f vs TSN training step, 224x224, same run
+    python benchmarks/bench_models.py throughput  # TSM8f : I3D3x3x3 : I3D3x1x1 inference clips/s
+    python benchmarks/bench_models.py all
+
+Timings are interleaved (the order of the models alternates every round) so that drift and other
+processes on a shared machine hit every model alike; each round gives a paired ratio and we print
+the median and the spread of those ratios. The shift's own cost is also timed in isolation (the
+in-place moves on ResNet-50's block inputs), which is far less noisy than a difference of two
+multi-second steps.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import types
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tsm_dist.models import build_model
+import tsm_dist.models.temporal_shift as ts
+
+PAPER_P100 = {"tsm8f_r50": 84.8, "i3d3x3x3_r50": 63.1, "i3d3x1x1_r50": 41.9}
+
+
+def reference_shift(x: torch.Tensor, num_frames: int, fold_div: int) -> torch.Tensor:
+    """The reference implementation's shift, for comparison: a zero tensor, then every channel copied."""
+    nt, c, h, w = x.shape
+    x5 = x.view(nt // num_frames, num_frames, c, h, w)
+    fold = c // fold_div
+    out = torch.zeros_like(x5)
+    out[:, :-1, :fold] = x5[:, 1:, :fold]
+    out[:, 1:, fold:2 * fold] = x5[:, :-1, fold:2 * fold]
+    out[:, :, 2 * fold:] = x5[:, :, 2 * fold:]
+    return out.view(nt, c, h, w)
+
+
+def _use_reference_shift(model: torch.nn.Module) -> None:
+    for shift in model.shift_modules():
+        shift.residual = types.MethodType(
+            lambda self, x, conv1, ds=None: (conv1(reference_shift(x, self.num_frames, self.fold_div)), None if ds is None else ds(x), None), shift)
+
+
+def _summary(values: list[float]) -> str:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return (f"median {statistics.median(values):+.2%}  IQR [{q[0]:+.2%}, {q[2]:+.2%}]  "
+            f"min {min(values):+.2%}  max {max(values):+.2%}  (n={len(values)})")
+
+
+def _interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _train_step(model: torch.nn.Module, clips: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(clips), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+class _ShiftTimer:
+    """Times the in-place moves (shift and undo) inside real TSM steps. Left out: the backward's
+    move-back, folded into the identity-gradient sum that TSN pays for in autograd too, and the
+    out-of-place copy taken for small tensors; the step-level comparison above covers everything."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._original = ts._shift_inplace
+
+    def _timed(self, fn: Callable) -> Callable:
+        def wrapper(*args):
+            start = time.perf_counter()
+            result = fn(*args)
+            self.seconds += time.perf_counter() - start
+            return self._timed(result) if callable(result) else result
+        return wrapper
+
+    def __enter__(self) -> "_ShiftTimer":
+        ts._shift_inplace = self._timed(self._original)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        ts._shift_inplace = self._original
+
+
+def bench_shift(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    tsn = build_model("tsn8f_r50", 400)
+    tsm = build_model("tsm8f_r50", 400)
+    ref = build_model("tsm8f_r50", 400)
+    tsm.load_state_dict(tsn.state_dict())
+    ref.load_state_dict(tsn.state_dict())
+    _use_reference_shift(ref)
+    clips = torch.randn(args.batch, 8, 3, args.size, args.size)
+    labels = torch.randint(0, 400, (args.batch,))
+    steps = {"TSN": _train_step(tsn, clips, labels), "TSM8f": _train_step(tsm, clips, labels)}
+    if not args.no_reference:
+        steps["TSM8f (reference shift)"] = _train_step(ref, clips, labels)
+    print(f"# shift overhead: training step (fwd+bwd+SGD), batch {args.batch} x 8 frames x {args.size}^2, "
+          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds after {args.warmup} warm-up")
+    times = _interleaved(steps, args.rounds, args.warmup)
+    for name, ts in times.items():
+        print(f"{name:<24} step median {statistics.median(ts):.3f} s  min {min(ts):.3f}  max {max(ts):.3f}")
+    base = times["TSN"]
+    for name in [n for n in times if n != "TSN"]:
+        ratios = [t / b - 1 for t, b in zip(times[name], base)]
+        print(f"{name:<24} overhead vs TSN per round: {_summary(ratios)}")
+    tsm_step, per_step = steps["TSM8f"], []
+    with _ShiftTimer() as timer:
+        for _ in range(3):
+            timer.seconds = 0.0
+            tsm_step()
+            per_step.append(timer.seconds)
+    shift_s = statistics.median(per_step)
+    print(f"in-place moves (shift + undo) inside a TSM8f step: {shift_s * 1e3:.1f} ms = "
+          f"{shift_s / statistics.median(base):.2%} of the median TSN step")
+
+
+def bench_throughput(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    names = ("tsm8f_r50", "i3d3x3x3_r50", "i3d3x1x1_r50")
+    models = {n: build_model(n, 400).eval() for n in names}
+    clips = {n: torch.randn(args.tp_batch, m.num_frames, 3, args.size, args.size) for n, m in models.items()}
+
+    def infer(name: str) -> Callable[[], None]:
+        def step() -> None:
+            with torch.inference_mode():
+                models[name](clips[name])
+        return step
+
+    print(f"# inference throughput, batch {args.tp_batch} clips at {args.size}^2, "
+          f"{torch.get_num_threads()} threads, {args.tp_rounds} interleaved rounds after 1 warm-up")
+    times = _interleaved({n: infer(n) for n in names}, args.tp_rounds, 1)
+    rate = {n: args.tp_batch / statistics.median(ts) for n, ts in times.items()}
+    base = "i3d3x1x1_r50"
+    print(f"{'model':<14} {'clips/s':>8} {'ratio':>7}   paper P100 clips/s (ratio)")
+    for n in names:
+        paper = PAPER_P100[n]
+        print(f"{n:<14} {rate[n]:>8.3f} {rate[n] / rate[base]:>6.2f}x   {paper:.1f} ({paper / PAPER_P100[base]:.2f}x)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["shift", "throughput", "all"], nargs="?", default="all")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=1, help="clips per training step (shift benchmark)")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-reference", action="store_true", help="skip the reference-shift model")
+    p.add_argument("--tp-batch", type=int, default=2, help="clips per inference batch (throughput)")
+    p.add_argument("--tp-rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.what in ("shift", "all"):
+        bench_shift(args)
+    if args.what in ("throughput", "all"):
+        bench_throughput(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,266 @@
+"""A throw-away single-host Slurm cluster for the job-script tests.
+
+The tests must exercise real ``sbatch``/``srun``/``scancel``/``scontrol requeue``, so this module
+provisions Debian's ``slurm-wlm`` and ``munge`` (only when missing, only as root with apt-get) and
+runs munged, slurmctld and slurmd with every file (key, sockets, state, logs, slurm.conf) inside a
+temporary directory: nothing under /etc is changed and stopping the daemons leaves no trace.
+Client commands find the cluster through ``SLURM_CONF``, which sbatch also exports into the jobs,
+so ``srun`` inside a batch script talks to the same controller.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from conftest import _TAG, _kill_tagged
+
+PACKAGES = ("slurm-wlm", "munge")
+DAEMONS = ("munged", "slurmctld", "slurmd")
+CLIENTS = ("sbatch", "srun", "scontrol", "scancel", "squeue", "sinfo")
+NODE = "localhost"  # resolvable everywhere, so ranks can reach the rendezvous on "node 0"
+PARTITION = "debug"
+# job states after which a job will not run again by itself
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
+
+
+def _missing_binaries() -> list[str]:
+    return [b for b in DAEMONS + CLIENTS if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+
+
+def ensure_installed(timeout_s: float = 900) -> str | None:
+    """Install slurm-wlm and munge when missing; return None when ready, else why the tests must skip."""
+    if not _missing_binaries():
+        return None
+    if os.geteuid() != 0:
+        return f"Slurm binaries {_missing_binaries()} missing and not root, cannot apt-get install {PACKAGES}"
+    if shutil.which("apt-get") is None:
+        return f"Slurm binaries {_missing_binaries()} missing and no apt-get to install {PACKAGES}"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0:  # a stale package index is the usual cause; refresh once
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=timeout_s)
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"'{' '.join(cmd)}' did not finish within {timeout_s:.0f} s"
+    if proc.returncode != 0:
+        return f"'{' '.join(cmd)}' failed (rc={proc.returncode}): {proc.stderr.strip()[-500:]}"
+    missing = _missing_binaries()
+    return f"installed {PACKAGES} but {missing} still missing" if missing else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _daemon(name: str) -> str:
+    return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+class SlurmCluster:
+    """munged + slurmctld + slurmd on localhost with ``cpus`` CPUs, all state under ``root``."""
+
+    def __init__(self, root: Path, cpus: int = 2) -> None:
+        self.root = Path(root)
+        self.cpus = cpus
+        self.conf = self.root / "slurm.conf"
+        self.munge_socket = self.root / "munge" / "munge.socket.2"
+        self._procs: dict[str, subprocess.Popen] = {}
+        self.tag = uuid.uuid4().hex  # inherited by the daemons and every job process, for the teardown
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment for client commands (and, through sbatch's export, for the jobs)."""
+        env = dict(os.environ, SLURM_CONF=str(self.conf), **{_TAG: self.tag})
+        for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
+            if key != "SLURM_CONF":  # a test started inside some other allocation must not leak it
+                del env[key]
+        return env
+
+    def _write_config(self) -> None:
+        for sub in ("munge", "state", "spool", "log"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        (self.root / "munge").chmod(0o700)
+        key = self.root / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        ctld_port, slurmd_port = _free_port(), _free_port()
+        r = self.root
+        self.conf.write_text(f"""\
+ClusterName=tsmtest
+SlurmctldHost={NODE}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={self.munge_socket}
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd.pid
+SlurmctldLogFile={r}/log/slurmctld.log
+SlurmdLogFile={r}/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# containers rarely allow cgroups; linuxproc tracks job processes through /proc instead
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2
+ReturnToService=2
+SlurmdParameters=config_overrides
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MinJobAge=600
+KillWait=10
+InactiveLimit=0
+SlurmdTimeout=60
+NodeName={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN
+PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
+""")
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = open(self.root / "log" / f"{name}.out", "ab")
+        self._procs[name] = subprocess.Popen([_daemon(name), *args], stdout=log, stderr=subprocess.STDOUT,
+                                             env=self.env, start_new_session=True)
+        log.close()
+
+    def _wait_for(self, what: str, ready, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for name, proc in self._procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode} while waiting for {what}:\n"
+                                       f"{self.logs()}")
+            if ready():
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s:\n{self.logs()}")
+
+    def start(self, timeout_s: float = 60) -> "SlurmCluster":
+        self._write_config()
+        m = self.root / "munge"
+        # munged runs in the foreground so the Popen handle is the daemon itself (clean teardown)
+        self._spawn("munged", ["--foreground", "--force", f"--socket={self.munge_socket}",
+                               f"--key-file={m / 'munge.key'}", f"--log-file={m / 'munged.log'}",
+                               f"--pid-file={m / 'munged.pid'}", f"--seed-file={m / 'munged.seed'}"])
+        self._wait_for("munged", self.munge_socket.exists, timeout_s)
+        self._spawn("slurmctld", ["-D", "-i", "-f", str(self.conf)])  # -i: ignore state of earlier runs
+        self._wait_for("slurmctld", lambda: self._run(["scontrol", "ping"], check=False).returncode == 0,
+                       timeout_s)
+        self._spawn("slurmd", ["-D", "-f", str(self.conf), "-N", NODE])
+        self._wait_for("slurmd", lambda: self.node_state().startswith("IDLE"), timeout_s)
+        return self
+
+    def stop(self) -> None:
+        """Cancel every job, stop the daemons, then kill job processes that outlived them."""
+        if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
+            self._run(["scancel", "--full", f"--user={pwd.getpwuid(os.getuid()).pw_name}"], check=False)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and self._run(["squeue", "-h"], check=False).stdout.strip():
+                time.sleep(0.5)
+        for name in reversed(list(self._procs)):
+            proc = self._procs.pop(name)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=5)
+        # slurmstepd and the job processes run in their own sessions; all of them carry our tag
+        _kill_tagged(self.tag)
+
+    def __enter__(self) -> "SlurmCluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # a daemon that did start must not outlive a failed start
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self, cmd: list[str], check: bool = True, timeout_s: float = 30, cwd: Path | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, env={**self.env, **(env or {})}, capture_output=True, text=True,
+                              timeout=timeout_s, cwd=cwd)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed (rc={proc.returncode}): {proc.stderr.strip()}")
+        return proc
+
+    def node_state(self) -> str:
+        out = self._run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.strip()
+        return out.upper()
+
+    def sbatch(self, script: Path, cwd: Path, env: dict[str, str] | None = None) -> int:
+        """Submit from ``cwd``; ``env`` is added to what the job inherits (sbatch exports it all)."""
+        out = self._run(["sbatch", "--parsable", str(script)], timeout_s=30, cwd=cwd, env=env)
+        return int(out.stdout.strip().split(";")[0])
+
+    def job(self, job_id: int) -> dict[str, str]:
+        """``scontrol show job`` as a dict (JobState, RestartCnt, ExitCode, StdOut, ...)."""
+        out = self._run(["scontrol", "show", "job", "-o", str(job_id)]).stdout.strip()
+        fields: dict[str, str] = {}
+        for token in out.split():
+            key, _, value = token.partition("=")
+            fields.setdefault(key, value)
+        return fields
+
+    def wait(self, job_id: int, until, timeout_s: float) -> dict[str, str]:
+        """Poll the job until ``until(fields)`` holds; raise with the job's logs on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            fields = self.job(job_id)
+            if until(fields):
+                return fields
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {fields.get('JobState')} after {timeout_s:.0f} s "
+                                   f"(reason {fields.get('Reason')}):\n{self.logs()}")
+            time.sleep(0.5)
+
+    def wait_final(self, job_id: int, timeout_s: float) -> dict[str, str]:
+        return self.wait(job_id, lambda f: f.get("JobState") in FINAL_STATES, timeout_s)
+
+    def release_now(self, job_id: int, timeout_s: float = 60) -> None:
+        """Let a requeued job start now instead of after Slurm's requeue delay (BeginTime).
+
+        The delay protects against a real race: slurmd revokes the killed job's credential with a
+        one-second timestamp and refuses a relaunch whose credential is not newer ("already killed,
+        do not launch batch job"). So wait until the old run has left the node, then one more second.
+        """
+        self.wait(job_id, lambda f: f.get("JobState") == "PENDING", timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while not self.node_state().startswith("IDLE"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node still {self.node_state()} after the requeue of job {job_id}:\n{self.logs()}")
+            time.sleep(0.3)
+        time.sleep(2.0)
+        self._run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+
+    def scancel(self, job_id: int, signal_name: str) -> None:
+        self._run(["scancel", f"--signal={signal_name}", str(job_id)])
+
+    def logs(self, tail_chars: int = 3000) -> str:
+        parts = []
+        for path in sorted((self.root / "log").glob("*")):
+            text = path.read_text(errors="replace")[-tail_chars:]
+            parts.append(f"--- {path.name} ---\n{text}")
+        return "\n".join(parts)

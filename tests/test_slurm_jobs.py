@@ -1,0 +1,148 @@
+"""Rendered Slurm job scripts on a real single-host Slurm cluster (munged + slurmctld + slurmd, 2 CPUs).
+
+The cluster is provisioned by tests/slurm_cluster.py (installing slurm-wlm and munge with apt when
+missing and permitted) and torn down at the end of the module. Each test submits a script rendered
+by ``tsm-dist render-job`` with 2 CPU tasks, so srun starts the ranks through launch/rank.sh and
+the real trainer runs on 2 Horovod ranks:
+
+- Gloo controller (srun --mpi=none, rendezvous hosted by the first task): trains to the end and
+  writes metrics.jsonl and checkpoints;
+- the same script signalled with ``scancel --signal=USR1`` mid-run: the trainer checkpoints and
+  exits 75, the script runs ``scontrol requeue``, and the requeued job resumes from the checkpoint;
+  with ``TSM_DIST_RESUBMIT`` set, the script submits itself again instead and the new job resumes;
+- MPI controller (srun --mpi=pmix, OpenMPI direct launch): trains to the end.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import SlurmCluster, ensure_installed
+from tsm_dist.launch.render import render_job
+from tsm_dist.metrics import read_jsonl
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "synthetic_tsm.yaml")
+# A tiny TSM on random clips: the tests are about how ranks start, stop and resume, not about learning.
+TINY = ["data.backend=random", "data.batch_size=4", "data.crop_size=32", "model.width=8", "model.num_frames=4",
+        "log.wandb=disabled", "log.interval=1", "log.progress=false", "train.eval_every_epochs=0"]
+JOB_TIMEOUT_S = 150
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    reason = ensure_installed()
+    if reason:
+        pytest.skip(f"no local Slurm cluster: {reason}")
+    pytest.importorskip("horovod.torch", reason="the trainer's Horovod engine is not installed")
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
+        yield c
+
+
+def _submit(cluster: SlurmCluster, tmp_path: Path, settings: list[str], controller: str = "gloo",
+            env: dict[str, str] | None = None) -> tuple[int, Path]:
+    workdir = tmp_path / "run"
+    script = tmp_path / "job.sh"
+    script.write_text(render_job("slurm", 1, 0, CONFIG, ranks_per_node=2, cpus_per_rank=1, time="00:10",
+                                 workdir=str(workdir), job_name="slurmtest", overrides=TINY + settings,
+                                 controller=controller, warn_seconds=60, python=sys.executable))
+    return cluster.sbatch(script, cwd=tmp_path, env=env), workdir
+
+
+def _job_log(tmp_path: Path, job_id: int) -> str:
+    log = tmp_path / f"slurmtest-{job_id}.out"
+    return log.read_text(errors="replace") if log.exists() else "(no job output)"
+
+
+def _records(workdir: Path, kind: str) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    return [r for r in read_jsonl(path) if r["type"] == kind] if path.exists() else []
+
+
+def _assert_completed(cluster: SlurmCluster, tmp_path: Path, job_id: int, workdir: Path, steps: int) -> str:
+    fields = cluster.wait_final(job_id, JOB_TIMEOUT_S)
+    log = _job_log(tmp_path, job_id)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}\n{log}\n{cluster.logs()}"
+    headers = _records(workdir, "header")
+    assert headers and all(h["world_size"] == 2 and h["engine"] == "horovod" for h in headers), headers
+    ends = _records(workdir, "end")
+    assert ends[-1]["status"] == "completed" and ends[-1]["step"] == steps, ends
+    assert sorted(workdir.glob("checkpoints/ckpt_e*_s*.pt")), f"no checkpoint in {workdir}\n{log}"
+    return log
+
+
+def test_gloo_job_trains_on_two_srun_ranks(cluster: SlurmCluster, tmp_path: Path) -> None:
+    # 32 clips / (2 ranks x 4) = 4 steps per epoch
+    job_id, workdir = _submit(cluster, tmp_path, ["data.num_samples=32", "train.epochs=2"])
+    log = _assert_completed(cluster, tmp_path, job_id, workdir, steps=8)
+    assert "tsm-dist launch: slurm, 2 rank(s)" in log and "controller gloo" in log, log
+    steps = [r["step"] for r in _records(workdir, "step")]
+    assert steps == list(range(1, 9)), steps
+    assert (workdir / "checkpoints" / "ckpt_e0002_s00000008.pt").exists()
+
+
+def _assert_resumed(workdir: Path, log: str, total: int) -> None:
+    assert "ranks exited with status 75" in log, log
+    ends = _records(workdir, "end")
+    assert [e["status"] for e in ends] == ["preempted", "completed"], ends
+    stopped = ends[0]["step"]
+    assert 3 <= stopped < total, ends
+    headers = _records(workdir, "header")
+    assert len(headers) == 2 and headers[0]["resumed_from"] is None
+    assert headers[1]["resumed_from"] and f"_s{stopped:08d}.pt" in headers[1]["resumed_from"], headers[1]
+    # every optimizer step ran exactly once across the two runs: nothing repeated, nothing skipped
+    steps = [r["step"] for r in _records(workdir, "step")]
+    assert steps == list(range(1, total + 1)), steps[:5] + ["..."] + steps[-5:]
+
+
+def _signal_mid_run(cluster: SlurmCluster, tmp_path: Path, job_id: int, workdir: Path) -> None:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not any(r["step"] >= 3 for r in _records(workdir, "step")):
+        assert time.monotonic() < deadline, f"no training steps after {JOB_TIMEOUT_S} s\n{_job_log(tmp_path, job_id)}"
+        assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), _job_log(tmp_path, job_id)
+        time.sleep(0.2)
+    cluster.scancel(job_id, "USR1")  # what --signal=USR1@<secs> sends before the time limit
+
+
+# 800 clips / (2 ranks x 4) = 100 steps per epoch, 200 in all: long enough to be signalled mid-run
+LONG, LONG_STEPS = ["data.num_samples=800", "train.epochs=2"], 200
+
+
+def test_signalled_job_requeues_and_resumes(cluster: SlurmCluster, tmp_path: Path) -> None:
+    job_id, workdir = _submit(cluster, tmp_path, LONG)
+    _signal_mid_run(cluster, tmp_path, job_id, workdir)
+    # The script requeues the job itself; Slurm then holds a requeued job for a while (BeginTime),
+    # which the test cuts short so that it does not wait out the scheduler's grace period.
+    cluster.wait(job_id, lambda f: int(f.get("Restarts", 0)) >= 1, JOB_TIMEOUT_S)
+    cluster.release_now(job_id)
+    log = _assert_completed(cluster, tmp_path, job_id, workdir, steps=LONG_STEPS)
+    assert cluster.job(job_id)["Restarts"] == "1"
+    assert "preempted: requeueing job" in log, log
+    _assert_resumed(workdir, log, LONG_STEPS)
+
+
+def test_signalled_job_resubmits_and_resumes(cluster: SlurmCluster, tmp_path: Path) -> None:
+    script = tmp_path / "job.sh"
+    job_id, workdir = _submit(cluster, tmp_path, LONG, env={"TSM_DIST_RESUBMIT": str(script)})
+    _signal_mid_run(cluster, tmp_path, job_id, workdir)
+    first = cluster.wait_final(job_id, JOB_TIMEOUT_S)
+    first_log = _job_log(tmp_path, job_id)
+    assert first["JobState"] == "FAILED" and first["ExitCode"] == "75:0", f"{first}\n{first_log}"
+    submitted = re.search(r"Submitted batch job (\d+)", first_log)
+    assert submitted, first_log
+    second_id = int(submitted.group(1))
+    log = _assert_completed(cluster, tmp_path, second_id, workdir, steps=LONG_STEPS)
+    _assert_resumed(workdir, first_log + log, LONG_STEPS)
+
+
+def test_mpi_job_trains_on_two_srun_ranks(cluster: SlurmCluster, tmp_path: Path) -> None:
+    job_id, workdir = _submit(cluster, tmp_path, ["data.num_samples=16", "train.epochs=1"], controller="mpi")
+    log = _assert_completed(cluster, tmp_path, job_id, workdir, steps=2)
+    assert "controller mpi" in log, log
+    assert "--mpi=pmix" in (tmp_path / "job.sh").read_text()

@@ -1,0 +1,54 @@
+"""Machine profiles: the shipped YAML files load, bad ones are errors that name the file and key."""
+import pytest
+
+from tsm_dist.studies.machines import list_machines, load_machine
+
+
+def test_shipped_profiles_load():
+    assert {"summit", "localhost", "p100_cluster"} <= set(list_machines())
+    summit = load_machine("summit")
+    assert (summit.scheduler, summit.gpus_per_node) == ("lsf", 6)
+    assert "EDR" in summit.inter_node.name
+    assert summit.inter_cost().bandwidth_bytes_per_s == pytest.approx(25e9)
+    assert summit.intra_cost().alpha_s == pytest.approx(5e-6)
+    assert load_machine("localhost").scheduler == "local"
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """name: m
+scheduler: slurm
+gpus_per_node: 4
+gpu: x
+max_nodes: 2
+intra_node: {name: a, latency_us: 1, bandwidth_gb_per_s: 10}
+inter_node: {name: b, latency_us: 2, bandwidth_gb_per_s: 5}
+"""
+
+
+def test_profile_from_path(tmp_path):
+    assert load_machine(_write(tmp_path, GOOD)).inter_node.bandwidth_gb_per_s == 5
+
+
+@pytest.mark.parametrize("edit, message", [
+    (GOOD + "colour: red\n", "unknown key"),
+    (GOOD.replace("max_nodes: 2\n", ""), "missing key"),
+    (GOOD.replace("slurm", "pbs"), "scheduler"),
+    (GOOD.replace("gpus_per_node: 4", "gpus_per_node: 0"), "gpus_per_node"),
+    (GOOD.replace("bandwidth_gb_per_s: 5", "bandwidth_gb_per_s: 0"), "inter_node.bandwidth_gb_per_s"),
+    (GOOD.replace("latency_us: 1,", "latency_us: fast,"), "intra_node.latency_us"),
+])
+def test_bad_profiles_name_file_and_key(tmp_path, edit, message):
+    path = _write(tmp_path, edit)
+    with pytest.raises(ValueError, match=message) as err:
+        load_machine(path)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_profile_lists_known():
+    with pytest.raises(FileNotFoundError, match="summit"):
+        load_machine("nowhere")

@@ -1,0 +1,316 @@
+"""Typed, validated training configuration.
+
+A config is a YAML file with the sections below, overridden by ``--set section.key=value``.
+Every key is checked against these dataclasses: an unknown key, a wrong type or a value outside
+its choices is a :class:`ConfigError` naming the key and where it came from (``file:line`` or
+the ``--set`` argument), raised before any rank starts work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and its source."""
+
+
+def _choices(*values: str) -> dict[str, Any]:
+    return {"choices": values}
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tsm8f_r50"
+    num_classes: int = 400
+    num_frames: int = 8
+    dropout: float = 0.5
+    fold_div: int = 8
+    shift_place: str = field(default="residual", metadata=_choices("residual", "inplace"))
+    depth: int = 50
+    width: int = 64
+    pretrained: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    backend: str = field(default="dali", metadata=_choices("dali", "pyav", "random"))
+    device: str = field(default="cpu", metadata=_choices("cpu", "gpu"))
+    root: str = ""
+    train_list: str = ""
+    val_list: str = ""
+    sampling: str = field(default="segment", metadata=_choices("segment", "dense"))
+    stride: int = 1
+    batch_size: int = 8  # per GPU (per rank)
+    val_batch_size: int = 0  # 0: same as batch_size
+    crop_size: int = 224
+    scale_size: int = 0  # shorter side before cropping; 0: the loader's default for crop_size
+    short_videos: str = field(default="error", metadata=_choices("error", "loop"))
+    num_threads: int = 2
+    skip_corrupt: bool = False
+    num_samples: int = 0  # random backend: clips per epoch (all ranks together)
+    flip: bool = True
+    # "" (no label swap), "synthetic" (the synthetic set's left/right map) or a file of "a b" lines
+    flip_label_map: str = ""
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 0.01  # learning rate at base_batch; scaled linearly with the global batch
+    base_batch: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    no_bn_bias_decay: bool = False
+    warmup_epochs: float = 0.0
+    schedule: str = field(default="step", metadata=_choices("step", "cosine"))
+    decay_epochs: list[float] = field(default_factory=lambda: [40.0, 80.0])
+    decay_factor: float = 0.1
+    clip_grad_norm: float = 0.0  # 0: no clipping
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    max_steps: int = 0  # 0: no limit; otherwise stop after this many optimizer steps
+    accumulate: int = 1
+    # 0: per-GPU batch x world x accumulate. Otherwise the effective batch to reach: accumulate is
+    # derived from the world size (how the paper simulated 512 and 1024 nodes).
+    global_batch: int = 0
+    amp: str = field(default="none", metadata=_choices("none", "bf16", "fp16"))
+    channels_last: bool = True  # applied on CUDA only
+    seed: int = 0
+    checkpoint_every_epochs: int = 1  # 0: only on preemption
+    keep_last: int = 5
+    eval_every_epochs: int = 1  # 0: never during training
+
+
+@dataclass
+class EngineConfig:
+    name: str = field(default="horovod", metadata=_choices("horovod", "torch"))
+    fp16_compression: bool = False
+    fusion_threshold_mb: float = 64.0  # Horovod fusion buffer; DDP bucket size for "torch"
+    cycle_time_ms: float = 0.0  # Horovod only; 0: Horovod's default
+    timeline: str = ""  # Horovod only; path of a Chrome-trace timeline written by rank 0
+    gradient_predivide_factor: float = 1.0
+    # A rank that stops answering: Horovod warns after stall_check_s and shuts the job down
+    # after stall_shutdown_s; torch.distributed collectives time out after timeout_s.
+    stall_check_s: int = 60
+    stall_shutdown_s: int = 600
+    timeout_s: int = 1800
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10  # optimizer steps between step records
+    wandb: str = field(default="offline", metadata=_choices("offline", "online", "disabled"))
+    project: str = "tsm_dist"
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    num_clips: int = 1
+    num_crops: int = field(default=1, metadata={"choices": (1, 3)})
+    last_n: int = 5
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__ for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _yaml_with_lines(text: str, path: str) -> tuple[Any, dict[str, int]]:
+    """Parse YAML and remember the line of every ``section.key`` for error messages."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            lines[str(key_node.value)] = key_node.start_mark.line + 1
+            if isinstance(value_node, yaml.MappingNode):
+                for sub_key, _ in value_node.value:
+                    lines[f"{key_node.value}.{sub_key.value}"] = sub_key.start_mark.line + 1
+    return yaml.safe_load(text), lines
+
+
+def _unknown(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{where}: unknown key {key!r}{hint}; known: {', '.join(known)}")
+
+
+def _set(cfg: Config, dotted: str, value: Any, where: str) -> None:
+    section_name, _, key = dotted.partition(".")
+    if section_name not in SECTIONS:
+        raise _unknown(section_name, list(SECTIONS), where)
+    section = getattr(cfg, section_name)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if not key or key not in fields:
+        raise _unknown(dotted, list(fields), where)
+    hints = typing.get_type_hints(type(section))
+    coerced = _coerce(value, hints[key], f"{where}: {dotted}")
+    choices = fields[key].metadata.get("choices")
+    if choices is not None and coerced not in choices:
+        raise ConfigError(f"{where}: {dotted}={coerced!r} is not one of {', '.join(map(str, choices))}")
+    setattr(section, key, coerced)
+
+
+def _check_ranges(cfg: Config) -> None:
+    positive = ["model.num_classes", "model.num_frames", "model.fold_div", "model.width", "data.stride",
+                "data.batch_size", "data.crop_size", "data.num_threads", "optim.base_batch",
+                "train.epochs", "train.accumulate", "train.keep_last", "log.interval",
+                "eval.num_clips", "eval.last_n", "engine.fusion_threshold_mb",
+                "engine.gradient_predivide_factor", "engine.timeout_s"]
+    non_negative = ["optim.base_lr", "optim.weight_decay", "optim.warmup_epochs", "optim.clip_grad_norm",
+                    "optim.momentum", "train.max_steps", "train.global_batch", "data.num_samples",
+                    "data.val_batch_size", "train.checkpoint_every_epochs", "train.eval_every_epochs",
+                    "engine.cycle_time_ms", "engine.stall_check_s", "engine.stall_shutdown_s"]
+    for key in positive + non_negative:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < 0 or (key in positive and value == 0):
+            raise ConfigError(f"{key}={value!r} must be {'> 0' if key in positive else '>= 0'}")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout={cfg.model.dropout!r} must be in [0, 1)")
+    if cfg.optim.decay_epochs != sorted(cfg.optim.decay_epochs):
+        raise ConfigError(f"optim.decay_epochs={cfg.optim.decay_epochs!r} must be increasing")
+    if cfg.data.backend == "random" and cfg.data.num_samples <= 0:
+        raise ConfigError("data.num_samples must be > 0 with data.backend=random (it sets the epoch length)")
+    if cfg.data.backend != "random" and not cfg.data.train_list:
+        raise ConfigError(f"data.train_list is required with data.backend={cfg.data.backend}")
+    if cfg.engine.name == "torch":
+        for key, default in (("timeline", ""), ("cycle_time_ms", 0.0)):
+            if getattr(cfg.engine, key) != default:
+                raise ConfigError(f"engine.{key} is a Horovod option; unset it for engine.name=torch")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read ``path`` (or start from the defaults when None) and apply ``section.key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        data, lines = _yaml_with_lines(text, path)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        for section_name, section in data.items():
+            where = f"{path}:{lines.get(str(section_name), '?')}"
+            if section_name not in SECTIONS:
+                raise _unknown(str(section_name), list(SECTIONS), where)
+            if section is None:
+                continue
+            if not isinstance(section, dict):
+                raise ConfigError(f"{where}: section {section_name!r} must be a mapping")
+            for key, value in section.items():
+                dotted = f"{section_name}.{key}"
+                _set(cfg, dotted, value, f"{path}:{lines.get(dotted, '?')}")
+    for item in overrides or []:
+        dotted, eq, raw = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: cannot parse the value: {exc}") from exc
+        # a string-typed key keeps the text as written ("01" stays "01", "null" becomes None only
+        # for Optional keys, where _coerce accepts it)
+        if isinstance(value, (int, float, bool)) and _is_str_key(dotted.strip()):
+            value = raw
+        _set(cfg, dotted.strip(), value, f"--set {item}")
+    _check_ranges(cfg)
+    return cfg
+
+
+def _is_str_key(dotted: str) -> bool:
+    section_name, _, key = dotted.partition(".")
+    section_type = SECTIONS.get(section_name)
+    if section_type is None:
+        return False
+    hint = typing.get_type_hints(section_type).get(key)
+    return hint is str or hint == Optional[str]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the configured batch maps onto the world: the numbers the LR rule and the logs use."""
+
+    per_gpu_batch: int
+    world_size: int
+    accumulate: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_gpu_batch * self.world_size * self.accumulate
+
+
+def plan_batch(cfg: Config, world_size: int) -> BatchPlan:
+    """Resolve accumulation for ``world_size`` ranks; an effective batch that does not fit is an error."""
+    per_gpu = cfg.data.batch_size
+    accumulate = cfg.train.accumulate
+    target = cfg.train.global_batch
+    if target:
+        per_step = per_gpu * world_size
+        if target % per_step:
+            raise ConfigError(
+                f"train.global_batch={target} does not fit the world: data.batch_size={per_gpu} x "
+                f"{world_size} ranks = {per_step} clips per pass, and {target} is not a multiple of it")
+        derived = target // per_step
+        if accumulate not in (1, derived):
+            raise ConfigError(
+                f"train.global_batch={target} needs accumulate={derived} on {world_size} ranks, "
+                f"but train.accumulate={accumulate}; set only one of them")
+        accumulate = derived
+    return BatchPlan(per_gpu_batch=per_gpu, world_size=world_size, accumulate=accumulate)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

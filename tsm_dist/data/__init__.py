@@ -1,0 +1,140 @@
+"""Video data: file lists and converters, clip sampling, sharding, DALI / PyAV / random loaders, and the
+synthetic temporal-order data set. Start at :func:`build_video_loader`; docs/data.md has the formats
+and rules."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence, Union
+
+from tsm_dist.data.errors import DataError, FileListError, VideoError
+from tsm_dist.data.filelist import VideoRecord, check_labels, read_class_names, read_file_list
+
+BACKENDS = ("dali", "pyav", "random")
+FlipMap = Union[Mapping[int, int], Sequence[int], None]
+
+__all__ = [
+    "BACKENDS",
+    "DataError",
+    "FileListError",
+    "VideoError",
+    "VideoRecord",
+    "build_video_loader",
+    "read_class_names",
+    "read_file_list",
+]
+
+
+def _as_mapping(flip_label_map: FlipMap) -> Mapping[int, int] | None:
+    if flip_label_map is None or isinstance(flip_label_map, Mapping):
+        return flip_label_map
+    return dict(enumerate(flip_label_map))
+
+
+def build_video_loader(
+    file_list: str | Sequence[VideoRecord] | None,
+    root: str | None,
+    *,
+    backend: str = "dali",
+    device: str = "cpu",
+    num_frames: int,
+    sampling: str = "segment",
+    stride: int = 1,
+    batch_size: int,
+    crop_size: int,
+    train: bool,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    seed: int = 0,
+    num_threads: int = 2,
+    num_clips: int = 1,
+    num_crops: int = 1,
+    flip: bool = True,
+    flip_label_map: FlipMap = None,
+    skip_corrupt: bool = False,
+    num_classes: int | None = None,
+    scale_size: int | None = None,
+    train_crop: str = "multiscale",
+    short_videos: str = "error",
+    num_samples: int | None = None,
+    device_id: int | None = None,
+    prefetch: int = 2,
+):
+    """A loader of ``(clips, labels)`` batches for one shard (rank ``shard_id`` of ``num_shards``).
+
+    ``file_list`` is a list file (``path label [start end]`` per line, paths relative to ``root``) or
+    records already read. Clips are float32 (N, T, 3, crop, crop), ImageNet-normalized, or
+    (N, V, T, 3, crop, crop) with V = num_clips * num_crops > 1 (testing). Every shard has the same
+    ``len(loader)``; padded evaluation slots have label -1 (keep ``labels >= 0``). Call
+    ``loader.set_epoch(epoch, start_batch)`` before each epoch to reshuffle or resume.
+
+    ``flip_label_map`` maps a label to its mirror class for horizontal flips (e.g. moving left ->
+    moving right). ``short_videos="loop"`` repeats frames of videos shorter than a clip instead of
+    failing. ``skip_corrupt`` skips bad videos and list lines, listing them in ``loader.skipped``.
+    The ``random`` backend reads nothing: ``num_samples`` and ``num_classes`` set its size and labels.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "random":
+        if num_samples is None or num_classes is None:
+            raise ValueError("the random backend needs num_samples and num_classes")
+        import torch
+
+        from tsm_dist.data.random_loader import RandomLoader
+
+        torch_device = torch.device("cpu")
+        if device == "gpu":
+            torch_device = torch.device("cuda", torch.cuda.current_device() if device_id is None else device_id)
+        return RandomLoader(
+            num_samples=num_samples,
+            batch_size=batch_size,
+            num_frames=num_frames,
+            crop_size=crop_size,
+            num_classes=num_classes,
+            views=num_clips * num_crops,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            seed=seed,
+            device=torch_device,
+        )
+
+    from tsm_dist.data.plan import ClipOptions, ClipPlanner
+
+    options = ClipOptions(
+        num_frames=num_frames,
+        sampling=sampling,
+        stride=stride,
+        crop_size=crop_size,
+        scale_size=scale_size,
+        train=train,
+        num_clips=num_clips,
+        num_crops=num_crops,
+        flip=flip,
+        flip_label_map=_as_mapping(flip_label_map),
+        train_crop=train_crop,
+        short_videos=short_videos,
+    )
+    if file_list is None:
+        raise ValueError(f"backend {backend!r} needs a file list")
+    if isinstance(file_list, str):
+        records, skipped = read_file_list(file_list, num_classes=num_classes, skip_invalid=skip_corrupt)
+    else:
+        records, skipped = check_labels(list(file_list), num_classes, skip_invalid=skip_corrupt)
+    planner = ClipPlanner(
+        records,
+        root,
+        options,
+        batch_size=batch_size,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        seed=seed,
+        skip_corrupt=skip_corrupt,
+    )
+    planner.skipped.extend(skipped)
+    if backend == "pyav":
+        if device != "cpu":
+            raise ValueError("the pyav backend decodes on the CPU: use device='cpu' (or backend='dali' for NVDEC)")
+        from tsm_dist.data.pyav_loader import PyAVLoader
+
+        return PyAVLoader(planner, num_threads=num_threads, prefetch=prefetch)
+    from tsm_dist.data.dali_loader import DaliLoader
+
+    return DaliLoader(planner, device=device, device_id=device_id, num_threads=num_threads, prefetch=prefetch)

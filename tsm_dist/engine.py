@@ -1,0 +1,316 @@
+"""The distributed engine: the only module that imports Horovod or torch.distributed.
+
+Two engines behind one interface, chosen by ``engine.name`` in the config:
+
+* ``horovod`` -- ring-allreduce through ``hvd.DistributedOptimizer`` (NCCL on GPU, Gloo or MPI on CPU).
+  Gradient accumulation uses ``backward_passes_per_step``: the allreduce of a gradient starts only on
+  the K-th backward pass, so K micro-batches cost exactly one allreduce.
+* ``torch`` -- ``DistributedDataParallel`` (NCCL on GPU, Gloo on CPU); the first K-1 backward passes run
+  under ``no_sync()``.
+
+The train loop calls, in this order: :meth:`Engine.init`, :meth:`distribute`,
+:meth:`broadcast_state`, then per step :meth:`no_sync` around each non-final backward,
+:meth:`synchronize` (the step's gradients are averaged after it), and :meth:`step`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from tsm_dist.config import EngineConfig
+from tsm_dist.launch.binding import threads_per_rank
+from tsm_dist.launch.layout import detect_layout
+
+
+def launcher_layout(env: Mapping[str, str] | None = None) -> tuple[int, int, int, int]:
+    """(rank, size, local_rank, local_size) as the launcher announced it; (0, 1, 0, 1) when alone.
+
+    Used before the engine starts (so only rank 0 prints a config error) and by the ``torch``
+    engine, which has no launcher of its own outside torchrun.
+    """
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" in env or {"RANK", "WORLD_SIZE", "LOCAL_RANK"} <= set(env):  # torchrun
+        size = int(env["WORLD_SIZE"])
+        return int(env["RANK"]), size, int(env["LOCAL_RANK"]), int(env.get("LOCAL_WORLD_SIZE", size))
+    layout = detect_layout(env)
+    return layout.rank, layout.size, layout.local_rank, layout.local_size
+
+
+def is_launcher_rank0() -> bool:
+    """Whether this process should print errors found before the engine starts."""
+    try:
+        return launcher_layout()[0] == 0
+    except ValueError:  # an inconsistent launcher environment: better every rank than none
+        return True
+
+
+def _cpu_threads() -> int:
+    """Threads per rank: OMP_NUM_THREADS when the job (or tsm_dist.launch.rank) set it, else the
+    launch layer's rule (cpus per task, CPU mask, node CPUs shared by the node's ranks)."""
+    pinned = os.environ.get("OMP_NUM_THREADS", "")
+    if pinned.isdigit() and int(pinned) > 0:
+        return int(pinned)
+    return threads_per_rank(detect_layout(os.environ), os.environ)[0]
+
+
+class Engine:
+    """Rank layout, collectives and the distributed optimizer for one engine."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.device = torch.device("cpu")
+        self._layout = (0, 1, 0, 1)
+        self._hvd: Any = None
+        self._dist: Any = None
+        self._started_here = False
+
+    # ----------------------------------------------------------------------------------- setup
+    def init(self) -> "Engine":
+        """Start the engine (idempotent) and pin this rank to its device by local rank."""
+        if self.name == "horovod":
+            self._init_horovod()
+        else:
+            self._init_torch()
+        if torch.cuda.is_available():
+            # jsrun may show each rank only its own GPU: local_rank then exceeds device_count
+            index = self.local_rank % torch.cuda.device_count()
+            torch.cuda.set_device(index)
+            self.device = torch.device("cuda", index)
+        else:
+            torch.set_num_threads(_cpu_threads())
+        return self
+
+    def _init_horovod(self) -> None:
+        # Horovod reads its tuning knobs from the environment at init; the config wins over the
+        # launcher's flags so that a run is described by its config alone.
+        knobs = {
+            "HOROVOD_FUSION_THRESHOLD": str(int(self.cfg.fusion_threshold_mb * 1024 * 1024)),
+            "HOROVOD_STALL_CHECK_TIME_SECONDS": str(self.cfg.stall_check_s),
+            "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(self.cfg.stall_shutdown_s),
+        }
+        if self.cfg.stall_check_s == 0:
+            knobs["HOROVOD_STALL_CHECK_DISABLE"] = "1"
+        if self.cfg.cycle_time_ms:
+            knobs["HOROVOD_CYCLE_TIME"] = str(self.cfg.cycle_time_ms)
+        if self.cfg.timeline:
+            knobs["HOROVOD_TIMELINE"] = self.cfg.timeline
+        os.environ.update(knobs)
+        import horovod.torch as hvd
+
+        if not hvd.is_initialized():
+            hvd.init()
+            self._started_here = True
+        self._hvd = hvd
+        self._layout = (hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+
+    def _init_torch(self) -> None:
+        import torch.distributed as dist
+
+        rank, size, local_rank, local_size = launcher_layout()
+        self._layout = (rank, size, local_rank, local_size)
+        if size == 1:  # nothing to communicate with: no process group, no port
+            return
+        if not dist.is_initialized():
+            if size > local_size and "MASTER_ADDR" not in os.environ:
+                raise RuntimeError("engine torch on several nodes needs MASTER_ADDR (and MASTER_PORT) "
+                                   "of rank 0's node; torchrun and the launch/ wrappers set them")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=size,
+                                    timeout=timedelta(seconds=self.cfg.timeout_s))
+            self._started_here = True
+        self._dist = dist
+        self._layout = (dist.get_rank(), dist.get_world_size(), local_rank, local_size)
+
+    @property
+    def rank(self) -> int:
+        return self._layout[0]
+
+    @property
+    def size(self) -> int:
+        return self._layout[1]
+
+    @property
+    def local_rank(self) -> int:
+        return self._layout[2]
+
+    @property
+    def local_size(self) -> int:
+        return self._layout[3]
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    def shutdown(self) -> None:
+        if not self._started_here:
+            return
+        if self._hvd is not None:
+            self._hvd.shutdown()
+        elif self._dist is not None and self._dist.is_initialized():
+            self._dist.destroy_process_group()
+        self._started_here = False
+
+    # ------------------------------------------------------------------------------ collectives
+    def _collective_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        # NCCL only reduces CUDA tensors; Horovod and Gloo take CPU tensors
+        if self.name == "torch" and self.device.type == "cuda":
+            return tensor.to(self.device)
+        return tensor
+
+    def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return tensor.clone()
+        if self._hvd is not None:
+            return self._hvd.allreduce(tensor, op=self._hvd.Sum, name="tsm_dist.allreduce_sum")
+        out = self._collective_tensor(tensor.clone())
+        self._dist.all_reduce(out, op=self._dist.ReduceOp.SUM)
+        return out.to(tensor.device)
+
+    def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.allreduce_sum(tensor) / self.size
+
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        if self.size == 1:
+            return obj
+        if self._hvd is not None:
+            return self._hvd.broadcast_object(obj, root_rank=root, name="tsm_dist.broadcast_object")
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=root, device=self._object_device())
+        return box[0]
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        if self.size == 1:
+            return [obj]
+        if self._hvd is not None:
+            return self._hvd.allgather_object(obj, name="tsm_dist.allgather_object")
+        out: list[Any] = [None] * self.size
+        self._dist.all_gather_object(out, obj)
+        return out
+
+    def _object_device(self) -> torch.device | None:
+        return self.device if self.device.type == "cuda" else None
+
+    def barrier(self) -> None:
+        if self.size == 1:
+            return
+        if self._hvd is not None:
+            self._hvd.barrier()
+        else:
+            self._dist.barrier()
+
+    def broadcast_tensors(self, tensors: dict[str, torch.Tensor], root: int = 0) -> None:
+        """In-place broadcast of named tensors (e.g. a state_dict) from ``root``."""
+        if self.size == 1:
+            return
+        if self._hvd is not None:
+            self._hvd.broadcast_parameters(tensors, root_rank=root)
+            return
+        for tensor in tensors.values():
+            buf = self._collective_tensor(tensor.data)
+            self._dist.broadcast(buf, src=root)
+            if buf is not tensor.data:
+                tensor.data.copy_(buf)
+
+    def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Make every rank start from rank 0's parameters, buffers and optimizer state.
+
+        Optimizer state goes as one object only when rank 0 has any (a resumed run): Horovod's
+        ``broadcast_optimizer_state`` would otherwise take an SGD step with zero gradients to create
+        the state, which applies weight decay and seeds momentum with it.
+        """
+        self.broadcast_tensors(model.state_dict())
+        if self.size == 1:
+            return
+        has_state = self.broadcast_object(bool(optimizer.state_dict()["state"]) if self.is_root else None)
+        if has_state:
+            state = self.broadcast_object(optimizer.state_dict() if self.is_root else None)
+            if not self.is_root:
+                optimizer.load_state_dict(state)
+
+    # ------------------------------------------------------------------- distributed optimizer
+    def distribute(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   accumulate: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wrap for data-parallel training with ``accumulate`` backward passes per allreduce.
+
+        Returns (module to call forward on, optimizer to step). Checkpoints keep using ``model``.
+        """
+        if self._hvd is not None:
+            hvd = self._hvd
+            compression = hvd.Compression.fp16 if self.cfg.fp16_compression else hvd.Compression.none
+            optimizer = hvd.DistributedOptimizer(
+                optimizer, named_parameters=model.named_parameters(), compression=compression,
+                backward_passes_per_step=accumulate, op=hvd.Average,
+                gradient_predivide_factor=self.cfg.gradient_predivide_factor)
+            return model, optimizer
+        if self.size == 1:
+            return model, optimizer
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            bucket_cap_mb=self.cfg.fusion_threshold_mb,
+            # like Horovod, each rank keeps its own BN statistics; the train loop broadcasts rank 0's
+            # before evaluating or saving
+            broadcast_buffers=False)
+        if self.cfg.fp16_compression or self.cfg.gradient_predivide_factor != 1.0:
+            ddp.register_comm_hook(None, self._ddp_comm_hook())
+        return ddp, optimizer
+
+    def _ddp_comm_hook(self) -> Any:
+        """DDP allreduce with Horovod's fp16 compression and gradient pre-division semantics."""
+        dist, factor, fp16, size = self._dist, self.cfg.gradient_predivide_factor, self.cfg.fp16_compression, self.size
+
+        def hook(state, bucket):  # unannotated: DDP rejects annotations other than its own types
+            buffer = bucket.buffer()
+            wire = buffer.to(torch.float16) if fp16 else buffer
+            wire.div_(factor)
+            future = dist.all_reduce(wire, async_op=True).get_future()
+
+            def average(fut):
+                buffer.copy_(fut.value()[0].mul_(factor / size))
+                return buffer
+
+            return future.then(average)
+
+        return hook
+
+    def no_sync(self, train_model: nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        """Context for one backward pass; ``sync=False`` keeps gradients local (accumulation).
+
+        Horovod counts backward passes itself (``backward_passes_per_step``), so only DDP needs this.
+        """
+        if not sync and hasattr(train_model, "no_sync"):
+            return train_model.no_sync()
+        return contextlib.nullcontext()
+
+    def synchronize(self, optimizer: torch.optim.Optimizer) -> None:
+        """Wait until this step's gradient allreduce is done; gradients are then averaged over ranks.
+
+        DDP finishes its allreduce inside the last backward pass, so there is nothing left to wait for.
+        """
+        if self._hvd is not None:
+            optimizer.synchronize()
+
+    def step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        """Optimizer step on gradients already synchronized (and unscaled and clipped by the caller)."""
+        context = optimizer.skip_synchronize() if self._hvd is not None else contextlib.nullcontext()
+        with context:
+            scaler.step(optimizer)
+
+
+@contextlib.contextmanager
+def started(cfg: EngineConfig) -> Iterator[Engine]:
+    """An initialized engine, shut down on exit."""
+    engine = Engine(cfg).init()
+    try:
+        yield engine
+    finally:
+        engine.shutdown()

@@ -1,0 +1,142 @@
+"""``tsm-dist eval``: top-1/top-5 of checkpoints, 1 clip center crop or K clips x 3 crops, on all ranks.
+
+Each rank evaluates its shard; the counts (valid samples, correct@1, correct@5, summed loss) are added
+with one allreduce, so padded samples (label -1, added to give every shard the same batch count) are
+never counted. With several checkpoints (``--last-n N`` picks the newest N of a workdir) it reports each
+and their mean +- standard deviation, as the paper does for its last 5 checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tsm_dist import checkpoint as ckpt
+from tsm_dist.config import ConfigError, load_config
+from tsm_dist.metrics import topk_counts
+
+if TYPE_CHECKING:  # a runtime import would be circular: train imports this module
+    from tsm_dist.engine import Engine
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, engine: "Engine", *,
+             amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Accuracy (percent) and loss over the whole evaluation set, identical on every rank.
+
+    Multi-view batches (N, V, T, 3, H, W) are scored by averaging the V views' softmax, and the loss
+    is the negative log of that average (for V = 1 it is the usual cross-entropy).
+    """
+    device = engine.device
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # valid, correct@1, correct@5, loss sum
+    for clips, labels in loader:
+        clips, labels = clips.to(device, non_blocking=True), labels.to(device)
+        views = clips.shape[1] if clips.dim() == 6 else 1
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(clips.flatten(0, 1) if views > 1 else clips)
+        probs = F.softmax(logits.float(), dim=-1).view(labels.shape[0], views, -1).mean(1)
+        scores = probs.clamp_min(1e-12).log()
+        valid = labels >= 0
+        totals[:3] += topk_counts(scores.cpu(), labels.cpu())
+        if valid.any():
+            totals[3] += float(F.nll_loss(scores[valid], labels[valid], reduction="sum"))
+    n, top1, top5, loss = engine.allreduce_sum(totals).tolist()
+    if n == 0:
+        raise RuntimeError("the evaluation set is empty (no sample with a label >= 0)")
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "num_samples": int(n)}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _checkpoints(args: argparse.Namespace, last_n: int) -> list[Path]:
+    paths = [Path(p) for p in args.checkpoint or []]
+    if args.workdir:
+        found = ckpt.list_checkpoints(Path(args.workdir) / ckpt.CHECKPOINT_DIR)
+        if not found:
+            raise FileNotFoundError(f"no checkpoints in {Path(args.workdir) / ckpt.CHECKPOINT_DIR}")
+        paths += found[-last_n:]
+    if not paths:
+        raise ConfigError("give --checkpoint PATH [PATH ...] or --workdir W (its last eval.last_n checkpoints)")
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tsm-dist eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the training config (model and data sections)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--checkpoint", nargs="+", help="checkpoint file(s) to evaluate")
+    parser.add_argument("--workdir", help="evaluate the newest --last-n checkpoints of this run directory")
+    parser.add_argument("--last-n", type=int, help="how many checkpoints of --workdir (default: eval.last_n)")
+    parser.add_argument("--num-clips", type=int, help="clips per video (default: eval.num_clips)")
+    parser.add_argument("--num-crops", type=int, choices=(1, 3), help="crops per clip (default: eval.num_crops)")
+    parser.add_argument("--json", help="also write the results to this JSON file (rank 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tsm_dist.engine import Engine, is_launcher_rank0
+    from tsm_dist.train import build_loader_from_config, build_model_from_config, default_loader_builder, \
+        default_model_builder
+
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides)
+    for flag, key in ((args.num_clips, "eval.num_clips"), (args.num_crops, "eval.num_crops"),
+                      (args.last_n, "eval.last_n")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    try:
+        cfg = load_config(args.config, overrides)
+        paths = _checkpoints(args, cfg.eval.last_n)
+    except (ConfigError, FileNotFoundError) as exc:
+        if is_launcher_rank0():
+            print(f"tsm-dist eval: {exc}", file=sys.stderr)
+        return 2
+    if not cfg.data.val_list and cfg.data.backend != "random":
+        print("tsm-dist eval: data.val_list is not set", file=sys.stderr)
+        return 2
+
+    engine = Engine(cfg.engine).init()
+    loader = build_loader_from_config(cfg, default_loader_builder(), engine, train=False,
+                                      num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops)
+    model = build_model_from_config(cfg, default_model_builder()).to(engine.device)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
+    results = []
+    for path in paths:
+        if engine.is_root:
+            model.load_state_dict(ckpt.load_checkpoint(path)["model"])
+        engine.broadcast_tensors(model.state_dict())
+        result = evaluate(model, loader, engine, amp_dtype=amp_dtype)
+        results.append({"checkpoint": str(path), **result})
+    if engine.is_root:
+        views = f"{cfg.eval.num_clips} clip(s) x {cfg.eval.num_crops} crop(s)"
+        print(f"{cfg.model.name}, {views}, {engine.size} rank(s)")
+        print(f"{'checkpoint':<40} {'top1':>7} {'top5':>7} {'loss':>8} {'samples':>8}")
+        for r in results:
+            print(f"{Path(r['checkpoint']).name:<40} {r['top1']:7.2f} {r['top5']:7.2f} {r['loss']:8.4f} "
+                  f"{r['num_samples']:8d}")
+        summary = {k: mean_std([r[k] for r in results]) for k in ("top1", "top5")}
+        print(f"{'mean +- std over ' + str(len(results)):<40} "
+              + " ".join(f"{m:.2f}+-{s:.2f}" for m, s in summary.values()))
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "model": cfg.model.name, "num_clips": cfg.eval.num_clips, "num_crops": cfg.eval.num_crops,
+                "world_size": engine.size, "checkpoints": results,
+                "top1_mean": summary["top1"][0], "top1_std": summary["top1"][1],
+                "top5_mean": summary["top5"][0], "top5_std": summary["top5"][1]}, indent=2))
+    engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,217 @@
+"""The I/O study (paper, Fig. 9b and Table 10): does data loading hide under compute, per model and loader?
+
+On one node, trains each model for a few timed steps with each video loader (DALI, PyAV) and reads the
+trainer's per-step records: ``data_time`` is the time a step waited for its batch, i.e. I/O *not hidden*
+by compute, next to ``compute_time``. With the models' compute/IO ratio (multiply-accumulates per clip /
+input values per clip, Table 10) it shows why TSM8f (8 frames) hides its I/O where I3D (16, 32) cannot:
+
+    python -m tsm_dist.io_study --config configs/tsm8f_r50_kinetics400.yaml \
+        --models tsm8f_r50,i3d3x3x3_r50,i3d3x1x1_r50 --loaders dali,pyav --ranks 6 --out runs/io
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import shlex
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tsm_dist.studies.collect import MetricsError, RunSummary, pyplot, summarize_run
+from tsm_dist.studies.runconfig import (choice_list, measurement_overrides, model_config_item, name_list,
+                                        write_run_config)
+from tsm_dist.studies.runner import LAUNCHERS, launch_prefix, run_logged, tail
+
+if TYPE_CHECKING:
+    from tsm_dist.config import Config
+
+LOADERS = ("dali", "pyav")
+
+
+@dataclass
+class IORow:
+    model: str
+    loader: str
+    num_frames: int
+    crop_size: int
+    ranks: int
+    per_gpu_batch: int
+    status: str
+    macs_per_clip: float = math.nan
+    input_values_per_clip: int = 0
+    compute_per_io: float = math.nan  # MACs per input value (Table 10's "Compute/IO")
+    params: int = 0
+    data_time_s: float = math.nan  # per batch: waiting for data, not hidden by compute
+    compute_time_s: float = math.nan
+    sync_time_s: float = math.nan
+    step_time_s: float = math.nan
+    clips_per_sec: float = math.nan
+
+    @property
+    def io_hidden(self) -> bool:
+        return self.data_time_s < 0.05 * self.step_time_s
+
+
+def count_macs(cfg: "Config") -> float:
+    """Multiply-accumulates of one clip's forward pass at the run's input size (the models' profiler)."""
+    from tsm_dist.models.profiler import model_stats
+
+    m = cfg.model
+    return float(model_stats(m.name, num_classes=m.num_classes, size=cfg.data.crop_size, num_frames=m.num_frames,
+                             depth=m.depth, width=m.width).macs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tsm_dist.io_study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, type=Path, help="base training config on real videos")
+    parser.add_argument("--models", type=name_list,
+                        help="comma list (default: the config's model.name)")
+    parser.add_argument("--model-config", action="append", default=[], type=model_config_item,
+                        metavar="MODEL=CONFIG",
+                        help="base config for one model instead of --config; repeatable")
+    parser.add_argument("--loaders", type=choice_list(LOADERS), default=list(LOADERS),
+                        help="comma list of dali, pyav (default both)")
+    parser.add_argument("--ranks", type=int, default=1, help="ranks (GPUs) of the single node (default 1)")
+    parser.add_argument("--per-gpu-batch", type=int, help="default: the config's data.batch_size")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run")
+    parser.add_argument("--warmup-steps", type=int, default=5)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="mpirun")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--dry-run", action="store_true", help="write the configs and print the commands")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.ranks < 1 or args.steps < 1 or args.warmup_steps < 0:
+        parser.error("--ranks and --steps must be >= 1, --warmup-steps >= 0")
+    args.model_configs = dict(args.model_config)
+    return args
+
+
+def _row(cfg: "Config", loader: str, ranks: int, summary: RunSummary | None, status: str, macs: float) -> IORow:
+    values = cfg.model.num_frames * 3 * cfg.data.crop_size ** 2
+    row = IORow(model=cfg.model.name, loader=loader, num_frames=cfg.model.num_frames,
+                crop_size=cfg.data.crop_size, ranks=ranks, per_gpu_batch=cfg.data.batch_size, status=status,
+                macs_per_clip=macs, input_values_per_clip=values, compute_per_io=macs / values)
+    if summary is not None:
+        row.params = summary.params
+        row.data_time_s, row.compute_time_s = summary.data_time_s, summary.compute_time_s
+        row.sync_time_s, row.step_time_s = summary.sync_time_s, summary.step_time_s
+        row.clips_per_sec = summary.clips_per_sec
+    return row
+
+
+def run_study(args: argparse.Namespace) -> list[IORow]:
+    from tsm_dist.config import load_config
+
+    out: Path = args.out.resolve()
+    models = args.models or [load_config(args.config, args.overrides).model.name]
+    rows = []
+    for model in models:
+        base = args.model_configs.get(model, args.config)
+        macs = math.nan
+        for loader in args.loaders:
+            tag = f"{model}_{loader}"
+            overrides = [*args.overrides, f"data.backend={loader}",
+                         *([f"data.batch_size={args.per_gpu_batch}"] if args.per_gpu_batch else []),
+                         *measurement_overrides(args.warmup_steps + args.steps)]
+            config_path = out / "jobs" / tag / "config.yaml"
+            cfg = write_run_config(base, model, overrides, config_path)
+            if math.isnan(macs):
+                macs = count_macs(cfg)  # same model and input for every loader
+            workdir = out / "runs" / tag
+            command = launch_prefix(args.launcher, args.ranks) + [
+                sys.executable, "-m", "tsm_dist.train", "--config", str(config_path), "--workdir", str(workdir)]
+            if args.dry_run:
+                print("$ " + shlex.join(command))
+                continue
+            (workdir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh measurement, not appended to
+            error = run_logged(command, args.ranks, workdir / "train.log", args.timeout)
+            summary = None
+            if error:
+                print(f"[{tag}] {error}; last lines of its log:\n{tail(workdir / 'train.log')}", file=sys.stderr)
+            else:
+                try:
+                    summary = summarize_run(workdir / "metrics.jsonl", args.warmup_steps)
+                except MetricsError as err:
+                    error = f"unusable metrics: {err}"
+            rows.append(_row(cfg, loader, args.ranks, summary, error or "completed", macs))
+            print(f"[{tag}] {rows[-1].status}", flush=True)
+    return rows
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "-" if math.isnan(value) else format(value, spec)
+
+
+def markdown(rows: list[IORow], args: argparse.Namespace) -> str:
+    lines = [f"# I/O study: one node, {args.ranks} rank(s), {args.steps} timed steps after {args.warmup_steps} "
+             f"warm-up", "",
+             "| Model | Loader | Frames | Input size | MACs/clip (G) | Params (M) | Compute/IO | "
+             "I/O not hidden (s/batch) | Compute (s/batch) | Sync (s/batch) | Batch time (s) | Clips/s | I/O hidden |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+    for r in rows:
+        hidden = "-" if math.isnan(r.step_time_s) else ("yes" if r.io_hidden else "no")
+        params = f"{r.params / 1e6:.2f}" if r.params else "-"
+        status = "" if r.status == "completed" else f" ({r.status})"
+        lines.append(f"| {r.model} | {r.loader}{status} | {r.num_frames} | {r.num_frames}x{r.crop_size}² | "
+                     f"{_fmt(r.macs_per_clip / 1e9, '.3g')} | {params} | {_fmt(r.compute_per_io / 1e3, '.2f')}k | "
+                     f"{_fmt(r.data_time_s, '.4f')} | {_fmt(r.compute_time_s, '.4f')} | {_fmt(r.sync_time_s, '.4f')} | "
+                     f"{_fmt(r.step_time_s, '.4f')} | {_fmt(r.clips_per_sec, '.1f')} | {hidden} |")
+    lines += ["", "I/O not hidden = the trainer's data_time: time a step waited for its batch after the loader's "
+              "prefetching; 'I/O hidden' = under 5% of the batch time. Compute/IO = MACs per clip / input values "
+              "per clip (frames x 3 x crop²), from the models' profiler (torch.utils.flop_counter, FLOPs / 2)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[IORow], path: Path) -> None:
+    """Fig. 9b: per model and loader, batch time split into compute and I/O not hidden."""
+    plt = pyplot()
+    done = [r for r in rows if not math.isnan(r.step_time_s)]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(done) + 2), 4.5))
+    labels = [f"{r.model}\n{r.loader}" for r in done]
+    compute = [r.compute_time_s + r.sync_time_s for r in done]
+    io = [r.data_time_s for r in done]
+    ax.bar(labels, compute, color="tab:blue", label="Compute time")
+    ax.bar(labels, io, bottom=compute, color="tab:orange", label="I/O time (not hidden)")
+    ax.set_ylabel("Batch training time (s)")
+    ax.set_title("Data loading vs compute per batch (one node)")
+    ax.legend()
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        rows = run_study(args)
+    except (ValueError, FileNotFoundError) as err:  # a config error (ConfigError) names the key and file
+        print(f"io_study: error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return 0
+    out = args.out
+    with open(out / "io_study.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[f.name for f in fields(IORow)])
+        writer.writeheader()
+        writer.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(r).items()}
+                         for r in rows)
+    (out / "io_study.md").write_text(markdown(rows, args))
+    plot(rows, out / "io_study.png")
+    print((out / "io_study.md").read_text())
+    print(f"wrote {out / 'io_study.csv'}, {out / 'io_study.png'}")
+    return 0 if all(r.status == "completed" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

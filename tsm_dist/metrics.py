@@ -1,0 +1,153 @@
+"""What rank 0 records: top-k counts, the JSONL log, the wandb run, the progress line, the run header.
+
+Accuracy is computed from *counts* (valid samples, correct at 1, correct at 5) so that ranks can sum
+them with one allreduce; padded samples (label -1) are not counted. Only rank 0 constructs the
+writers below; other ranks never touch the workdir's logs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+TOPK = (1, 5)
+
+
+def topk_counts(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = TOPK) -> torch.Tensor:
+    """float64 tensor [num_valid, correct@k for k in ks]; samples with label < 0 are padding."""
+    valid = labels >= 0
+    logits, labels = logits[valid], labels[valid]
+    counts = [float(labels.numel())]
+    if labels.numel():
+        kmax = min(max(ks), logits.shape[1])
+        top = logits.topk(kmax, dim=1).indices
+        hit = top.eq(labels.unsqueeze(1))
+        counts += [float(hit[:, :min(k, kmax)].any(dim=1).sum()) for k in ks]
+    else:
+        counts += [0.0] * len(ks)
+    return torch.tensor(counts, dtype=torch.float64)
+
+
+class JsonlWriter:
+    """Appends one JSON object per line and flushes, so a killed job keeps every record it wrote."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: TextIO = self.path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, default=str) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class WandbRun:
+    """wandb in ``offline`` (default), ``online`` or ``disabled`` mode; files under ``workdir/wandb``.
+
+    The run id is kept in ``workdir/wandb_id`` so a resumed job continues the same wandb run.
+    Offline runs are uploaded later from a login node with ``wandb sync workdir/wandb/offline-run-*``.
+    """
+
+    def __init__(self, mode: str, project: str, workdir: str | Path, config: dict[str, Any]) -> None:
+        self._run = None
+        if mode == "disabled":
+            return
+        import wandb
+
+        workdir = Path(workdir)
+        id_file = workdir / "wandb_id"
+        if id_file.exists():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]
+            id_file.write_text(run_id + "\n")
+        self._run = wandb.init(mode=mode, project=project, dir=str(workdir), id=run_id, name=workdir.name,
+                               resume="allow", config=config,
+                               settings=wandb.Settings(silent=True, console="off"))
+
+    def log(self, values: dict[str, Any], step: int) -> None:
+        if self._run is not None:
+            self._run.log(values, step=step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self._run is not None:
+            self._run.finish(exit_code=exit_code)
+            self._run = None
+
+
+class Progress:
+    """One progress line on stderr: redrawn in place on a terminal, one line per update otherwise."""
+
+    def __init__(self, total_steps: int, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.total = total_steps
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def update(self, step: int, epoch: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        width = 24
+        done = int(width * min(step, self.total) / max(1, self.total))
+        bar = "#" * done + "." * (width - done)
+        fields = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
+        line = f"epoch {epoch} [{bar}] {step}/{self.total}  {fields}"
+        if self.tty:
+            self.stream.write("\r" + line[:200].ljust(120))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def versions() -> dict[str, str | None]:
+    import numpy
+
+    found: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
+                                    "numpy": numpy.__version__, "cuda": torch.version.cuda}
+    for name, module in (("horovod", "horovod"), ("dali", "nvidia.dali"), ("wandb", "wandb")):
+        mod = sys.modules.get(module)  # only report what this run actually imported
+        found[name] = getattr(mod, "__version__", None) if mod else None
+    from tsm_dist import __version__
+
+    found["tsm_dist"] = __version__
+    return found
+
+
+def hardware() -> dict[str, Any]:
+    info: dict[str, Any] = {"host": socket.gethostname(), "platform": platform.platform(),
+                            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpus"] = torch.cuda.device_count()
+        info["gpu_name"] = torch.cuda.get_device_name(0)
+    return info

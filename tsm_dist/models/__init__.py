@@ -1,0 +1,5 @@
+"""Video models on one ResNet builder: TSN, TSM (temporal shift) and the two I3D baselines."""
+from tsm_dist.models.online import OnlineTSM
+from tsm_dist.models.registry import build_model, describe_model, list_models
+
+__all__ = ["OnlineTSM", "build_model", "describe_model", "list_models"]

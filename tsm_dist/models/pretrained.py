@@ -1,0 +1,79 @@
+"""Initialise a model from a local 2D ImageNet-style ResNet state_dict (nothing is downloaded).
+
+Names follow torchvision's ResNet, which our builder mirrors. For a 3D model every 2D kernel is
+inflated to its temporal size by repeating it kT times and dividing by kT (Carreira & Zisserman), so
+a clip of identical frames gives the 2D network's activations away from the temporal borders. The
+classifier is skipped when the file was trained on another number of classes (the usual fine-tuning
+start); any other mismatch is an error naming the file and the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+_CLASSIFIER = ("fc.weight", "fc.bias")
+
+
+@dataclass
+class PretrainedReport:
+    path: str
+    loaded: list[str] = field(default_factory=list)
+    inflated: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # classifier with another class count
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a checkpoint file: a bare state_dict, or one under "state_dict"/"model"."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights not found: {path}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: not a state_dict (expected a mapping of names to tensors)")
+    # Checkpoints saved from DataParallel/DDP prefix every name with "module.".
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def inflate(weight2d: Tensor, kt: int) -> Tensor:
+    """(O, I, kH, kW) -> (O, I, kt, kH, kW): repeated along time, divided by kt."""
+    return weight2d.unsqueeze(2).repeat(1, 1, kt, 1, 1) / kt
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> PretrainedReport:
+    source = read_state_dict(path)
+    report = PretrainedReport(str(path))
+    target = model.state_dict()
+    new_state: dict[str, Tensor] = {}
+    for key, want in target.items():
+        if key not in source:
+            continue
+        got = source[key]
+        if got.shape == want.shape:
+            new_state[key] = got
+            report.loaded.append(key)
+        elif got.dim() == 4 and want.dim() == 5 and got.shape == want.shape[:2] + want.shape[3:]:
+            new_state[key] = inflate(got, want.shape[2])
+            report.inflated.append(key)
+        elif key in _CLASSIFIER:
+            report.skipped.append(key)
+        else:
+            raise ValueError(f"{path}: {key} has shape {tuple(got.shape)}, the model needs {tuple(want.shape)}"
+                             " (another depth or width?)")
+    # Old torchvision files predate BN's num_batches_tracked; a missing counter is harmless.
+    missing = [k for k in target if k not in source and not k.endswith("num_batches_tracked")
+               and k not in _CLASSIFIER]
+    unexpected = [k for k in source if k not in target]
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not match the model; missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''}")
+    model.load_state_dict(new_state, strict=False)
+    return report

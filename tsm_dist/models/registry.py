@@ -1,0 +1,119 @@
+"""Model names -> (VideoSpec, one-line description); ``build_model`` and ``list_models``.
+
+The four models of the paper's Tables 10/11 differ only in these few lines of data; everything else
+is the shared builder in resnet.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tsm_dist.models.resnet import DEPTHS, VideoResNet, VideoSpec
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    spec: VideoSpec
+    description: str
+
+
+_MODELS: dict[str, ModelEntry] = {
+    "tsn8f_r50": ModelEntry(
+        VideoSpec(num_frames=8),
+        "TSN: 2D ResNet on 8 frames, per-frame logits averaged, no temporal modelling"),
+    "tsm8f_r50": ModelEntry(
+        VideoSpec(num_frames=8, shift=True),
+        "TSM: the same 2D ResNet with a temporal shift in every residual block, no temporal pooling"),
+    # Carreira & Zisserman's inflation on ResNet-50: every 3x3 conv -> 3x3x3 and a 7x7x7 stem; time
+    # is halved by pool1 and by the first block of res3, res4 and res5 (16 -> 8 -> 4 -> 2 -> 1).
+    "i3d3x3x3_r50": ModelEntry(
+        VideoSpec(num_frames=16, conv3d=True, stem_kt=7, pool1_t_stride=2, stage_t_strides=(1, 2, 2, 2),
+                  inflate="3x3"),
+        "I3D3x3x3: 16 frames, every 3x3 conv inflated to 3x3x3, temporal resolution pooled four times"),
+    # Wang et al.'s I3D baseline (non-local paper, without non-local blocks), the layout of their
+    # code: 5x7x7 stem with temporal stride 2, 3x3x3 pool1 and 3x1x1 pool2 with stride 2
+    # (32 -> 16 -> 8 -> 4), and the first 1x1 conv of every other block (all of res2) -> 3x1x1.
+    "i3d3x1x1_r50": ModelEntry(
+        VideoSpec(num_frames=32, conv3d=True, stem_kt=5, stem_t_stride=2, pool1_t_stride=2,
+                  pool2_t_stride=2, inflate="first", inflate_blocks=((1,), (1, 0), (1, 0), (0, 1))),
+        "I3D3x1x1: 32 frames, first 1x1 conv of every other block inflated to 3x1x1, pooled three times"),
+}
+
+_DEFAULTS: dict[str, Any] = {
+    "dropout": 0.5, "fold_div": 8, "shift_place": "residual", "online": False,
+    "depth": 50, "width": 64, "pretrained": None,
+}
+
+
+def list_models() -> list[str]:
+    return list(_MODELS)
+
+
+def describe_model(name: str) -> str:
+    return _entry(name).description
+
+
+def model_spec(name: str) -> VideoSpec:
+    return _entry(name).spec
+
+
+def _entry(name: str) -> ModelEntry:
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_MODELS)}") from None
+
+
+def build_model(name: str, num_classes: int, **options: Any) -> VideoResNet:
+    """Build a registered model. Options (None means the model's default):
+
+    num_frames (clip length T), dropout (0.5, before the classifier), fold_div (8: 1/8 of the
+    channels shifted each way), shift_place ("residual" | "inplace"), online (uni-directional shift
+    for streaming), depth (18, 26, 34, 50, 101), width (base channels, 64), pretrained (path to a 2D
+    ImageNet-style state_dict; inflated for 3D models). Shift options only act on shift models.
+    """
+    spec = _entry(name).spec
+    unknown = sorted(set(options) - set(_DEFAULTS) - {"num_frames"})
+    if unknown:
+        raise TypeError(f"build_model({name!r}): unknown option(s) {unknown}; "
+                        f"known: {sorted([*_DEFAULTS, 'num_frames'])}")
+    opts = {k: (_DEFAULTS[k] if options.get(k) is None else options[k]) for k in _DEFAULTS}
+    num_frames = spec.num_frames if options.get("num_frames") is None else int(options["num_frames"])
+    _validate(name, spec, num_classes, num_frames, opts)
+    model = VideoResNet(
+        spec, num_classes=num_classes, num_frames=num_frames, depth=opts["depth"], width=opts["width"],
+        dropout=float(opts["dropout"]), fold_div=opts["fold_div"], shift_place=opts["shift_place"],
+        direction="uni" if opts["online"] else "bi")
+    model.name = name
+    if opts["pretrained"] is not None:
+        from tsm_dist.models.pretrained import load_pretrained
+
+        load_pretrained(model, opts["pretrained"])
+    return model
+
+
+def _validate(name: str, spec: VideoSpec, num_classes: int, num_frames: int, opts: dict[str, Any]) -> None:
+    def bad(option: str, why: str) -> ValueError:
+        return ValueError(f"build_model({name!r}): {option}={opts.get(option, num_frames)!r} {why}")
+
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"build_model({name!r}): num_classes must be a positive int, got {num_classes!r}")
+    if num_frames < 1:
+        raise bad("num_frames", "must be >= 1")
+    if opts["depth"] not in DEPTHS:
+        raise bad("depth", f"is not one of {sorted(DEPTHS)}")
+    if not isinstance(opts["width"], int) or opts["width"] < 8:
+        raise bad("width", "must be an int >= 8")
+    if not 0.0 <= float(opts["dropout"]) < 1.0:
+        raise bad("dropout", "must be in [0, 1)")
+    if opts["shift_place"] not in ("residual", "inplace"):
+        raise bad("shift_place", "must be 'residual' or 'inplace'")
+    if not isinstance(opts["fold_div"], int) or opts["fold_div"] < 2:
+        raise bad("fold_div", "must be an int >= 2")
+    if spec.shift and opts["width"] // opts["fold_div"] < 1:
+        raise bad("fold_div", f"leaves no channel to shift at width={opts['width']}")
+    if opts["online"] and spec.conv3d:
+        raise bad("online", "is only defined for the 2D models (TSM, TSN)")
+    if opts["pretrained"] is not None and not Path(opts["pretrained"]).is_file():
+        raise bad("pretrained", "is not a file")

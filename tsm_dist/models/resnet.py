@@ -1,0 +1,304 @@
+"""The one ResNet builder behind every model: 2D per frame (TSN, TSM) or inflated 3D (I3D).
+
+A model is this builder plus a :class:`VideoSpec` (registry.py), a few lines of data saying how it
+handles time: 3D convolutions or not, the shift, which convolutions get a temporal kernel, and where
+the temporal resolution is pooled. Depth and width are build options so tests and the CPU demo run
+small versions of exactly the same code. Module names follow torchvision's ResNet (conv1, bn1,
+layer1..layer4, fc) so ImageNet state_dicts load directly (pretrained.py).
+
+Layouts: a 2D model folds the frames into the batch, ``(N*T, C, H, W)``, and averages per-frame
+logits (TSN's consensus); a 3D model runs on ``(N, C, T, H, W)`` and pools time globally.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from tsm_dist.models.temporal_shift import Direction, TemporalShift
+
+ShiftPlace = Literal["residual", "inplace"]
+BlockKind = Literal["basic", "bottleneck"]
+
+# depth -> (block kind, blocks per stage)
+DEPTHS: dict[int, tuple[BlockKind, tuple[int, int, int, int]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    26: ("bottleneck", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}
+STAGES = ("res2", "res3", "res4", "res5")
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """How one video model differs from the plain per-frame 2D ResNet.
+
+    ``inflate`` chooses which convolution of a block gets a temporal kernel of 3: every spatial 3x3
+    conv ("3x3", I3D3x3x3) or the block's first conv ("first", I3D3x1x1: the bottleneck's 1x1 becomes
+    3x1x1). ``inflate_blocks[s]`` is a pattern cycled over the blocks of stage s (1 = inflate), so
+    "every other block" stays meaningful at any depth.
+    """
+
+    num_frames: int
+    conv3d: bool = False
+    shift: bool = False
+    stem_kt: int = 1
+    stem_t_stride: int = 1
+    pool1_t_stride: int = 1
+    pool2_t_stride: int = 1  # a temporal max pool after res2 (Wang et al.'s "pool2")
+    stage_t_strides: tuple[int, int, int, int] = (1, 1, 1, 1)
+    inflate: Literal["none", "3x3", "first"] = "none"
+    inflate_blocks: tuple[tuple[int, ...], ...] = ((1,), (1,), (1,), (1,))
+
+    def __post_init__(self) -> None:
+        temporal = (self.stem_kt, self.stem_t_stride, self.pool1_t_stride, self.pool2_t_stride,
+                    *self.stage_t_strides)
+        if not self.conv3d and (any(v != 1 for v in temporal) or self.inflate != "none"):
+            raise ValueError("a 2D spec cannot have temporal kernels, strides or pooling")
+        if self.conv3d and self.shift:
+            raise ValueError("the temporal shift is defined for the 2D backbone only")
+
+
+def _conv(conv3d: bool, cin: int, cout: int, k: int, stride: int = 1, kt: int = 1,
+          t_stride: int = 1) -> nn.Module:
+    if not conv3d:
+        return nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+    return nn.Conv3d(cin, cout, (kt, k, k), (t_stride, stride, stride), (kt // 2, k // 2, k // 2), bias=False)
+
+
+def _bn(conv3d: bool, channels: int) -> nn.Module:
+    return nn.BatchNorm3d(channels) if conv3d else nn.BatchNorm2d(channels)
+
+
+class _Block(nn.Module, ABC):
+    """What basic and bottleneck blocks share: the shortcut, the shift and the final add."""
+
+    def __init__(self, conv3d: bool, cin: int, cout: int, stride: int, t_stride: int,
+                 shift: TemporalShift | None, shift_place: ShiftPlace) -> None:
+        super().__init__()
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or t_stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(_conv(conv3d, cin, cout, 1, stride, 1, t_stride), _bn(conv3d, cout))
+        self.shift = shift
+        self.shift_place = shift_place
+
+    @abstractmethod
+    def _after_first_conv(self, out: Tensor) -> Tensor:
+        """The residual branch after its first conv (whose input may be shifted)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.shift is not None and self.shift_place == "residual":
+            return self._forward_residual_shift(x)
+        if self.shift is not None:  # in-place placement: the whole block sees shift(x)
+            x = self.shift(x)
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self._after_first_conv(self.conv1(x))
+        out += identity
+        return self.relu(out)
+
+    def _forward_residual_shift(self, x: Tensor) -> Tensor:
+        # The shift module runs the downsample conv itself: during training it leaves x shifted
+        # until the backward, so every reader of x goes through it (see temporal_shift.py).
+        ds_conv = None if self.downsample is None else self.downsample[0]
+        out, ds_out, pending = self.shift.residual(x, self.conv1, ds_conv)
+        out = self._after_first_conv(out)
+        if ds_out is not None:
+            out += self.downsample[1](ds_out)
+        else:
+            out = self.shift.add_identity(out, x, pending)
+        return self.relu(out)
+
+
+class BasicBlock(_Block):
+    expansion = 1
+
+    def __init__(self, conv3d: bool, cin: int, width: int, stride: int, t_stride: int, kt_first: int,
+                 kt_second: int, shift: TemporalShift | None, shift_place: ShiftPlace) -> None:
+        super().__init__(conv3d, cin, width, stride, t_stride, shift, shift_place)
+        self.conv1 = _conv(conv3d, cin, width, 3, stride, kt_first, t_stride)
+        self.bn1 = _bn(conv3d, width)
+        self.conv2 = _conv(conv3d, width, width, 3, 1, kt_second)
+        self.bn2 = _bn(conv3d, width)
+
+    def _after_first_conv(self, out: Tensor) -> Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(out))))
+
+
+class Bottleneck(_Block):
+    expansion = 4
+
+    def __init__(self, conv3d: bool, cin: int, width: int, stride: int, t_stride: int, kt_first: int,
+                 kt_second: int, shift: TemporalShift | None, shift_place: ShiftPlace) -> None:
+        super().__init__(conv3d, cin, width * 4, stride, t_stride, shift, shift_place)
+        # Stride on the 3x3 (ResNet v1.5, torchvision's layout): the layout the paper's FLOPs assume.
+        self.conv1 = _conv(conv3d, cin, width, 1, 1, kt_first)
+        self.bn1 = _bn(conv3d, width)
+        self.conv2 = _conv(conv3d, width, width, 3, stride, kt_second, t_stride)
+        self.bn2 = _bn(conv3d, width)
+        self.conv3 = _conv(conv3d, width, width * 4, 1)
+        self.bn3 = _bn(conv3d, width * 4)
+
+    def _after_first_conv(self, out: Tensor) -> Tensor:
+        out = self.relu(self.bn2(self.conv2(self.relu(self.bn1(out)))))
+        return self.bn3(self.conv3(out))
+
+
+def _temporal_kernels(kind: BlockKind, inflate: str, inflated: bool) -> tuple[int, int]:
+    """(kt of the block's first conv, kt of its second conv)."""
+    if not inflated or inflate == "none":
+        return 1, 1
+    if inflate == "first":
+        return 3, 1
+    return (1, 3) if kind == "bottleneck" else (3, 3)  # "3x3": every spatial 3x3 conv
+
+
+class VideoResNet(nn.Module):
+    """Clips ``(N, T, 3, H, W)`` -> logits ``(N, num_classes)``."""
+
+    def __init__(self, spec: VideoSpec, *, num_classes: int, num_frames: int, depth: int = 50,
+                 width: int = 64, dropout: float = 0.5, fold_div: int = 8,
+                 shift_place: ShiftPlace = "residual", direction: Direction = "bi") -> None:
+        super().__init__()
+        kind, blocks = DEPTHS[depth]
+        block_cls = Bottleneck if kind == "bottleneck" else BasicBlock
+        c3 = spec.conv3d
+        self.spec = spec
+        self.num_frames = num_frames
+        self.num_classes = num_classes
+        self.conv3d = c3
+        self.memory_format = torch.channels_last_3d if c3 else torch.channels_last
+
+        self.conv1 = _conv(c3, 3, width, 7, 2, spec.stem_kt, spec.stem_t_stride)
+        self.bn1 = _bn(c3, width)
+        self.relu = nn.ReLU(inplace=True)
+        if c3:
+            kt = 3 if spec.pool1_t_stride > 1 else 1
+            self.maxpool: nn.Module = nn.MaxPool3d((kt, 3, 3), (spec.pool1_t_stride, 2, 2), (kt // 2, 1, 1))
+        else:
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.pool2: nn.Module = nn.Identity()
+        if spec.pool2_t_stride > 1:
+            self.pool2 = nn.MaxPool3d((3, 1, 1), (spec.pool2_t_stride, 1, 1), (1, 0, 0))
+
+        cin = width
+        for s, n_blocks in enumerate(blocks):
+            layer = []
+            for b in range(n_blocks):
+                pattern = spec.inflate_blocks[s]
+                kt_first, kt_second = _temporal_kernels(kind, spec.inflate, bool(pattern[b % len(pattern)]))
+                shift = TemporalShift(num_frames, fold_div, direction) if spec.shift else None
+                first = b == 0
+                layer.append(block_cls(c3, cin, width * 2 ** s, 2 if first and s > 0 else 1,
+                                       spec.stage_t_strides[s] if first else 1, kt_first, kt_second,
+                                       shift, shift_place))
+                cin = width * 2 ** s * block_cls.expansion
+            self.add_module(f"layer{s + 1}", nn.Sequential(*layer))
+        self.num_features = cin
+        self.avgpool = nn.AdaptiveAvgPool3d(1) if c3 else nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(cin, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # A small classifier init, as in the reference TSM code, so fine-tuning starts near uniform.
+        nn.init.normal_(self.fc.weight, 0.0, 0.001)
+        nn.init.zeros_(self.fc.bias)
+
+    # -- forward -----------------------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 5 or x.shape[2] != 3:
+            raise ValueError(f"expected clips shaped (N, T, 3, H, W), got {tuple(x.shape)}")
+        if self.streaming:
+            if x.shape[1] != 1:
+                raise ValueError("the model is streaming (OnlineTSM): one frame per call; "
+                                 "stop_stream() to run whole clips again")
+        elif self.spec.shift and x.shape[1] != self.num_frames:
+            raise ValueError(f"this TSM model shifts over num_frames={self.num_frames}, "
+                             f"got clips of {x.shape[1]} frames")
+
+    def _backbone(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.pool2(self.layer1(x))
+        return self.layer4(self.layer3(self.layer2(x)))
+
+    def _to_backbone_layout(self, clips: Tensor) -> Tensor:
+        if self.conv3d:
+            return clips.transpose(1, 2)  # (N, 3, T, H, W)
+        return clips.flatten(0, 1)  # (N*T, 3, H, W)
+
+    def frame_logits(self, clips: Tensor) -> Tensor:
+        """Per-frame logits ``(N, T, num_classes)`` of a 2D model (TSN's consensus averages them)."""
+        if self.conv3d:
+            raise ValueError("a 3D model pools time inside the network and has no per-frame logits")
+        self._check_input(clips)
+        n, t = clips.shape[:2]
+        feats = self.avgpool(self._backbone(self._to_backbone_layout(clips))).flatten(1)
+        return self.fc(self.dropout(feats)).view(n, t, -1)
+
+    def forward(self, clips: Tensor) -> Tensor:
+        if not self.conv3d:
+            return self.frame_logits(clips).mean(dim=1)
+        self._check_input(clips)
+        feats = self.avgpool(self._backbone(self._to_backbone_layout(clips))).flatten(1)
+        return self.fc(self.dropout(feats))
+
+    # -- introspection -----------------------------------------------------------------------------
+    def temporal_resolution(self, clips: Tensor) -> list[tuple[str, int]]:
+        """Frames (temporal positions) after each stage for ``clips``, the paper's Table 11.
+
+        Runs one forward pass (cheap on the meta device) and reads the stage outputs.
+        """
+        n, t = clips.shape[:2]
+        rows: list[tuple[str, int]] = [("input", t)]
+        stages = [("conv1", self.conv1), ("pool1", self.maxpool), ("res2", self.layer1)]
+        if self.spec.pool2_t_stride > 1:
+            stages.append(("pool2", self.pool2))
+        stages += [("res3", self.layer2), ("res4", self.layer3), ("res5", self.layer4)]
+
+        def frames(out: Tensor) -> int:
+            return out.shape[2] if self.conv3d else out.shape[0] // n
+
+        handles = [m.register_forward_hook(lambda _m, _i, out, name=name: rows.append((name, frames(out))))
+                   for name, m in stages]
+        try:
+            with torch.no_grad():
+                self(clips)
+        finally:
+            for h in handles:
+                h.remove()
+        rows.append(("global pool", 1))
+        return rows
+
+    def shift_modules(self) -> list[TemporalShift]:
+        return [m for m in self.modules() if isinstance(m, TemporalShift)]
+
+    # -- streaming (used by OnlineTSM) -------------------------------------------------------------
+    @property
+    def streaming(self) -> bool:
+        return any(s.streaming for s in self.shift_modules())
+
+    def start_stream(self) -> None:
+        """Each call now takes one time step ``(N, 1, 3, H, W)``; shift caches start at zero."""
+        if self.conv3d:
+            raise ValueError("a 3D model cannot stream frame by frame")
+        for s in self.shift_modules():
+            s.start_stream()
+
+    def stop_stream(self) -> None:
+        for s in self.shift_modules():
+            s.stop_stream()
+
+    def stream_cache_nbytes(self) -> int:
+        return sum(s.cache_nbytes() for s in self.shift_modules())

@@ -1,0 +1,198 @@
+"""Allreduce microbenchmark: time allreduce over message sizes up to a model's gradient size.
+
+Started once per rank (mpirun, horovodrun, jsrun, srun) on the sweep's own allocation, through mpi4py and
+through the training engine, so the projection uses the latency and bandwidth this allocation really has.
+Rank 0 writes one JSON file per method with the raw timings and the fitted ring-model α and B:
+
+    python -m tsm_dist.studies.allreduce_bench --method mpi4py,engine --engine horovod \
+        --max-bytes-from RUN/metrics.jsonl --nodes 2 --out RUN
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from statistics import median
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from tsm_dist.engine import launcher_layout
+from tsm_dist.studies.costmodel import fit_ring_link, gradient_bytes
+
+if TYPE_CHECKING:
+    from tsm_dist.config import EngineConfig
+
+FLOAT_BYTES = 4
+METHODS = ("mpi4py", "engine")
+
+
+def message_sizes(max_bytes: int, min_bytes: int = 4096, points: int = 8) -> list[int]:
+    """Geometric sizes from ``min_bytes`` to ``max_bytes`` inclusive, whole float32 elements, no repeats."""
+    if max_bytes < FLOAT_BYTES:
+        raise ValueError(f"max message size must be >= {FLOAT_BYTES} bytes, got {max_bytes}")
+    min_bytes = min(min_bytes, max_bytes)
+    if points < 2 or min_bytes == max_bytes:
+        return [max_bytes // FLOAT_BYTES * FLOAT_BYTES]
+    ratio = (max_bytes / min_bytes) ** (1 / (points - 1))
+    largest = max_bytes // FLOAT_BYTES * FLOAT_BYTES
+    sizes = {round(min_bytes * ratio ** i / FLOAT_BYTES) * FLOAT_BYTES for i in range(points - 1)}
+    return sorted(s for s in sizes | {largest} if FLOAT_BYTES <= s <= largest)
+
+
+def gradient_bytes_from_metrics(path: Path) -> int:
+    """Gradient size of the model a training run used: parameters from its metrics.jsonl header, fp32."""
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            record = json.loads(line)
+            if record.get("type") == "header":
+                if "params" not in record:
+                    raise ValueError(f"{path}:{lineno}: header record lacks 'params'")
+                return int(gradient_bytes(int(record["params"])))
+    raise ValueError(f"{path}: no header record; cannot size the allreduce messages")
+
+
+def time_collective(run_once: Callable[[], None], barrier: Callable[[], None],
+                    slowest: Callable[[float], float], repeats: int, warmup: int) -> float:
+    """Median over ``repeats`` of the slowest rank's time for one call (all ranks start together)."""
+    for _ in range(warmup):
+        run_once()
+    samples = []
+    for _ in range(repeats):
+        barrier()
+        start = time.perf_counter()
+        run_once()
+        samples.append(slowest(time.perf_counter() - start))
+    return median(samples)
+
+
+class NotOneMPIWorld(RuntimeError):
+    pass
+
+
+def bench_mpi4py(sizes: Sequence[int], repeats: int, warmup: int) -> tuple[int, int, list[float]]:
+    """(rank, world size, seconds per size) for MPI_Allreduce(SUM) of float32 buffers."""
+    import numpy as np
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    launched = launcher_layout()[1]
+    if comm.Get_size() != launched:
+        raise NotOneMPIWorld(f"mpi4py sees {comm.Get_size()} rank(s) but the launcher started {launched}: the "
+                             f"ranks are not one MPI world (horovodrun --gloo, srun --mpi=none); skipping mpi4py")
+    times = []
+    for size in sizes:
+        send = np.ones(size // FLOAT_BYTES, dtype=np.float32)
+        recv = np.empty_like(send)
+        times.append(time_collective(lambda: comm.Allreduce(send, recv, op=MPI.SUM), comm.Barrier,
+                                     lambda t: comm.allreduce(t, op=MPI.MAX), repeats, warmup))
+    return comm.Get_rank(), comm.Get_size(), times
+
+
+def bench_engine(engine_cfg: "EngineConfig", sizes: Sequence[int], repeats: int, warmup: int
+                 ) -> tuple[int, int, list[float]]:
+    """(rank, world size, seconds per size) for the training engine's allreduce of float32 tensors."""
+    import torch
+
+    from tsm_dist.engine import started
+
+    with started(engine_cfg) as engine:
+        def slowest(seconds: float) -> float:
+            return max(engine.allgather_object(seconds))
+
+        def allreduce(tensor: "torch.Tensor") -> Callable[[], None]:
+            def run() -> None:
+                engine.allreduce_sum(tensor)
+                if engine.device.type == "cuda":
+                    torch.cuda.synchronize(engine.device)
+            return run
+
+        times = []
+        for size in sizes:
+            tensor = torch.ones(size // FLOAT_BYTES, dtype=torch.float32, device=engine.device)
+            times.append(time_collective(allreduce(tensor), engine.barrier, slowest, repeats, warmup))
+        return engine.rank, engine.size, times
+
+
+def result_record(method: str, world_size: int, nodes: int, sizes: Sequence[int], times: Sequence[float]
+                  ) -> dict:
+    record = {"method": method, "world_size": world_size, "nodes": nodes, "dtype": "float32",
+              "sizes_bytes": list(sizes), "times_s": list(times), "alpha_s": None,
+              "bandwidth_bytes_per_s": None, "fit_error": ""}
+    try:
+        link = fit_ring_link(world_size, sizes, times, source=method)
+    except ValueError as err:  # one rank, one size, or noise: keep the raw timings, say why there is no fit
+        record["fit_error"] = str(err)
+    else:
+        record["alpha_s"] = link.alpha_s
+        record["bandwidth_bytes_per_s"] = link.bandwidth_bytes_per_s
+    return record
+
+
+def _engine_config(args: argparse.Namespace) -> "EngineConfig":
+    from tsm_dist.config import EngineConfig, load_config
+
+    cfg = load_config(args.config).engine if args.config else EngineConfig()
+    cfg.name = args.engine
+    return cfg
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tsm_dist.studies.allreduce_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="mpi4py,engine",
+                        help="comma list of mpi4py, engine (default both)")
+    parser.add_argument("--engine", default="horovod", choices=("horovod", "torch"),
+                        help="training engine for --method engine")
+    parser.add_argument("--config", type=Path,
+                        help="training config whose engine section (fusion, timeouts) the engine uses; "
+                             "--engine still picks the engine")
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--max-bytes", type=int, help="largest message in bytes")
+    size.add_argument("--max-bytes-from", type=Path, metavar="METRICS_JSONL",
+                      help="largest message = the gradient size of the run that wrote this metrics.jsonl")
+    parser.add_argument("--min-bytes", type=int, default=4096)
+    parser.add_argument("--points", type=int, default=8, help="message sizes (geometric)")
+    parser.add_argument("--repeats", type=int, default=10, help="timings per size; the median is kept")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--nodes", type=int, default=1, help="nodes of the allocation (recorded with the result)")
+    parser.add_argument("--out", type=Path, required=True, help="directory for allreduce_<method>.json")
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad or not args.methods:
+        parser.error(f"--method: unknown {bad}; choose from {', '.join(METHODS)}")
+    if args.repeats < 1 or args.points < 1:
+        parser.error("--repeats and --points must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    max_bytes = args.max_bytes if args.max_bytes is not None else gradient_bytes_from_metrics(args.max_bytes_from)
+    sizes = message_sizes(max_bytes, args.min_bytes, args.points)
+    for method in args.methods:
+        if method == "mpi4py":
+            try:
+                rank, world, times = bench_mpi4py(sizes, args.repeats, args.warmup)
+            except NotOneMPIWorld as err:
+                if launcher_layout()[0] == 0:
+                    print(f"allreduce_bench: {err}", file=sys.stderr, flush=True)
+                continue
+        else:
+            rank, world, times = bench_engine(_engine_config(args), sizes, args.repeats, args.warmup)
+        name = method if method == "mpi4py" else args.engine
+        record = result_record(name, world, args.nodes, sizes, times)
+        if rank == 0:
+            args.out.mkdir(parents=True, exist_ok=True)
+            path = args.out / f"allreduce_{method}.json"
+            path.write_text(json.dumps(record, indent=1) + "\n")
+            fitted = ("" if record["alpha_s"] is None else
+                      f": alpha {record['alpha_s'] * 1e6:.1f} us, B {record['bandwidth_bytes_per_s'] / 1e9:.3f} GB/s")
+            print(f"allreduce {name} on {world} rank(s), {len(sizes)} sizes up to {max(sizes):,} B -> "
+                  f"{path}{fitted}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""Configs of measurement runs: a base training config plus what a timed, throw-away run needs."""
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    from tsm_dist.config import Config
+
+
+def measurement_overrides(total_steps: int) -> list[str]:
+    """Stop after ``total_steps``, log every optimizer step, and skip evaluation, checkpoints and wandb."""
+    return [f"train.max_steps={total_steps}",
+            # one record per optimizer step so the warm-up steps can be cut exactly
+            "log.interval=1", "log.wandb=disabled", "log.progress=false",
+            "train.eval_every_epochs=0", "train.checkpoint_every_epochs=0"]
+
+
+@functools.lru_cache(maxsize=None)
+def model_frame_overrides(base: Path, model: str) -> tuple[str, ...]:
+    """The frame count ``model`` takes by default, when the config ``base`` was written for another model."""
+    from tsm_dist.config import load_config
+
+    if load_config(base).model.name == model:
+        return ()
+    from tsm_dist.models import build_model
+
+    # a narrow build is enough to read the model's own default input length
+    return (f"model.num_frames={build_model(model, num_classes=2, width=8).num_frames}",)
+
+
+def write_run_config(base: Path, model: str, overrides: list[str], path: Path) -> "Config":
+    """Validate ``base`` + the model's frames + ``overrides`` and write the resolved config to ``path``.
+
+    The model's default frame count goes first so that an explicit ``model.num_frames`` override wins.
+    """
+    from tsm_dist.config import dump_config, load_config
+
+    cfg = load_config(base, [*model_frame_overrides(Path(base), model), *overrides, f"model.name={model}"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, path)
+    return cfg
+
+
+def name_list(text: str) -> list[str]:
+    """argparse type: ``a,b,c`` -> ["a", "b", "c"]."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """argparse type: a non-empty comma list whose items are all in ``choices``."""
+    def parse(text: str) -> list[str]:
+        values = name_list(text)
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"unknown {bad or text!r}; choose from {', '.join(choices)}")
+        return values
+    return parse
+
+
+def model_config_item(text: str) -> tuple[str, Path]:
+    """argparse type of ``--model-config MODEL=CONFIG``: a per-model base config (frames, sampling)."""
+    model, eq, path = text.partition("=")
+    if not eq or not model.strip() or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MODEL=CONFIG")
+    return model.strip(), Path(path)
