@@ -6,9 +6,10 @@
 
 Timings are interleaved (the order of the models alternates every round) so that drift and other
 processes on a shared machine hit every model alike; each round gives a paired ratio and we print
-the median and the spread of those ratios. The shift's own cost is also timed in isolation (the
-in-place moves on ResNet-50's block inputs), which is far less noisy than a difference of two
-multi-second steps.
+the median and the spread of those ratios. With ``--compare`` two other shift implementations are
+timed beside ours for scale: a plain out-of-place copy (every channel written once, opposite shift
+in backward) and the reference implementation's (zero tensor, then slices assigned). The in-place
+moves are also timed inside real TSM steps.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from tsm_dist.models import build_model
 import tsm_dist.models.temporal_shift as ts
+from tsm_dist.models import build_model
 
 PAPER_P100 = {"tsm8f_r50": 84.8, "i3d3x3x3_r50": 63.1, "i3d3x1x1_r50": 41.9}
 
@@ -39,10 +40,11 @@ def reference_shift(x: torch.Tensor, num_frames: int, fold_div: int) -> torch.Te
     return out.view(nt, c, h, w)
 
 
-def _use_reference_shift(model: torch.nn.Module) -> None:
+def _use_shift(model: torch.nn.Module, shift_fn: Callable[[torch.Tensor, int, int], torch.Tensor]) -> None:
+    """Make the model's residual shifts ``conv(shift_fn(x))``, unfused."""
     for shift in model.shift_modules():
-        shift.residual = types.MethodType(
-            lambda self, x, conv1, ds=None: (conv1(reference_shift(x, self.num_frames, self.fold_div)), None if ds is None else ds(x), None), shift)
+        shift.conv = types.MethodType(
+            lambda self, x, conv: (conv(shift_fn(x, self.num_frames, self.fold_div)), x), shift)
 
 
 def _summary(values: list[float]) -> str:
@@ -78,57 +80,62 @@ def _train_step(model: torch.nn.Module, clips: torch.Tensor, labels: torch.Tenso
 
 
 class _ShiftTimer:
-    """Times the in-place moves (shift and undo) inside real TSM steps. Left out: the backward's
-    move-back, folded into the identity-gradient sum that TSN pays for in autograd too, and the
-    out-of-place copy taken for small tensors; the step-level comparison above covers everything."""
+    """Times the in-place moves (shift and undo, forward and backward) inside real TSM steps. Left
+    out: the backward's move-back of the input gradient, folded into the identity-gradient sum that
+    TSN pays for in autograd too; the step-level comparison above covers everything."""
+
+    _NAMES = ("_shift_inplace", "_unshift_inplace")
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._original = ts._shift_inplace
+        self._originals = {name: getattr(ts, name) for name in self._NAMES}
 
     def _timed(self, fn: Callable) -> Callable:
         def wrapper(*args):
             start = time.perf_counter()
             result = fn(*args)
             self.seconds += time.perf_counter() - start
-            return self._timed(result) if callable(result) else result
+            return result
         return wrapper
 
     def __enter__(self) -> "_ShiftTimer":
-        ts._shift_inplace = self._timed(self._original)
+        for name, fn in self._originals.items():
+            setattr(ts, name, self._timed(fn))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        ts._shift_inplace = self._original
+        for name, fn in self._originals.items():
+            setattr(ts, name, fn)
 
 
 def bench_shift(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     tsn = build_model("tsn8f_r50", 400)
-    tsm = build_model("tsm8f_r50", 400)
-    ref = build_model("tsm8f_r50", 400)
-    tsm.load_state_dict(tsn.state_dict())
-    ref.load_state_dict(tsn.state_dict())
-    _use_reference_shift(ref)
+    models = {"TSN": tsn, "TSM8f": build_model("tsm8f_r50", 400)}
+    if args.compare:
+        models["TSM8f, plain copy shift"] = build_model("tsm8f_r50", 400)
+        _use_shift(models["TSM8f, plain copy shift"], ts.temporal_shift)
+        models["TSM8f, reference shift"] = build_model("tsm8f_r50", 400)
+        _use_shift(models["TSM8f, reference shift"], reference_shift)
+    for model in models.values():
+        model.load_state_dict(tsn.state_dict())  # same weights: the shift is the only difference
     clips = torch.randn(args.batch, 8, 3, args.size, args.size)
     labels = torch.randint(0, 400, (args.batch,))
-    steps = {"TSN": _train_step(tsn, clips, labels), "TSM8f": _train_step(tsm, clips, labels)}
-    if not args.no_reference:
-        steps["TSM8f (reference shift)"] = _train_step(ref, clips, labels)
+    steps = {name: _train_step(model, clips, labels) for name, model in models.items()}
     print(f"# shift overhead: training step (fwd+bwd+SGD), batch {args.batch} x 8 frames x {args.size}^2, "
           f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds after {args.warmup} warm-up")
     times = _interleaved(steps, args.rounds, args.warmup)
-    for name, ts in times.items():
-        print(f"{name:<24} step median {statistics.median(ts):.3f} s  min {min(ts):.3f}  max {max(ts):.3f}")
+    for name, samples in times.items():
+        print(f"{name:<24} step median {statistics.median(samples):.3f} s  min {min(samples):.3f}  max {max(samples):.3f}")
     base = times["TSN"]
     for name in [n for n in times if n != "TSN"]:
         ratios = [t / b - 1 for t, b in zip(times[name], base)]
         print(f"{name:<24} overhead vs TSN per round: {_summary(ratios)}")
-    tsm_step, per_step = steps["TSM8f"], []
+    per_step = []
     with _ShiftTimer() as timer:
         for _ in range(3):
             timer.seconds = 0.0
-            tsm_step()
+            steps["TSM8f"]()
             per_step.append(timer.seconds)
     shift_s = statistics.median(per_step)
     print(f"in-place moves (shift + undo) inside a TSM8f step: {shift_s * 1e3:.1f} ms = "
@@ -163,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=["shift", "throughput", "all"], nargs="?", default="all")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=1, help="clips per training step (shift benchmark)")
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--no-reference", action="store_true", help="skip the reference-shift model")
+    p.add_argument("--compare", action="store_true",
+                   help="also time the plain-copy and the reference shift (4 models in memory: noisier)")
     p.add_argument("--tp-batch", type=int, default=2, help="clips per inference batch (throughput)")
     p.add_argument("--tp-rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -7,8 +7,8 @@ from torch import nn
 from torch.autograd import gradcheck
 
 from tsm_dist.models import build_model
-from tsm_dist.models.temporal_shift import (TemporalShift, add_unshifted, residual_shift, shift_groups,
-                                            temporal_shift)
+from tsm_dist.models.temporal_shift import (TemporalShift, shift_groups, shifted_conv, shifted_conv2d,
+                                            shifted_conv2d_and_identity, temporal_shift)
 
 
 def _clip(n: int, t: int, c: int, hw: int = 1, dtype=torch.float64) -> torch.Tensor:
@@ -64,92 +64,56 @@ def test_shift_gradcheck(direction: str) -> None:
     assert gradcheck(lambda v: temporal_shift(v, 3, 4, direction), (x,))
 
 
-def _residual_block(x: torch.Tensor, conv1: nn.Conv2d, back: nn.Conv2d, ds: nn.Conv2d | None,
-                    frames: int, groups) -> tuple[torch.Tensor, ...]:
-    """A minimal residual block on the fused shift: conv1(shift(x)) -> back -> + identity."""
-    y, ds_out, pending = residual_shift(x, conv1, ds, frames, groups)
-    out = back(y)
-    if ds is not None:
-        return out, ds_out
-    return (add_unshifted(out, pending),)
-
-
-def _reference_block(x, conv1, back, ds, frames, fold_div, direction) -> tuple[torch.Tensor, ...]:
-    out = back(conv1(temporal_shift(x, frames, fold_div, direction)))
-    return (out, ds(x)) if ds is not None else (out + x,)
-
-
 @pytest.mark.parametrize("direction", ["bi", "uni"])
-@pytest.mark.parametrize("kernel,stride,bias,downsample", [(1, 1, False, False), (1, 1, True, True),
-                                                           (3, 2, True, False), (3, 1, False, True)])
-def test_residual_shift_gradcheck(direction: str, kernel: int, stride: int, bias: bool, downsample: bool) -> None:
+@pytest.mark.parametrize("kernel,stride,bias,out", [(1, 1, False, 2), (1, 1, True, 3), (1, 1, False, 12),
+                                                    (3, 2, True, 2)])
+def test_shifted_conv_gradcheck(direction: str, kernel: int, stride: int, bias: bool,
+                                out: int) -> None:
+    """Every backward path (1x1 with H*W >= out channels: weight gradient by matmuls on the unshifted
+    input; otherwise shift again), with the identity output whose gradient is folded into the pass
+    that moves the shifted path's gradient back."""
     torch.manual_seed(0)
     groups = shift_groups(8, 4, direction)
-    conv1 = nn.Conv2d(8, 3, kernel, stride, kernel // 2, bias=bias).double()
-    back = nn.ConvTranspose2d(3, 8, stride, stride).double()  # back to x's shape for the identity add
-    ds = nn.Conv2d(8, 5, 1, 2, bias=False).double() if downsample else None
-    x = torch.randn(2 * 3, 8, 4, 4, dtype=torch.float64, requires_grad=True)
-    params = [*conv1.parameters(), *(ds.parameters() if ds else [])]
-    # x * 1: the block input must be a tensor only the block reads, as inside the network.
-    assert gradcheck(lambda v, *_: _residual_block(v * 1, conv1, back, ds, 3, groups), (x, *params),
-                     fast_mode=True)
+    x = torch.randn(2 * 3, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out, 8, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = (x, w) if b is None else (x, w, b)
+
+    def fn(v, wt, *bs):
+        y, identity = shifted_conv2d_and_identity(v, wt, bs[0] if bs else None, 3, groups, stride, kernel // 2)
+        return y, identity * torch.arange(1.0, 1 + identity.shape[1], dtype=torch.float64).view(1, -1, 1, 1)
+
+    assert gradcheck(fn, inputs, fast_mode=True)
+    assert gradcheck(lambda v, wt, *bs: shifted_conv2d(v, wt, bs[0] if bs else None, 3, groups, stride,
+                                                      kernel // 2), inputs, fast_mode=True)
 
 
-@pytest.mark.parametrize("downsample", [False, True])
+@pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_residual_shift_matches_reference_and_restores_input(downsample: bool, memory_format) -> None:
+def test_shifted_conv_matches_shift_then_conv_and_restores_input(grad: bool, memory_format) -> None:
     torch.manual_seed(0)
-    conv1, back = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
-    ds = nn.Conv2d(16, 6, 1, 2, bias=False) if downsample else None
-    x = torch.randn(2 * 4, 16, 6, 6).to(memory_format=memory_format).requires_grad_()
-    params = [x, *conv1.parameters(), *(ds.parameters() if ds else [])]
-    ref = _reference_block(x, conv1, back, ds, 4, 8, "bi")
-    h = x * 1
-    before, version = h.detach().clone(), h._version
-    fused = _residual_block(h, conv1, back, ds, 4, shift_groups(16, 8))
-    for a, b in zip(fused, ref):
-        assert torch.allclose(a, b, atol=1e-6)
-    grads = [torch.randn_like(r) for r in ref]
-    got = torch.autograd.grad(fused, params, grads, retain_graph=True)
-    want = torch.autograd.grad(ref, params, grads)
-    for a, b in zip(got, want):
-        assert torch.allclose(a, b, atol=1e-5)
-    assert torch.equal(h.detach(), before) and h._version == version  # restored bit-exactly
-    again = torch.autograd.grad(fused, params, grads)  # a second backward shifts again
-    for a, b in zip(again, want):
-        assert torch.allclose(a, b, atol=1e-5)
-    assert torch.equal(h.detach(), before)
-
-
-def test_pending_input_is_guarded_and_restored_when_the_graph_is_dropped() -> None:
-    conv1 = nn.Conv2d(16, 4, 1)
-    h = torch.randn(8, 16, 2, 2, requires_grad=True) * 1
-    before = h.detach().clone()
-    first = residual_shift(h, conv1, None, 4, shift_groups(16, 8))
-    assert not torch.equal(h.detach(), before)  # left shifted for the backward
-    with pytest.raises(RuntimeError, match="still shifted"):
-        residual_shift(h, conv1, None, 4, shift_groups(16, 8))
-    del first  # no backward will come: dropping the graph puts the input back
-    assert torch.equal(h.detach(), before)
-
-
-def test_no_grad_paths_leave_the_input_untouched() -> None:
-    torch.manual_seed(0)
-    shift, conv1 = TemporalShift(4), nn.Conv2d(16, 4, 1)
-    x = torch.randn(8, 16, 3, 3)
-    before = x.clone()
-    with torch.no_grad():
-        y, ds_out, pending = shift.residual(x, conv1)
-        assert pending is None and ds_out is None
-        assert torch.equal(y, conv1(temporal_shift(x, 4)))
-    assert torch.equal(x, before)
+    conv = nn.Conv2d(16, 4, 1)
+    x = torch.randn(2 * 4, 16, 5, 5).to(memory_format=memory_format).requires_grad_(grad)
+    before, version = x.detach().clone(), x._version
+    with torch.set_grad_enabled(grad):
+        fused, identity = shifted_conv(x, conv, 4, shift_groups(16, 8))
+        ref = conv(temporal_shift(x, 4, 8))
+    assert torch.equal(fused, ref) and torch.equal(identity, x)
+    assert torch.equal(x.detach(), before) and x._version == version
+    if grad:
+        g, gi = torch.randn_like(ref), torch.randn_like(x)
+        got = torch.autograd.grad((fused, identity), [x, conv.weight, conv.bias], (g, gi))
+        want = torch.autograd.grad((ref, x), [x, conv.weight, conv.bias], (g, gi))
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, atol=1e-6)
+        assert torch.equal(x.detach(), before) and x._version == version
 
 
 @pytest.mark.parametrize("depth,memory_format", [(18, torch.contiguous_format), (26, torch.contiguous_format),
                                                  (26, torch.channels_last)])
 def test_tsm_network_with_fused_shift_equals_shift_then_conv(depth: int, memory_format, monkeypatch) -> None:
-    """The fused shift inside a real network (the previous ReLU holds the block input for its
-    backward; downsampling blocks) gives the same outputs and gradients as a plain shifted copy."""
+    """The in-place trick inside a real network (previous ReLU and the downsample conv hold the
+    block input for backward) gives the same outputs and gradients as a plain shifted copy."""
 
     def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
         torch.manual_seed(0)
@@ -161,8 +125,7 @@ def test_tsm_network_with_fused_shift_equals_shift_then_conv(depth: int, memory_
         return out.detach(), [clips.grad] + [p.grad for p in model.parameters()]
 
     out, grads = run()
-    monkeypatch.setattr(TemporalShift, "residual", lambda self, x, conv1, ds=None: (
-        conv1(self(x)), None if ds is None else ds(x), None))
+    monkeypatch.setattr(TemporalShift, "conv", lambda self, x, conv: (conv(self(x)), x))
     ref_out, ref_grads = run()
     assert torch.allclose(out, ref_out, atol=1e-6)
     for g, r in zip(grads, ref_grads):
@@ -194,3 +157,14 @@ def test_residual_placement_keeps_the_identity_unshifted() -> None:
         branch = b.bn3(b.conv3(b.relu(b.bn2(b.conv2(branch)))))
         ref = b.relu(branch + x)
     assert torch.equal(out, ref)
+
+
+def test_second_backward_through_a_retained_graph_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 4, 1)
+    x = torch.randn(2 * 4, 16, 3, 3, requires_grad=True)
+    y, identity = shifted_conv(x * 1, conv, 4, shift_groups(16, 8))
+    loss = y.square().sum() + identity.sum()
+    first = torch.autograd.grad(loss, [x, conv.weight], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, conv.weight])
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -148,10 +148,6 @@ def _wait(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-def _memory_format(model: nn.Module) -> torch.memory_format:
-    return torch.channels_last_3d if any(p.ndim == 5 for p in model.parameters()) else torch.channels_last
-
-
 def evaluate_and_share(model: nn.Module, loader: Any, engine: Engine, amp_dtype: torch.dtype | None) -> dict[str, float]:
     # each rank kept its own BN statistics; evaluate (and save) rank 0's everywhere
     engine.broadcast_tensors({n: b for n, b in model.named_buffers()})
@@ -200,7 +196,7 @@ def train(cfg: Config, workdir: str | Path, *, resume: str | None = None,
     _seed(cfg.train.seed)
     model = build_model_from_config(cfg, model_builder or default_model_builder()).to(device)
     if device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=_memory_format(model))
+        model = model.to(memory_format=getattr(model, "memory_format", torch.channels_last))  # 2D or 3D
     optimizer = torch.optim.SGD(param_groups(model, cfg.optim.weight_decay, cfg.optim.no_bn_bias_decay),
                                 lr=schedule(0), momentum=cfg.optim.momentum)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tsm_dist.models.registry import build_model, list_models
+from tsm_dist.models.registry import build_model, describe_model, list_models
 
 TABLE10_MODELS = ("i3d3x3x3_r50", "i3d3x1x1_r50", "tsm8f_r50")
 
@@ -144,9 +144,9 @@ def format_tables(stats: list[ModelStats]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    known = "; ".join(f"{n}: {describe_model(n)}" for n in list_models())
     p = argparse.ArgumentParser(prog="tsm-dist profile", description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(TABLE10_MODELS),
-                   help=f"comma-separated, from {', '.join(list_models())}")
+    p.add_argument("--models", default=",".join(TABLE10_MODELS), help=f"comma-separated. {known}")
     p.add_argument("--size", type=int, default=224, help="input height = width")
     p.add_argument("--num-classes", type=int, default=400)
     p.add_argument("--num-frames", type=int, default=None, help="override every model's clip length")

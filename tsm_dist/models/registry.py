@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tsm_dist.models.pretrained import load_pretrained
 from tsm_dist.models.resnet import DEPTHS, VideoResNet, VideoSpec
 
 
@@ -54,10 +55,6 @@ def describe_model(name: str) -> str:
     return _entry(name).description
 
 
-def model_spec(name: str) -> VideoSpec:
-    return _entry(name).spec
-
-
 def _entry(name: str) -> ModelEntry:
     try:
         return _MODELS[name]
@@ -87,15 +84,14 @@ def build_model(name: str, num_classes: int, **options: Any) -> VideoResNet:
         direction="uni" if opts["online"] else "bi")
     model.name = name
     if opts["pretrained"] is not None:
-        from tsm_dist.models.pretrained import load_pretrained
-
         load_pretrained(model, opts["pretrained"])
     return model
 
 
 def _validate(name: str, spec: VideoSpec, num_classes: int, num_frames: int, opts: dict[str, Any]) -> None:
     def bad(option: str, why: str) -> ValueError:
-        return ValueError(f"build_model({name!r}): {option}={opts.get(option, num_frames)!r} {why}")
+        value = num_frames if option == "num_frames" else opts[option]
+        return ValueError(f"build_model({name!r}): {option}={value!r} {why}")
 
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"build_model({name!r}): num_classes must be a positive int, got {num_classes!r}")

@@ -93,25 +93,17 @@ class _Block(nn.Module, ABC):
         """The residual branch after its first conv (whose input may be shifted)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.shift is not None and self.shift_place == "residual":
-            return self._forward_residual_shift(x)
-        if self.shift is not None:  # in-place placement: the whole block sees shift(x)
+        if self.shift is not None and self.shift_place == "inplace":
             x = self.shift(x)
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self._after_first_conv(self.conv1(x))
-        out += identity
-        return self.relu(out)
-
-    def _forward_residual_shift(self, x: Tensor) -> Tensor:
-        # The shift module runs the downsample conv itself: during training it leaves x shifted
-        # until the backward, so every reader of x goes through it (see temporal_shift.py).
-        ds_conv = None if self.downsample is None else self.downsample[0]
-        out, ds_out, pending = self.shift.residual(x, self.conv1, ds_conv)
-        out = self._after_first_conv(out)
-        if ds_out is not None:
-            out += self.downsample[1](ds_out)
+        if self.shift is not None and self.shift_place == "residual":
+            # x comes back as the identity: the shift's backward folds the identity's gradient
+            # into its own pass (see temporal_shift.py).
+            out, x = self.shift.conv(x, self.conv1)
         else:
-            out = self.shift.add_identity(out, x, pending)
+            out = self.conv1(x)
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self._after_first_conv(out)
+        out += identity
         return self.relu(out)
 
 
@@ -204,6 +196,8 @@ class VideoResNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(cin, num_classes)
         self._init_weights()
+        # A plain tuple (not registered twice): the streaming checks run on every forward.
+        self._shifts = tuple(m for m in self.modules() if isinstance(m, TemporalShift))
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -238,21 +232,22 @@ class VideoResNet(nn.Module):
             return clips.transpose(1, 2)  # (N, 3, T, H, W)
         return clips.flatten(0, 1)  # (N*T, 3, H, W)
 
+    def _logits(self, clips: Tensor) -> Tensor:
+        """Logits per frame (2D: ``(N*T, K)``) or per clip (3D: ``(N, K)``)."""
+        self._check_input(clips)
+        feats = self.avgpool(self._backbone(self._to_backbone_layout(clips))).flatten(1)
+        return self.fc(self.dropout(feats))
+
     def frame_logits(self, clips: Tensor) -> Tensor:
         """Per-frame logits ``(N, T, num_classes)`` of a 2D model (TSN's consensus averages them)."""
         if self.conv3d:
             raise ValueError("a 3D model pools time inside the network and has no per-frame logits")
-        self._check_input(clips)
-        n, t = clips.shape[:2]
-        feats = self.avgpool(self._backbone(self._to_backbone_layout(clips))).flatten(1)
-        return self.fc(self.dropout(feats)).view(n, t, -1)
+        return self._logits(clips).view(clips.shape[0], clips.shape[1], -1)
 
     def forward(self, clips: Tensor) -> Tensor:
-        if not self.conv3d:
-            return self.frame_logits(clips).mean(dim=1)
-        self._check_input(clips)
-        feats = self.avgpool(self._backbone(self._to_backbone_layout(clips))).flatten(1)
-        return self.fc(self.dropout(feats))
+        if self.conv3d:
+            return self._logits(clips)
+        return self.frame_logits(clips).mean(dim=1)
 
     # -- introspection -----------------------------------------------------------------------------
     def temporal_resolution(self, clips: Tensor) -> list[tuple[str, int]]:
@@ -281,13 +276,13 @@ class VideoResNet(nn.Module):
         rows.append(("global pool", 1))
         return rows
 
-    def shift_modules(self) -> list[TemporalShift]:
-        return [m for m in self.modules() if isinstance(m, TemporalShift)]
+    def shift_modules(self) -> tuple[TemporalShift, ...]:
+        return self._shifts
 
     # -- streaming (used by OnlineTSM) -------------------------------------------------------------
     @property
     def streaming(self) -> bool:
-        return any(s.streaming for s in self.shift_modules())
+        return any(s.streaming for s in self._shifts)
 
     def start_stream(self) -> None:
         """Each call now takes one time step ``(N, 1, 3, H, W)``; shift caches start at zero."""

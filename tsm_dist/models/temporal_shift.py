@@ -9,23 +9,22 @@ is zero, exactly as in the paper (and the reference implementation):
   the future and a streaming model can cache those channels between frames.
 
 Cost. The shift computes nothing, but moving data is not free: the reference implementation
-allocates a zero tensor and copies every channel, which on a CPU costs about as much memory traffic
-as the 1x1 convolution that follows. Here the residual shift is fused with that convolution
-(:func:`shifted_conv2d_and_identity`) and only the moved 2/d of the channels are touched:
+allocates a zero tensor and copies every channel, which costs about as much memory traffic as the
+1x1 convolution that follows. Here the residual shift is fused with that convolution
+(:func:`shifted_conv2d_and_identity`) and only the moved 2/d of the channels are ever touched:
 
-* forward: the moved channels of the block input are shifted in place, frame by frame, the conv
-  runs, and the move is undone bit-exactly (the identity path and the previous ReLU's backward still
-  need the original input);
-* backward: the weight gradient of a 1x1 conv is computed from the unshifted input by matmuls at
-  frame offsets, so the input is not moved again; the input gradient is moved back inside the sum
-  with the identity path's gradient, which autograd would do anyway.
+* forward: the moved channels of the block input are shifted in place, frame by frame (no
+  temporary), the conv runs, and the move is undone bit-exactly, because the identity path and the
+  previous ReLU's backward still need the original input;
+* backward: the weight gradient of a 1x1 conv on a large frame is computed from the unshifted
+  input by matmuls at frame offsets (elsewhere the input is shifted again for it and restored), and
+  the input gradient is moved back inside the sum with the identity path's gradient, which
+  autograd would compute anyway.
 
-So a step moves the shifted channels twice and allocates nothing of activation size. Small tensors
-on a CPU take an out-of-place copy instead (a few large ops beat two small ops per frame there).
+Nothing of activation size is allocated and the input is bit-identical whenever the shift returns.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Literal, Sequence
 
 import torch
@@ -36,6 +35,7 @@ from torch.autograd.function import once_differentiable
 Direction = Literal["bi", "uni"]
 # (first channel, end channel, offset): frame t of those channels takes frame t + offset.
 Group = tuple[int, int, int]
+
 
 def shift_groups(channels: int, fold_div: int = 8, direction: Direction = "bi") -> tuple[Group, ...]:
     """The channel groups a shift moves and where each comes from (see the module docstring)."""
@@ -160,175 +160,139 @@ def _shift_back_add_(g5: Tensor, direct5: Tensor | None, groups: Sequence[Group]
     return g5
 
 
-def _add_unshifted_(out5: Tensor, xs5: Tensor, groups: Sequence[Group], lost: Sequence[Tensor]) -> None:
-    """``out5 += x`` where ``xs5`` holds ``shift(x)`` and ``lost`` the frames it pushed out: the
-    moved channels are read at the frame they came from, so x need not be restored first."""
+def _weight_grad_1x1(grad_y: Tensor, x: Tensor, num_frames: int, groups: Sequence[Group]) -> Tensor:
+    """Weight gradient of a 1x1 conv applied to ``shift(x)``, computed from the *unshifted* ``x``.
+
+    Each channel group's columns correlate the output gradient at frame t with x at the frame the
+    group was read from (t + offset): batched matmuls on views, so x is not moved again.
+    """
+    t = num_frames
+    g5 = grad_y.flatten(2).unflatten(0, (-1, t))  # (N, T, O, H*W), a view for NCHW and NHWC
+    x5 = x.flatten(2).unflatten(0, (-1, t))  # (N, T, C, H*W)
+    out = torch.empty(g5.shape[2], x5.shape[2], dtype=torch.float32, device=x.device)
     moved_end = groups[-1][1]
-    out5[:, :, moved_end:].add_(xs5[:, :, moved_end:])
-    for (c0, c1, off), frame in zip(groups, lost):
-        # xs[t] = x[t + off], hence x[t] = xs[t - off]; the frame at the far end was pushed out.
-        if off > 0:
-            out5[:, 1:, c0:c1].add_(xs5[:, :-1, c0:c1])
-            out5[:, 0, c0:c1].add_(frame)
-        else:
-            out5[:, :-1, c0:c1].add_(xs5[:, 1:, c0:c1])
-            out5[:, -1, c0:c1].add_(frame)
+    for c0, c1, off in ((moved_end, x5.shape[2], 0), *groups):
+        if c0 == c1:
+            continue
+        gs = g5[:, max(0, -off):t - max(0, off)]
+        xs = x5[:, max(0, off):t - max(0, -off), c0:c1].transpose(-1, -2)
+        if off == 0:
+            part = torch.bmm(gs.flatten(0, 1), xs.flatten(0, 1)).sum(0, dtype=torch.float32)
+        else:  # the frame ranges differ, so the (N, T') batch is not one stride: one bmm per clip
+            part = sum(torch.bmm(gs[n], xs[n]).sum(0, dtype=torch.float32) for n in range(gs.shape[0]))
+        out[:, c0:c1] = part
+    return out.view(*out.shape, 1, 1)
 
 
-class PendingShift:
-    """A residual block's input, left shifted in place from the block's forward to its backward.
+class _ShiftedConvFn(torch.autograd.Function):
+    """``(conv(shift(x)), x)``: the shifted conv, and x itself for the identity path, so that x's
+    gradient from both is summed in the backward's move-back pass. See the module docstring.
 
-    Keeping it shifted saves moving it back and forth around every use: the shifted conv reads it
-    as is (forward and weight gradient), the identity add reads the moved channels where they now
-    sit, and the backward restores it (bit-exactly) before the previous layer's backward, the only
-    other reader, can run. Until then the tensor holds ``shift(x)``: a TSM block must be the only
-    reader of its input (true inside VideoResNet, whose block inputs are internal).
-    """
-
-    __slots__ = ("x5", "groups", "lost", "shifted", "identity_grad", "__weakref__")
-
-    def __init__(self, x5: Tensor, groups: tuple[Group, ...]) -> None:
-        self.x5, self.groups = x5, groups
-        self.lost: list[Tensor] = []
-        self.shifted = False
-        self.identity_grad: Tensor | None = None
-
-    def shift(self) -> None:
-        self.lost, self.shifted = _shift_inplace(self.x5, self.groups), True
-        _PENDING.add(self)
-
-    def restore(self) -> None:
-        _unshift_inplace(self.x5, self.groups, self.lost)
-        self.lost, self.shifted = [], False
-        _PENDING.discard(self)
-
-    def __del__(self) -> None:
-        # The graph was dropped without a backward (e.g. a forward in grad mode for evaluation):
-        # put x back all the same.
-        if self.shifted:
-            self.restore()
-
-
-# Inputs currently left shifted; entries vanish with their autograd graph.
-_PENDING: "weakref.WeakSet[PendingShift]" = weakref.WeakSet()
-
-
-def _check_not_pending(x: Tensor) -> None:
-    ptr = x.data_ptr()
-    if any(p.shifted and p.x5.data_ptr() == ptr for p in list(_PENDING)):
-        raise RuntimeError("this tensor is a TSM block input still shifted in place, waiting for the "
-                           "block's backward; running a block on it again before that (e.g. activation "
-                           "checkpointing inside TSM blocks) is not supported")
-
-
-class _ResidualShiftFn(torch.autograd.Function):
-    """``conv1(shift(x))`` and, for a downsampling block, ``downsample(x)``; leaves x shifted.
-
-    The downsample conv runs here, before the shift, so that its backward also runs here, after x
-    is restored, whatever order autograd would pick for two consumers of x.
+    ``x`` is moved through ``x.data``, so its autograd version does not change: the previous ReLU's
+    saved output is bit-identical again before anyone reads it.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor | None, w_ds: Tensor | None,  # type: ignore[override]
-                conv1: tuple, ds: tuple, pending: PendingShift):
-        dtype = x.dtype  # callers route autocast casts elsewhere: the conv runs in x's dtype
-        w1c = w1.detach().to(dtype)
-        b1c = None if b1 is None else b1.detach().to(dtype)
-        w_dsc = None if w_ds is None else w_ds.detach().to(dtype)
-        xd = x.data
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple,  # type: ignore[override]
+                num_frames: int, groups: tuple[Group, ...]) -> tuple[Tensor, Tensor]:
+        stride, padding, dilation, conv_groups = conv
+        dtype = _compute_dtype(x)
+        w = weight.detach().to(dtype)
+        b = None if bias is None else bias.detach().to(dtype)
+        # Under autocast the conv may run in another dtype than x: the cast is a copy anyway, so
+        # shift while casting and keep that copy (x is then never touched).
+        private = x.dtype != dtype
+        if private:
+            xs = torch.empty_like(x, dtype=dtype)
+            _shift_into(_frames_view(xs, num_frames), _frames_view(x.detach(), num_frames), groups)
+        else:
+            xs = x.data
+            lost = _shift_inplace(_frames_view(xs, num_frames), groups)
         with torch.autocast(x.device.type, enabled=False):
-            ds_out = None if w_dsc is None else F.conv2d(xd, w_dsc, None, *ds)
-            pending.shift()
-            y = F.conv2d(xd, w1c, b1c, *conv1)
-        ctx.conv1, ctx.ds, ctx.pending = conv1, ds, pending
-        ctx.dtypes = (w1.dtype, None if b1 is None else b1.dtype, None if w_ds is None else w_ds.dtype)
-        ctx.save_for_backward(x, w1c, w_dsc)
-        return y if ds_out is None else (y, ds_out)
+            y = F.conv2d(xs, w, b, stride, padding, dilation, conv_groups)
+        if not private:
+            _unshift_inplace(_frames_view(xs, num_frames), groups, lost)
+        ctx.conv, ctx.num_frames, ctx.groups, ctx.private = conv, num_frames, groups, private
+        ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x.dtype, weight.dtype, bias is not None
+        ctx.save_for_backward(xs if private else x, w)
+        return y, x.view_as(x)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y: Tensor, grad_ds: Tensor | None = None):  # type: ignore[override]
-        x, w1, w_ds = ctx.saved_tensors
-        pending: PendingShift = ctx.pending
-        need_x, need_w1, need_b1, need_ds = ctx.needs_input_grad[:4]
-        xd = x.data
-        if not pending.shifted:  # a second backward through a retained graph
-            pending.shift()
-        grad_y = grad_y.to(w1.dtype)
-        grad_x, grad_w1, _ = torch.ops.aten.convolution_backward(
-            grad_y, xd, w1, None, *_conv_lists(ctx.conv1), [need_x, need_w1, False])
-        pending.restore()
-        direct = None
-        grad_w_ds = None
-        if w_ds is not None:
-            direct, grad_w_ds, _ = torch.ops.aten.convolution_backward(
-                grad_ds.to(w_ds.dtype), xd, w_ds, None, *_conv_lists(ctx.ds), [need_x, need_ds, False])
+    def backward(ctx, grad_y: Tensor, grad_identity: Tensor | None):  # type: ignore[override]
+        saved, w = ctx.saved_tensors
+        stride, padding, dilation, conv_groups = ctx.conv
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_y = grad_y.to(w.dtype)
+        xs = saved if ctx.private else saved.data
+        x5 = _frames_view(xs, ctx.num_frames)
+        conv_backward = (grad_y, xs, w, None, list(stride), list(padding), list(dilation), False, [0, 0],
+                         conv_groups)
+        # For a 1x1 conv the weight gradient can read x unshifted, at frame offsets (matmuls that
+        # materialise one (out, in) product per frame: worth it while that is smaller than a frame,
+        # H*W >= out channels, i.e. in the large early stages, where moving x costs the most).
+        by_matmul = (not ctx.private and need_w and w.shape[2:] == (1, 1) and stride == (1, 1)
+                     and padding == (0, 0) and conv_groups == 1 and xs[0, 0].numel() >= w.shape[0])
+        if by_matmul:
+            grad_x = torch.ops.aten.convolution_backward(*conv_backward, [need_x, False, False])[0]
+            grad_w = _weight_grad_1x1(grad_y, xs, ctx.num_frames, ctx.groups)
         else:
-            direct, pending.identity_grad = pending.identity_grad, None
-        if need_x:
-            frames = pending.x5.shape[1]
-            direct5 = None if direct is None else _frames_view(direct, frames)
-            # convolution_backward's result is fresh, so it is ours to move and add into.
-            grad_x = _shift_back_add_(_frames_view(grad_x, frames), direct5, pending.groups).flatten(0, 1)
-        w1_dtype, b1_dtype, ds_dtype = ctx.dtypes
-        grad_b1 = grad_y.sum((0, 2, 3)).to(b1_dtype) if need_b1 and b1_dtype is not None else None
-        return (grad_x, None if grad_w1 is None else grad_w1.to(w1_dtype), grad_b1,
-                None if grad_w_ds is None else grad_w_ds.to(ds_dtype), None, None, None)
+            # Otherwise the weight gradient needs shift(x) itself: shift x again and undo it.
+            lost = None if ctx.private or not need_w else _shift_inplace(x5, ctx.groups)
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(*conv_backward, [need_x, need_w, False])
+            if lost is not None:
+                _unshift_inplace(x5, ctx.groups, lost)
+        if grad_x is not None:
+            direct = None if grad_identity is None else _frames_view(grad_identity, ctx.num_frames)
+            # convolution_backward's result is fresh: ours to move and add into.
+            grad_x = _shift_back_add_(_frames_view(grad_x.to(ctx.x_dtype), ctx.num_frames), direct,
+                                      ctx.groups).flatten(0, 1)
+        elif grad_identity is not None:
+            grad_x = grad_identity
+        grad_b = grad_y.sum((0, 2, 3)).to(ctx.w_dtype) if need_b and ctx.has_bias else None
+        return (grad_x, None if grad_w is None else grad_w.to(ctx.w_dtype), grad_b, None, None, None)
 
 
-class _AddUnshiftedFn(torch.autograd.Function):
-    """``out += x`` for a pending (still shifted) block input; x's gradient goes to the shift's
-    backward, which sums it with the shifted path's gradient in the same pass."""
-
-    @staticmethod
-    def forward(ctx, out: Tensor, pending: PendingShift) -> Tensor:  # type: ignore[override]
-        out5 = _frames_view(out, pending.x5.shape[1])
-        if pending.shifted:
-            _add_unshifted_(out5, pending.x5, pending.groups, pending.lost)
-        else:
-            out5.add_(pending.x5)
-        ctx.mark_dirty(out)
-        ctx.pending = pending
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        ctx.pending.identity_grad = grad
-        return grad, None
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _conv_args(conv: nn.Conv2d) -> tuple:
-    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise ValueError("a shifted conv needs numeric zero padding")
-    return (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups)
+def shifted_conv2d_and_identity(x: Tensor, weight: Tensor, bias: Tensor | None, num_frames: int,
+                                groups: tuple[Group, ...], stride: int | Sequence[int] = 1,
+                                padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+                                conv_groups: int = 1) -> tuple[Tensor, Tensor]:
+    """``(conv2d(shift(x), weight, bias, ...), x)``, moving only the shifted channels of ``x``.
 
-
-def _conv_lists(args: tuple) -> tuple:
-    """F.conv2d's (stride, padding, dilation, groups) as convolution_backward's arguments."""
-    stride, padding, dilation, groups = args
-    return list(stride), list(padding), list(dilation), False, [0, 0], groups
-
-
-def residual_shift(x: Tensor, conv1: nn.Conv2d, downsample: nn.Conv2d | None, num_frames: int,
-                   groups: tuple[Group, ...]) -> tuple[Tensor, Tensor | None, PendingShift]:
-    """``(conv1(shift(x)), downsample(x) or None, pending)`` for training, moving only the shifted
-    channels; finish the block with :func:`add_unshifted` (when there is no downsample).
-
-    ``x`` is left shifted until the backward restores it (see :class:`PendingShift`).
+    ``x`` is left bit-identical. Use the returned ``x`` for the residual identity path: its
+    gradient is then summed with the shifted path's in the same pass that moves the latter back.
     """
-    _check_not_pending(x)
-    pending = PendingShift(_frames_view(x.data, num_frames), groups)
-    ds_args = (None, None) if downsample is None else (downsample.weight, _conv_args(downsample))
-    out = _ResidualShiftFn.apply(x, conv1.weight, conv1.bias, ds_args[0], _conv_args(conv1), ds_args[1],
-                                 pending)
-    y, ds_out = (out, None) if downsample is None else out
-    return y, ds_out, pending
+    conv = (_pair(stride), _pair(padding), _pair(dilation), conv_groups)
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _ShiftedConvFn.apply(x, weight, bias, conv, num_frames, groups)
+    x5 = _frames_view(x.data, num_frames)
+    lost = _shift_inplace(x5, groups)
+    try:
+        return F.conv2d(x, weight, bias, *conv), x
+    finally:
+        _unshift_inplace(x5, groups, lost)
 
 
-def add_unshifted(out: Tensor, pending: PendingShift) -> Tensor:
-    """``out += x`` (in place) for the input x of a pending :func:`residual_shift`."""
-    return _AddUnshiftedFn.apply(out, pending)
+def shifted_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, num_frames: int,
+                   groups: tuple[Group, ...], stride: int | Sequence[int] = 1,
+                   padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+                   conv_groups: int = 1) -> Tensor:
+    """``conv2d(shift(x), weight, bias, ...)``; see :func:`shifted_conv2d_and_identity`."""
+    return shifted_conv2d_and_identity(x, weight, bias, num_frames, groups, stride, padding, dilation,
+                                       conv_groups)[0]
+
+
+def shifted_conv(x: Tensor, conv: nn.Conv2d, num_frames: int, groups: tuple[Group, ...]) -> tuple[Tensor, Tensor]:
+    """``(conv(shift(x)), x)`` for a Conv2d module (see :func:`shifted_conv2d_and_identity`)."""
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise ValueError("shifted_conv needs a Conv2d with numeric zero padding")
+    return shifted_conv2d_and_identity(x, conv.weight, conv.bias, num_frames, groups, conv.stride,
+                                       conv.padding, conv.dilation, conv.groups)
 
 
 class TemporalShift(nn.Module):
@@ -368,44 +332,19 @@ class TemporalShift(nn.Module):
             return out
         return _ShiftFn.apply(x, self.num_frames, self.groups(x.shape[1]))
 
-    def residual(self, x: Tensor, conv1: nn.Conv2d, downsample: nn.Conv2d | None = None
-                 ) -> tuple[Tensor, Tensor | None, PendingShift | None]:
-        """The residual placement: ``(conv1(shift(x)), downsample(x) or None, pending)``; finish the
-        block with :meth:`add_identity`. Only the shifted channels of ``x`` are moved."""
-        params = [p for m in (conv1, downsample) if m is not None for p in m.parameters()]
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-        if needs_grad and not self.streaming and _compute_dtype(x) == x.dtype:
-            return residual_shift(x, conv1, downsample, self.num_frames, self.groups(x.shape[1]))
-        ds = None if downsample is None else downsample(x)  # before any move of x
-        if self.streaming:
-            return self._stream_conv(x, conv1, needs_grad), ds, None
-        if needs_grad:  # autocast will cast x for the conv anyway: shift while copying
-            return conv1(self(x)), ds, None
-        groups = self.groups(x.shape[1])
-        x5 = _frames_view(x.data, self.num_frames)
-        lost = _shift_inplace(x5, groups)
-        try:
-            return conv1(x), ds, None
-        finally:
-            _unshift_inplace(x5, groups, lost)
-
-    @staticmethod
-    def add_identity(out: Tensor, x: Tensor, pending: PendingShift | None) -> Tensor:
-        """``out += x`` with x the block input given to :meth:`residual` (maybe still shifted)."""
-        if pending is None:
-            out += x
-            return out
-        return add_unshifted(out, pending)
-
-    def _stream_conv(self, x: Tensor, conv: nn.Conv2d, needs_grad: bool) -> Tensor:
-        if needs_grad:
-            return conv(self(x))
+    def conv(self, x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
+        """``(conv(shift(x)), x)`` leaving ``x`` intact (the residual placement); use the returned
+        ``x`` as the block's identity (see :func:`shifted_conv2d_and_identity`)."""
+        if not self.streaming:
+            return shifted_conv(x, conv, self.num_frames, self.groups(x.shape[1]))
+        if torch.is_grad_enabled():
+            return conv(self.forward(x)), x
         fold = self.groups(x.shape[1])[0][1]
         xd = x.data
         current = xd[:, :fold].clone()
         xd[:, :fold] = self._swap_cache(current)
         try:
-            return conv(x)
+            return conv(x), x
         finally:
             xd[:, :fold] = current
 
