@@ -149,12 +149,17 @@ class Engine:
     def is_root(self) -> bool:
         return self.rank == 0
 
-    def shutdown(self) -> None:
+    def shutdown(self, clean: bool = True) -> None:
+        """Stop the engine; ``clean=False`` after an error, when peers may never reach a barrier."""
         if not self._started_here:
             return
         if self._hvd is not None:
             self._hvd.shutdown()
         elif self._dist is not None and self._dist.is_initialized():
+            # Every rank done with every collective first: Gloo aborts the process ("terminate called
+            # without an active exception") if a peer tears its pairs down while work is in flight.
+            if clean:
+                self._dist.barrier()
             self._dist.destroy_process_group()
         self._started_here = False
 
@@ -312,5 +317,7 @@ def started(cfg: EngineConfig) -> Iterator[Engine]:
     engine = Engine(cfg).init()
     try:
         yield engine
-    finally:
-        engine.shutdown()
+    except BaseException:
+        engine.shutdown(clean=False)
+        raise
+    engine.shutdown()
