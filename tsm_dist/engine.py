@@ -15,6 +15,7 @@ The train loop calls, in this order: :meth:`Engine.init`, :meth:`distribute`,
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from datetime import timedelta
 from typing import Any, Iterator, Mapping
@@ -259,12 +260,15 @@ class Engine:
             return model, optimizer
         from torch.nn.parallel import DistributedDataParallel
 
+        # Like Horovod, each rank keeps its own BN statistics between steps; the train loop broadcasts
+        # rank 0's before evaluating or saving. torch >= 2.13 names this forward_sync_buffers (its
+        # init-time buffer sync is harmless: broadcast_state already made the buffers equal).
+        no_buffer_sync = ({"forward_sync_buffers": False}
+                          if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                          else {"broadcast_buffers": False})
         ddp = DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            bucket_cap_mb=self.cfg.fusion_threshold_mb,
-            # like Horovod, each rank keeps its own BN statistics; the train loop broadcasts rank 0's
-            # before evaluating or saving
-            broadcast_buffers=False)
+            bucket_cap_mb=self.cfg.fusion_threshold_mb, **no_buffer_sync)
         if self.cfg.fp16_compression or self.cfg.gradient_predivide_factor != 1.0:
             ddp.register_comm_hook(None, self._ddp_comm_hook())
         return ddp, optimizer
