@@ -282,6 +282,8 @@ def train(cfg: Config, workdir: str | Path, *, resume: str | None = None,
                 if step >= total_steps:
                     break
                 step_start = time.perf_counter()
+                # GPU syncs split a step into data/compute/sync time; only steps that are logged pay them
+                timed = (step + 1) % cfg.log.interval == 0 or step + 1 == total_steps
                 lr = schedule(step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -292,7 +294,8 @@ def train(cfg: Config, workdir: str | Path, *, resume: str | None = None,
                     t = time.perf_counter()
                     clips, labels = next(batches)
                     clips, labels = clips.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                    _wait(device)
+                    if timed:
+                        _wait(device)
                     data_time += time.perf_counter() - t
                     t = time.perf_counter()
                     with engine.no_sync(train_model, sync=micro == K - 1):
@@ -301,7 +304,8 @@ def train(cfg: Config, workdir: str | Path, *, resume: str | None = None,
                             loss = criterion(train_model(clips), labels) / K
                         scaler.scale(loss).backward()
                     loss_sum += loss.detach()
-                    _wait(device)
+                    if timed:
+                        _wait(device)
                     compute_time += time.perf_counter() - t
                 t = time.perf_counter()
                 engine.synchronize(optimizer)  # gradients are now averaged over all ranks
@@ -312,7 +316,8 @@ def train(cfg: Config, workdir: str | Path, *, resume: str | None = None,
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
                 engine.step(optimizer, scaler)
                 scaler.update()
-                _wait(device)
+                if timed:
+                    _wait(device)
                 compute_time += time.perf_counter() - t
                 step += 1
                 batch_in_epoch += K
