@@ -11,7 +11,7 @@ from tsm_dist.data.dali_loader import DaliLoader
 from tsm_dist.data.encode import write_video
 from tsm_dist.data.errors import DataError, FileListError, VideoError
 from tsm_dist.data.filelist import read_file_list
-from tsm_dist.data.plan import ClipOptions, ClipPlanner
+from tsm_dist.data.clip_plan import ClipOptions, ClipPlanner
 
 BACKENDS = ["dali", "pyav"]
 needs_x264 = pytest.mark.skipif(

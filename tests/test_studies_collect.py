@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tsm_dist.studies.collect import MetricsError, collect, format_duration, summarize_run
-from tsm_dist.studies.plan import JobSpec, SweepPlan
+from tsm_dist.studies.sweep_plan import JobSpec, SweepPlan
 
 GPUS_PER_NODE, PER_GPU, WARMUP, STEPS, PARAMS = 2, 4, 2, 3, 1_000_000
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from tsm_dist.studies.collect import BENCH_FILES, collect
 from tsm_dist.studies.machines import SCHEDULERS, load_machine
-from tsm_dist.studies.plan import JobSpec, SweepPlan
+from tsm_dist.studies.sweep_plan import JobSpec, SweepPlan
 from tsm_dist.studies.runconfig import (choice_list, measurement_overrides, model_config_item, name_list,
                                         write_run_config)
 from tsm_dist.studies.runner import LAUNCHERS, launch_prefix, run_logged, tail

@@ -96,7 +96,7 @@ def build_video_loader(
             device=torch_device,
         )
 
-    from tsm_dist.data.plan import ClipOptions, ClipPlanner
+    from tsm_dist.data.clip_plan import ClipOptions, ClipPlanner
 
     options = ClipOptions(
         num_frames=num_frames,

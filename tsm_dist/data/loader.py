@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 import torch
 
 from tsm_dist.data.augment import MEAN, STD
-from tsm_dist.data.plan import ClipPlanner, ClipSpec
+from tsm_dist.data.clip_plan import ClipPlanner, ClipSpec
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tsm_dist.data.augment import Box
 from tsm_dist.data.errors import VideoError
 from tsm_dist.data.loader import Batch, VideoLoader, normalization
-from tsm_dist.data.plan import ClipPlanner, ClipSpec
+from tsm_dist.data.clip_plan import ClipPlanner, ClipSpec
 
 
 def decode_frames(path: str, frame_numbers: np.ndarray, where: str = "") -> np.ndarray:

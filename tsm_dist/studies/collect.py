@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 from tsm_dist.studies.costmodel import LinkCost, gradient_bytes, project_step_time
 from tsm_dist.studies.machines import MachineProfile, load_machine
-from tsm_dist.studies.plan import JobSpec, SweepPlan
+from tsm_dist.studies.sweep_plan import JobSpec, SweepPlan
 
 BENCH_FILES = {"engine": "allreduce_engine.json", "mpi4py": "allreduce_mpi4py.json"}
 
