@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tsm_dist import checkpoint as ckpt
-from tsm_dist.config import ConfigError, load_config
+from tsm_dist.build import amp_dtype, build_loader_from_config, build_model_from_config, has_val_set
+from tsm_dist.config import Config, ConfigError, load_config
 from tsm_dist.metrics import topk_counts
 
-if TYPE_CHECKING:  # a runtime import would be circular: train imports this module
+if TYPE_CHECKING:  # the engine (Horovod, torch.distributed) is imported only when a run starts
     from tsm_dist.engine import Engine
 
 
@@ -59,12 +60,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _checkpoints(args: argparse.Namespace, last_n: int) -> list[Path]:
-    paths = [Path(p) for p in args.checkpoint or []]
-    if args.workdir:
-        found = ckpt.list_checkpoints(Path(args.workdir) / ckpt.CHECKPOINT_DIR)
+def _checkpoints(checkpoints: list[str], workdir: str | None, last_n: int) -> list[Path]:
+    paths = [Path(p) for p in checkpoints]
+    if workdir:
+        found = ckpt.list_checkpoints(Path(workdir) / ckpt.CHECKPOINT_DIR)
         if not found:
-            raise FileNotFoundError(f"no checkpoints in {Path(args.workdir) / ckpt.CHECKPOINT_DIR}")
+            raise FileNotFoundError(f"no checkpoints in {Path(workdir) / ckpt.CHECKPOINT_DIR}")
         paths += found[-last_n:]
     if not paths:
         raise ConfigError("give --checkpoint PATH [PATH ...] or --workdir W (its last eval.last_n checkpoints)")
@@ -84,10 +85,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def evaluate_checkpoints(cfg: Config, paths: list[Path], engine: "Engine") -> list[dict[str, Any]]:
+    """Each checkpoint's accuracy on the validation set (``cfg.eval`` views), identical on every rank."""
+    loader = build_loader_from_config(cfg, engine, train=False, num_clips=cfg.eval.num_clips,
+                                      num_crops=cfg.eval.num_crops)
+    model = build_model_from_config(cfg).to(engine.device)
+    results = []
+    for path in paths:
+        if engine.is_root:
+            model.load_state_dict(ckpt.load_checkpoint(path)["model"])
+        engine.broadcast_tensors(model.state_dict())
+        result = evaluate(model, loader, engine, amp_dtype=amp_dtype(cfg))
+        results.append({"checkpoint": str(path), **result})
+    return results
+
+
+def report(cfg: Config, results: list[dict[str, Any]], world_size: int, json_path: str | None) -> None:
+    """Print one row per checkpoint and their mean +- std; optionally write them as JSON."""
+    views = f"{cfg.eval.num_clips} clip(s) x {cfg.eval.num_crops} crop(s)"
+    print(f"{cfg.model.name}, {views}, {world_size} rank(s)")
+    print(f"{'checkpoint':<40} {'top1':>7} {'top5':>7} {'loss':>8} {'samples':>8}")
+    for r in results:
+        print(f"{Path(r['checkpoint']).name:<40} {r['top1']:7.2f} {r['top5']:7.2f} {r['loss']:8.4f} "
+              f"{r['num_samples']:8d}")
+    summary = {k: mean_std([r[k] for r in results]) for k in ("top1", "top5")}
+    print(f"{'mean +- std over ' + str(len(results)):<40} "
+          + " ".join(f"{m:.2f}+-{s:.2f}" for m, s in summary.values()))
+    if json_path:
+        Path(json_path).write_text(json.dumps({
+            "model": cfg.model.name, "num_clips": cfg.eval.num_clips, "num_crops": cfg.eval.num_crops,
+            "world_size": world_size, "checkpoints": results,
+            "top1_mean": summary["top1"][0], "top1_std": summary["top1"][1],
+            "top5_mean": summary["top5"][0], "top5_std": summary["top5"][1]}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
-    from tsm_dist.engine import Engine, is_launcher_rank0
-    from tsm_dist.train import build_loader_from_config, build_model_from_config, default_loader_builder, \
-        default_model_builder
+    from tsm_dist.engine import is_launcher_rank0, started
 
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides)
@@ -97,44 +130,18 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"{key}={flag}")
     try:
         cfg = load_config(args.config, overrides)
-        paths = _checkpoints(args, cfg.eval.last_n)
+        paths = _checkpoints(args.checkpoint or [], args.workdir, cfg.eval.last_n)
     except (ConfigError, FileNotFoundError) as exc:
         if is_launcher_rank0():
             print(f"tsm-dist eval: {exc}", file=sys.stderr)
         return 2
-    if not cfg.data.val_list and cfg.data.backend != "random":
+    if not has_val_set(cfg):
         print("tsm-dist eval: data.val_list is not set", file=sys.stderr)
         return 2
-
-    engine = Engine(cfg.engine).init()
-    loader = build_loader_from_config(cfg, default_loader_builder(), engine, train=False,
-                                      num_clips=cfg.eval.num_clips, num_crops=cfg.eval.num_crops)
-    model = build_model_from_config(cfg, default_model_builder()).to(engine.device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
-    results = []
-    for path in paths:
+    with started(cfg.engine) as engine:
+        results = evaluate_checkpoints(cfg, paths, engine)
         if engine.is_root:
-            model.load_state_dict(ckpt.load_checkpoint(path)["model"])
-        engine.broadcast_tensors(model.state_dict())
-        result = evaluate(model, loader, engine, amp_dtype=amp_dtype)
-        results.append({"checkpoint": str(path), **result})
-    if engine.is_root:
-        views = f"{cfg.eval.num_clips} clip(s) x {cfg.eval.num_crops} crop(s)"
-        print(f"{cfg.model.name}, {views}, {engine.size} rank(s)")
-        print(f"{'checkpoint':<40} {'top1':>7} {'top5':>7} {'loss':>8} {'samples':>8}")
-        for r in results:
-            print(f"{Path(r['checkpoint']).name:<40} {r['top1']:7.2f} {r['top5']:7.2f} {r['loss']:8.4f} "
-                  f"{r['num_samples']:8d}")
-        summary = {k: mean_std([r[k] for r in results]) for k in ("top1", "top5")}
-        print(f"{'mean +- std over ' + str(len(results)):<40} "
-              + " ".join(f"{m:.2f}+-{s:.2f}" for m, s in summary.values()))
-        if args.json:
-            Path(args.json).write_text(json.dumps({
-                "model": cfg.model.name, "num_clips": cfg.eval.num_clips, "num_crops": cfg.eval.num_crops,
-                "world_size": engine.size, "checkpoints": results,
-                "top1_mean": summary["top1"][0], "top1_std": summary["top1"][1],
-                "top5_mean": summary["top5"][0], "top5_std": summary["top5"][1]}, indent=2))
-    engine.shutdown()
+            report(cfg, results, engine.size, args.json)
     return 0
 
 

@@ -126,10 +126,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _dataset_size(cfg: "Config", config_path: Path) -> int:
     if cfg.data.backend == "random":
         return cfg.data.num_samples
-    train_list = Path(cfg.data.train_list)
-    if not train_list.is_absolute():
-        candidates = [Path.cwd() / train_list, config_path.parent / train_list, Path(cfg.data.root) / train_list]
-        train_list = next((c for c in candidates if c.is_file()), train_list)
+    from tsm_dist.build import resolve_list
+
+    train_list = Path(resolve_list(cfg, "train_list") or "")  # the trainer's rule, so both read one file
     if not train_list.is_file():
         raise FileNotFoundError(f"{config_path}: data.train_list {cfg.data.train_list!r} not found; pass "
                                 f"--dataset-size to size the epoch-time columns")
