@@ -9,6 +9,7 @@ from tsm_dist.data.errors import DataError, FileListError, VideoError
 from tsm_dist.data.filelist import VideoRecord, check_labels, read_class_names, read_file_list
 
 BACKENDS = ("dali", "pyav", "random")
+PARTITIONS = ("interleaved", "contiguous")
 FlipMap = Union[Mapping[int, int], Sequence[int], None]
 
 __all__ = [
@@ -57,11 +58,14 @@ def build_video_loader(
     num_samples: int | None = None,
     device_id: int | None = None,
     prefetch: int = 2,
+    partition: str | None = None,
+    feed_thread: bool = True,
 ):
     """A loader of ``(clips, labels)`` batches for one shard (rank ``shard_id`` of ``num_shards``).
 
     ``file_list`` is a list file (``path label [start end]`` per line, paths relative to ``root``) or
-    records already read. Clips are float32 (N, T, 3, crop, crop), ImageNet-normalized, or
+    records already read, or a packed directory written by ``tsm-dist pack`` (then ``root`` is not used:
+    the bytes, frame counts and sizes come from its shards and index, nothing is probed). Clips are float32 (N, T, 3, crop, crop), ImageNet-normalized, or
     (N, V, T, 3, crop, crop) with V = num_clips * num_crops > 1 (testing). Every shard has the same
     ``len(loader)``; padded evaluation slots have label -1 (keep ``labels >= 0``). Call
     ``loader.set_epoch(epoch, start_batch)`` before each epoch to reshuffle or resume.
@@ -70,6 +74,11 @@ def build_video_loader(
     moving right). ``short_videos="loop"`` repeats frames of videos shorter than a clip instead of
     failing. ``skip_corrupt`` skips bad videos and list lines, listing them in ``loader.skipped``.
     The ``random`` backend reads nothing: ``num_samples`` and ``num_classes`` set its size and labels.
+
+    ``partition`` is the sharding rule across ranks: ``"interleaved"`` (samples k, k+S, ... of the
+    epoch's permutation; the default for file lists) or ``"contiguous"`` (a contiguous block of the
+    stored order, so a rank reads a contiguous range of shards; the default for packed directories).
+    ``feed_thread=False`` plans and reads batches on the consuming thread instead of a feeder thread.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -97,6 +106,7 @@ def build_video_loader(
         )
 
     from tsm_dist.data.clip_plan import ClipOptions, ClipPlanner
+    from tsm_dist.data.pack_format import is_packed, load_packed
 
     options = ClipOptions(
         num_frames=num_frames,
@@ -114,10 +124,22 @@ def build_video_loader(
     )
     if file_list is None:
         raise ValueError(f"backend {backend!r} needs a file list")
-    if isinstance(file_list, str):
+    if partition not in (None, *PARTITIONS):
+        raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+    packed = None
+    if isinstance(file_list, str) and is_packed(file_list):
+        packed = load_packed(file_list)
+        records, skipped = check_labels(packed.records, num_classes, skip_invalid=skip_corrupt)
+        kept = {id(r) for r in records}
+        infos = [info for r, info in zip(packed.records, packed.infos) if id(r) in kept]
+        locations = [loc for r, loc in zip(packed.records, packed.locations) if id(r) in kept]
+        root = None  # the index's paths only name the videos
+    elif isinstance(file_list, str):
         records, skipped = read_file_list(file_list, num_classes=num_classes, skip_invalid=skip_corrupt)
     else:
         records, skipped = check_labels(list(file_list), num_classes, skip_invalid=skip_corrupt)
+    if partition is None:
+        partition = "contiguous" if packed is not None else "interleaved"
     planner = ClipPlanner(
         records,
         root,
@@ -127,6 +149,9 @@ def build_video_loader(
         num_shards=num_shards,
         seed=seed,
         skip_corrupt=skip_corrupt,
+        infos=infos if packed is not None else None,
+        locations=locations if packed is not None else None,
+        contiguous=partition == "contiguous",
     )
     planner.skipped.extend(skipped)
     if backend == "pyav":
@@ -134,7 +159,8 @@ def build_video_loader(
             raise ValueError("the pyav backend decodes on the CPU: use device='cpu' (or backend='dali' for NVDEC)")
         from tsm_dist.data.pyav_loader import PyAVLoader
 
-        return PyAVLoader(planner, num_threads=num_threads, prefetch=prefetch)
+        return PyAVLoader(planner, num_threads=num_threads, prefetch=prefetch, feed_thread=feed_thread)
     from tsm_dist.data.dali_loader import DaliLoader
 
-    return DaliLoader(planner, device=device, device_id=device_id, num_threads=num_threads, prefetch=prefetch)
+    return DaliLoader(planner, device=device, device_id=device_id, num_threads=num_threads, prefetch=prefetch,
+                      feed_thread=feed_thread)

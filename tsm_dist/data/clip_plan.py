@@ -13,14 +13,16 @@ count changes and no skip goes unreported.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
-from typing import Collection, Mapping
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 
 from tsm_dist.data.augment import TRAIN_CROPS, Box, default_scale_size, eval_crop_boxes, flipped_label, train_crop_box
 from tsm_dist.data.errors import DataError, VideoError
 from tsm_dist.data.filelist import VideoRecord
+from tsm_dist.data.pack_format import Location
 from tsm_dist.data.probe import VideoInfo, probe_video
 from tsm_dist.data.sampling import SAMPLINGS, frames_needed, sample_indices
 from tsm_dist.data.sharding import PAD, batches_per_epoch, shard_slots
@@ -72,7 +74,8 @@ class ClipOptions:
 @dataclass(frozen=True)
 class ClipSpec:
     """One planned clip: ``frames`` are frame numbers in the file (``num_clips * num_frames``),
-    ``boxes`` one crop box per crop, shared by all frames."""
+    ``boxes`` one crop box per crop, shared by all frames; ``location`` where a packed video's bytes
+    are (None: the file ``path``)."""
 
     path: str
     where: str
@@ -80,6 +83,7 @@ class ClipSpec:
     frames: np.ndarray
     boxes: tuple[Box, ...]
     flip: bool
+    location: Location | None = None
 
 
 class ClipPlanner:
@@ -94,9 +98,20 @@ class ClipPlanner:
         num_shards: int = 1,
         seed: int = 0,
         skip_corrupt: bool = False,
+        infos: Sequence[VideoInfo] | None = None,
+        locations: Sequence[Location] | None = None,
+        contiguous: bool = False,
     ) -> None:
+        """``infos`` (frame counts, sizes, codecs known from a packed index) replace probing;
+        ``locations`` say where packed videos' bytes are; ``contiguous`` selects the contiguous-block
+        sharding rule (``sharding.py``)."""
         if not records:
             raise DataError("no videos to load")
+        self._known = infos
+        self.locations = locations
+        self.contiguous = contiguous
+        self.probes = 0  # videos probed (each opens the file): the metadata cost that packing removes
+        self._lock = threading.RLock()  # loaders plan on a background thread
         self.records = records
         self.root = root
         self.options = options
@@ -132,10 +147,15 @@ class ClipPlanner:
             train=self.options.train,
             seed=self.seed,
             epoch=epoch,
+            contiguous=self.contiguous,
         )
 
     def batch(self, index: int) -> list[ClipSpec | None]:
         """The clips of batch ``index`` of the current epoch; ``None`` is a padded slot (label -1)."""
+        with self._lock:
+            return self._batch(index)
+
+    def _batch(self, index: int) -> list[ClipSpec | None]:
         if not 0 <= index < self._num_batches:
             raise IndexError(f"batch {index} is outside the epoch's {self._num_batches} batches")
         slots = self._slots[index * self.batch_size : (index + 1) * self.batch_size]
@@ -159,14 +179,16 @@ class ClipPlanner:
         hits = [i for i, r in enumerate(self.records) if r.resolve(self.root) == path]
         if not hits:
             raise KeyError(f"{path} is not in the file list")
-        for i in hits:
-            self._reject(i, VideoError(path, reason, self.records[i].where))
+        with self._lock:
+            for i in hits:
+                self._reject(i, VideoError(path, reason, self.records[i].where))
 
     def any_spec(self) -> ClipSpec:
         """Some usable clip (a filler for backends that cannot run an empty batch)."""
-        for i in range(len(self.records)):
-            if self._check(i) is not None:
-                return self._spec(i, np.random.default_rng(0))
+        with self._lock:
+            for i in range(len(self.records)):
+                if self._check(i) is not None:
+                    return self._spec(i, np.random.default_rng(0))
         raise DataError("no usable video in the file list: all were skipped, see loader.skipped")
 
     def _usable(self, sample: int) -> int:
@@ -191,7 +213,11 @@ class ClipPlanner:
         record = self.records[i]
         path = record.resolve(self.root)
         try:
-            info = probe_video(path, record.where)
+            if self._known is not None:
+                info = self._known[i]
+            else:
+                self.probes += 1
+                info = probe_video(path, record.where)
             if self._codecs is not None and info.codec not in self._codecs:
                 raise VideoError(path, f"codec {info.codec} cannot be decoded here; {self._codec_hint}", record.where)
             length = self._length(record, info, path)
@@ -252,4 +278,5 @@ class ClipPlanner:
             boxes = tuple(eval_crop_boxes(info.height, info.width, o.crop_size, o.test_scale, o.num_crops))
             flip = False
         label = flipped_label(record.label, o.flip_label_map) if flip else record.label
-        return ClipSpec(record.resolve(self.root), record.where, label, frames.astype(np.int32), boxes, flip)
+        location = self.locations[i] if self.locations is not None else None
+        return ClipSpec(record.resolve(self.root), record.where, label, frames.astype(np.int32), boxes, flip, location)

@@ -7,7 +7,9 @@ naming the file (use backend="pyav" or transcode, e.g. ``ffmpeg -i in.mp4 -c:v l
 
 The pipeline reads encoded bytes and planned frame numbers from an external source fed by the clip
 plan (``clip_plan.py``), so sampling, sharding, shuffling and crops are those of the PyAV backend; DALI
-runs decoding and augmentation in its own threads, ``prefetch`` batches ahead of the consumer.
+runs decoding and augmentation in its own threads, ``prefetch`` batches ahead of the consumer. Planning
+and reading the bytes (from the video files or from packed shards, ``pack_format.ByteReader``) run on a
+feeder thread (``feed.py``), so the external source only hands over batches that are ready.
 """
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ import torch
 
 from tsm_dist.data.augment import MEAN, STD
 from tsm_dist.data.errors import DataError, VideoError
+from tsm_dist.data.feed import Feeder
 from tsm_dist.data.loader import Batch, VideoLoader
 from tsm_dist.data.clip_plan import ClipPlanner, ClipSpec
+from tsm_dist.data.pack_format import ByteReader
 from tsm_dist.data.probe import DALI_CPU_CODECS
 
 DALI_CPU_HINT = (
@@ -64,18 +68,11 @@ def _build_pipeline(
     return pipe
 
 
-def _read_bytes(spec: ClipSpec) -> np.ndarray:
-    try:
-        return np.fromfile(spec.path, dtype=np.uint8)
-    except OSError as err:
-        raise VideoError(spec.path, f"cannot read the file ({err})", spec.where) from err
-
-
-def _feed(specs: list[ClipSpec], num_crops: int) -> tuple[list[np.ndarray], ...]:
+def _feed(specs: list[ClipSpec], num_crops: int, reader: ByteReader) -> tuple[list[np.ndarray], ...]:
     """External-source columns for ``specs``: bytes, frames, mirror, then (roi_start, roi_end) per crop
     in DALI's (y, x) order."""
     columns: list[list[np.ndarray]] = [
-        [_read_bytes(s) for s in specs],
+        [reader.read(s.path, s.where, s.location) for s in specs],
         [s.frames for s in specs],
         [np.array(int(s.flip), dtype=np.int32) for s in specs],
     ]
@@ -95,9 +92,11 @@ class DaliLoader(VideoLoader):
         num_threads: int = 2,
         prefetch: int = 2,
         check_codecs: bool = True,
+        feed_thread: bool = True,
     ) -> None:
         """``check_codecs=False`` skips the up-front codec check of the CPU path, leaving unreadable
-        files to be found when DALI fails (slower, same error)."""
+        files to be found when DALI fails (slower, same error). ``feed_thread=False`` plans and reads
+        each batch inside the external source, on the thread that calls ``next`` (for comparisons)."""
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
         if device == "gpu":
@@ -115,9 +114,9 @@ class DaliLoader(VideoLoader):
         self.device_id = device_id
         self.num_threads = num_threads
         self.prefetch = prefetch
+        self.feed_thread = feed_thread
         self._pipe = None
-        self._next = 0  # next batch index the external source plans
-        self._stop = 0  # the source ends the epoch at this batch index
+        self._feeder: Feeder | None = None  # plans and reads the epoch's batches; None: the source ends
         self._pending: deque[tuple[int, list[ClipSpec | None]]] = deque()
         self._filler: ClipSpec | None = None
 
@@ -133,18 +132,24 @@ class DaliLoader(VideoLoader):
             prefetch_queue_depth=self.prefetch,
         )
 
+    def _produce(self, index: int) -> tuple[list[ClipSpec | None], tuple[list[np.ndarray], ...]]:
+        while True:
+            specs = self.planner.batch(index)
+            real = [s for s in specs if s is not None]
+            if not real:  # DALI refuses empty batches: decode a filler and drop it
+                self._filler = self._filler or self.planner.any_spec()
+                real = [self._filler]
+            try:
+                return specs, _feed(real, self.planner.options.num_crops, self.reader)
+            except VideoError as err:  # unreadable file or damaged shard
+                self.planner.mark_bad(err.path, err.reason)  # raises unless skip_corrupt; then re-plan
+
     def _source(self) -> tuple[list[np.ndarray], ...]:
-        if self._next >= self._stop:
+        if self._feeder is None:
             raise StopIteration
-        index = self._next
-        self._next += 1
-        specs = self.planner.batch(index)
+        index, (specs, columns) = self._feeder.get()
         self._pending.append((index, specs))
-        real = [s for s in specs if s is not None]
-        if not real:  # DALI refuses empty batches: decode a filler and drop it
-            self._filler = self._filler or self.planner.any_spec()
-            real = [self._filler]
-        return _feed(real, self.planner.options.num_crops)
+        return columns
 
     def __iter__(self) -> Iterator[Batch]:
         start = self._take_start_batch()
@@ -158,21 +163,29 @@ class DaliLoader(VideoLoader):
             self._end_epoch()
             raise
         except BaseException:
+            self._close_feeder()
             self._pipe = None  # its state after an error is unknown: the next iteration builds a new one
             raise
         self._end_epoch()
 
     def _restart(self, index: int) -> None:
+        self._close_feeder()
         if self._pipe is None:
             self._pipe = self._new_pipeline(self._source, self.batch_size)
-        self._next, self._stop = index, len(self)
         self._pending.clear()
+        self._feeder = Feeder(self._produce, index, len(self), self.prefetch, thread=self.feed_thread)
+
+    def _close_feeder(self) -> None:
+        if self._feeder is not None:
+            self._feeder.close()
+            self._feeder = None
+        self.reader.close()
 
     def _end_epoch(self) -> None:
         """Let the source stop, consume what DALI prefetched, and rewind for the next iteration."""
+        self._close_feeder()
         if self._pipe is None:
             return
-        self._stop = self._next
         try:
             while True:
                 self._pipe.run()
@@ -189,6 +202,7 @@ class DaliLoader(VideoLoader):
             except StopIteration as stop:
                 raise DataError("DALI pipeline ended before the epoch did") from stop
             except RuntimeError as err:
+                self._close_feeder()
                 self._pipe = None
                 index, specs = self._pending[0]
                 culprit = self._find_culprit([s for s in specs if s is not None])
@@ -203,7 +217,7 @@ class DaliLoader(VideoLoader):
         """Decode each clip of a failed batch alone to find the video DALI cannot read."""
         num_crops = self.planner.options.num_crops
         for spec in specs:
-            fed = iter([_feed([spec], num_crops)])
+            fed = iter([_feed([spec], num_crops, self.reader)])
             try:
                 self._new_pipeline(lambda: next(fed), 1).run()
             except RuntimeError as err:

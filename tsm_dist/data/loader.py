@@ -8,6 +8,7 @@ import torch
 
 from tsm_dist.data.augment import MEAN, STD
 from tsm_dist.data.clip_plan import ClipPlanner, ClipSpec
+from tsm_dist.data.pack_format import ByteReader
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -27,6 +28,7 @@ class VideoLoader(ABC):
         o = planner.options
         self.view_shape = (o.views, o.num_frames, 3, o.crop_size, o.crop_size)
         self._start_batch = 0
+        self.reader = ByteReader()  # every encoded byte a backend decodes comes through it (counted)
 
     def __len__(self) -> int:
         return len(self.planner)
@@ -42,6 +44,10 @@ class VideoLoader(ABC):
     def skipped(self) -> list[tuple[str, str]]:
         """``(file, reason)`` of every video or list line skipped so far (``skip_corrupt=True``)."""
         return self.planner.skipped
+
+    def io_counters(self) -> dict[str, int]:
+        """Files opened, bytes read and videos probed so far on this rank (the I/O study's counts)."""
+        return {**self.reader.counters(), "probes": self.planner.probes}
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Reshuffle for ``epoch`` (same order on every run); the next iteration starts at

@@ -2,11 +2,13 @@
 
 The fallback for H.264/HEVC files on machines without a GPU and the baseline of the loader
 benchmark. It decodes each video from the start up to its last planned frame and converts only the
-planned frames; crop, resize (bilinear, antialiased), flip and normalization run in torch.
+planned frames; crop, resize (bilinear, antialiased), flip and normalization run in torch. The encoded
+bytes come from ``pack_format.ByteReader`` (a video file, or a packed shard); a feeder thread
+(``feed.py``) plans batches and hands their clips to the decoding threads ahead of the consumer.
 """
 from __future__ import annotations
 
-from collections import deque
+import io
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator, Sequence
 
@@ -17,19 +19,21 @@ import torch.nn.functional as F
 
 from tsm_dist.data.augment import Box
 from tsm_dist.data.errors import VideoError
+from tsm_dist.data.feed import Feeder
 from tsm_dist.data.loader import Batch, VideoLoader, normalization
 from tsm_dist.data.clip_plan import ClipPlanner, ClipSpec
 
 
-def decode_frames(path: str, frame_numbers: np.ndarray, where: str = "") -> np.ndarray:
-    """RGB frames ``frame_numbers`` (any order, repeats allowed) of ``path``: (len, H, W, 3) uint8."""
+def decode_frames(path: str, frame_numbers: np.ndarray, where: str = "", data: np.ndarray | None = None) -> np.ndarray:
+    """RGB frames ``frame_numbers`` (any order, repeats allowed) of ``path``: (len, H, W, 3) uint8.
+    ``data``: the video's encoded bytes, already read (``path`` then only names it in errors)."""
     wanted = np.unique(frame_numbers)
     last = int(wanted[-1])
     wanted_set = set(wanted.tolist())
     got: dict[int, np.ndarray] = {}
     decoded = 0
     try:
-        with av.open(path) as container:
+        with av.open(path if data is None else io.BytesIO(data.tobytes())) as container:
             stream = container.streams.video[0]
             stream.thread_count = 1  # parallelism comes from decoding several videos at once
             for decoded, frame in enumerate(container.decode(stream), start=1):
@@ -58,15 +62,18 @@ def crop_resize(frames: np.ndarray, boxes: Sequence[Box], size: int, flip: bool)
 
 
 class PyAVLoader(VideoLoader):
-    def __init__(self, planner: ClipPlanner, *, num_threads: int = 2, prefetch: int = 2) -> None:
+    def __init__(self, planner: ClipPlanner, *, num_threads: int = 2, prefetch: int = 2, feed_thread: bool = True) -> None:
+        """``feed_thread=False`` plans batches on the thread that calls ``next`` (for comparisons)."""
         super().__init__(planner, torch.device("cpu"))
         self.num_threads = num_threads
         self.prefetch = prefetch
+        self.feed_thread = feed_thread
         self._mean, self._std = normalization()
 
     def load_clip(self, spec: ClipSpec) -> torch.Tensor:
         """One video's views, normalized: (V, T, 3, S, S)."""
-        frames = decode_frames(spec.path, spec.frames, spec.where)
+        data = self.reader.read(spec.path, spec.where, spec.location)
+        frames = decode_frames(spec.path, spec.frames, spec.where, data=data)
         crops = crop_resize(frames, spec.boxes, self.view_shape[-1], spec.flip)
         crops.sub_(self._mean).div_(self._std)
         num_crops, num_frames = len(spec.boxes), self.view_shape[1]
@@ -77,22 +84,23 @@ class PyAVLoader(VideoLoader):
     def __iter__(self) -> Iterator[Batch]:
         start = self._take_start_batch()
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="pyav-decode")
-        pending: deque[tuple[int, list[ClipSpec | None], list[Future | None]]] = deque()
 
-        def submit(index: int) -> None:
+        def submit(index: int) -> tuple[list[ClipSpec | None], list[Future | None]]:
             specs = self.planner.batch(index)
-            pending.append((index, specs, [pool.submit(self.load_clip, s) if s else None for s in specs]))
+            return specs, [pool.submit(self.load_clip, s) if s else None for s in specs]
 
+        feeder = Feeder(submit, start, len(self), self.prefetch, thread=self.feed_thread)
         try:
-            upcoming = start
-            while pending or upcoming < len(self):
-                while upcoming < len(self) and len(pending) <= self.prefetch:
-                    submit(upcoming)
-                    upcoming += 1
-                index, specs, futures = pending.popleft()
+            while True:
+                try:
+                    index, (specs, futures) = feeder.get()
+                except StopIteration:
+                    break
                 yield self._gather(index, specs, futures, pool)
         finally:
+            feeder.close()
             pool.shutdown(wait=True, cancel_futures=True)
+            self.reader.close()
 
     def _gather(
         self, index: int, specs: list[ClipSpec | None], futures: list[Future | None], pool: ThreadPoolExecutor

@@ -1,0 +1,299 @@
+"""Packed video shards (``tsm-dist pack``): layout, resume, verify, damaged shards, transcoding, and loaders
+that read a packed directory in place of a file list with the same clips, fewer file opens, no probing."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+import zlib
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from tsm_dist.data import build_video_loader
+from tsm_dist.data.encode import write_video
+from tsm_dist.data.errors import VideoError
+from tsm_dist.data.feed import Feeder
+from tsm_dist.data.pack import main as pack_main
+from tsm_dist.data.pack_format import load_packed, shard_name
+from tsm_dist.data.sharding import shard_slots
+from tsm_dist.data.synthetic import make_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+BACKENDS = ["dali", "pyav"]
+SHARD_MB = "0.01"  # about 10 KiB: the 16 test videos (2.5 KiB each) go to 4 shards
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return make_synthetic(str(tmp_path_factory.mktemp("syn")), videos_per_class=5, frames=16, size=32, seed=1)
+
+
+@pytest.fixture(scope="module")
+def packed(synthetic, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("packed") / "train.pack")
+    assert pack_main(["--list", synthetic.train_list, "--root", synthetic.root, "--out", out,
+                      "--shard-mb", SHARD_MB, "--no-progress"]) == 0
+    return out
+
+
+def _pack_files(out: str) -> dict[str, bytes]:
+    return {name: (Path(out) / name).read_bytes() for name in sorted(os.listdir(out))}
+
+
+def _loader(source, root, **kw):
+    options = dict(num_frames=8, batch_size=3, crop_size=32, train=True, num_threads=2, num_classes=4)
+    options.update(kw)
+    return build_video_loader(source, root, **options)
+
+
+def _epochs(loader, epochs=(0, 1)):
+    out = []
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        out.extend(loader)
+    return out
+
+
+def test_layout_index_and_shards(synthetic, packed):
+    meta = json.loads((Path(packed) / "pack.json").read_text())
+    assert (meta["format"], meta["version"], meta["complete"], meta["videos"]) == ("tsm-dist-packed", 1, True, 16)
+    assert len(meta["shards"]) >= 3  # 16 videos of 2.5 KiB in 10 KiB shards
+    entries = [json.loads(line) for line in (Path(packed) / "index.jsonl").read_text().splitlines()]
+    listed = [line.split() for line in Path(synthetic.train_list).read_text().splitlines()]
+    assert [(e["path"], e["label"]) for e in entries] == [(p, int(l)) for p, l in listed]  # list order kept
+    for e in entries:
+        original = (Path(synthetic.root) / e["path"]).read_bytes()
+        shard = (Path(packed) / meta["shards"][e["shard"]]["file"]).read_bytes()
+        assert shard[e["offset"]: e["offset"] + e["length"]] == original
+        assert e["crc32"] == zlib.crc32(original)
+        assert (e["frames"], e["height"], e["width"], e["codec"]) == (16, 32, 32, "vp9")
+    for number, shard in enumerate(meta["shards"]):
+        assert os.path.getsize(Path(packed) / shard["file"]) == shard["bytes"] <= 0.01 * 2**20
+
+
+def test_the_20_line_reader_in_the_docs_works(synthetic, packed):
+    doc = (REPO / "docs" / "data.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "def read_packed(" in b)
+    assert len(block.strip().splitlines()) <= 20
+    namespace: dict = {}
+    exec(block, namespace)
+    got = list(namespace["read_packed"](packed))
+    assert len(got) == 16
+    for entry, data in got:
+        assert data == (Path(synthetic.root) / entry["path"]).read_bytes()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_clips_equal_unpacked_clips(synthetic, packed, backend):
+    unpacked = _epochs(_loader(synthetic.train_list, synthetic.root, backend=backend))
+    from_pack = _epochs(_loader(packed, None, backend=backend))
+    assert len(unpacked) == len(from_pack) == 2 * 6
+    for (a, la), (b, lb) in zip(unpacked, from_pack):
+        assert torch.equal(la, lb) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_read_contiguous_shard_ranges_with_the_same_clips(synthetic, packed, backend):
+    index = load_packed(packed)
+    shard_of = {r.where: loc.shard for r, loc in zip(index.records, index.locations)}
+    for rank in range(2):
+        plain = _loader(synthetic.train_list, synthetic.root, backend=backend, shard_id=rank, num_shards=2,
+                        partition="contiguous")
+        pack = _loader(packed, None, backend=backend, shard_id=rank, num_shards=2)  # contiguous by default
+        assert pack.planner.contiguous
+        for (a, la), (b, lb) in zip(_epochs(plain), _epochs(pack)):
+            assert torch.equal(la, lb) and torch.equal(a, b)
+        pack.set_epoch(0)
+        shards = {shard_of[s.where] for b in range(len(pack)) for s in pack.planner.batch(b)}
+        assert len(shards) <= len(index.meta["shards"]) // 2 + 1  # its contiguous half, not all shards
+        counters = pack.io_counters()
+        assert counters["probes"] == 0  # nothing probed: the index has frame counts, sizes, codecs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_file_opens_and_bytes_are_counted(synthetic, packed, backend):
+    """Unpacked: one probe and one open per video; packed: one open per shard, no probe. The count is
+    checked against Python's audit hook (every open() of the process)."""
+    opened: list[str] = []
+    tracing = threading.Event()
+
+    def hook(event, args):
+        if tracing.is_set() and event == "open" and isinstance(args[0], str) and args[0].endswith((".webm", ".bin")):
+            opened.append(args[0])
+
+    import sys
+
+    sys.addaudithook(hook)
+    for source, root in ((synthetic.train_list, synthetic.root), (packed, None)):
+        loader = _loader(source, root, backend=backend, batch_size=4)
+        opened.clear()
+        tracing.set()
+        list(loader)
+        tracing.clear()
+        counters = loader.io_counters()
+        assert counters["files_opened"] == len(opened)
+        if root is None:
+            assert counters["probes"] == 0 and counters["files_opened"] == len(load_packed(packed).meta["shards"])
+            assert counters["bytes_read"] == sum(s["bytes"] for s in load_packed(packed).meta["shards"])
+        else:
+            assert counters["probes"] == 16 and counters["files_opened"] == 16
+
+
+def test_resume_continues_an_interrupted_pack(synthetic, packed, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(packed, out)
+    meta = json.loads((out / "pack.json").read_text())
+    meta["complete"] = False
+    (out / "pack.json").write_text(json.dumps(meta))
+    lines = (out / "index.jsonl").read_text().splitlines(keepends=True)
+    cut = json.loads(lines[6])  # killed after writing video 7's bytes, while writing its index line
+    (out / "index.jsonl").write_text("".join(lines[:6]) + lines[6][:25])
+    with open(out / shard_name(cut["shard"]), "r+b") as f:
+        f.truncate(cut["offset"] + cut["length"])
+    for later in range(cut["shard"] + 1, len(meta["shards"])):
+        (out / shard_name(later)).unlink()
+    assert pack_main(["--list", synthetic.train_list, "--root", synthetic.root, "--out", str(out),
+                      "--shard-mb", SHARD_MB, "--no-progress"]) == 0
+    assert _pack_files(str(out)) == _pack_files(packed)  # byte for byte what an uninterrupted run wrote
+
+
+def test_rerun_with_other_settings_is_refused(synthetic, packed, capsys):
+    assert pack_main(["--list", synthetic.train_list, "--root", synthetic.root, "--out", packed,
+                      "--shard-mb", "2", "--no-progress"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_verify_and_a_damaged_shard(synthetic, packed, tmp_path, capsys):
+    assert pack_main(["--verify", packed, "--no-progress"]) == 0
+    assert "OK, 16 videos" in capsys.readouterr().out
+    out = tmp_path / "damaged"
+    shutil.copytree(packed, out)
+    victim = load_packed(str(out)).locations[5]
+    shard = bytearray(Path(victim.shard).read_bytes())
+    shard[victim.offset + 100] ^= 0xFF
+    Path(victim.shard).write_bytes(bytes(shard))
+    assert pack_main(["--verify", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{victim.shard} at offset {victim.offset}" in err and "checksum mismatch" in err
+    for backend in BACKENDS:
+        with pytest.raises(VideoError, match=f"damaged packed shard {re.escape(victim.shard)} at offset "
+                                             f"{victim.offset}.*checksum mismatch"):
+            list(_loader(str(out), None, backend=backend, train=False))
+        loader = _loader(str(out), None, backend=backend, train=False, skip_corrupt=True)
+        labels = torch.cat([labels for _, labels in loader])
+        assert (labels >= 0).sum() == 15 and len(loader.skipped) == 1
+        assert f"at offset {victim.offset}" in loader.skipped[0][1]
+
+
+def test_truncated_shard_names_shard_and_offset(packed, tmp_path):
+    out = tmp_path / "truncated"
+    shutil.copytree(packed, out)
+    last = load_packed(str(out)).locations[-1]
+    with open(last.shard, "r+b") as f:
+        f.truncate(last.offset + 10)
+    with pytest.raises(VideoError, match=f"{re.escape(last.shard)} at offset {last.offset}.*ends after 10 of"):
+        list(_loader(str(out), None, backend="pyav", train=False))
+
+
+def test_bad_videos_are_skipped_and_reported(synthetic, tmp_path, capsys):
+    (tmp_path / "corrupt.webm").write_bytes(b"\x1aE\xdf\xa3" + np.random.default_rng(0).bytes(3000))
+    good = Path(synthetic.train_list).read_text().splitlines()[:3]
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join([good[0], f"{tmp_path}/missing.webm 1", good[1], f"{tmp_path}/corrupt.webm 2",
+                              "no label here", good[2]]) + "\n")
+    out = tmp_path / "out"
+    assert pack_main(["--list", str(lst), "--root", synthetic.root, "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 2 bad video(s)" in err and "missing.webm: file not found" in err and "corrupt.webm" in err
+    assert "malformed list line" in err
+    assert [json.loads(line)["path"] for line in (out / "skipped.jsonl").read_text().splitlines()] == [
+        f"{tmp_path}/missing.webm", f"{tmp_path}/corrupt.webm"]
+    assert len(load_packed(str(out)).records) == 3
+
+
+def test_transcode_to_short_gop_vp9_in_parallel_workers(tmp_path):
+    scene = np.random.default_rng(0).integers(0, 255, (34, 70, 3), dtype=np.uint8)
+    frames = np.stack([scene[:, k: k + 46] for k in range(20)])  # a slow pan: no scene cut
+    lines = []
+    for i in range(3):
+        write_video(str(tmp_path / f"m{i}.avi"), frames, codec="mjpeg")
+        lines.append(f"m{i}.avi {i}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "vp9"
+    assert pack_main(["--list", str(tmp_path / "list.txt"), "--root", str(tmp_path), "--out", str(out),
+                      "--transcode", "vp9", "--gop", "4", "--workers", "2", "--no-progress"]) == 0
+    index = load_packed(str(out))
+    assert [(i.codec, i.num_frames, i.height, i.width) for i in index.infos] == [("vp9", 20, 34, 46)] * 3
+    assert not (out / ".transcode").exists()
+    loc = index.locations[0]
+    with open(loc.shard, "rb") as f:
+        f.seek(loc.offset)
+        data = f.read(loc.length)
+    import io
+
+    with av.open(io.BytesIO(data)) as container:
+        keyframes = [k for k, p in enumerate(container.demux(container.streams.video[0])) if p.size and p.is_keyframe]
+    assert keyframes == [0, 4, 8, 12, 16]
+    clips, labels = next(iter(_loader(str(out), None, backend="dali", batch_size=3, num_classes=3, train=False)))
+    assert clips.shape == (3, 8, 3, 32, 32) and labels.tolist() == [0, 1, 2]
+
+
+def test_contiguous_sharding_rule():
+    n, shards, batch = 23, 3, 4
+    seen = []
+    for k in range(shards):
+        slots = shard_slots(n, batch_size=batch, shard_id=k, num_shards=shards, train=False, contiguous=True)
+        seen += [s for s in slots.tolist() if s >= 0]
+        mine = [s for s in slots.tolist() if s >= 0]
+        assert mine == list(range(k * n // shards, (k + 1) * n // shards))
+    assert sorted(seen) == list(range(n))  # evaluation: every sample once
+    for epoch in range(3):
+        blocks = []
+        for k in range(shards):
+            slots = shard_slots(n, batch_size=batch, shard_id=k, num_shards=shards, train=True, epoch=epoch,
+                                contiguous=True)
+            block = (k + epoch) % shards
+            assert set(slots.tolist()) == set(range(block * n // shards, (block + 1) * n // shards))
+            blocks.append(block)
+        assert sorted(blocks) == [0, 1, 2]  # the blocks rotate over the ranks
+    one = dict(batch_size=batch, shard_id=0, num_shards=1, train=True, seed=5, epoch=2)
+    assert np.array_equal(shard_slots(n, contiguous=True, **one), shard_slots(n, **one))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bytes_are_read_off_the_consuming_thread(packed, backend):
+    loader = _loader(packed, None, backend=backend)
+    readers: set[str] = set()
+    read = loader.reader.read
+
+    def spy(*args):
+        readers.add(threading.current_thread().name)
+        return read(*args)
+
+    loader.reader.read = spy
+    threaded = list(loader)
+    assert threading.current_thread().name not in readers
+    inline = _loader(packed, None, backend=backend, feed_thread=False)
+    for (a, la), (b, lb) in zip(threaded, inline):
+        assert torch.equal(la, lb) and torch.equal(a, b)
+
+
+def test_feeder_hands_errors_over_in_order():
+    def produce(index):
+        if index == 3:
+            raise VideoError("x.webm", "broken")
+        return index * 10
+
+    feeder = Feeder(produce, 1, 6, depth=2)
+    assert [feeder.get(), feeder.get()] == [(1, 10), (2, 20)]
+    with pytest.raises(VideoError, match="broken"):
+        feeder.get()
+    with pytest.raises(StopIteration):
+        feeder.get()
+    feeder.close()

@@ -1,0 +1,339 @@
+"""``tsm-dist pack``: write a file list's videos into a few large shard files plus an index.
+
+    tsm-dist pack --list train.txt --root DIR --out OUT [--shard-mb 1024] [--transcode vp9 --gop 16]
+                  [--workers W] [--shuffle SEED]
+    tsm-dist pack --verify OUT
+
+Workers probe (and optionally transcode) videos in parallel; the main process appends them to the
+current shard in list order (or a seeded shuffle of it) and appends one index line per video after its
+bytes are written, so an interrupted run is resumed by running the same command again: the index says
+what is done, bytes past the last indexed video are cut off. Each shard is read back and checked
+against the index when it is closed. Bad videos are skipped, listed in ``OUT/skipped.jsonl`` and
+reported. The layout is in ``pack_format.py`` and docs/data.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import zlib
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from tsm_dist.data.errors import DataError, VideoError
+from tsm_dist.data.filelist import VideoRecord, read_file_list
+from tsm_dist.data.pack_format import FORMAT, INDEX, META, SKIPPED, VERSION, read_index, read_meta, shard_name
+from tsm_dist.data.pack_transcode import TRANSCODES
+
+EXIT_USAGE, EXIT_BAD = 2, 1
+CHUNK = 1 << 24  # bytes read at a time when checking a shard
+
+
+def progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="video", disable=not enabled, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- worker side
+def prepare(job: tuple[int, str, str, str | None, int, int, str]) -> tuple[int, str, dict | None, str]:
+    """Probe (and transcode) one video: ``(item, file to store, info or None, error reason)``."""
+    from tsm_dist.data.pack_transcode import transcode_vp9
+    from tsm_dist.data.probe import probe_video
+
+    item, path, where, transcode, gop, crf, tmpdir = job
+    stored = path
+    try:
+        if transcode:
+            stored = os.path.join(tmpdir, f"{item}.webm")
+            transcode_vp9(path, stored, gop=gop, crf=crf, where=where)
+        info = probe_video(stored, where)
+    except VideoError as err:
+        if stored != path and os.path.exists(stored):
+            os.remove(stored)
+        return item, stored, None, err.reason
+    return item, stored, {"frames": info.num_frames, "height": info.height, "width": info.width,
+                          "codec": info.codec}, ""
+
+
+def ordered_map(fn: Callable, jobs: list, executor: Executor | None, window: int) -> Iterator:
+    """``map(fn, jobs)`` in order, at most ``window`` jobs in flight (results hold no bytes, but the
+    transcoded files wait on disk)."""
+    if executor is None:
+        yield from map(fn, jobs)
+        return
+    pending: list[Future] = []
+    position = 0
+    while pending or position < len(jobs):
+        while position < len(jobs) and len(pending) < window:
+            pending.append(executor.submit(fn, jobs[position]))
+            position += 1
+        yield pending.pop(0).result()
+
+
+# ----------------------------------------------------------------------------- writer side
+class ShardWriter:
+    """Appends videos to ``shard-NNNNN.bin`` files and lines to the index, in that order."""
+
+    def __init__(self, out: str, shard_bytes: int, entries: list[dict[str, Any]]) -> None:
+        self.out = out
+        self.shard_bytes = shard_bytes
+        self.entries = entries
+        self.shard = entries[-1]["shard"] if entries else 0
+        self.size = self._end_of(self.shard)
+        self._truncate_after_resume()
+        self._file = open(os.path.join(out, shard_name(self.shard)), "ab")
+        self._index = open(os.path.join(out, INDEX), "a", encoding="utf-8")
+
+    def _end_of(self, shard: int) -> int:
+        ends = [e["offset"] + e["length"] for e in self.entries if e["shard"] == shard]
+        return max(ends, default=0)
+
+    def _truncate_after_resume(self) -> None:
+        """Cut bytes written after the last indexed video, later shards and a torn index line."""
+        path = os.path.join(self.out, shard_name(self.shard))
+        with open(path, "ab") as f:
+            f.truncate(self.size)
+        later = self.shard + 1
+        while os.path.exists(os.path.join(self.out, shard_name(later))):
+            os.remove(os.path.join(self.out, shard_name(later)))
+            later += 1
+        index = os.path.join(self.out, INDEX)
+        with open(index, "a+", encoding="utf-8") as f:
+            f.seek(0)
+            text = f.read()
+            if text and not text.endswith("\n"):
+                f.truncate(len(text.encode("utf-8")) - len(text.rsplit("\n", 1)[-1].encode("utf-8")))
+
+    def add(self, record: VideoRecord, item: int, data: bytes, info: dict[str, Any]) -> None:
+        if self.size and self.size + len(data) > self.shard_bytes:
+            self._next_shard()
+        self._file.write(data)
+        self._file.flush()
+        entry = {"path": record.path, "label": record.label, "start": record.start, "end": record.end,
+                 "shard": self.shard, "offset": self.size, "length": len(data), "crc32": zlib.crc32(data),
+                 **info, "item": item}
+        self._index.write(json.dumps(entry) + "\n")
+        self._index.flush()
+        self.entries.append(entry)
+        self.size += len(data)
+
+    def _next_shard(self) -> None:
+        self._close_shard()
+        self.shard += 1
+        self.size = 0
+        self._file = open(os.path.join(self.out, shard_name(self.shard)), "wb")
+
+    def _close_shard(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        problems = check_shard(self.out, self.shard, [e for e in self.entries if e["shard"] == self.shard])
+        if problems:
+            raise DataError("written shard does not read back: " + "; ".join(problems[:3]))
+
+    def close(self) -> list[dict[str, Any]]:
+        """Close and check the last shard, sync the index; return the shard table of pack.json."""
+        self._close_shard()
+        os.fsync(self._index.fileno())
+        self._index.close()
+        count = self.shard + 1 if self.entries else 0
+        return [{"file": shard_name(k), "bytes": self._end_of(k)} for k in range(count)]
+
+
+def check_shard(out: str, shard: int, entries: Iterable[dict[str, Any]], expected_size: int | None = None,
+                index_lines: dict[int, int] | None = None) -> list[str]:
+    """Problems of one shard: size, and every video's bytes against its checksum (one line each, naming
+    the shard, the offset, the video and its index line)."""
+    path = os.path.join(out, shard_name(shard))
+    if not os.path.exists(path):
+        return [f"{path}: shard file is missing"]
+    problems = []
+    size = os.path.getsize(path)
+    if expected_size is not None and size != expected_size:
+        problems.append(f"{path}: {size} bytes, the index says {expected_size}")
+    with open(path, "rb") as f:
+        for e in entries:
+            where = f" ({e['path']}, {os.path.join(out, INDEX)}:{index_lines[id(e)]})" if index_lines else f" ({e['path']})"
+            f.seek(e["offset"])
+            data = f.read(e["length"])
+            if len(data) != e["length"]:
+                problems.append(f"{path} at offset {e['offset']}{where}: shard ends after {len(data)} of "
+                                f"{e['length']} bytes")
+            elif zlib.crc32(data) != e["crc32"]:
+                problems.append(f"{path} at offset {e['offset']}{where}: checksum mismatch (damaged shard)")
+    return problems
+
+
+def verify(out: str, show_progress: bool = True) -> list[str]:
+    """``tsm-dist pack --verify``: the layout and every video's checksum; returns the problems found."""
+    meta = read_meta(out)
+    entries = read_index(out)
+    problems = [] if meta.get("complete") else [f"{out}: packing did not finish (re-run the pack command)"]
+    if meta.get("complete") and len(entries) != meta.get("videos"):
+        problems.append(f"{os.path.join(out, INDEX)}: {len(entries)} entries, pack.json says {meta.get('videos')}")
+    lines = {id(e): number for number, e in enumerate(entries, start=1)}
+    by_shard: dict[int, list[dict[str, Any]]] = {}
+    for e in entries:
+        by_shard.setdefault(e["shard"], []).append(e)
+    with progress(len(entries), "verify", show_progress) as bar:
+        for number, shard in enumerate(meta.get("shards", [])):
+            mine = sorted(by_shard.pop(number, []), key=lambda e: e["offset"])
+            for a, b in zip(mine, mine[1:]):
+                if a["offset"] + a["length"] > b["offset"]:
+                    problems.append(f"{shard['file']}: videos at offsets {a['offset']} and {b['offset']} overlap")
+            problems += check_shard(out, number, mine, shard["bytes"], lines)
+            bar.update(len(mine))
+    for number in by_shard:
+        problems.append(f"{os.path.join(out, INDEX)}: entries name shard {number}, which pack.json does not list")
+    return problems
+
+
+# ----------------------------------------------------------------------------- the command
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"list": os.path.abspath(args.list), "root": os.path.abspath(args.root) if args.root else None,
+            "shard_mb": args.shard_mb, "transcode": args.transcode, "gop": args.gop if args.transcode else None,
+            "crf": args.crf if args.transcode else None, "shuffle": args.shuffle}
+
+
+def _write_meta(out: str, settings: dict[str, Any], complete: bool, entries: list, shards: list,
+                skipped: int) -> None:
+    meta = {"format": FORMAT, "version": VERSION, "complete": complete, "videos": len(entries),
+            "shards": shards, "skipped": skipped, "settings": settings}
+    tmp = os.path.join(out, META + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, os.path.join(out, META))
+
+
+def _read_skipped(out: str) -> list[dict[str, Any]]:
+    path = os.path.join(out, SKIPPED)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def pack(args: argparse.Namespace) -> int:
+    out, settings = args.out, _settings(args)
+    records, bad_lines = read_file_list(args.list, skip_invalid=True)
+    os.makedirs(out, exist_ok=True)
+    entries: list[dict[str, Any]] = []
+    skipped = _read_skipped(out)
+    if os.path.exists(os.path.join(out, META)):
+        meta = read_meta(out)
+        if meta.get("settings") != settings:
+            print(f"tsm-dist pack: {out} holds a pack made with other settings ({meta.get('settings')}); "
+                  "use another --out or remove it", file=sys.stderr)
+            return EXIT_USAGE
+        if meta.get("complete"):
+            print(f"{out} is complete: {meta['videos']} videos in {len(meta['shards'])} shards; nothing to do")
+            return 0
+        entries = read_index(out)
+        print(f"resuming: {len(entries)} videos already packed, {len(skipped)} skipped")
+    _write_meta(out, settings, False, entries, [], len(skipped))
+    order = np.arange(len(records))
+    if args.shuffle is not None:
+        order = np.random.default_rng(args.shuffle).permutation(len(records))
+    done = {e["item"] for e in entries} | {s["item"] for s in skipped}
+    tmpdir = os.path.join(out, ".transcode")
+    os.makedirs(tmpdir, exist_ok=True)
+    for leftover in os.listdir(tmpdir):  # from an interrupted run
+        os.remove(os.path.join(tmpdir, leftover))
+    jobs = [(int(k), records[k].resolve(args.root), records[k].where, args.transcode, args.gop, args.crf, tmpdir)
+            for k in order if int(k) not in done]
+    writer = ShardWriter(out, int(args.shard_mb * 2**20), entries)
+    executor = (ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) if args.workers > 1 else None)
+    try:
+        with open(os.path.join(out, SKIPPED), "a", encoding="utf-8") as skip_file, \
+                progress(len(records), "pack", not args.no_progress) as bar:
+            bar.update(len(done))
+            for item, stored, info, reason in ordered_map(prepare, jobs, executor, 4 * args.workers):
+                if info is None:
+                    entry = {"item": item, "path": records[item].path, "reason": reason}
+                    skip_file.write(json.dumps(entry) + "\n")
+                    skip_file.flush()
+                    skipped.append(entry)
+                else:
+                    with open(stored, "rb") as f:
+                        writer.add(records[item], item, f.read(), info)
+                    if args.transcode:
+                        os.remove(stored)
+                bar.update(1)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+    shards = writer.close()
+    os.rmdir(tmpdir)
+    _write_meta(out, settings, True, entries, shards, len(skipped))
+    total = sum(s["bytes"] for s in shards)
+    print(f"packed {len(entries)} videos ({total / 2**20:.1f} MiB) into {len(shards)} shard(s) in {out}; "
+          f"every shard read back and checked")
+    _report_skipped(out, skipped, bad_lines)
+    return 0
+
+
+def _report_skipped(out: str, skipped: list[dict[str, Any]], bad_lines: list[tuple[str, str]]) -> None:
+    if bad_lines:
+        print(f"skipped {len(bad_lines)} malformed list line(s):", file=sys.stderr)
+        for _, reason in bad_lines[:10]:
+            print(f"  {reason}", file=sys.stderr)
+    if skipped:
+        print(f"skipped {len(skipped)} bad video(s), listed in {os.path.join(out, SKIPPED)}:", file=sys.stderr)
+        for s in skipped[:10]:
+            print(f"  {s['path']}: {s['reason']}", file=sys.stderr)
+        if len(skipped) > 10:
+            print(f"  ... and {len(skipped) - 10} more", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tsm-dist pack", description="Pack a file list's videos into large shard files plus an index "
+        "(read by every loader in place of the list: data.train_list=OUT), or verify a packed directory.")
+    parser.add_argument("--list", help="file list to pack (path label [start end] per line)")
+    parser.add_argument("--root", help="directory the list's paths are relative to")
+    parser.add_argument("--out", help="output directory (a re-run of the same command resumes it)")
+    parser.add_argument("--shard-mb", type=float, default=1024, help="shard size in MiB (default 1024)")
+    parser.add_argument("--transcode", choices=TRANSCODES, help="re-encode every video (vp9: DALI's CPU decoder)")
+    parser.add_argument("--gop", type=int, default=16, help="keyframe interval when transcoding (default 16)")
+    parser.add_argument("--crf", type=int, default=30, help="VP9 quality when transcoding (default 30)")
+    parser.add_argument("--workers", type=int, default=1, help="parallel probe/transcode processes (default 1)")
+    parser.add_argument("--shuffle", type=int, metavar="SEED",
+                        help="store the videos in a seeded random order (recommended when the list is sorted "
+                        "by class: each rank reads a contiguous block)")
+    parser.add_argument("--verify", metavar="OUT", help="check a packed directory's layout and checksums")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.verify:
+            problems = verify(args.verify, not args.no_progress)
+            for line in problems:
+                print(line, file=sys.stderr)
+            if problems:
+                print(f"{args.verify}: {len(problems)} problem(s)", file=sys.stderr)
+                return EXIT_BAD
+            meta = read_meta(args.verify)
+            print(f"{args.verify}: OK, {meta['videos']} videos in {len(meta['shards'])} shard(s), checksums match")
+            return 0
+        if not args.list or not args.out:
+            parser.error("--list and --out are required (or --verify OUT)")
+        if args.shard_mb <= 0 or args.workers < 1 or args.gop < 1:
+            parser.error("--shard-mb must be > 0, --workers and --gop >= 1")
+        return pack(args)
+    except DataError as err:
+        print(f"tsm-dist pack: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
