@@ -297,3 +297,19 @@ def test_feeder_hands_errors_over_in_order():
     with pytest.raises(StopIteration):
         feeder.get()
     feeder.close()
+
+
+def test_config_train_list_may_name_a_packed_directory(synthetic, packed):
+    """``data.train_list: OUT`` (relative to data.root, the one data-path rule) builds a packed loader."""
+    from types import SimpleNamespace
+
+    from tsm_dist.build import build_loader_from_config
+    from tsm_dist.config import load_config
+
+    cfg = load_config(None, [f"data.root={os.path.dirname(packed)}", f"data.train_list={os.path.basename(packed)}",
+                             "data.backend=pyav", "data.feed_thread=false", "model.num_classes=4",
+                             "data.batch_size=4", "data.crop_size=32"])
+    engine = SimpleNamespace(rank=1, size=2, device=torch.device("cpu"))
+    loader = build_loader_from_config(cfg, engine, train=True)
+    assert loader.planner.locations is not None and loader.planner.contiguous and not loader.feed_thread
+    assert len(loader) == 2 and loader.planner.shard_id == 1

@@ -49,7 +49,8 @@ def resolve_list(cfg: Config, key: str) -> str | None:
     """The file named by ``data.<key>`` (``train_list`` / ``val_list``), or None when it is not set.
 
     The one rule for data paths: absolute paths are kept; a relative path is taken under ``data.root``
-    when it exists there, otherwise relative to the working directory.
+    when it exists there, otherwise relative to the working directory. A list may also be a packed
+    directory (``tsm-dist pack``).
     """
     value = getattr(cfg.data, key)
     if not value:
@@ -97,7 +98,8 @@ def build_loader_from_config(cfg: Config, engine: "Engine", *, train: bool, buil
         crop_size=d.crop_size, train=train, shard_id=engine.rank, num_shards=engine.size,
         seed=cfg.train.seed, num_threads=d.num_threads, num_clips=num_clips, num_crops=num_crops,
         flip=d.flip and train, flip_label_map=flip_label_map(cfg) if train else None,
-        skip_corrupt=d.skip_corrupt, num_classes=cfg.model.num_classes, short_videos=d.short_videos)
+        skip_corrupt=d.skip_corrupt, num_classes=cfg.model.num_classes, short_videos=d.short_videos,
+        feed_thread=d.feed_thread)
     if d.scale_size:
         options["scale_size"] = d.scale_size
     if engine.device.type == "cuda":
