@@ -23,7 +23,7 @@ import pytest
 
 from slurm_cluster import SlurmCluster, ensure_installed
 from tsm_dist.launch.render import render_job
-from tsm_dist.metrics import read_jsonl
+from tsm_dist.records import read_records
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -62,7 +62,7 @@ def _job_log(tmp_path: Path, job_id: int) -> str:
 
 def _records(workdir: Path, kind: str) -> list[dict]:
     path = workdir / "metrics.jsonl"
-    return [r for r in read_jsonl(path) if r["type"] == kind] if path.exists() else []
+    return [r for r in read_records(path) if r["type"] == kind] if path.exists() else []
 
 
 def _assert_completed(cluster: SlurmCluster, tmp_path: Path, job_id: int, workdir: Path, steps: int) -> str:

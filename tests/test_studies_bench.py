@@ -3,6 +3,8 @@ import json
 
 import pytest
 
+from tsm_dist import records
+from tsm_dist.records import MetricsLog
 from tsm_dist.studies.allreduce_bench import gradient_bytes_from_metrics, message_sizes, parse_args, result_record
 from tsm_dist.studies.costmodel import LinkCost, ring_allreduce_time
 
@@ -21,11 +23,16 @@ def test_message_sizes_are_geometric_whole_floats_and_end_at_the_gradient_size()
 
 def test_gradient_size_from_the_run_header(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('\n{"type": "header", "params": 1000}\n{"type": "step", "step": 1}\n')
-    assert gradient_bytes_from_metrics(path) == 4000
-    path.write_text('{"type": "step", "step": 1}\n')
-    with pytest.raises(ValueError, match="no header"):
+    log = MetricsLog(path)
+    log.write(records.step_record(epoch=0, step=1, loss=1.0, lr=0.1))
+    with pytest.raises(ValueError, match="no header record; cannot size"):
         gradient_bytes_from_metrics(path)
+    for params in (1000, 2000):  # a resumed run appends a header; the last one counts
+        log.write(records.header_record(config={}, engine="horovod", world_size=2, local_size=2, model="m",
+                                        num_frames=8, per_gpu_batch=1, accumulate=1, global_batch=2, params=params))
+        log.write(records.step_record(epoch=0, step=1, loss=1.0, lr=0.1))
+    log.close()
+    assert gradient_bytes_from_metrics(path) == 8000
 
 
 def test_result_record_fits_or_says_why_not():

@@ -1,10 +1,12 @@
-"""collect: metrics.jsonl files in the trainer's contract format -> CSV, Markdown, PNGs, with hand values."""
+"""collect: metrics.jsonl files written by the trainer's writer (tsm_dist.records) -> CSV, Markdown, PNGs."""
 import csv
 import json
 
 import pytest
 
-from tsm_dist.studies.collect import MetricsError, collect, format_duration, summarize_run
+from tsm_dist import records
+from tsm_dist.records import MetricsError, MetricsLog
+from tsm_dist.studies.collect import collect, format_duration, summarize_run
 from tsm_dist.studies.sweep_plan import JobSpec, SweepPlan
 
 GPUS_PER_NODE, PER_GPU, WARMUP, STEPS, PARAMS = 2, 4, 2, 3, 1_000_000
@@ -20,19 +22,20 @@ inter_node: {name: net, latency_us: 100, bandwidth_gb_per_s: 0.1}
 
 
 def write_metrics(path, *, engine, model, world, accumulate, step_time, status="completed", frames=8):
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A run's metrics.jsonl as the trainer writes it (through tsm_dist.records)."""
     batch = PER_GPU * world * accumulate
-    records = [{"type": "header", "time": 0.0, "config": {"engine": {"fp16_compression": False}},
-                "git_commit": None, "engine": engine, "world_size": world, "local_size": GPUS_PER_NODE,
-                "model": model, "num_frames": frames, "per_gpu_batch": PER_GPU, "accumulate": accumulate,
-                "global_batch": batch, "params": PARAMS, "versions": {}, "hardware": {}}]
+    log = MetricsLog(path)
+    log.write(records.header_record(
+        time=0.0, config={"engine": {"fp16_compression": False}}, git_commit=None, engine=engine, world_size=world,
+        local_size=GPUS_PER_NODE, model=model, num_frames=frames, per_gpu_batch=PER_GPU, accumulate=accumulate,
+        global_batch=batch, params=PARAMS, versions={}, hardware={}))
     for step in range(WARMUP + STEPS):
         t = 5.0 if step < WARMUP else step_time  # slow warm-up steps must not be counted
-        records.append({"type": "step", "epoch": 0, "step": step, "loss": 1.0, "lr": 0.1, "data_time": 0.01,
-                        "compute_time": t * 0.8, "sync_time": t * 0.1, "step_time": t,
-                        "clips_per_sec_rank": batch / t / world, "clips_per_sec_total": batch / t})
-    records.append({"type": "end", "status": status, "step": WARMUP + STEPS, "epoch": 0})
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        log.write(records.step_record(epoch=0, step=step, loss=1.0, lr=0.1, clips_per_step=PER_GPU * accumulate,
+                                      world_size=world, data_time=0.01, compute_time=t * 0.8, sync_time=t * 0.1,
+                                      step_time=t))
+    log.write(records.end_record(status=status, step=WARMUP + STEPS, epoch=0))
+    log.close()
 
 
 def make_sweep(tmp_path, engines=("horovod",)):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import PYTHON, REPO, launcher_env, run_bounded
-from tsm_dist.metrics import read_jsonl
+from tsm_dist.records import read_records
 
 pytestmark = pytest.mark.multirank
 
@@ -21,7 +21,7 @@ def test_quick_demo_end_to_end(tmp_path):
     rows = json.loads((out / "summary.json").read_text())
     assert [r["model"] for r in rows] == ["TSM", "TSN"]
     for name in ("tsm", "tsn"):
-        records = read_jsonl(out / name / "metrics.jsonl")
+        records = read_records(out / name / "metrics.jsonl")
         assert records[0]["world_size"] == 2 and records[0]["engine"] == "horovod"
         assert records[-1]["status"] == "completed"
         report = json.loads((out / name / "eval.json").read_text())

@@ -23,7 +23,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the rank processes start outside pytest
 
 from tsm_dist.config import Config, load_config  # noqa: E402
-from tsm_dist.metrics import read_jsonl  # noqa: E402
+from tsm_dist.records import read_records  # noqa: E402
 
 FRAMES, SIZE, CLASSES = 2, 4, 4
 
@@ -208,12 +208,12 @@ def test_accumulation_equals_one_large_batch_step(launched):
     # fp16 gradients on the wire and pre-division by 2: the same average, up to fp16 rounding
     assert _close(ranks[0]["compressed"][1], big, atol=2e-3)
     assert not _equal(ranks[0]["compressed"][1], big)
-    header = read_jsonl(out / "accum" / "metrics.jsonl")[0]
+    header = read_records(out / "accum" / "metrics.jsonl")[0]
     assert (header["per_gpu_batch"], header["accumulate"], header["global_batch"]) == (2, 2, 8)
     # linear scaling: the effective batch (8) sets the rate
     assert header["peak_lr"] == pytest.approx(0.2 * 8 / 4)
-    steps = [r for r in read_jsonl(out / "accum" / "metrics.jsonl") if r["type"] == "step"]
-    big_steps = [r for r in read_jsonl(out / "big" / "metrics.jsonl") if r["type"] == "step"]
+    steps = [r for r in read_records(out / "accum" / "metrics.jsonl") if r["type"] == "step"]
+    big_steps = [r for r in read_records(out / "big" / "metrics.jsonl") if r["type"] == "step"]
     assert [r["loss"] for r in steps] == pytest.approx([r["loss"] for r in big_steps], abs=1e-6)
 
 
@@ -222,7 +222,7 @@ def test_preempted_then_resumed_run_equals_uninterrupted(launched):
     for rank in ranks:
         assert rank["full"][0] == 0 and rank["preempted"][0] == 75 and rank["resumed"][0] == 0
     assert _equal(ranks[0]["resumed"][1], ranks[0]["full"][1])
-    records = read_jsonl(out / "resumed" / "metrics.jsonl")
+    records = read_records(out / "resumed" / "metrics.jsonl")
     ends = [r for r in records if r["type"] == "end"]
     # 4 steps per epoch; the signal came during step 6, both ranks stopped after it
     assert ends[0]["status"] == "preempted" and ends[0]["step"] == 6
@@ -235,7 +235,7 @@ def test_checkpoints_eval_records_and_wandb_offline_run(launched):
     _, out, _ = launched
     names = sorted(p.name for p in (out / "full" / "checkpoints").iterdir())
     assert names == ["best.pt", "ckpt_e0002_s00000008.pt", "ckpt_e0003_s00000012.pt"]  # keep_last 2
-    records = read_jsonl(out / "full" / "metrics.jsonl")
+    records = read_records(out / "full" / "metrics.jsonl")
     evals = [r for r in records if r["type"] == "eval"]
     assert [r["epoch"] for r in evals] == [1, 2, 3]
     assert all(r["num_samples"] == 31 for r in evals)  # the padded slot is not counted, no sample lost

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PYTHON, REPO, launcher_env, mpirun, run_bounded
-from tsm_dist.metrics import read_jsonl
+from tsm_dist.records import read_records
 
 pytestmark = [pytest.mark.multirank,
               pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not on PATH")]
@@ -43,7 +43,7 @@ def _train_args(workdir: Path, *extra: str) -> list[str]:
 
 def _steps(metrics: Path) -> list[dict]:
     try:
-        return [r for r in read_jsonl(metrics) if r["type"] == "step"]
+        return [r for r in read_records(metrics) if r["type"] == "step"]
     except (FileNotFoundError, json.JSONDecodeError):  # not written yet / a line being written
         return []
 
@@ -67,7 +67,7 @@ def test_sigterm_checkpoints_exits_75_and_resume_completes(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert [(out / f"rc.{r}").read_text().strip() for r in (0, 1)] == ["75", "75"], output[-3000:]
-    end = read_jsonl(workdir / "metrics.jsonl")[-1]
+    end = read_records(workdir / "metrics.jsonl")[-1]
     assert end["type"] == "end" and end["status"] == "preempted"
     assert 3 <= end["step"] < 48, end  # 3 epochs x 16 steps: stopped early, at a step boundary
     saved = sorted(p.name for p in (workdir / "checkpoints").glob("ckpt_*.pt"))
@@ -77,7 +77,7 @@ def test_sigterm_checkpoints_exits_75_and_resume_completes(tmp_path):
     result = run_bounded(_rank_command(out, "tsm_dist.train", *_train_args(workdir, "--resume", "auto")),
                          timeout=180, env=env, cwd=REPO)
     assert [(out / f"rc.{r}").read_text().strip() for r in (0, 1)] == ["0", "0"], result.stdout[-3000:]
-    records = read_jsonl(workdir / "metrics.jsonl")
+    records = read_records(workdir / "metrics.jsonl")
     assert records[-1]["status"] == "completed" and records[-1]["step"] == 48
     resumed = [r for r in records if r["type"] == "header"][-1]
     assert resumed["resumed_from"].endswith(saved[-1])

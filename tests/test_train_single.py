@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from test_train_multirank import TensorLoader, TinyNet, config
-from tsm_dist.metrics import read_jsonl
+from tsm_dist.records import read_records
 from tsm_dist.train import EXIT_NONFINITE, train
 
 
@@ -33,7 +33,7 @@ def loader_builder(file_list: Any, root: Any, *, batch_size: int, shard_id: int,
 def test_mixed_precision_trains(tmp_path, amp):
     cfg = config("torch", **{"train.amp": amp, "train.epochs": 1, "train.eval_every_epochs": 1})
     assert train(cfg, tmp_path, model_builder=model_builder, loader_builder=loader_builder) == 0
-    records = read_jsonl(tmp_path / "metrics.jsonl")
+    records = read_records(tmp_path / "metrics.jsonl")
     losses = [r["loss"] for r in records if r["type"] == "step"]
     assert len(losses) == 16 and all(torch.isfinite(torch.tensor(losses)))
     assert records[-1]["status"] == "completed"
@@ -43,6 +43,6 @@ def test_nonfinite_loss_stops_with_the_step_number(tmp_path, capsys):
     cfg = config("torch", **{"train.seed": 13, "train.checkpoint_every_epochs": 1})
     assert train(cfg, tmp_path, model_builder=model_builder, loader_builder=loader_builder) == EXIT_NONFINITE
     assert "NaN or Inf at optimizer step 3 (epoch 0)" in capsys.readouterr().err
-    end = read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    end = read_records(tmp_path / "metrics.jsonl")[-1]
     assert (end["status"], end["step"]) == ("failed", 3)
     assert not (tmp_path / "checkpoints").exists()  # nothing saved from a diverged model

@@ -1,4 +1,4 @@
-"""Checkpoint files, top-k counts, the JSONL log and the preemption flag (single process)."""
+"""Checkpoint files, top-k counts and the preemption flag (single process)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tsm_dist import checkpoint as ckpt
-from tsm_dist.metrics import JsonlWriter, read_jsonl, topk_counts
+from tsm_dist.metrics import topk_counts
 from tsm_dist.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
 
 
@@ -51,14 +51,6 @@ def test_topk_counts_skip_padded_samples():
     n, top1, top2 = topk_counts(logits, labels, ks=(1, 2)).tolist()
     assert (n, top1, top2) == (3, 1, 2)
     assert topk_counts(logits[:0], labels[:0]).tolist() == [0, 0, 0]
-
-
-def test_jsonl_appends_across_restarts(tmp_path):
-    for i in range(2):
-        log = JsonlWriter(tmp_path / "m.jsonl")
-        log.write({"type": "step", "step": i})
-        log.close()
-    assert [r["step"] for r in read_jsonl(tmp_path / "m.jsonl")] == [0, 1]
 
 
 def test_preemption_flag_records_signals_and_restores_handlers():

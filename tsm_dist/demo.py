@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tsm_dist.evaluate import mean_std
-from tsm_dist.metrics import read_jsonl
+from tsm_dist.records import METRICS_FILE, read_last_run
 
 MODELS = (("TSM", "synthetic_tsm.yaml"), ("TSN", "synthetic_tsn.yaml"))
 FULL = {"videos_per_class": 80, "frames": 32, "size": 64, "crop": 56, "epochs": 15}
@@ -145,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             print(f"tsm-dist demo: {name} failed: {exc}", file=sys.stderr)
             return 1
-        records = read_jsonl(workdir / "metrics.jsonl")
-        steps = [r for r in records if r["type"] == "step"]
-        evals = [r for r in records if r["type"] == "eval"]
+        run = read_last_run(workdir / METRICS_FILE)
+        steps, evals = run.steps, run.evals
         result = json.loads((workdir / "eval.json").read_text())
         rows.append({"model": name, "top1": (result["top1_mean"], result["top1_std"]),
                      "top5": (result["top5_mean"], result["top5_std"]), "checkpoints": len(result["checkpoints"]),

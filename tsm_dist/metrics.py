@@ -1,12 +1,11 @@
-"""What rank 0 records: top-k counts, the JSONL log, the wandb run, the progress line, the run header.
+"""What rank 0 records: top-k counts, the wandb run, the progress line, the run header's facts.
 
 Accuracy is computed from *counts* (valid samples, correct at 1, correct at 5) so that ranks can sum
 them with one allreduce; padded samples (label -1) are not counted. Only rank 0 constructs the
-writers below; other ranks never touch the workdir's logs.
+writers below; other ranks never touch the workdir's logs. ``metrics.jsonl`` is :mod:`tsm_dist.records`.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
@@ -35,27 +34,6 @@ def topk_counts(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] 
     else:
         counts += [0.0] * len(ks)
     return torch.tensor(counts, dtype=torch.float64)
-
-
-class JsonlWriter:
-    """Appends one JSON object per line and flushes, so a killed job keeps every record it wrote."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: TextIO = self.path.open("a")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, default=str) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    with Path(path).open() as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 class WandbRun:

@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from tsm_dist import checkpoint as ckpt
+from tsm_dist import records
 from tsm_dist.build import (LoaderBuilder, ModelBuilder, amp_dtype, build_loader_from_config,
                             build_model_from_config, has_val_set)
 from tsm_dist.config import Config, ConfigError, dump_config, load_config, plan_batch
 from tsm_dist.engine import Engine, is_launcher_rank0, started
 from tsm_dist.evaluate import evaluate
-from tsm_dist.metrics import JsonlWriter, Progress, WandbRun, git_commit, hardware, versions
+from tsm_dist.metrics import Progress, WandbRun, git_commit, hardware, versions
 from tsm_dist.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
 from tsm_dist.schedule import LRSchedule
 
@@ -137,7 +138,7 @@ class Trainer:
         self.K = self.plan.accumulate
         self.pos = Position()
         self.resume_path: Path | None = None
-        self.log: JsonlWriter | None = None  # rank 0 only, like wandb and progress
+        self.log: records.MetricsLog | None = None  # rank 0 only, like wandb and progress
         self.wandb: WandbRun | None = None
         self.progress: Progress | None = None
         self._build_data(loader_builder)
@@ -208,15 +209,15 @@ class Trainer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.workdir / "config.yaml")
         self.wandb = WandbRun(cfg.log.wandb, cfg.log.project, self.workdir, cfg.to_dict())
-        self.log = JsonlWriter(self.workdir / "metrics.jsonl")
-        self.log.write({"type": "header", "time": time.time(), "config": cfg.to_dict(), "git_commit": git_commit(),
-                        "engine": engine.name, "world_size": engine.size, "local_size": engine.local_size,
-                        "device": str(self.device), "model": cfg.model.name, "num_frames": cfg.model.num_frames,
-                        "per_gpu_batch": plan.per_gpu_batch, "accumulate": self.K, "global_batch": plan.global_batch,
-                        "steps_per_epoch": self.steps_per_epoch, "peak_lr": self.schedule.peak_lr,
-                        "params": sum(p.numel() for p in self.model.parameters()),
-                        "resumed_from": str(self.resume_path) if self.resume_path else None,
-                        "versions": versions(), "hardware": hardware()})
+        self.log = records.MetricsLog(self.workdir / records.METRICS_FILE)
+        self.log.write(records.header_record(
+            config=cfg.to_dict(), git_commit=git_commit(), engine=engine.name, world_size=engine.size,
+            local_size=engine.local_size, device=str(self.device), model=cfg.model.name,
+            num_frames=cfg.model.num_frames, per_gpu_batch=plan.per_gpu_batch, accumulate=self.K,
+            global_batch=plan.global_batch, steps_per_epoch=self.steps_per_epoch, peak_lr=self.schedule.peak_lr,
+            params=sum(p.numel() for p in self.model.parameters()),
+            resumed_from=str(self.resume_path) if self.resume_path else None, versions=versions(),
+            hardware=hardware()))
         self.progress = Progress(self.total_steps, enabled=cfg.log.progress)
 
     # ------------------------------------------------------------------------------ the loop
@@ -261,8 +262,8 @@ class Trainer:
                       "on at least one rank; training stopped", file=sys.stderr)
             return "failed", EXIT_NONFINITE
         if self.log is not None and (pos.step % cfg.log.interval == 0 or pos.step == self.total_steps):
-            self.log_step(self.step_record(loss, lr, {"data_time": data_t, "compute_time": compute_t,
-                                                      "sync_time": sync_t, "step_time": step_t}))
+            self.log_step(self.step_record(loss, lr, data_time=data_t, compute_time=compute_t, sync_time=sync_t,
+                                           step_time=step_t))
         if pos.batch_in_epoch >= self.steps_per_epoch * self.K:  # the epoch's last step
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
         if preempted > 0:
@@ -309,17 +310,12 @@ class Trainer:
         times.compute += time.perf_counter() - t
         return times
 
-    def step_record(self, loss: float, lr: float, times: dict[str, float] | None = None) -> dict[str, Any]:
-        """The ``step`` record of ``metrics.jsonl`` (rank means); without ``times`` (data_time, compute_time,
-        sync_time, step_time) only loss and LR."""
+    def step_record(self, loss: float, lr: float, **timing: float) -> dict[str, Any]:
+        """The step record (rank means) of the step just taken; ``timing``: see :func:`records.step_record`."""
         step = self.pos.step
-        record: dict[str, Any] = {"type": "step", "epoch": round(step / self.steps_per_epoch, 4), "step": step,
-                                  "loss": loss, "lr": lr}
-        if times is not None:
-            clips_per_step = self.plan.per_gpu_batch * self.K
-            record.update(times, clips_per_sec_rank=clips_per_step / times["step_time"],
-                          clips_per_sec_total=clips_per_step * self.engine.size / times["step_time"])
-        return record
+        return records.step_record(epoch=round(step / self.steps_per_epoch, 4), step=step, loss=loss, lr=lr,
+                                   clips_per_step=self.plan.per_gpu_batch * self.K, world_size=self.engine.size,
+                                   **timing)
 
     def log_step(self, record: dict[str, Any]) -> None:
         assert self.log is not None and self.wandb is not None and self.progress is not None
@@ -338,7 +334,7 @@ class Trainer:
             is_best = result["top1"] > pos.best_top1
             pos.best_top1 = max(pos.best_top1, result["top1"])
             if self.log is not None and self.wandb is not None:
-                self.log.write({"type": "eval", "epoch": pos.epoch, "step": pos.step, **result})
+                self.log.write(records.eval_record(epoch=pos.epoch, step=pos.step, **result))
                 self.wandb.log({f"val/{k}": v for k, v in result.items()}, step=pos.step)
             self.train_model.train()
         if cfg.train.checkpoint_every_epochs and (pos.epoch % cfg.train.checkpoint_every_epochs == 0 or last):
@@ -367,9 +363,9 @@ class Trainer:
         if self.log is not None:
             if skipped:
                 print(f"tsm-dist train: {len(skipped)} video(s) skipped as unreadable, e.g. {skipped[0][0]}: "
-                      f"{skipped[0][1]} (all in {self.workdir / 'metrics.jsonl'})", file=sys.stderr)
-            self.log.write({"type": "end", "time": time.time(), "status": status, "step": self.pos.step,
-                            "epoch": self.pos.epoch, "skipped": [list(s) for s in skipped]})
+                      f"{skipped[0][1]} (all in {self.workdir / records.METRICS_FILE})", file=sys.stderr)
+            self.log.write(records.end_record(status=status, step=self.pos.step, epoch=self.pos.epoch,
+                                              skipped=[list(s) for s in skipped]))
             self.log.close()
         if self.progress is not None:
             self.progress.close()

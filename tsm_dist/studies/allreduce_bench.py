@@ -18,6 +18,7 @@ from statistics import median
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from tsm_dist.engine import launcher_layout
+from tsm_dist.records import MetricsError, read_last_run
 from tsm_dist.studies.costmodel import fit_ring_link, gradient_bytes
 
 if TYPE_CHECKING:
@@ -42,14 +43,11 @@ def message_sizes(max_bytes: int, min_bytes: int = 4096, points: int = 8) -> lis
 
 def gradient_bytes_from_metrics(path: Path) -> int:
     """Gradient size of the model a training run used: parameters from its metrics.jsonl header, fp32."""
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            record = json.loads(line)
-            if record.get("type") == "header":
-                if "params" not in record:
-                    raise ValueError(f"{path}:{lineno}: header record lacks 'params'")
-                return int(gradient_bytes(int(record["params"])))
-    raise ValueError(f"{path}: no header record; cannot size the allreduce messages")
+    try:
+        header = read_last_run(path).header
+    except MetricsError as err:  # a ValueError
+        raise MetricsError(f"{err}; cannot size the allreduce messages") from err
+    return int(gradient_bytes(int(header["params"])))
 
 
 def time_collective(run_once: Callable[[], None], barrier: Callable[[], None],

@@ -15,6 +15,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any, Iterable
 
+from tsm_dist.records import MetricsError, read_last_run
 from tsm_dist.studies.costmodel import LinkCost, gradient_bytes, project_step_time
 from tsm_dist.studies.machines import MachineProfile, load_machine
 from tsm_dist.studies.sweep_plan import JobSpec, SweepPlan
@@ -90,25 +91,6 @@ class Row:
     time_basis: str = ""  # "measured" or "projected"
 
 
-class MetricsError(ValueError):
-    pass
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MetricsError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-        if not isinstance(record, dict) or "type" not in record:
-            raise MetricsError(f"{path}:{lineno}: a metrics record must be an object with a 'type'")
-        records.append(record)
-    return records
-
-
 def _need(record: dict[str, Any], key: str, path: Path) -> Any:
     if key not in record:
         raise MetricsError(f"{path}: {record['type']} record lacks key {key!r}")
@@ -117,31 +99,23 @@ def _need(record: dict[str, Any], key: str, path: Path) -> Any:
 
 def summarize_run(path: Path, warmup_steps: int) -> RunSummary:
     """Average the step records of ``path`` after the first ``warmup_steps`` optimizer steps."""
-    records = _read_jsonl(path)
-    starts = [i for i, r in enumerate(records) if r["type"] == "header"]
-    if not starts:
-        raise MetricsError(f"{path}: no header record")
-    # the file is appended to: only the last run in it (after its header) is the measurement
-    header, records = records[starts[-1]], records[starts[-1] + 1:]
-    steps = sorted((r for r in records if r["type"] == "step"), key=lambda r: _need(r, "step", path))
-    timed = steps[warmup_steps:]
+    run = read_last_run(path)  # the file is appended to: only the last run in it is the measurement
+    header = run.header
+    timed = run.steps[warmup_steps:]
     if not timed:
-        raise MetricsError(f"{path}: {len(steps)} step record(s), none after the {warmup_steps} warm-up "
+        raise MetricsError(f"{path}: {len(run.steps)} step record(s), none after the {warmup_steps} warm-up "
                            f"step(s); was log.interval > 1 or the run cut short?")
-    ends = [r for r in records if r["type"] == "end"]
-    config = header.get("config") or {}
-    engine_cfg = config.get("engine") or {}
+    engine_cfg = header["config"].get("engine") or {}
 
     def avg(key: str) -> float:
         return mean(float(_need(r, key, path)) for r in timed)
 
     return RunSummary(
-        engine=str(_need(header, "engine", path)), model=str(_need(header, "model", path)),
-        world_size=int(_need(header, "world_size", path)), per_gpu_batch=int(_need(header, "per_gpu_batch", path)),
-        accumulate=int(_need(header, "accumulate", path)), global_batch=int(_need(header, "global_batch", path)),
-        num_frames=int(_need(header, "num_frames", path)), params=int(_need(header, "params", path)),
-        fp16_compression=bool(engine_cfg.get("fp16_compression", False)),
-        status=str(ends[-1]["status"]) if ends else "running",
+        engine=str(header["engine"]), model=str(header["model"]), world_size=int(header["world_size"]),
+        per_gpu_batch=int(header["per_gpu_batch"]), accumulate=int(header["accumulate"]),
+        global_batch=int(header["global_batch"]), num_frames=int(header["num_frames"]),
+        params=int(header["params"]), fp16_compression=bool(engine_cfg.get("fp16_compression", False)),
+        status=run.status,
         timed_steps=len(timed), step_time_s=avg("step_time"), data_time_s=avg("data_time"),
         compute_time_s=avg("compute_time"), sync_time_s=avg("sync_time"))
 
