@@ -3,11 +3,13 @@
 ``tsm-dist train``, ``tsm-dist eval`` and the studies build through this module, so a config means the
 same thing everywhere. It imports neither the trainer nor the evaluator.
 
-Data paths follow one rule (:func:`resolve_list`): an absolute path is kept; a relative one is looked up
-under ``data.root`` first, then taken relative to the working directory.
+Model options left at None in the config are the model's own (:func:`resolve_model`). Data paths follow
+one rule (:func:`resolve_list`): an absolute path is kept; a relative one is looked up under
+``data.root`` first, then taken relative to the working directory.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -43,6 +45,23 @@ def default_loader_builder() -> LoaderBuilder:
     from tsm_dist.data import build_video_loader
 
     return build_video_loader
+
+
+def resolve_model(cfg: Config) -> Config:
+    """``cfg`` with every model option left at None set to the model's own default (the registry's):
+    the frame count the loaders sample is the one the model is built for. Unchanged if nothing is None."""
+    m = cfg.model
+    unset = [f.name for f in dataclasses.fields(m) if getattr(m, f.name) is None and f.name != "pretrained"]
+    if not unset:
+        return cfg
+    from tsm_dist.models import model_defaults
+
+    try:
+        defaults = model_defaults(m.name)
+    except ValueError as exc:
+        raise ConfigError(f"model.name: {exc}") from None
+    model = dataclasses.replace(m, **{key: defaults[key] for key in unset})
+    return dataclasses.replace(cfg, model=model)
 
 
 def resolve_list(cfg: Config, key: str) -> str | None:
@@ -82,7 +101,7 @@ def flip_label_map(cfg: Config) -> dict[int, int] | None:
 
 
 def build_model_from_config(cfg: Config, builder: ModelBuilder | None = None) -> "nn.Module":
-    m = cfg.model
+    m = resolve_model(cfg).model
     return (builder or default_model_builder())(
         m.name, num_classes=m.num_classes, num_frames=m.num_frames, dropout=m.dropout, fold_div=m.fold_div,
         shift_place=m.shift_place, depth=m.depth, width=m.width, pretrained=m.pretrained)
@@ -91,6 +110,7 @@ def build_model_from_config(cfg: Config, builder: ModelBuilder | None = None) ->
 def build_loader_from_config(cfg: Config, engine: "Engine", *, train: bool, builder: LoaderBuilder | None = None,
                              num_clips: int = 1, num_crops: int = 1) -> Any:
     """Rank ``engine.rank``'s shard of the training (``train``) or validation set."""
+    cfg = resolve_model(cfg)
     d = cfg.data
     options: dict[str, Any] = dict(
         backend=d.backend, device=d.device, num_frames=cfg.model.num_frames, sampling=d.sampling,

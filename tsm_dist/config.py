@@ -27,14 +27,18 @@ def _choices(*values: str) -> dict[str, Any]:
 
 @dataclass
 class ModelConfig:
+    """None (the default) means the model's own value from the registry (tsm_dist.models.model_defaults):
+    an I3D config without ``num_frames`` gets its 16 or 32 frames. ``tsm_dist.build.resolve_model``
+    fills them in before anything is built."""
+
     name: str = "tsm8f_r50"
     num_classes: int = 400
-    num_frames: int = 8
-    dropout: float = 0.5
-    fold_div: int = 8
-    shift_place: str = field(default="residual", metadata=_choices("residual", "inplace"))
-    depth: int = 50
-    width: int = 64
+    num_frames: Optional[int] = None
+    dropout: Optional[float] = None
+    fold_div: Optional[int] = None
+    shift_place: Optional[str] = field(default=None, metadata=_choices("residual", "inplace"))
+    depth: Optional[int] = None
+    width: Optional[int] = None
     pretrained: Optional[str] = None
 
 
@@ -196,7 +200,7 @@ def _set(cfg: Config, dotted: str, value: Any, where: str) -> None:
     hints = typing.get_type_hints(type(section))
     coerced = _coerce(value, hints[key], f"{where}: {dotted}")
     choices = fields[key].metadata.get("choices")
-    if choices is not None and coerced not in choices:
+    if choices is not None and coerced is not None and coerced not in choices:
         raise ConfigError(f"{where}: {dotted}={coerced!r} is not one of {', '.join(map(str, choices))}")
     setattr(section, key, coerced)
 
@@ -214,9 +218,11 @@ def _check_ranges(cfg: Config) -> None:
     for key in positive + non_negative:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
+        if value is None:  # a model option left to the model
+            continue
         if value < 0 or (key in positive and value == 0):
             raise ConfigError(f"{key}={value!r} must be {'> 0' if key in positive else '>= 0'}")
-    if not 0.0 <= cfg.model.dropout < 1.0:
+    if cfg.model.dropout is not None and not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout={cfg.model.dropout!r} must be in [0, 1)")
     if cfg.optim.decay_epochs != sorted(cfg.optim.decay_epochs):
         raise ConfigError(f"optim.decay_epochs={cfg.optim.decay_epochs!r} must be increasing")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tsm_dist import checkpoint as ckpt
-from tsm_dist.build import amp_dtype, build_loader_from_config, build_model_from_config, has_val_set
+from tsm_dist.build import amp_dtype, build_loader_from_config, build_model_from_config, has_val_set, resolve_model
 from tsm_dist.config import Config, ConfigError, load_config
 from tsm_dist.metrics import topk_counts
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if flag is not None:
             overrides.append(f"{key}={flag}")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = resolve_model(load_config(args.config, overrides))
         paths = _checkpoints(args.checkpoint or [], args.workdir, cfg.eval.last_n)
     except (ConfigError, FileNotFoundError) as exc:
         if is_launcher_rank0():

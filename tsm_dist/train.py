@@ -28,7 +28,7 @@ from torch import nn
 from tsm_dist import checkpoint as ckpt
 from tsm_dist import records
 from tsm_dist.build import (LoaderBuilder, ModelBuilder, amp_dtype, build_loader_from_config,
-                            build_model_from_config, has_val_set)
+                            build_model_from_config, has_val_set, resolve_model)
 from tsm_dist.config import Config, ConfigError, dump_config, load_config, plan_batch
 from tsm_dist.engine import Engine, is_launcher_rank0, started
 from tsm_dist.evaluate import evaluate
@@ -130,7 +130,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, engine: Engine, workdir: Path, model_builder: ModelBuilder | None = None,
                  loader_builder: LoaderBuilder | None = None) -> None:
-        self.cfg, self.engine, self.workdir = cfg, engine, workdir
+        self.cfg = cfg = resolve_model(cfg)  # the model's own frames etc. where the config leaves them to it
+        self.engine, self.workdir = engine, workdir
         self.device, self.root = engine.device, engine.is_root
         self.plan = plan_batch(cfg, engine.size)
         if cfg.data.device == "gpu" and self.device.type != "cuda":

@@ -47,6 +47,11 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
+def model_defaults(name: str) -> dict[str, Any]:
+    """The options ``name`` is built with when they are not given (None): the one source of model defaults."""
+    return {"num_frames": _entry(name).spec.num_frames, **_DEFAULTS}
+
+
 def list_models() -> list[str]:
     return list(_MODELS)
 
@@ -75,8 +80,8 @@ def build_model(name: str, num_classes: int, **options: Any) -> VideoResNet:
     if unknown:
         raise TypeError(f"build_model({name!r}): unknown option(s) {unknown}; "
                         f"known: {sorted([*_DEFAULTS, 'num_frames'])}")
-    opts = {k: (_DEFAULTS[k] if options.get(k) is None else options[k]) for k in _DEFAULTS}
-    num_frames = spec.num_frames if options.get("num_frames") is None else int(options["num_frames"])
+    opts = {k: (default if options.get(k) is None else options[k]) for k, default in model_defaults(name).items()}
+    num_frames = int(opts.pop("num_frames"))
     _validate(name, spec, num_classes, num_frames, opts)
     model = VideoResNet(
         spec, num_classes=num_classes, num_frames=num_frames, depth=opts["depth"], width=opts["width"],

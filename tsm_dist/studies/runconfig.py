@@ -36,9 +36,12 @@ def write_run_config(base: Path, model: str, overrides: list[str], path: Path) -
 
     The model's default frame count goes first so that an explicit ``model.num_frames`` override wins.
     """
+    from tsm_dist.build import resolve_model
     from tsm_dist.config import dump_config, load_config
 
-    cfg = load_config(base, [*model_frame_overrides(Path(base), model), *overrides, f"model.name={model}"])
+    # resolved: the written config names the frames etc. the run uses, also where the base leaves them to the model
+    cfg = resolve_model(load_config(base, [*model_frame_overrides(Path(base), model), *overrides,
+                                           f"model.name={model}"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, path)
     return cfg
