@@ -225,7 +225,7 @@ def render_jobs(plan: SweepPlan, out: Path, args: argparse.Namespace) -> None:
         script = out / "jobs" / job.tag / f"job.{SCRIPT_SUFFIX[plan.scheduler]}"
         workdir = out / job.workdir
         text = render_job(plan.scheduler, job.run_nodes, plan.gpus_per_node, str(out / job.config),
-                          project=args.project, time=args.time, accumulate=job.accumulate, job_name=job.tag,
+                          project=args.project, time=args.time, job_name=job.tag,  # accumulation: in the YAML
                           workdir=str(workdir), controller=args.controller, queue=args.queue,
                           command=shlex.join(plan.command), check_config=False,  # validated when written
                           **microbenchmark_step(args, plan, job, workdir, out))
