@@ -11,6 +11,12 @@ to other load on the machine), the medians, and the DALI / PyAV ratio.
 
   .venv/bin/python benchmarks/bench_loaders.py                  # SSv2-like
   .venv/bin/python benchmarks/bench_loaders.py --kinetics       # Kinetics-like
+  .venv/bin/python benchmarks/bench_loaders.py --packed         # packed shards vs file list
+
+``--packed`` compares the same videos as a file list and packed (``tsm-dist pack``): clips/s of each
+backend on both layouts (alternated ``--rounds`` times, 1 rank), and, for a list of ``--entries`` lines
+(the videos repeated) packed into ``--shard-mb`` shards, what rank 0 of ``--ranks`` does in one epoch:
+start-up, plan + read time without decoding, files opened, MiB read, videos probed.
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ import torch.nn.functional as F
 
 from tsm_dist.data import build_video_loader
 from tsm_dist.data.encode import write_video
-from tsm_dist.data.filelist import VideoRecord
+from tsm_dist.data.filelist import VideoRecord, write_file_list
+from tsm_dist.data.pack import main as pack_main
+from tsm_dist.data.pack_study import decode_pass, io_pass, markdown, repeat_list
 
 
 def make_videos(
@@ -79,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backends", nargs="+", default=["dali", "pyav"])
     parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "tsm_dist_bench_loaders"))
+    parser.add_argument("--packed", action="store_true", help="packed shards vs file list (see above)")
+    parser.add_argument("--entries", type=int, default=10240, help="--packed: lines of the long list")
+    parser.add_argument("--ranks", type=int, default=4, help="--packed: the long list's epoch is rank 0's of R")
+    parser.add_argument("--shard-mb", type=float, default=64, help="--packed: shard size in MiB")
     args = parser.parse_args(argv)
     shape = dict(frames=250, height=256, width=320, gop=25, fps=25) if args.kinetics else dict(
         frames=48, height=240, width=428, gop=None, fps=12)
@@ -93,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"videos: {len(records)} x {args.frames} frames {args.width}x{args.height} VP9 (gop {args.gop}), "
           f"{size_kb:.0f} KiB each; clips: {args.num_frames} frames {args.sampling}, {args.crop_size}^2, "
           f"batch {args.batch_size}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}")
+    if args.packed:
+        return packed_comparison(args, records)
     loaders = {
         backend: build_video_loader(
             records, None, backend=backend, num_frames=args.num_frames, sampling=args.sampling, stride=2,
@@ -117,6 +131,53 @@ def main(argv: list[str] | None = None) -> int:
     if "dali" in medians and "pyav" in medians:
         print(f"DALI CPU / PyAV: {medians['dali'] / medians['pyav']:.2f}x clips/s (goal >= 2x), "
               f"{costs['pyav'] / costs['dali']:.2f}x less CPU per clip; load average {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+def _pack(list_path: str, out: str, shard_mb: float) -> None:
+    """Pack (or resume, or find complete) ``list_path`` into ``out``; report the time it took."""
+    start = time.perf_counter()
+    if pack_main(["--list", list_path, "--out", out, "--shard-mb", str(shard_mb), "--no-progress"]) != 0:
+        raise SystemExit(f"packing {list_path} failed")
+    print(f"  ({time.perf_counter() - start:.1f} s)")
+
+
+def packed_comparison(args: argparse.Namespace, records: list[VideoRecord]) -> int:
+    short_list, long_list = os.path.join(args.data, "list.txt"), os.path.join(args.data, f"list_{args.entries}.txt")
+    write_file_list(short_list, records)
+    entries = repeat_list(short_list, None, long_list, args.entries)
+    short_pack, long_pack = short_list + ".pack", f"{long_list}.{args.shard_mb:g}mb.pack"
+    _pack(short_list, short_pack, args.shard_mb)
+    _pack(long_list, long_pack, args.shard_mb)
+    options = dict(num_frames=args.num_frames, sampling=args.sampling, stride=2, batch_size=args.batch_size,
+                   crop_size=args.crop_size, train=True, num_threads=args.threads)
+    rows = []
+    for backend in args.backends:
+        for source in (long_list, long_pack):
+            rows.append(io_pass(source, None, backend=backend, ranks=args.ranks, entries=entries, **options))
+            print(f"io pass {backend} {rows[-1].layout}: {rows[-1].epoch_io_s:.2f} s, "
+                  f"{rows[-1].files_opened} files opened, load {os.getloadavg()[0]:.1f}", flush=True)
+        rates: dict[str, list[float]] = {"list": [], "packed": []}
+        for round_ in range(args.rounds):
+            for layout, source in (("list", short_list), ("packed", short_pack)):
+                row = decode_pass(source, None, backend=backend, ranks=1, entries=len(records),
+                                  epochs=args.epochs, **options)
+                rates[layout].append(row.clips_per_s)
+                print(f"round {round_} {backend:5s} {layout:6s} {row.clips_per_s:7.1f} clips/s  "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
+        for row in rows[-2:]:
+            row.clips_per_s = statistics.median(rates[row.layout])
+    print(f"\nper rank (rank 0 of {args.ranks}) and epoch on a list of {entries} entries "
+          f"({len(records)} videos repeated), shards of {args.shard_mb:g} MiB; clips/s: median of {args.rounds} "
+          f"rounds x {args.epochs} epochs of the {len(records)} videos, 1 rank:\n")
+    print(markdown(rows))
+    for backend in args.backends:
+        plain, packed = [r for r in rows if r.backend == backend]
+        print(f"{backend}: {plain.files_opened / max(packed.files_opened, 1):.0f}x fewer file opens, "
+              f"{plain.probes} -> {packed.probes} probes, epoch plan + read {plain.epoch_io_s:.2f} -> "
+              f"{packed.epoch_io_s:.2f} s, start-up {plain.startup_s:.3f} -> {packed.startup_s:.3f} s, "
+              f"clips/s packed / list {packed.clips_per_s / plain.clips_per_s:.2f}x; "
+              f"load average {os.getloadavg()[0]:.1f}")
     return 0
 
 

@@ -2,6 +2,7 @@
 point) and the I/O study with both loaders, each producing its table and plots."""
 import csv
 import json
+import re
 
 import pytest
 from conftest import PYTHON, REPO, launcher_env, run_bounded
@@ -58,16 +59,35 @@ def test_io_study_end_to_end(tmp_path):
     out = tmp_path / "io"
     result = run_bounded([PYTHON, "-m", "tsm_dist.io_study", "--config", "configs/synthetic_tsm.yaml",
                           "--loaders", "dali,pyav", "--per-gpu-batch", "2", "--steps", "2", "--warmup-steps", "1",
-                          "--set", f"data.root={data}", *TINY, "--timeout", "120", "--out", str(out)],
-                         timeout=200, env=launcher_env(), cwd=REPO)
+                          "--set", f"data.root={data}", *TINY, "--packed", "auto", "--io-entries", "100",
+                          "--timeout", "120", "--out", str(out)],
+                         timeout=300, env=launcher_env(), cwd=REPO)
     assert result.returncode == 0, result.stdout[-4000:]
     with open(out / "io_study.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [(r["model"], r["loader"], r["status"]) for r in rows] == [
-        ("tsm8f_r50", "dali", "completed"), ("tsm8f_r50", "pyav", "completed")]
+    assert [(r["model"], r["loader"], r["layout"], r["status"]) for r in rows] == [
+        ("tsm8f_r50", loader, layout, "completed") for loader in ("dali", "pyav") for layout in ("list", "packed")]
+    config = (out / "jobs" / "tsm8f_r50_dali_packed_thread" / "config.yaml").read_text()
+    assert f"train_list: {out / 'packed'}" in config and (out / "packed" / "pack.json").exists()
     for r in rows:
         assert float(r["data_time_s"]) >= 0 and float(r["compute_time_s"]) > 0
         assert int(r["input_values_per_clip"]) == 8 * 3 * 32 * 32
         assert float(r["compute_per_io"]) == pytest.approx(float(r["macs_per_clip"]) / (8 * 3 * 32 * 32))
-    assert "| tsm8f_r50 | dali | 8 | 8x32² |" in (out / "io_study.md").read_text()
+    md = (out / "io_study.md").read_text()
+    assert "| tsm8f_r50 | dali | list | thread | 8 | 8x32² |" in md
+    # the loader I/O table: the 4 train videos repeated to 100 entries; list: 100 opens and probes, packed:
+    # its 1 shard opened, nothing probed
+    row = r"\| {} \| dali \| 100 \| 1 \| [0-9.]+ \| [0-9.]+ \| {} \| [0-9.]+ \| {} \|"
+    assert re.search(row.format("list", 100, 100), md) and re.search(row.format("packed", 1, 0), md)
     assert (out / "io_study.png").read_bytes()[:8] == PNG
+
+
+def test_io_study_feed_variants_dry_run(tmp_path):
+    """--feed thread,inline runs each configuration with data.feed_thread true and false."""
+    result = run_bounded([PYTHON, "-m", "tsm_dist.io_study", "--config", "configs/synthetic_tsm.yaml",
+                          "--loaders", "pyav", "--feed", "thread,inline", "--dry-run", "--out", str(tmp_path)],
+                         timeout=60, env=launcher_env(), cwd=REPO)
+    assert result.returncode == 0, result.stdout[-4000:]
+    jobs = tmp_path / "jobs"
+    assert "feed_thread: true" in (jobs / "tsm8f_r50_pyav" / "config.yaml").read_text()
+    assert "feed_thread: false" in (jobs / "tsm8f_r50_pyav_list_inline" / "config.yaml").read_text()

@@ -7,6 +7,13 @@ input values per clip, Table 10) it shows why TSM8f (8 frames) hides its I/O whe
 
     python -m tsm_dist.io_study --config configs/tsm8f_r50_kinetics400.yaml \
         --models tsm8f_r50,i3d3x3x3_r50,i3d3x1x1_r50 --loaders dali,pyav --ranks 6 --out runs/io
+
+``--packed DIR`` (or ``auto``: pack the config's training list into OUT/packed) adds the packed layout
+(``tsm-dist pack``) to every run, and a table of what one rank's loader does per epoch with each layout on
+a list of ``--io-entries`` lines (the training list repeated): start-up, plan + read time, files opened,
+bytes read, videos probed. ``--feed thread,inline`` runs each configuration with batches planned and
+read on the loader's feeder thread (the default) and on the training thread (``data.feed_thread=false``,
+the former behaviour), to show ``data_time`` before/after.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ if TYPE_CHECKING:
     from tsm_dist.config import Config
 
 LOADERS = ("dali", "pyav")
+FEEDS = ("thread", "inline")
 
 
 @dataclass
@@ -39,6 +47,8 @@ class IORow:
     ranks: int
     per_gpu_batch: int
     status: str
+    layout: str = "list"
+    feed: str = "thread"
     macs_per_clip: float = math.nan
     input_values_per_clip: int = 0
     compute_per_io: float = math.nan  # MACs per input value (Table 10's "Compute/IO")
@@ -79,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run")
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--packed", metavar="DIR",
+                        help="packed training set (tsm-dist pack) to compare with the list, or 'auto' to pack it")
+    parser.add_argument("--feed", type=choice_list(FEEDS), default=["thread"],
+                        help="comma list of thread (feeder thread, default), inline (on the training thread)")
+    parser.add_argument("--io-entries", type=int, default=10240,
+                        help="with --packed: lines of the list for the loader I/O table (default 10240)")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="mpirun")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     parser.add_argument("--out", required=True, type=Path)
@@ -95,17 +111,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _row(cfg: "Config", loader: str, ranks: int, summary: RunSummary | None, status: str, macs: float) -> IORow:
+def _row(cfg: "Config", loader: str, ranks: int, summary: RunSummary | None, status: str, macs: float,
+         layout: str = "list", feed: str = "thread") -> IORow:
     values = cfg.model.num_frames * 3 * cfg.data.crop_size ** 2
     row = IORow(model=cfg.model.name, loader=loader, num_frames=cfg.model.num_frames,
                 crop_size=cfg.data.crop_size, ranks=ranks, per_gpu_batch=cfg.data.batch_size, status=status,
-                macs_per_clip=macs, input_values_per_clip=values, compute_per_io=macs / values)
+                layout=layout, feed=feed, macs_per_clip=macs, input_values_per_clip=values,
+                compute_per_io=macs / values)
     if summary is not None:
         row.params = summary.params
         row.data_time_s, row.compute_time_s = summary.data_time_s, summary.compute_time_s
         row.sync_time_s, row.step_time_s = summary.sync_time_s, summary.step_time_s
         row.clips_per_sec = summary.clips_per_sec
     return row
+
+
+def _variants(args: argparse.Namespace) -> list[tuple[str, str, str, list[str]]]:
+    """(loader, layout, feed, overrides) of every run of one model."""
+    layouts = [("list", [])] + ([("packed", [f"data.train_list={args.packed}"])] if args.packed else [])
+    return [(loader, layout, feed, [f"data.backend={loader}", *layout_set, f"data.feed_thread={feed == 'thread'}"])
+            for loader in args.loaders for layout, layout_set in layouts for feed in args.feed]
 
 
 def run_study(args: argparse.Namespace) -> list[IORow]:
@@ -117,9 +142,9 @@ def run_study(args: argparse.Namespace) -> list[IORow]:
     for model in models:
         base = args.model_configs.get(model, args.config)
         macs = math.nan
-        for loader in args.loaders:
-            tag = f"{model}_{loader}"
-            overrides = [*args.overrides, f"data.backend={loader}",
+        for loader, layout, feed, variant in _variants(args):
+            tag = f"{model}_{loader}" + ("" if (layout, feed) == ("list", "thread") else f"_{layout}_{feed}")
+            overrides = [*args.overrides, *variant,
                          *([f"data.batch_size={args.per_gpu_batch}"] if args.per_gpu_batch else []),
                          *measurement_overrides(args.warmup_steps + args.steps)]
             config_path = out / "jobs" / tag / "config.yaml"
@@ -142,9 +167,52 @@ def run_study(args: argparse.Namespace) -> list[IORow]:
                     summary = summarize_run(workdir / "metrics.jsonl", args.warmup_steps)
                 except MetricsError as err:
                     error = f"unusable metrics: {err}"
-            rows.append(_row(cfg, loader, args.ranks, summary, error or "completed", macs))
+            rows.append(_row(cfg, loader, args.ranks, summary, error or "completed", macs, layout, feed))
             print(f"[{tag}] {rows[-1].status}", flush=True)
     return rows
+
+
+def _pack(list_path: str, root: str | None, out: Path, shard_mb: float = 1024) -> str:
+    from tsm_dist.data.pack import main as pack_main
+
+    argv = ["--list", list_path, "--out", str(out), "--shard-mb", f"{shard_mb:g}", "--no-progress"]
+    if pack_main(argv + (["--root", root] if root else [])) != 0:
+        raise ValueError(f"packing {list_path} into {out} failed")
+    return str(out)
+
+
+def prepare_packed(args: argparse.Namespace) -> None:
+    """``--packed auto``: pack the config's training list into OUT/packed (resumed if interrupted)."""
+    from tsm_dist.build import resolve_list
+    from tsm_dist.config import load_config
+
+    if args.packed == "auto" and args.dry_run:
+        args.packed = str(args.out.resolve() / "packed")
+    elif args.packed == "auto":
+        cfg = load_config(args.config, args.overrides)
+        args.packed = _pack(resolve_list(cfg, "train_list"), cfg.data.root or None, args.out.resolve() / "packed")
+    args.packed = str(Path(args.packed).resolve())
+
+
+def loader_io(args: argparse.Namespace) -> list:
+    """Rank 0 of ``--ranks``: one epoch's start-up, plan + read time, opens, bytes, probes, per layout, on
+    the training list repeated to ``--io-entries`` lines and the same list packed."""
+    from tsm_dist.build import resolve_list
+    from tsm_dist.config import load_config
+    from tsm_dist.data.pack_format import read_meta
+    from tsm_dist.data.pack_study import io_pass, repeat_list
+
+    cfg = load_config(args.config, args.overrides)
+    d = cfg.data
+    long_list = str(args.out.resolve() / f"io_list_{args.io_entries}.txt")
+    entries = repeat_list(resolve_list(cfg, "train_list"), d.root or None, long_list, args.io_entries)
+    shard_mb = read_meta(args.packed)["settings"]["shard_mb"]
+    long_pack = _pack(long_list, None, Path(long_list + ".pack"), shard_mb)
+    options = dict(num_frames=cfg.model.num_frames, sampling=d.sampling, stride=d.stride,
+                   batch_size=args.per_gpu_batch or d.batch_size, crop_size=d.crop_size, train=True,
+                   num_classes=cfg.model.num_classes, short_videos=d.short_videos)
+    return [io_pass(source, None, backend=loader, ranks=args.ranks, entries=entries, **options)
+            for loader in args.loaders for source in (long_list, long_pack)]
 
 
 def _fmt(value: float, spec: str) -> str:
@@ -154,14 +222,14 @@ def _fmt(value: float, spec: str) -> str:
 def markdown(rows: list[IORow], args: argparse.Namespace) -> str:
     lines = [f"# I/O study: one node, {args.ranks} rank(s), {args.steps} timed steps after {args.warmup_steps} "
              f"warm-up", "",
-             "| Model | Loader | Frames | Input size | MACs/clip (G) | Params (M) | Compute/IO | "
+             "| Model | Loader | Layout | Feed | Frames | Input size | MACs/clip (G) | Params (M) | Compute/IO | "
              "I/O not hidden (s/batch) | Compute (s/batch) | Sync (s/batch) | Batch time (s) | Clips/s | I/O hidden |",
-             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+             "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in rows:
         hidden = "-" if math.isnan(r.step_time_s) else ("yes" if r.io_hidden else "no")
         params = f"{r.params / 1e6:.2f}" if r.params else "-"
         status = "" if r.status == "completed" else f" ({r.status})"
-        lines.append(f"| {r.model} | {r.loader}{status} | {r.num_frames} | {r.num_frames}x{r.crop_size}² | "
+        lines.append(f"| {r.model} | {r.loader}{status} | {r.layout} | {r.feed} | {r.num_frames} | {r.num_frames}x{r.crop_size}² | "
                      f"{_fmt(r.macs_per_clip / 1e9, '.3g')} | {params} | {_fmt(r.compute_per_io / 1e3, '.2f')}k | "
                      f"{_fmt(r.data_time_s, '.4f')} | {_fmt(r.compute_time_s, '.4f')} | {_fmt(r.sync_time_s, '.4f')} | "
                      f"{_fmt(r.step_time_s, '.4f')} | {_fmt(r.clips_per_sec, '.1f')} | {hidden} |")
@@ -176,7 +244,8 @@ def plot(rows: list[IORow], path: Path) -> None:
     plt = pyplot()
     done = [r for r in rows if not math.isnan(r.step_time_s)]
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(done) + 2), 4.5))
-    labels = [f"{r.model}\n{r.loader}" for r in done]
+    labels = [f"{r.model}\n{r.loader}" + ("" if (r.layout, r.feed) == ("list", "thread") else f"\n{r.layout} {r.feed}")
+              for r in done]
     compute = [r.compute_time_s + r.sync_time_s for r in done]
     io = [r.data_time_s for r in done]
     ax.bar(labels, compute, color="tab:blue", label="Compute time")
@@ -194,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
+        if args.packed:
+            prepare_packed(args)
         rows = run_study(args)
+        io_rows = loader_io(args) if args.packed and not args.dry_run else []
     except (ValueError, FileNotFoundError) as err:  # a config error (ConfigError) names the key and file
         print(f"io_study: error: {err}", file=sys.stderr)
         return 2
@@ -206,7 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(r).items()}
                          for r in rows)
-    (out / "io_study.md").write_text(markdown(rows, args))
+    text = markdown(rows, args)
+    if io_rows:
+        from tsm_dist.data.pack_study import markdown as io_markdown
+
+        text += (f"\n## Loader I/O per rank and epoch: file list vs packed\n\nRank 0 of {args.ranks}, the training "
+                 f"list repeated to {io_rows[0].entries} entries, one epoch planned and read without decoding "
+                 f"(counted by the loader's byte reader and probe counter):\n\n" + io_markdown(io_rows))
+    (out / "io_study.md").write_text(text)
     plot(rows, out / "io_study.png")
     print((out / "io_study.md").read_text())
     print(f"wrote {out / 'io_study.csv'}, {out / 'io_study.png'}")
