@@ -197,12 +197,12 @@ def prepare_packed(args: argparse.Namespace) -> None:
 def loader_io(args: argparse.Namespace) -> list:
     """Rank 0 of ``--ranks``: one epoch's start-up, plan + read time, opens, bytes, probes, per layout, on
     the training list repeated to ``--io-entries`` lines and the same list packed."""
-    from tsm_dist.build import resolve_list
+    from tsm_dist.build import resolve_list, resolve_model
     from tsm_dist.config import load_config
     from tsm_dist.data.pack_format import read_meta
     from tsm_dist.data.pack_study import io_pass, repeat_list
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolve_model(load_config(args.config, args.overrides))
     d = cfg.data
     long_list = str(args.out.resolve() / f"io_list_{args.io_entries}.txt")
     entries = repeat_list(resolve_list(cfg, "train_list"), d.root or None, long_list, args.io_entries)
