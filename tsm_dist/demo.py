@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tsm_dist import resources
 from tsm_dist.evaluate import mean_std
 from tsm_dist.records import METRICS_FILE, read_last_run
 
@@ -29,7 +30,7 @@ QUICK = {"videos_per_class": 10, "frames": 16, "size": 32, "crop": 28, "epochs":
 
 
 def configs_dir() -> Path:
-    found = Path(__file__).resolve().parents[1] / "configs"
+    found = resources.CONFIGS
     if not (found / MODELS[0][1]).is_file():
         raise FileNotFoundError(f"the demo's configs are missing: expected {found / MODELS[0][1]}")
     return found

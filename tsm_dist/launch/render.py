@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-REPO = Path(__file__).resolve().parents[2]
-TEMPLATE = REPO / "jobs" / "job.sh.tmpl"
+from tsm_dist import resources
+
+REPO = resources.ROOT  # the checkout, or the package's installed copy of jobs/, configs/ and launch/
+TEMPLATE = resources.JOB_TEMPLATE
 SCHEDULERS = ("lsf", "slurm")
 RESOURCE_SETS = ("per-gpu", "per-node")
 LSF_NODE_GPUS, LSF_NODE_CORES = 6, 42  # Summit: 6 V100, 2 x 21 usable POWER9 cores

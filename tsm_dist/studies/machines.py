@@ -11,9 +11,10 @@ from typing import Any
 
 import yaml
 
+from tsm_dist import resources
 from tsm_dist.studies.costmodel import LinkCost
 
-MACHINES_DIR = Path(__file__).resolve().parents[2] / "configs" / "machines"
+MACHINES_DIR = resources.MACHINES
 SCHEDULERS = ("lsf", "slurm", "local")
 
 
