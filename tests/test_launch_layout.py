@@ -58,6 +58,19 @@ def test_inner_launcher_wins_over_the_batch_script() -> None:
     assert detect_layout(inside).launcher == "horovodrun"
 
 
+def test_torchrun_workers_inside_a_slurm_step() -> None:
+    torchrun = {"TORCHELASTIC_RUN_ID": "r7", "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1"}
+    layout = detect_layout({**load_env("slurm_none_1"), **torchrun})  # torchrun started by srun: innermost
+    assert (layout.launcher, layout.rank, layout.size, layout.local_rank, layout.local_size, layout.mpi) == \
+        ("torchrun", 5, 8, 1, 4, False)
+    assert layout.job_id == "r7" and layout.sources["local_size"] == "LOCAL_WORLD_SIZE"
+    alone = detect_layout({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})  # no LOCAL_WORLD_SIZE: one node
+    assert (alone.launcher, alone.local_size) == ("torchrun", 2)
+    with pytest.raises(LayoutError, match="RANK is not set"):
+        detect_layout({"TORCHELASTIC_RUN_ID": "r7", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+
+
 def test_jsrun_wins_over_its_own_ompi_variables() -> None:
     assert detect_layout(load_env("jsrun_per_gpu_7")).job_id == "123456"
 

@@ -34,11 +34,7 @@ def launcher_layout(env: Mapping[str, str] | None = None) -> tuple[int, int, int
     Used before the engine starts (so only rank 0 prints a config error) and by the ``torch``
     engine, which has no launcher of its own outside torchrun.
     """
-    env = os.environ if env is None else env
-    if "TORCHELASTIC_RUN_ID" in env or {"RANK", "WORLD_SIZE", "LOCAL_RANK"} <= set(env):  # torchrun
-        size = int(env["WORLD_SIZE"])
-        return int(env["RANK"]), size, int(env["LOCAL_RANK"]), int(env.get("LOCAL_WORLD_SIZE", size))
-    layout = detect_layout(env)
+    layout = detect_layout(os.environ if env is None else env)  # torchrun included
     return layout.rank, layout.size, layout.local_rank, layout.local_size
 
 

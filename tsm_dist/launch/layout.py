@@ -1,5 +1,5 @@
 """Where this process sits in the job: rank, world size, local rank/size and node, read from the
-environment that the launcher (jsrun, mpirun, srun, MPICH/Intel hydra, horovodrun) sets.
+environment that the launcher (jsrun, mpirun, srun, MPICH/Intel hydra, horovodrun, torchrun) sets.
 
 Pure functions of an environment mapping, so every launcher is tested with recorded environments.
 Precedence matters because launchers nest: mpirun or horovodrun started inside a Slurm batch script
@@ -18,7 +18,7 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class RankLayout:
-    launcher: str  # "horovodrun" | "jsrun" | "openmpi" | "slurm" | "pmi" | "single"
+    launcher: str  # "horovodrun" | "torchrun" | "jsrun" | "openmpi" | "slurm" | "pmi" | "single"
     rank: int
     size: int
     local_rank: int
@@ -186,6 +186,11 @@ def detect_layout(env: Mapping[str, str]) -> RankLayout:
         # horovodrun (Gloo mode), or this wrapper already ran: the layout is spelled out in full.
         return _check(_simple(env, "horovodrun", ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK",
                                                   "HOROVOD_LOCAL_SIZE"), mpi="OMPI_COMM_WORLD_SIZE" in env))
+    if "TORCHELASTIC_RUN_ID" in env or {"RANK", "WORLD_SIZE", "LOCAL_RANK"} <= set(env):
+        # torchrun's workers (also when torchrun itself was started by srun, mpirun or jsrun)
+        local_size = "LOCAL_WORLD_SIZE" if "LOCAL_WORLD_SIZE" in env else "WORLD_SIZE"  # one node
+        return _check(_simple(env, "torchrun", ("RANK", "WORLD_SIZE", "LOCAL_RANK", local_size), mpi=False,
+                              job_var="TORCHELASTIC_RUN_ID"))
     if "JSM_NAMESPACE_RANK" in env:
         return _check(_simple(env, "jsrun", ("JSM_NAMESPACE_RANK", "JSM_NAMESPACE_SIZE",
                                              "JSM_NAMESPACE_LOCAL_RANK", "JSM_NAMESPACE_LOCAL_SIZE"),
