@@ -168,3 +168,38 @@ def test_second_backward_through_a_retained_graph_gives_the_same_gradients() -> 
     first = torch.autograd.grad(loss, [x, conv.weight], retain_graph=True)
     second = torch.autograd.grad(loss, [x, conv.weight])
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+@pytest.mark.parametrize("depth", [18, 26])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_every_gradient_has_its_parameters_strides(depth: int, memory_format, amp) -> None:
+    """DDP's bucket views and Horovod's in-place allreduce take a gradient with its parameter's strides;
+    the fused shift's 1x1 weight gradient (matmul path, depth 26) and 3x3 one (depth 18) must follow the
+    weight's layout, also under autocast, where the conv runs on a private copy."""
+    torch.manual_seed(0)
+    model = build_model("tsm8f_r50", 5, num_frames=4, depth=depth, width=16, dropout=0.0)
+    model = model.to(memory_format=memory_format)
+    clips = torch.randn(2, 4, 3, 32, 32)
+    with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+        out = model(clips)
+    out.float().square().sum().backward()
+    wrong = [(name, tuple(p.stride()), tuple(p.grad.stride())) for name, p in model.named_parameters()
+             if p.grad.stride() != p.stride()]
+    assert not wrong
+    shifted = [m for m in model.modules() if isinstance(m, TemporalShift)]
+    assert shifted  # the check covered the fused shift
+
+
+@pytest.mark.parametrize("hw", [1, 6])  # 1: weight gradient by convolution_backward; 6: by frame matmuls
+def test_fused_shift_weight_gradient_is_channels_last_for_a_channels_last_weight(hw: int) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(2 * 4, 16, hw, hw).to(memory_format=torch.channels_last).requires_grad_()
+    y, identity = shifted_conv(x, conv, 4, shift_groups(16, 8))
+    (y.square().sum() + identity.sum()).backward()
+    assert conv.weight.grad.stride() == conv.weight.stride() == (16, 1, 16, 16)
+    weight = conv.weight.detach().clone().requires_grad_()
+    ref = nn.functional.conv2d(temporal_shift(x.detach(), 4, 8), weight)
+    (want,) = torch.autograd.grad(ref.square().sum(), [weight])
+    assert torch.allclose(conv.weight.grad, want, atol=1e-5)

@@ -160,16 +160,20 @@ def _shift_back_add_(g5: Tensor, direct5: Tensor | None, groups: Sequence[Group]
     return g5
 
 
-def _weight_grad_1x1(grad_y: Tensor, x: Tensor, num_frames: int, groups: Sequence[Group]) -> Tensor:
+def _weight_grad_1x1(grad_y: Tensor, x: Tensor, num_frames: int, groups: Sequence[Group],
+                     weight_stride: Sequence[int]) -> Tensor:
     """Weight gradient of a 1x1 conv applied to ``shift(x)``, computed from the *unshifted* ``x``.
 
     Each channel group's columns correlate the output gradient at frame t with x at the frame the
-    group was read from (t + offset): batched matmuls on views, so x is not moved again.
+    group was read from (t + offset): batched matmuls on views, so x is not moved again. The result
+    (float32) has the weight's strides, so neither autograd nor DDP's bucket views copy it again.
     """
     t = num_frames
     g5 = grad_y.flatten(2).unflatten(0, (-1, t))  # (N, T, O, H*W), a view for NCHW and NHWC
     x5 = x.flatten(2).unflatten(0, (-1, t))  # (N, T, C, H*W)
-    out = torch.empty(g5.shape[2], x5.shape[2], dtype=torch.float32, device=x.device)
+    grad_w = torch.empty_strided((g5.shape[2], x5.shape[2], 1, 1), tuple(weight_stride), dtype=torch.float32,
+                                 device=x.device)
+    out = grad_w.view(g5.shape[2], x5.shape[2])  # size-1 dims dropped: a view for either layout
     moved_end = groups[-1][1]
     for c0, c1, off in ((moved_end, x5.shape[2], 0), *groups):
         if c0 == c1:
@@ -181,7 +185,7 @@ def _weight_grad_1x1(grad_y: Tensor, x: Tensor, num_frames: int, groups: Sequenc
         else:  # the frame ranges differ, so the (N, T') batch is not one stride: one bmm per clip
             part = sum(torch.bmm(gs[n], xs[n]).sum(0, dtype=torch.float32) for n in range(gs.shape[0]))
         out[:, c0:c1] = part
-    return out.view(*out.shape, 1, 1)
+    return grad_w
 
 
 class _ShiftedConvFn(torch.autograd.Function):
@@ -214,6 +218,7 @@ class _ShiftedConvFn(torch.autograd.Function):
             _unshift_inplace(_frames_view(xs, num_frames), groups, lost)
         ctx.conv, ctx.num_frames, ctx.groups, ctx.private = conv, num_frames, groups, private
         ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x.dtype, weight.dtype, bias is not None
+        ctx.w_stride = weight.stride()
         ctx.save_for_backward(xs if private else x, w)
         return y, x.view_as(x)
 
@@ -235,7 +240,7 @@ class _ShiftedConvFn(torch.autograd.Function):
                      and padding == (0, 0) and conv_groups == 1 and xs[0, 0].numel() >= w.shape[0])
         if by_matmul:
             grad_x = torch.ops.aten.convolution_backward(*conv_backward, [need_x, False, False])[0]
-            grad_w = _weight_grad_1x1(grad_y, xs, ctx.num_frames, ctx.groups)
+            grad_w = _weight_grad_1x1(grad_y, xs, ctx.num_frames, ctx.groups, ctx.w_stride)
         else:
             # Otherwise the weight gradient needs shift(x) itself: shift x again and undo it.
             lost = None if ctx.private or not need_w else _shift_inplace(x5, ctx.groups)
@@ -250,7 +255,17 @@ class _ShiftedConvFn(torch.autograd.Function):
         elif grad_identity is not None:
             grad_x = grad_identity
         grad_b = grad_y.sum((0, 2, 3)).to(ctx.w_dtype) if need_b and ctx.has_bias else None
-        return (grad_x, None if grad_w is None else grad_w.to(ctx.w_dtype), grad_b, None, None, None)
+        grad_w = None if grad_w is None else _with_strides(grad_w, ctx.w_dtype, ctx.w_stride)
+        return (grad_x, grad_w, grad_b, None, None, None)
+
+
+def _with_strides(grad: Tensor, dtype: torch.dtype, stride: Sequence[int]) -> Tensor:
+    """``grad`` in ``dtype`` with exactly ``stride`` (the parameter's): a channels-last weight must get a
+    channels-last gradient (DDP warns "Grad strides do not match bucket view strides" and copies otherwise;
+    a 1x1 weight's strides differ between layouts only in its size-1 dims, which autograd ignores)."""
+    if grad.dtype == dtype and grad.stride() == tuple(stride):
+        return grad
+    return torch.empty_strided(grad.shape, tuple(stride), dtype=dtype, device=grad.device).copy_(grad)
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
