@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import os
 from datetime import timedelta
 from typing import Any, Iterator, Mapping
@@ -26,6 +27,7 @@ from torch import nn
 from tsm_dist.config import EngineConfig
 from tsm_dist.launch.binding import threads_per_rank
 from tsm_dist.launch.layout import detect_layout
+from tsm_dist.memory_format import DenseViewCompressor, dense_view
 
 
 def launcher_layout(env: Mapping[str, str] | None = None) -> tuple[int, int, int, int]:
@@ -74,14 +76,19 @@ class Engine:
             self._init_horovod()
         else:
             self._init_torch()
+        self._pin_device()
+        if self.device.type != "cuda":
+            torch.set_num_threads(_cpu_threads())
+        return self
+
+    def _pin_device(self) -> None:
+        """This rank's GPU by local rank. The torch engine calls it before creating a NCCL process group,
+        which binds its communicators to the current device."""
         if torch.cuda.is_available():
             # jsrun may show each rank only its own GPU: local_rank then exceeds device_count
             index = self.local_rank % torch.cuda.device_count()
             torch.cuda.set_device(index)
             self.device = torch.device("cuda", index)
-        else:
-            torch.set_num_threads(_cpu_threads())
-        return self
 
     def _init_horovod(self) -> None:
         # Horovod reads its tuning knobs from the environment at init; the config wins over the
@@ -111,6 +118,7 @@ class Engine:
 
         rank, size, local_rank, local_size = launcher_layout()
         self._layout = (rank, size, local_rank, local_size)
+        self._pin_device()  # before init_process_group: NCCL binds to the current device
         if size == 1:  # nothing to communicate with: no process group, no port
             return
         if not dist.is_initialized():
@@ -120,8 +128,10 @@ class Engine:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+            bound = ({"device_id": self.device} if backend == "nccl"
+                     and "device_id" in inspect.signature(dist.init_process_group).parameters else {})
             dist.init_process_group(backend, init_method="env://", rank=rank, world_size=size,
-                                    timeout=timedelta(seconds=self.cfg.timeout_s))
+                                    timeout=timedelta(seconds=self.cfg.timeout_s), **bound)
             self._started_here = True
         self._dist = dist
         self._layout = (dist.get_rank(), dist.get_world_size(), local_rank, local_size)
@@ -212,14 +222,17 @@ class Engine:
         """In-place broadcast of named tensors (e.g. a state_dict) from ``root``."""
         if self.size == 1:
             return
+        # Horovod refuses non-contiguous (channels-last) tensors: broadcast their contiguous views (no copy)
         if self._hvd is not None:
-            self._hvd.broadcast_parameters(tensors, root_rank=root)
+            self._hvd.broadcast_parameters({name: dense_view(t.data) for name, t in tensors.items()},
+                                           root_rank=root)
             return
         for tensor in tensors.values():
-            buf = self._collective_tensor(tensor.data)
+            view = dense_view(tensor.data)
+            buf = self._collective_tensor(view)
             self._dist.broadcast(buf, src=root)
-            if buf is not tensor.data:
-                tensor.data.copy_(buf)
+            if buf is not view:
+                view.copy_(buf)
 
     def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Make every rank start from rank 0's parameters, buffers and optimizer state.
@@ -233,9 +246,12 @@ class Engine:
             return
         has_state = self.broadcast_object(bool(optimizer.state_dict()["state"]) if self.is_root else None)
         if has_state:
-            state = self.broadcast_object(optimizer.state_dict() if self.is_root else None)
+            # As bytes loaded onto this rank's own device: a pickled CUDA tensor would come back on rank
+            # 0's device index, i.e. every rank of a node would allocate (and start a context) on GPU 0.
+            payload = self.broadcast_object(_state_bytes(optimizer.state_dict()) if self.is_root else None)
             if not self.is_root:
-                optimizer.load_state_dict(state)
+                optimizer.load_state_dict(torch.load(io.BytesIO(payload), map_location=self.device,
+                                                     weights_only=False))
 
     # ------------------------------------------------------------------- distributed optimizer
     def distribute(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -247,6 +263,8 @@ class Engine:
         if self._hvd is not None:
             hvd = self._hvd
             compression = hvd.Compression.fp16 if self.cfg.fp16_compression else hvd.Compression.none
+            # channels-last gradients reach Horovod as contiguous views of themselves (see memory_format.py)
+            compression = DenseViewCompressor(compression)
             optimizer = hvd.DistributedOptimizer(
                 optimizer, named_parameters=model.named_parameters(), compression=compression,
                 backward_passes_per_step=accumulate, op=hvd.Average,
@@ -309,6 +327,12 @@ class Engine:
         context = optimizer.skip_synchronize() if self._hvd is not None else contextlib.nullcontext()
         with context:
             scaler.step(optimizer)
+
+
+def _state_bytes(state: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
 @contextlib.contextmanager

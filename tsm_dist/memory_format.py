@@ -1,0 +1,89 @@
+"""Memory formats: channels-last tensors as the collectives see them, and the format a model runs in.
+
+A channels-last tensor (``(N, C, H, W)`` stored as N, H, W, C) is *dense* but not *contiguous* in
+PyTorch's sense, and Horovod 0.28.1 refuses non-contiguous tensors in every collective ("Tensor is
+required to be contiguous"), on CPU and GPU alike. Any dense tensor is, however, a contiguous tensor
+with its dimensions permuted: :func:`dense_view` returns that permuted view of the same storage, so an
+in-place allreduce or broadcast of the view is one of the original tensor, with no copy. Element-wise
+collectives (sum, average, broadcast) do not care about the order of the elements as long as every rank
+uses the same order, which holds because every rank builds the same model in the same format.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Permutation = tuple[int, ...]
+
+
+def dense_permutation(tensor: Tensor) -> Permutation | None:
+    """The permutation whose view of ``tensor`` is contiguous; None if ``tensor`` is contiguous already.
+
+    Raises ValueError for a tensor that is not dense (overlapping or with gaps), which no permutation
+    makes contiguous.
+    """
+    if tensor.is_contiguous():
+        return None
+    order = tuple(sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), d)))
+    if not tensor.permute(order).is_contiguous():
+        raise ValueError(f"tensor of shape {tuple(tensor.shape)} with strides {tensor.stride()} is not dense: "
+                         "no view of it is contiguous")
+    return order
+
+
+def inverse(order: Permutation) -> Permutation:
+    out = [0] * len(order)
+    for position, dim in enumerate(order):
+        out[dim] = position
+    return tuple(out)
+
+
+def dense_view(tensor: Tensor) -> Tensor:
+    """A contiguous view of ``tensor``'s storage (``tensor`` itself when contiguous); writes go through."""
+    order = dense_permutation(tensor)
+    return tensor if order is None else tensor.permute(order)
+
+
+class DenseViewCompressor:
+    """A Horovod compressor that hands the allreduce a contiguous view of each gradient.
+
+    Wraps Horovod's own compressor (none or fp16): the permutation is applied before it, so an fp16
+    copy is contiguous too, and undone after decompression, so ``p.grad.set_(...)`` in Horovod's
+    ``synchronize`` gives the gradient back its parameter's shape and strides. No data is copied.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def compress(self, tensor: Tensor) -> tuple[Tensor, tuple[Permutation | None, Any]]:
+        order = dense_permutation(tensor)
+        wire, ctx = self.inner.compress(tensor if order is None else tensor.permute(order))
+        return wire, (order, ctx)
+
+    def decompress(self, tensor: Tensor, ctx: tuple[Permutation | None, Any]) -> Tensor:
+        order, inner_ctx = ctx
+        out = self.inner.decompress(tensor, inner_ctx)
+        return out if order is None else out.permute(inverse(order))
+
+
+def model_memory_format(model: nn.Module) -> str:
+    """How the model's convolution weights are stored: "channels_last", "channels_last_3d" or
+    "contiguous" (also for a model without 4D/5D weights)."""
+    for p in model.parameters():
+        if p.dim() == 4 and p.shape[1] > 1 and p.is_contiguous(memory_format=torch.channels_last) \
+                and not p.is_contiguous():
+            return "channels_last"
+        if p.dim() == 5 and p.shape[1] > 1 and p.is_contiguous(memory_format=torch.channels_last_3d) \
+                and not p.is_contiguous():
+            return "channels_last_3d"
+    return "contiguous"
+
+
+def to_memory_format(model: nn.Module, channels_last: bool) -> tuple[nn.Module, str]:
+    """The model in its own channels-last format (2D or 3D, ``model.memory_format``) when asked, and the
+    format it actually has afterwards (what the run header records)."""
+    if channels_last:
+        model = model.to(memory_format=getattr(model, "memory_format", torch.channels_last))
+    return model, model_memory_format(model)
