@@ -10,6 +10,9 @@
 #   TSM_DIST_CACHE=/path               built-wheel cache (default: ~/.cache/tsm_dist)
 #   PYTHON=python3.11                  interpreter that creates the venv
 #   HOROVOD_NCCL_HOME=/path            NCCL for Horovod's GPU ops (default: torch's nvidia-nccl wheel)
+#   CUDA_HOME=/path                    CUDA toolkit for Horovod's GPU build (default: the nvcc on PATH)
+#   HOROVOD_BUILD_CUDA_CC_LIST=80,90   GPU architectures to compile (default: the visible GPUs')
+# The GPU build logic lives in tools/install_gpu.py (tested on CPU by tests/test_install_gpu.py).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -109,29 +112,26 @@ build_horovod() {
   [ -f "$sdist" ] || "$PY" -m pip download --disable-pip-version-check --no-deps --no-binary :all: \
     "horovod==$HOROVOD_VERSION" -d "$CACHE/src" || return 1
   tar xzf "$sdist" -C "$work" || return 1
-  # Horovod 0.28.1 compiles as C++14, but torch >= 2.1 headers need C++17 (ppc64le CUDA flags too: Summit).
-  sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
-  sed -i 's/CMAKE_CUDA_FLAGS} -std=c++11/CMAKE_CUDA_FLAGS} -std=c++17/' "$src/CMakeLists.txt"
-  grep -q "CMAKE_CXX_STANDARD 17" "$src/horovod/torch/CMakeLists.txt" || { echo "C++17 patch did not apply"; return 1; }
+  # Horovod 0.28.1 compiles as C++14 (torch >= 2.1 headers need C++17) and its CUDA kernels as CUDA C++11
+  # (fails with recent host compilers): both become 17; fails if a patch no longer applies.
+  "$PY" "$ROOT/tools/install_gpu.py" patch-horovod "$src" || return 1
   command -v cmake >/dev/null 2>&1 || "$PY" -m pip install -q "cmake>=3.13" || return 1
   export PATH="$VENV/bin:$PATH" MAKEFLAGS="-j$(nproc)"
   export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
   export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
-  if [ "$TORCH_CUDA" != cpu ]; then
-    export HOROVOD_GPU_OPERATIONS=NCCL
-    if [ -z "${HOROVOD_NCCL_HOME:-}${HOROVOD_NCCL_INCLUDE:-}" ]; then
-      # pip's CUDA torch ships NCCL as the nvidia-nccl wheel, whose lib/ has only libnccl.so.2.
-      local nccl
-      nccl=$("$PY" -c "import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))" 2>/dev/null || true)
-      if [ -n "$nccl" ]; then
-        mkdir -p "$work/nccl-lib" && ln -sf "$nccl/lib/libnccl.so.2" "$work/nccl-lib/libnccl.so"
-        export HOROVOD_NCCL_INCLUDE="$nccl/include" HOROVOD_NCCL_LIB="$work/nccl-lib" HOROVOD_NCCL_LINK=SHARED
-      fi
-    fi
-  fi
+  # CUDA torch: NCCL GPU operations, nvcc, NCCL and the GPU architectures decided before the build
+  [ -z "$HVD_GPU_ENV" ] || eval "$HVD_GPU_ENV"
   "$PY" -m pip wheel --disable-pip-version-check --no-deps --no-build-isolation -v -w "$work/out" "$src"
 }
-HVD_KEY="horovod-$HOROVOD_VERSION-torch-$TORCH_VERSION-$PY_TAG-$(uname -m)-mpi-$MPI_KEY"
+HVD_GPU_ENV=""
+HVD_CC=""
+if [ "$TORCH_CUDA" != cpu ]; then
+  # Stops here, with one line saying what to load or set, when nvcc or NCCL is missing (not in CMake later).
+  HVD_GPU_ENV=$("$PY" "$ROOT/tools/install_gpu.py" horovod-env --torch-cuda "$TORCH_CUDA" --work "$CACHE/nccl-link") ||
+    die "cannot build Horovod's GPU operations (see the line above)"
+  HVD_CC=$(eval "$HVD_GPU_ENV"; echo "${HOROVOD_BUILD_CUDA_CC_LIST:+-cc$HOROVOD_BUILD_CUDA_CC_LIST}")  # in the cache key
+fi
+HVD_KEY="horovod-$HOROVOD_VERSION-torch-$TORCH_VERSION-$PY_TAG-$(uname -m)-mpi-$MPI_KEY$HVD_CC"
 cached_wheel horovod "$HVD_KEY" build_horovod
 py_ok "import horovod.torch" || die "horovod.torch does not import; rebuild with: rm -rf $CACHE/wheels/horovod/$HVD_KEY && ./install.sh"
 

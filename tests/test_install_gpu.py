@@ -1,0 +1,153 @@
+"""install.sh's GPU build logic (tools/install_gpu.py) on a CPU machine: a fake nvidia-nccl wheel
+layout, fake nvcc / nvidia-smi on a fake PATH, and Horovod's real sources for the patches."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HELPER = REPO / "tools" / "install_gpu.py"
+SDIST = Path(os.environ.get("TSM_DIST_CACHE", Path.home() / ".cache" / "tsm_dist")) / "src" / "horovod-0.28.1.tar.gz"
+
+spec = importlib.util.spec_from_file_location("install_gpu", HELPER)
+install_gpu = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(install_gpu)
+
+
+def _script(path: Path, body: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def fake(tmp_path: Path):
+    """site/: the nvidia-nccl wheel's layout (no __init__.py anywhere: a namespace package); cuda/bin/nvcc;
+    smi/nvidia-smi reporting two GPU types."""
+    site = tmp_path / "site"
+    (site / "nvidia" / "nccl" / "include").mkdir(parents=True)
+    (site / "nvidia" / "nccl" / "include" / "nccl.h").write_text("#define NCCL_MAJOR 2\n")
+    (site / "nvidia" / "nccl" / "lib").mkdir()
+    (site / "nvidia" / "nccl" / "lib" / "libnccl.so.2").write_bytes(b"\x7fELF")
+    _script(tmp_path / "cuda" / "bin" / "nvcc",
+            'echo "nvcc: NVIDIA (R) Cuda compiler driver"; echo "Cuda compilation tools, release 12.4, V12.4.131"\n')
+    _script(tmp_path / "smi" / "nvidia-smi", 'printf "9.0\\n8.0\\n9.0\\n"\n')
+    return tmp_path
+
+
+def _env(fake: Path, path_dirs: list[Path], **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CUDA_HOME", "CUDA_PATH", "HOROVOD_CUDA_HOME", "HOROVOD_NCCL_HOME", "HOROVOD_NCCL_INCLUDE",
+                        "HOROVOD_BUILD_CUDA_CC_LIST")}
+    env["PATH"] = os.pathsep.join([*map(str, path_dirs), "/usr/bin", "/bin"])
+    env["PYTHONPATH"] = str(fake / "site")
+    env.update(extra)
+    return env
+
+
+def _helper(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HELPER), *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_nccl_wheel_is_a_namespace_package_without_file(fake):
+    """Why the old `os.path.dirname(nvidia.nccl.__file__)` found nothing."""
+    code = "import nvidia.nccl as n; print(n.__file__, list(n.__path__))"
+    out = subprocess.run([sys.executable, "-c", code], env=_env(fake, []), capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.startswith("None [") and str(fake / "site" / "nvidia" / "nccl") in out.stdout
+
+
+def test_horovod_env_finds_nvcc_on_path_nccl_by_package_path_and_the_gpus_architectures(fake):
+    env = _env(fake, [fake / "cuda" / "bin", fake / "smi"])
+    out = _helper(env, "horovod-env", "--torch-cuda", "12.4", "--work", str(fake / "work"))
+    assert out.returncode == 0, out.stderr
+    # evaluated as install.sh does
+    shown = subprocess.run(["bash", "-c", out.stdout + 'echo "$HOROVOD_GPU_OPERATIONS|$HOROVOD_CUDA_HOME|'
+                            '$HOROVOD_NCCL_INCLUDE|$HOROVOD_NCCL_LIB|$HOROVOD_NCCL_LINK|$HOROVOD_BUILD_CUDA_CC_LIST"'],
+                           capture_output=True, text=True, timeout=60).stdout.strip().split("|")
+    nccl = fake / "site" / "nvidia" / "nccl"
+    assert shown == ["NCCL", str(fake / "cuda"), str(nccl / "include"), str(fake / "work" / "nccl-lib"), "SHARED",
+                     "80,90"]
+    link = fake / "work" / "nccl-lib" / "libnccl.so"  # what CMake's find_library(nccl) looks for
+    assert link.resolve() == (nccl / "lib" / "libnccl.so.2").resolve()
+    assert "release 12.4" in out.stderr and "nvidia-smi" in out.stderr
+
+
+def test_cuda_home_wins_over_path_and_must_hold_nvcc(fake):
+    env = _env(fake, [fake / "smi"], CUDA_HOME=str(fake / "cuda"))
+    out = _helper(env, "horovod-env", "--torch-cuda", "12.4", "--work", str(fake / "work"))
+    assert out.returncode == 0 and f"export HOROVOD_CUDA_HOME={fake / 'cuda'}" in out.stdout
+    env = _env(fake, [fake / "cuda" / "bin"], CUDA_HOME=str(fake / "smi"))
+    out = _helper(env, "horovod-env", "--torch-cuda", "12.4", "--work", str(fake / "work"))
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip() == (f"[install] ERROR: CUDA_HOME={fake / 'smi'} has no bin/nvcc: point CUDA_HOME at a "
+                                  "CUDA toolkit (CUDA 12.4 matches torch) or unset it")
+
+
+def test_missing_nvcc_stops_with_one_line_saying_what_to_load(fake):
+    out = _helper(_env(fake, [fake / "smi"]), "horovod-env", "--torch-cuda", "12.4", "--work", str(fake / "work"))
+    assert out.returncode == 1 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nvcc is not on PATH and CUDA_HOME is not set" in lines[0]
+    assert "module load cuda/12.4" in lines[0] and "Traceback" not in out.stderr
+
+
+def test_missing_nccl_wheel_stops_with_one_line(fake, tmp_path):
+    env = _env(fake, [fake / "cuda" / "bin"], PYTHONPATH=str(tmp_path / "empty"))
+    out = _helper(env, "horovod-env", "--torch-cuda", "12.4", "--work", str(fake / "work"))
+    assert out.returncode == 1
+    assert "NCCL was not found" in out.stderr and "nvidia-nccl-cu12" in out.stderr
+    out = _helper({**env, "HOROVOD_NCCL_HOME": "/opt/nccl"}, "horovod-env", "--torch-cuda", "12.4", "--work",
+                  str(fake / "work"))
+    assert out.returncode == 0 and "HOROVOD_NCCL_INCLUDE" not in out.stdout  # the user's NCCL, left to CMake
+
+
+def test_architectures_set_by_the_user_are_kept_and_none_found_means_all(fake):
+    env = _env(fake, [fake / "cuda" / "bin", fake / "smi"], HOROVOD_BUILD_CUDA_CC_LIST="70")
+    out = _helper(env, "horovod-env", "--torch-cuda", "12.4", "--work", str(fake / "work"))
+    assert "export HOROVOD_BUILD_CUDA_CC_LIST=70\n" in out.stdout
+    out = _helper(_env(fake, [fake / "cuda" / "bin"]), "horovod-env", "--torch-cuda", "12.4", "--work",
+                  str(fake / "work"))  # CPU torch, no nvidia-smi: nothing to go by
+    assert out.returncode == 0 and "HOROVOD_BUILD_CUDA_CC_LIST" not in out.stdout
+    assert "CUDA architectures: all" in out.stderr
+
+
+def test_architecture_sources_in_order():
+    cc = install_gpu.cuda_cc_list
+    assert cc({"PATH": ""}, torch_caps=lambda: [(8, 0), (7, 0), (8, 0)], arch_list=lambda: [(9, 0)]) == \
+        ("70,80", "the GPUs torch sees")
+    assert cc({"PATH": ""}, torch_caps=list, arch_list=lambda: [(9, 0), (10, 0)])[0] == "90,100"
+
+
+def test_nvcc_of_another_major_than_torch_is_a_warning(fake):
+    out = _helper(_env(fake, [fake / "cuda" / "bin", fake / "smi"]), "horovod-env", "--torch-cuda", "13.0",
+                  "--work", str(fake / "work"))
+    assert out.returncode == 0 and "WARNING: nvcc is CUDA 12.4 but torch is built with CUDA 13.0" in out.stderr
+
+
+@pytest.mark.skipif(not SDIST.is_file(), reason=f"no Horovod source package at {SDIST} (install.sh downloads it)")
+def test_patches_apply_to_horovods_real_sources_once(tmp_path):
+    with tarfile.open(SDIST) as tar:
+        tar.extractall(tmp_path, filter="data")
+    src = tmp_path / "horovod-0.28.1"
+    done = install_gpu.patch_horovod(str(src))
+    assert len(done) == 4
+    assert "set(CMAKE_CUDA_STANDARD 17)" in (src / "horovod/common/ops/cuda/CMakeLists.txt").read_text()
+    for name in ("CMakeLists.txt", "horovod/torch/CMakeLists.txt", "horovod/common/ops/cuda/CMakeLists.txt"):
+        text = (src / name).read_text()
+        assert "CMAKE_CXX_STANDARD 14" not in text and "CMAKE_CUDA_STANDARD 11" not in text
+    assert install_gpu.patch_horovod(str(src)) == []  # idempotent: a re-run patches nothing and does not fail
+
+
+def test_patch_refuses_sources_it_does_not_know(tmp_path):
+    (tmp_path / "CMakeLists.txt").write_text("set(CMAKE_CXX_STANDARD 20)\n")
+    out = subprocess.run([sys.executable, str(HELPER), "patch-horovod", str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and "cannot patch" in out.stderr and "CMAKE_CXX_STANDARD 14" in out.stderr
