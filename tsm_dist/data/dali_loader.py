@@ -10,9 +10,22 @@ plan (``clip_plan.py``), so sampling, sharding, shuffling and crops are those of
 runs decoding and augmentation in its own threads, ``prefetch`` batches ahead of the consumer. Planning
 and reading the bytes (from the video files or from packed shards, ``pack_format.ByteReader``) run on a
 feeder thread (``feed.py``), so the external source only hands over batches that are ready.
+
+No padding frames. DALI's decoder fills a requested frame past *its* frame count with zeros by default
+(``pad_mode="constant"``), and DALI 2.4 also returns blank frames when the container header promises more
+frames than the stream decodes (an MP4 edit list marking the first packets "discard", a truncated file):
+frames the plan, counting with the header, believes exist. So the decoder runs with ``pad_mode="none"``
+(an out-of-range frame is an error), and every video's decodable frames (its packets with data, not
+marked discard: what any decoder outputs) are counted once from the bytes already read: a clip reaching
+past them fails naming the video (or is skipped with ``skip_corrupt``); with ``short_videos="loop"``, the
+user's request to repeat frames, its frame numbers wrap around the decodable ones instead.
+NVDEC (device="gpu") refuses frames smaller than its per-codec minimum: such videos fail up front with a
+message, not inside the decoder.
 """
 from __future__ import annotations
 
+import dataclasses
+import io
 from collections import deque
 from typing import Callable, Iterator
 
@@ -32,6 +45,10 @@ DALI_CPU_HINT = (
     "or transcode the file to VP9"
 )
 DEVICES = ("cpu", "gpu")
+# NVDEC's smallest frame (width, height) per codec (NVIDIA Video Codec SDK, NVDEC application note).
+NVDEC_MIN_SIZE = {"h264": (48, 16), "hevc": (144, 144), "vp9": (128, 128), "av1": (128, 128), "vp8": (48, 16),
+                  "mpeg4": (48, 16), "mjpeg": (64, 64)}
+PAD_MODE = "none"  # never pad a clip: frames past the end are an error (see the module docstring)
 
 
 def _build_pipeline(
@@ -44,7 +61,7 @@ def _build_pipeline(
     def clip_pipeline():
         inputs = fn.external_source(source=source, num_outputs=3 + 2 * num_crops, batch=True)
         encoded, frames, mirror = inputs[:3]
-        video = fn.decoders.video(encoded, frames=frames, device=decode_device)
+        video = fn.decoders.video(encoded, frames=frames, device=decode_device, pad_mode=PAD_MODE)
         outputs = []
         for crop in range(num_crops):
             roi_start, roi_end = inputs[3 + 2 * crop], inputs[4 + 2 * crop]
@@ -68,11 +85,61 @@ def _build_pipeline(
     return pipe
 
 
-def _feed(specs: list[ClipSpec], num_crops: int, reader: ByteReader) -> tuple[list[np.ndarray], ...]:
+@dataclasses.dataclass(frozen=True)
+class StreamFacts:
+    """What a decoder will see in a file: frames it outputs, codec, frame size."""
+
+    frames: int
+    codec: str
+    width: int
+    height: int
+
+
+def stream_facts(data: np.ndarray) -> StreamFacts | None:
+    """Count the frames a decoder outputs (video packets with data, not marked discard) from the encoded
+    bytes, by demuxing only; None if the container cannot be read (DALI then reports the file)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            ctx = stream.codec_context
+            count = sum(1 for p in container.demux(stream) if p.size and not p.is_discard)
+            return StreamFacts(count, ctx.name, ctx.width, ctx.height)
+    except (av.FFmpegError, IndexError, ValueError):
+        return None
+
+
+def check_clip(spec: ClipSpec, facts: StreamFacts | None, *, loop: bool, nvdec: bool) -> ClipSpec:
+    """``spec`` if DALI can decode every planned frame of it as a real frame; with ``loop``, frames past
+    the decodable ones wrap around; otherwise :class:`VideoError` naming the video."""
+    if facts is None:
+        return spec
+    if nvdec and facts.codec in NVDEC_MIN_SIZE:
+        min_w, min_h = NVDEC_MIN_SIZE[facts.codec]
+        if facts.width < min_w or facts.height < min_h:
+            raise VideoError(spec.path, f"{facts.width}x{facts.height} {facts.codec} is below NVDEC's minimum "
+                             f"{min_w}x{min_h} for this codec; use data.device=cpu or larger videos "
+                             "(tsm-dist make-synthetic --size 128)", spec.where)
+    last = int(spec.frames.max())
+    if last < facts.frames:
+        return spec
+    if loop and facts.frames > 0:
+        return dataclasses.replace(spec, frames=(spec.frames % facts.frames).astype(np.int32))
+    raise VideoError(spec.path, f"frame {last} is planned but the stream decodes only {facts.frames} frames "
+                     "(its header counts more: an edit list or a truncated file); DALI would return blank frames. "
+                     "Re-encode the video, or use short_videos='loop' to repeat its frames", spec.where)
+
+
+def _feed(specs: list[ClipSpec], num_crops: int, reader: ByteReader,
+          check: Callable[[ClipSpec, np.ndarray], ClipSpec] | None = None) -> tuple[list[np.ndarray], ...]:
     """External-source columns for ``specs``: bytes, frames, mirror, then (roi_start, roi_end) per crop
-    in DALI's (y, x) order."""
+    in DALI's (y, x) order. ``check`` may refuse a clip (VideoError) or change its frame numbers."""
+    encoded = [reader.read(s.path, s.where, s.location) for s in specs]
+    if check is not None:
+        specs = [check(s, data) for s, data in zip(specs, encoded)]
     columns: list[list[np.ndarray]] = [
-        [reader.read(s.path, s.where, s.location) for s in specs],
+        encoded,
         [s.frames for s in specs],
         [np.array(int(s.flip), dtype=np.int32) for s in specs],
     ]
@@ -119,6 +186,7 @@ class DaliLoader(VideoLoader):
         self._feeder: Feeder | None = None  # plans and reads the epoch's batches; None: the source ends
         self._pending: deque[tuple[int, list[ClipSpec | None]]] = deque()
         self._filler: ClipSpec | None = None
+        self._facts: dict[str, StreamFacts | None] = {}  # per video, counted once per process
 
     def _new_pipeline(self, source: Callable[[], tuple], batch_size: int):
         return _build_pipeline(
@@ -140,8 +208,8 @@ class DaliLoader(VideoLoader):
                 self._filler = self._filler or self.planner.any_spec()
                 real = [self._filler]
             try:
-                return specs, _feed(real, self.planner.options.num_crops, self.reader)
-            except VideoError as err:  # unreadable file or damaged shard
+                return specs, _feed(real, self.planner.options.num_crops, self.reader, self._check_clip)
+            except VideoError as err:  # unreadable file, damaged shard, frames past the decodable ones
                 self.planner.mark_bad(err.path, err.reason)  # raises unless skip_corrupt; then re-plan
 
     def _source(self) -> tuple[list[np.ndarray], ...]:
@@ -150,6 +218,13 @@ class DaliLoader(VideoLoader):
         index, (specs, columns) = self._feeder.get()
         self._pending.append((index, specs))
         return columns
+
+    def _check_clip(self, spec: ClipSpec, data: np.ndarray) -> ClipSpec:
+        """Runs on the feeder thread, which alone touches ``_facts``."""
+        if spec.path not in self._facts:
+            self._facts[spec.path] = stream_facts(data)
+        return check_clip(spec, self._facts[spec.path], loop=self.planner.options.short_videos == "loop",
+                          nvdec=self.device_kind == "gpu")
 
     def __iter__(self) -> Iterator[Batch]:
         start = self._take_start_batch()
