@@ -89,7 +89,7 @@ class TrainConfig:
     # derived from the world size (how the paper simulated 512 and 1024 nodes).
     global_batch: int = 0
     amp: str = field(default="none", metadata=_choices("none", "bf16", "fp16"))
-    channels_last: bool = True  # applied on CUDA only
+    channels_last: bool = True  # the model's channels-last format (2D or 3D), on CPU and GPU
     seed: int = 0
     checkpoint_every_epochs: int = 1  # 0: only on preemption
     keep_last: int = 5

@@ -32,6 +32,7 @@ from tsm_dist.build import (LoaderBuilder, ModelBuilder, amp_dtype, build_loader
 from tsm_dist.config import Config, ConfigError, dump_config, load_config, plan_batch
 from tsm_dist.engine import Engine, is_launcher_rank0, started
 from tsm_dist.evaluate import evaluate
+from tsm_dist.memory_format import to_memory_format
 from tsm_dist.metrics import Progress, WandbRun, git_commit, hardware, versions
 from tsm_dist.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
 from tsm_dist.schedule import LRSchedule
@@ -168,8 +169,8 @@ class Trainer:
         cfg, device = self.cfg, self.device
         _seed(cfg.train.seed)
         model = build_model_from_config(cfg, model_builder).to(device)
-        if device.type == "cuda" and cfg.train.channels_last:
-            model = model.to(memory_format=getattr(model, "memory_format", torch.channels_last))  # 2D or 3D
+        # channels-last (2D or 3D: the model's own) on every device, CPU included; the header records it
+        model, self.memory_format = to_memory_format(model, cfg.train.channels_last)
         optimizer = torch.optim.SGD(param_groups(model, cfg.optim.weight_decay, cfg.optim.no_bn_bias_decay),
                                     lr=self.schedule(0), momentum=cfg.optim.momentum)
         self.model = model
@@ -213,7 +214,8 @@ class Trainer:
         self.log = records.MetricsLog(self.workdir / records.METRICS_FILE)
         self.log.write(records.header_record(
             config=cfg.to_dict(), git_commit=git_commit(), engine=engine.name, world_size=engine.size,
-            local_size=engine.local_size, device=str(self.device), model=cfg.model.name,
+            local_size=engine.local_size, device=str(self.device), memory_format=self.memory_format,
+            model=cfg.model.name,
             num_frames=cfg.model.num_frames, per_gpu_batch=plan.per_gpu_batch, accumulate=self.K,
             global_batch=plan.global_batch, steps_per_epoch=self.steps_per_epoch, peak_lr=self.schedule.peak_lr,
             params=sum(p.numel() for p in self.model.parameters()),
