@@ -313,3 +313,18 @@ def test_config_train_list_may_name_a_packed_directory(synthetic, packed):
     loader = build_loader_from_config(cfg, engine, train=True)
     assert loader.planner.locations is not None and loader.planner.contiguous and not loader.feed_thread
     assert len(loader) == 2 and loader.planner.shard_id == 1
+
+
+def test_inline_feeder_keeps_depth_results_ahead_on_the_calling_thread():
+    produced: list[tuple[int, str]] = []
+
+    def produce(index):
+        produced.append((index, threading.current_thread().name))
+        return index
+
+    feeder = Feeder(produce, 0, 5, depth=2, thread=False)
+    assert feeder.get() == (0, 0) and [i for i, _ in produced] == [0, 1]
+    assert {name for _, name in produced} == {threading.current_thread().name}
+    assert [feeder.get()[0] for _ in range(4)] == [1, 2, 3, 4]
+    with pytest.raises(StopIteration):
+        feeder.get()

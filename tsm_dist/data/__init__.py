@@ -130,9 +130,11 @@ def build_video_loader(
     if isinstance(file_list, str) and is_packed(file_list):
         packed = load_packed(file_list)
         records, skipped = check_labels(packed.records, num_classes, skip_invalid=skip_corrupt)
-        kept = {id(r) for r in records}
-        infos = [info for r, info in zip(packed.records, packed.infos) if id(r) in kept]
-        locations = [loc for r, loc in zip(packed.records, packed.locations) if id(r) in kept]
+        infos, locations = packed.infos, packed.locations
+        if skipped:  # labels out of range: keep the columns aligned with the records left
+            kept = {id(r) for r in records}
+            infos = [info for r, info in zip(packed.records, packed.infos) if id(r) in kept]
+            locations = [loc for r, loc in zip(packed.records, packed.locations) if id(r) in kept]
         root = None  # the index's paths only name the videos
     elif isinstance(file_list, str):
         records, skipped = read_file_list(file_list, num_classes=num_classes, skip_invalid=skip_corrupt)

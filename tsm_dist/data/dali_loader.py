@@ -248,7 +248,9 @@ class DaliLoader(VideoLoader):
         if self._pipe is None:
             self._pipe = self._new_pipeline(self._source, self.batch_size)
         self._pending.clear()
-        self._feeder = Feeder(self._produce, index, len(self), self.prefetch, thread=self.feed_thread)
+        # inline: one batch planned and read per call of the source, as DALI asks for them
+        depth = self.prefetch if self.feed_thread else 1
+        self._feeder = Feeder(self._produce, index, len(self), depth, thread=self.feed_thread)
 
     def _close_feeder(self) -> None:
         if self._feeder is not None:

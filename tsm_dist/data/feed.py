@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -18,11 +19,13 @@ _END = object()
 
 class Feeder(Generic[T]):
     def __init__(self, produce: Callable[[int], T], start: int, stop: int, depth: int, *, thread: bool = True):
-        """``thread=False`` produces on the caller's thread in :meth:`get` (the former behaviour,
-        kept for comparisons such as the I/O study's ``data.feed_thread=false``)."""
+        """``thread=False`` produces on the caller's thread in :meth:`get`, keeping ``depth`` results
+        ahead (the former behaviour, kept for comparisons such as ``data.feed_thread=false``)."""
         self._produce = produce
         self._next, self._stop = start, stop
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._depth = max(1, depth)
+        self._ahead: deque = deque()
+        self._queue: queue.Queue = queue.Queue(maxsize=self._depth)
         self._closed = threading.Event()
         self._thread = None
         if thread:
@@ -53,10 +56,12 @@ class Feeder(Generic[T]):
     def get(self) -> tuple[int, T]:
         """The next ``(index, produce(index))``; ``StopIteration`` after the last one."""
         if self._thread is None:
-            if self._next >= self._stop:
+            while self._next < self._stop and len(self._ahead) < self._depth:
+                self._ahead.append((self._next, self._produce(self._next)))
+                self._next += 1
+            if not self._ahead:
                 raise StopIteration
-            index, self._next = self._next, self._next + 1
-            return index, self._produce(index)
+            return self._ahead.popleft()
         item = self._queue.get()
         if item is _END:
             self._queue.put(_END)  # every later get ends too

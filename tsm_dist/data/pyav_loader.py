@@ -89,7 +89,9 @@ class PyAVLoader(VideoLoader):
             specs = self.planner.batch(index)
             return specs, [pool.submit(self.load_clip, s) if s else None for s in specs]
 
-        feeder = Feeder(submit, start, len(self), self.prefetch, thread=self.feed_thread)
+        # prefetch batches wait ready; inline (feed_thread=False) submits prefetch + 1 ahead, on this thread
+        feeder = Feeder(submit, start, len(self), self.prefetch if self.feed_thread else self.prefetch + 1,
+                        thread=self.feed_thread)
         try:
             while True:
                 try:
