@@ -127,3 +127,19 @@ def test_nvdec_minimum_frame_sizes(codec, size, nvdec, ok):
     else:
         with pytest.raises(VideoError, match=f"below NVDEC's minimum .* {codec}|below NVDEC's minimum"):
             check_clip(spec, facts, loop=False, nvdec=nvdec)
+
+
+@pytest.mark.parametrize("size,ok", [(64, False), (128, True)])
+def test_synthetic_set_meets_nvdec_minimum_only_from_size_128(tmp_path, size, ok):
+    from tsm_dist.data.synthetic import NVDEC_MIN_VP9, make_synthetic
+
+    made = make_synthetic(str(tmp_path), videos_per_class=2, frames=4, size=size)
+    path = str(tmp_path / open(made.train_list).readline().split()[0])
+    facts = stream_facts(np.fromfile(path, dtype=np.uint8))
+    spec = ClipSpec(path, "train.txt:1", 0, np.arange(4, dtype=np.int32), ((0, 0, size, size),), False)
+    assert NVDEC_MIN_VP9 == 128 and facts.codec == "vp9" and facts.width == size
+    if ok:
+        assert check_clip(spec, facts, loop=False, nvdec=True) is spec
+    else:
+        with pytest.raises(VideoError, match="make-synthetic --size 128"):
+            check_clip(spec, facts, loop=False, nvdec=True)

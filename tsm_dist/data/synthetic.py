@@ -16,6 +16,8 @@ and speed of the motion. Like Something-Something for the paper, it needs tempor
 A horizontal flip turns "right" into "left": pass ``FLIP_LABEL_MAP`` to the loader.
 
 Videos are VP9 in WebM (DALI decodes them on the CPU) and byte-for-byte deterministic given the seed.
+NVDEC (DALI with ``data.device=gpu``) decodes VP9 only from 128x128 up: the default 64x64 is for CPUs;
+make the set with ``--size 128`` (or more) to decode it on a GPU.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from tsm_dist.data.filelist import VideoRecord, write_class_names, write_file_li
 
 CLASSES = ("sweeping right", "sweeping left", "sweeping right twice", "sweeping left twice")
 FLIP_LABEL_MAP: dict[int, int] = left_right_swap_map(CLASSES)
+NVDEC_MIN_VP9 = 128  # NVDEC's smallest VP9 frame, both sides (see data/dali_loader.py NVDEC_MIN_SIZE)
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory (created)")
     parser.add_argument("--videos-per-class", type=int, default=80, help="scenes per class (default 80)")
     parser.add_argument("--frames", type=int, default=32, help="frames per video (default 32)")
-    parser.add_argument("--size", type=int, default=64, help="frame width and height, even (default 64)")
+    parser.add_argument("--size", type=int, default=64,
+                        help=f"frame width and height, even (default 64; >= {NVDEC_MIN_VP9} to decode on a GPU, NVDEC)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of scenes in val.txt (default 0.2)")
     args = parser.parse_args(argv)
@@ -142,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"make-synthetic: {err}", file=sys.stderr)
         return 2
+    if args.size < NVDEC_MIN_VP9:
+        print(f"note: {args.size}x{args.size} VP9 is below NVDEC's minimum {NVDEC_MIN_VP9}x{NVDEC_MIN_VP9}: decode this "
+              f"set on the CPU (data.device=cpu), or make it with --size {NVDEC_MIN_VP9} for data.device=gpu")
     print(
         f"wrote {result.num_train} train and {result.num_val} val videos of {len(CLASSES)} classes to {result.root} "
         f"({result.train_list}, {result.val_list}, {result.classes_file})"

@@ -1,0 +1,467 @@
+"""One command that proves the GPU paths on a GPU machine (and keeps working on CPU in CI).
+
+    python benchmarks/gpu_acceptance.py --device cuda --out runs/gpu_acceptance   # <= 6 min on one GPU
+    python benchmarks/gpu_acceptance.py --device cpu  --out runs/cpu_acceptance   # <= 4 min, what CI runs
+
+Writes ``OUT/acceptance.json`` (one entry per check: name, ok, skipped, figures, error, seconds) and
+``OUT/acceptance.md`` (the same as a table). Exit code 0 when no check failed (skipped ones do not
+fail), 1 otherwise. The checks:
+
+1. ``stack``: torch and its CUDA, Horovod built with NCCL, DALI, NVDEC's library (libnvcuvid).
+2. ``dali_decode_vp9``, ``dali_decode_h264``: files made on the spot whose frame k is gray level
+   16 + 9k, decoded by DALI (NVDEC on cuda, DALI's CPU decoder on cpu; H.264 is NVDEC only) at
+   unsorted, repeated frame numbers, against PyAV's frames: mean absolute difference and the frame
+   numbers recovered from the gray levels. Frame sizes meet NVDEC's minimums (VP9: 128x128).
+3. ``shift_gradients_amp``: the fused shift vs the plain shift-then-conv, channels-last, under bf16 and
+   fp16 autocast: outputs, every gradient, and gradient strides equal to parameter strides.
+4. ``shift_overhead``: TSN vs TSM8f training-step time (the paper's P1: the shift should be nearly
+   free), with the reference implementation's shift beside it; interleaved rounds, median ratios.
+5. ``table10_throughput``: inference clips/s of TSM8f, I3D3x3x3 and I3D3x1x1 (R50), as ratios to
+   I3D3x1x1 beside the paper's 2.0 : 1.5 : 1.0 (84.8 : 63.1 : 41.9 clips/s on a P100).
+6. ``amp_channels_last``: TSM8f training clips/s with AMP off/bf16/fp16 and channels-last off/on.
+7. ``train_synthetic_dali``: a short 1-GPU training on the synthetic set with DALI decoding on the
+   device: the trainer's own data_time / step_time records.
+8. ``engine_step_channels_last``: one Horovod step (NCCL on cuda, Gloo on cpu) and one DDP step on a
+   channels-last TSM: gradients allreduced through the engine, strides kept, no DDP stride warning.
+
+With ``--device cpu`` the device-only checks (H.264 on NVDEC, fp16 autocast, NCCL) are reported as
+skipped, the rest run on small models. Figures are measurements, not assertions, except where a
+check states a bound.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_models, beside this file
+
+PAPER_RATIOS = {"tsm8f_r50": 84.8 / 41.9, "i3d3x3x3_r50": 63.1 / 41.9, "i3d3x1x1_r50": 1.0}
+GRAY0, GRAY_STEP, DECODE_FRAMES = 16, 9, 24
+DECODE_PICK = [0, 7, 3, 23, 12, 12, 1]  # unsorted, repeated, first and last frame
+DECODE_MAD_BOUND = 3.0  # mean |DALI - PyAV| in 0..255 levels
+
+
+class Skipped(Exception):
+    """A check that cannot run on this device."""
+
+
+# --------------------------------------------------------------------------------------- settings
+class Settings:
+    """Problem sizes: full ResNet-50 at 224 on a GPU, tiny networks on a CPU (what CI can afford)."""
+
+    def __init__(self, device: str, out: Path) -> None:
+        self.device = torch.device("cuda" if device == "cuda" else "cpu")
+        self.cuda = device == "cuda"
+        self.out = out
+        if self.cuda:
+            self.arch = {}  # the registry's R50
+            self.size, self.batch, self.rounds, self.warmup = 224, 8, 10, 3
+            self.infer_batch, self.infer_iters = 8, 10
+            self.train_videos, self.train_size, self.train_crop, self.train_epochs = 16, 128, 112, 2
+        else:
+            self.arch = {"depth": 18, "width": 8}
+            self.size, self.batch, self.rounds, self.warmup = 48, 2, 2, 1
+            self.infer_batch, self.infer_iters = 2, 2
+            self.train_videos, self.train_size, self.train_crop, self.train_epochs = 4, 64, 48, 1
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def _model(name: str, s: Settings, **kw: Any) -> torch.nn.Module:
+    from tsm_dist.models import build_model
+
+    return build_model(name, 400 if s.cuda else 10, dropout=0.0, **{**s.arch, **kw}).to(s.device)
+
+
+# ------------------------------------------------------------------------------------------ checks
+def check_stack(s: Settings) -> dict[str, Any]:
+    import ctypes
+
+    figures: dict[str, Any] = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
+                               "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        figures["gpu"] = torch.cuda.get_device_name(0)
+        figures["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+        figures["gpus_visible"] = torch.cuda.device_count()
+    import horovod.torch as hvd
+
+    figures.update(horovod=getattr(__import__("horovod"), "__version__", "?"), horovod_nccl=hvd.nccl_built(),
+                   horovod_gloo=hvd.gloo_built(), horovod_mpi=hvd.mpi_built())
+    import nvidia.dali as dali
+
+    figures["dali"] = dali.__version__
+    try:
+        ctypes.CDLL("libnvcuvid.so.1")
+        figures["nvcuvid"] = True
+    except OSError:
+        figures["nvcuvid"] = False
+    problems = []
+    if s.cuda:
+        problems += [what for what, good in (("torch has no CUDA device", torch.cuda.is_available()),
+                                             ("Horovod is built without NCCL", bool(figures["horovod_nccl"])),
+                                             ("libnvcuvid.so.1 (NVDEC) not found", figures["nvcuvid"])) if not good]
+    figures["problems"] = problems
+    return {"ok": not problems, "figures": figures}
+
+
+def _gray_video(path: Path, codec: str) -> np.ndarray:
+    from tsm_dist.data.encode import write_video
+
+    levels = np.array([GRAY0 + GRAY_STEP * k for k in range(DECODE_FRAMES)], dtype=np.uint8)
+    frames = np.ascontiguousarray(np.broadcast_to(levels[:, None, None, None], (DECODE_FRAMES, 128, 160, 3)))
+    write_video(str(path), frames, codec=codec, quality=4, gop=8)
+    return frames
+
+
+def _dali_decode(path: Path, frames: list[int], s: Settings) -> np.ndarray:
+    from nvidia.dali import fn, pipeline_def
+
+    from tsm_dist.data.dali_loader import PAD_MODE
+
+    data = np.fromfile(path, dtype=np.uint8)
+    pick = np.array(frames, dtype=np.int32)
+
+    @pipeline_def(batch_size=1, num_threads=2, device_id=0 if s.cuda else None)
+    def pipe():
+        encoded, numbers = fn.external_source(source=lambda: ([data], [pick]), num_outputs=2, batch=True)
+        return fn.decoders.video(encoded, frames=numbers, device="mixed" if s.cuda else "cpu", pad_mode=PAD_MODE)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    if s.cuda:
+        out = out.as_cpu()
+    return out.as_array()[0]
+
+
+def _pyav_frames(path: Path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _decode_check(codec: str, s: Settings) -> dict[str, Any]:
+    suffix = {"libvpx-vp9": "webm", "libx264": "mp4"}[codec]
+    path = s.out / f"gray_{codec}.{suffix}"
+    _gray_video(path, codec)
+    got = _dali_decode(path, DECODE_PICK, s).astype(np.float64)
+    ref = _pyav_frames(path)[DECODE_PICK].astype(np.float64)
+    mad = float(np.abs(got - ref).mean())
+    recovered = np.round((got.mean(axis=(1, 2, 3)) - GRAY0) / GRAY_STEP).astype(int).tolist()
+    figures = {"decoder": "NVDEC (mixed)" if s.cuda else "DALI CPU", "shape": list(got.shape),
+               "requested": DECODE_PICK, "recovered": recovered, "mean_abs_diff_vs_pyav": round(mad, 3),
+               "bound": DECODE_MAD_BOUND}
+    return {"ok": recovered == DECODE_PICK and mad < DECODE_MAD_BOUND, "figures": figures}
+
+
+def check_dali_decode_vp9(s: Settings) -> dict[str, Any]:
+    return _decode_check("libvpx-vp9", s)
+
+
+def check_dali_decode_h264(s: Settings) -> dict[str, Any]:
+    if not s.cuda:
+        raise Skipped("H.264 is decoded by NVDEC only (DALI's CPU decoder reads VP8/VP9/MJPEG)")
+    return _decode_check("libx264", s)
+
+
+def check_shift_gradients_amp(s: Settings) -> dict[str, Any]:
+    import bench_models
+
+    import tsm_dist.models.temporal_shift as ts
+
+    figures: dict[str, Any] = {}
+    ok = True
+    for dtype, bound in ((None, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
+        name = str(dtype).split(".")[-1] if dtype else "fp32 (weight gradient by frame matmuls)"
+        if dtype == torch.float16 and not s.cuda:
+            figures[name] = "skipped: fp16 autocast is a GPU mode"
+            continue
+        torch.manual_seed(0)
+        bottleneck = {} if s.cuda else {"depth": 26}  # 1x1 shifted convs: the frame-matmul weight gradient
+        fused = _model("tsm8f_r50", s, **bottleneck).to(memory_format=torch.channels_last)
+        plain = _model("tsm8f_r50", s, **bottleneck).to(memory_format=torch.channels_last)
+        plain.load_state_dict(fused.state_dict())
+        bench_models._use_shift(plain, ts.temporal_shift)
+        clips = torch.randn(2, 8, 3, s.size, s.size, device=s.device)
+        results = []
+        for model in (fused, plain):
+            with torch.autocast(s.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = model(clips)
+            out.float().square().mean().backward()
+            results.append((out.detach().float(), {n: p.grad for n, p in model.named_parameters()}))
+        (out_f, g_f), (out_p, g_p) = results
+        worst = max(float((g_f[n].float() - g_p[n].float()).norm() / g_p[n].float().norm().clamp_min(1e-12))
+                    for n in g_p)
+        out_err = float((out_f - out_p).norm() / out_p.norm())
+        strides = [n for n, p in fused.named_parameters() if p.grad.stride() != p.stride()]
+        figures[name] = {"output_rel_err": out_err, "worst_grad_rel_err": worst, "bound": bound,
+                         "grads_with_other_strides": strides}
+        ok = ok and worst < bound and out_err < bound and not strides
+    return {"ok": ok, "figures": figures}
+
+
+def _timed_step(step: Callable[[], None], s: Settings) -> Callable[[], None]:
+    def run() -> None:
+        step()
+        s.sync()
+    return run
+
+
+def check_shift_overhead(s: Settings) -> dict[str, Any]:
+    import bench_models
+
+    torch.manual_seed(0)
+    tsn = _model("tsn8f_r50", s)
+    models = {"TSN": tsn, "TSM8f": _model("tsm8f_r50", s), "TSM8f reference shift": _model("tsm8f_r50", s)}
+    bench_models._use_shift(models["TSM8f reference shift"], bench_models.reference_shift)
+    for model in models.values():
+        model.load_state_dict(tsn.state_dict())
+        model.to(memory_format=torch.channels_last)
+    clips = torch.randn(s.batch, 8, 3, s.size, s.size, device=s.device)
+    labels = torch.randint(0, 10, (s.batch,), device=s.device)
+    steps = {n: _timed_step(bench_models._train_step(m, clips, labels), s) for n, m in models.items()}
+    times = bench_models._interleaved(steps, s.rounds, s.warmup)
+    figures = {f"{n} step_s (median)": statistics.median(t) for n, t in times.items()}
+    for name in ("TSM8f", "TSM8f reference shift"):
+        figures[f"{name} overhead vs TSN (median)"] = statistics.median(
+            t / b - 1 for t, b in zip(times[name], times["TSN"]))
+    figures["setup"] = f"batch {s.batch} x 8 frames x {s.size}^2, channels-last, {s.rounds} interleaved rounds"
+    return {"ok": True, "figures": figures}
+
+
+def check_table10_throughput(s: Settings) -> dict[str, Any]:
+    from tsm_dist.models.profiler import measure_throughput
+
+    clips_s: dict[str, float] = {}
+    models = {name: _model(name, s) for name in PAPER_RATIOS}
+    for order in (list(models), list(models)[::-1]):  # twice, in both orders: the best of the two
+        for name in order:
+            clips_s[name] = max(clips_s.get(name, 0.0), measure_throughput(
+                models[name], batch=s.infer_batch, size=s.size, device=s.device, warmup=1, iters=s.infer_iters,
+                channels_last=True))
+    base = clips_s["i3d3x1x1_r50"]
+    figures = {"clips_per_s": clips_s, "ratio_to_i3d3x1x1": {n: v / base for n, v in clips_s.items()},
+               "paper_ratio": PAPER_RATIOS,
+               "setup": f"inference, batch {s.infer_batch}, {s.size}^2, channels-last, fp32"}
+    return {"ok": all(v > 0 for v in clips_s.values()), "figures": figures}
+
+
+def check_amp_channels_last(s: Settings) -> dict[str, Any]:
+    import bench_models
+
+    modes = [("fp32", None), ("bf16", torch.bfloat16)] + ([("fp16", torch.float16)] if s.cuda else [])
+    steps, figures = {}, {}
+    clips = torch.randn(s.batch, 8, 3, s.size, s.size, device=s.device)
+    labels = torch.randint(0, 10, (s.batch,), device=s.device)
+    for amp_name, dtype in modes:
+        for cl in (False, True):
+            torch.manual_seed(0)
+            model = _model("tsm8f_r50", s)
+            if cl:
+                model = model.to(memory_format=torch.channels_last)
+            inner = bench_models._train_step(model, clips, labels)
+
+            def step(inner=inner, dtype=dtype) -> None:
+                with torch.autocast(s.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    inner()
+            steps[f"{amp_name} {'channels_last' if cl else 'contiguous'}"] = _timed_step(step, s)
+    times = bench_models._interleaved(steps, s.rounds, s.warmup)
+    for name, t in times.items():
+        figures[f"{name} clips/s"] = s.batch / statistics.median(t)
+    if not s.cuda:
+        figures["fp16"] = "skipped: fp16 autocast is a GPU mode"
+    return {"ok": True, "figures": figures}
+
+
+def check_train_synthetic_dali(s: Settings) -> dict[str, Any]:
+    from tsm_dist.config import load_config
+    from tsm_dist.data.synthetic import make_synthetic
+    from tsm_dist.records import read_records
+    from tsm_dist.train import train
+
+    root = s.out / "synthetic"
+    if not (root / "train.txt").exists():
+        make_synthetic(str(root), videos_per_class=s.train_videos, frames=16, size=s.train_size, seed=0)
+    overrides = {"data.root": str(root), "data.backend": "dali", "data.device": "gpu" if s.cuda else "cpu",
+                 "data.crop_size": s.train_crop, "data.scale_size": s.train_size, "data.batch_size": 4,
+                 "data.num_threads": 2, "train.epochs": s.train_epochs, "train.eval_every_epochs": 0,
+                 "train.checkpoint_every_epochs": 0, "train.amp": "bf16" if s.cuda else "none",
+                 "engine.name": "torch", "log.interval": 1, "log.wandb": "disabled", "log.progress": False,
+                 "optim.base_batch": 4}
+    if not s.cuda:
+        overrides.update({"model.depth": 18, "model.width": 8})
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "synthetic_tsm.yaml"),
+                      [f"{k}={v}" for k, v in overrides.items()])
+    workdir = s.out / "train_synthetic"
+    code = train(cfg, workdir)
+    records = read_records(workdir / "metrics.jsonl")
+    steps = [r for r in records if r["type"] == "step"][1:]  # the first step builds the pipeline
+    header = next(r for r in records if r["type"] == "header")
+    figures = {"exit_code": code, "steps": len(steps) + 1, "device": header["device"],
+               "memory_format": header.get("memory_format"), "decode": overrides["data.device"]}
+    if steps:
+        for key in ("data_time", "compute_time", "step_time"):
+            figures[f"{key} (median s)"] = statistics.median(r[key] for r in steps)
+        figures["data share of step"] = figures["data_time (median s)"] / figures["step_time (median s)"]
+        figures["loss first/last"] = [steps[0]["loss"], steps[-1]["loss"]]
+    return {"ok": code == 0 and bool(steps) and all(np.isfinite(r["loss"]) for r in steps), "figures": figures}
+
+
+def check_engine_step_channels_last(s: Settings) -> dict[str, Any]:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tsm_dist.config import EngineConfig
+    from tsm_dist.engine import Engine
+
+    figures: dict[str, Any] = {}
+    clips = torch.randn(2, 8, 3, s.size, s.size, device=s.device)
+    labels = torch.randint(0, 10, (2,), device=s.device)
+
+    def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = _model("tsm8f_r50", s).to(memory_format=torch.channels_last)
+        return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    # Horovod through our engine (1 rank: the collectives still run)
+    engine = Engine(EngineConfig(name="horovod")).init()
+    try:
+        model, opt = fresh()
+        engine.broadcast_state(model, opt)
+        _, opt = engine.distribute(model, opt, accumulate=1)
+        torch.nn.functional.cross_entropy(model(clips), labels).backward()
+        engine.synchronize(opt)
+        with opt.skip_synchronize():
+            opt.step()
+        import horovod.torch as hvd
+
+        figures["horovod"] = {"ops": "NCCL" if s.cuda and hvd.nccl_built() else "Gloo/MPI (CPU)",
+                              "grads_with_other_strides": [n for n, p in model.named_parameters()
+                                                           if p.grad.stride() != p.stride()]}
+    finally:
+        engine.shutdown()
+    # DDP, 1 rank
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("nccl" if s.cuda else "gloo", init_method=f"file://{tmp}/store", rank=0,
+                                world_size=1, **({"device_id": s.device} if s.cuda else {}))
+        try:
+            model, opt = fresh()
+            ddp = DistributedDataParallel(model, device_ids=[s.device.index] if s.cuda else None)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.nn.functional.cross_entropy(ddp(clips), labels).backward()
+            opt.step()
+            figures["ddp"] = {"backend": dist.get_backend(),
+                              "grads_with_other_strides": [n for n, p in model.named_parameters()
+                                                           if p.grad.stride() != p.stride()],
+                              "stride_warnings": [str(w.message)[:120] for w in caught
+                                                  if "strides do not match" in str(w.message)]}
+        finally:
+            dist.destroy_process_group()
+    ok = not (figures["horovod"]["grads_with_other_strides"] or figures["ddp"]["grads_with_other_strides"]
+              or figures["ddp"]["stride_warnings"])
+    return {"ok": ok, "figures": figures}
+
+
+CHECKS: list[tuple[str, Callable[[Settings], dict[str, Any]]]] = [
+    ("stack", check_stack),
+    ("dali_decode_vp9", check_dali_decode_vp9),
+    ("dali_decode_h264", check_dali_decode_h264),
+    ("shift_gradients_amp", check_shift_gradients_amp),
+    ("shift_overhead", check_shift_overhead),
+    ("table10_throughput", check_table10_throughput),
+    ("amp_channels_last", check_amp_channels_last),
+    ("train_synthetic_dali", check_train_synthetic_dali),
+    ("engine_step_channels_last", check_engine_step_channels_last),
+]
+
+
+# -------------------------------------------------------------------------------------- reporting
+def run_check(name: str, fn: Callable[[Settings], dict[str, Any]], s: Settings) -> dict[str, Any]:
+    start = time.perf_counter()
+    entry: dict[str, Any] = {"name": name, "ok": False, "skipped": None, "figures": {}, "error": None}
+    try:
+        entry.update(fn(s))
+    except Skipped as why:
+        entry.update(ok=None, skipped=str(why))
+    except Exception as err:  # a failed check is a result, the others still run
+        entry["error"] = f"{type(err).__name__}: {err}\n" + "".join(traceback.format_exc(limit=-4))
+    entry["seconds"] = round(time.perf_counter() - start, 2)
+    return entry
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_short(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return str(value)
+
+
+def markdown(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    lines = [f"# GPU acceptance ({header['device']})", "",
+             f"{header['when']}, host {header['host']}, load {header['load']}, {header['seconds']:.0f} s in all.", "",
+             "| check | result | seconds | figures / error |", "| --- | --- | --- | --- |"]
+    for r in results:
+        status = "skipped" if r["skipped"] else ("ok" if r["ok"] else "FAILED")
+        detail = r["skipped"] or (r["error"].splitlines()[0] if r["error"] else _short(r["figures"]))
+        lines.append(f"| {r['name']} | {status} | {r['seconds']} | {detail.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), required=True)
+    parser.add_argument("--out", required=True, help="directory for acceptance.json / acceptance.md")
+    parser.add_argument("--only", default="", help="comma-separated check names (default: all)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_acceptance: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    settings = Settings(args.device, out)
+    if not settings.cuda:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    wanted = {n for n in args.only.split(",") if n}
+    start = time.perf_counter()
+    results = []
+    for name, fn in CHECKS:
+        if wanted and name not in wanted:
+            continue
+        result = run_check(name, fn, settings)
+        status = "skipped" if result["skipped"] else ("ok" if result["ok"] else "FAILED")
+        print(f"{name:<28} {status:<8} {result['seconds']:>7.1f} s", flush=True)
+        results.append(result)
+    header = {"device": args.device, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename,
+              "load": os.getloadavg()[0], "seconds": time.perf_counter() - start}
+    (out / "acceptance.json").write_text(json.dumps({**header, "checks": results}, indent=2, default=str))
+    (out / "acceptance.md").write_text(markdown(results, header))
+    failed = [r["name"] for r in results if r["ok"] is False]
+    print(f"{len(results)} checks, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
+          f"{out / 'acceptance.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())
