@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -63,7 +64,7 @@ class Settings:
     """Problem sizes: full ResNet-50 at 224 on a GPU, tiny networks on a CPU (what CI can afford)."""
 
     def __init__(self, device: str, out: Path) -> None:
-        self.device = torch.device("cuda" if device == "cuda" else "cpu")
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
         self.cuda = device == "cuda"
         self.out = out
         if self.cuda:
@@ -393,15 +394,28 @@ CHECKS: list[tuple[str, Callable[[Settings], dict[str, Any]]]] = [
 
 
 # -------------------------------------------------------------------------------------- reporting
-def run_check(name: str, fn: Callable[[Settings], dict[str, Any]], s: Settings) -> dict[str, Any]:
+class CheckTimeout(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise CheckTimeout("the check ran past --check-timeout (a hang in native code ends only when it returns)")
+
+
+def run_check(name: str, fn: Callable[[Settings], dict[str, Any]], s: Settings, limit_s: int) -> dict[str, Any]:
     start = time.perf_counter()
     entry: dict[str, Any] = {"name": name, "ok": False, "skipped": None, "figures": {}, "error": None}
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(limit_s)
     try:
         entry.update(fn(s))
     except Skipped as why:
         entry.update(ok=None, skipped=str(why))
     except Exception as err:  # a failed check is a result, the others still run
         entry["error"] = f"{type(err).__name__}: {err}\n" + "".join(traceback.format_exc(limit=-4))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     entry["seconds"] = round(time.perf_counter() - start, 2)
     return entry
 
@@ -432,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), required=True)
     parser.add_argument("--out", required=True, help="directory for acceptance.json / acceptance.md")
     parser.add_argument("--only", default="", help="comma-separated check names (default: all)")
+    parser.add_argument("--check-timeout", type=int, default=180, help="seconds one check may take (default 180)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_acceptance: --device cuda but torch sees no CUDA device", file=sys.stderr)
@@ -440,7 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_MODE", "disabled")
     settings = Settings(args.device, out)
-    if not settings.cuda:
+    if settings.cuda:
+        torch.cuda.set_device(settings.device)
+    else:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     wanted = {n for n in args.only.split(",") if n}
     start = time.perf_counter()
@@ -448,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in CHECKS:
         if wanted and name not in wanted:
             continue
-        result = run_check(name, fn, settings)
+        result = run_check(name, fn, settings, args.check_timeout)
         status = "skipped" if result["skipped"] else ("ok" if result["ok"] else "FAILED")
         print(f"{name:<28} {status:<8} {result['seconds']:>7.1f} s", flush=True)
         results.append(result)
