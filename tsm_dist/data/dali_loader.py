@@ -17,8 +17,8 @@ frames than the stream decodes (an MP4 edit list marking the first packets "disc
 frames the plan, counting with the header, believes exist. So the decoder runs with ``pad_mode="none"``
 (an out-of-range frame is an error), and every video's decodable frames (its packets with data, not
 marked discard: what any decoder outputs) are counted once from the bytes already read: a clip reaching
-past them fails naming the video (or is skipped with ``skip_corrupt``); with ``short_videos="loop"``, the
-user's request to repeat frames, its frame numbers wrap around the decodable ones instead.
+past them fails naming the video, as the PyAV backend does (or is skipped with ``skip_corrupt``), also with
+``short_videos="loop"``, whose repetition is planned from the count the plan believes.
 NVDEC (device="gpu") refuses frames smaller than its per-codec minimum: such videos fail up front with a
 message, not inside the decoder.
 """
@@ -110,9 +110,9 @@ def stream_facts(data: np.ndarray) -> StreamFacts | None:
         return None
 
 
-def check_clip(spec: ClipSpec, facts: StreamFacts | None, *, loop: bool, nvdec: bool) -> ClipSpec:
-    """``spec`` if DALI can decode every planned frame of it as a real frame; with ``loop``, frames past
-    the decodable ones wrap around; otherwise :class:`VideoError` naming the video."""
+def check_clip(spec: ClipSpec, facts: StreamFacts | None, *, nvdec: bool) -> ClipSpec:
+    """``spec`` if DALI can decode every planned frame of it as a real frame, else :class:`VideoError`
+    naming the video."""
     if facts is None:
         return spec
     if nvdec and facts.codec in NVDEC_MIN_SIZE:
@@ -124,11 +124,10 @@ def check_clip(spec: ClipSpec, facts: StreamFacts | None, *, loop: bool, nvdec: 
     last = int(spec.frames.max())
     if last < facts.frames:
         return spec
-    if loop and facts.frames > 0:
-        return dataclasses.replace(spec, frames=(spec.frames % facts.frames).astype(np.int32))
     raise VideoError(spec.path, f"frame {last} is planned but the stream decodes only {facts.frames} frames "
-                     "(its header counts more: an edit list or a truncated file); DALI would return blank frames. "
-                     "Re-encode the video, or use short_videos='loop' to repeat its frames", spec.where)
+                     "(the container counts more: packets marked discard by an edit list, or a truncated file); "
+                     "DALI would return blank frames. Re-encode the video (or skip it with skip_corrupt)",
+                     spec.where)
 
 
 def _feed(specs: list[ClipSpec], num_crops: int, reader: ByteReader,
@@ -223,8 +222,7 @@ class DaliLoader(VideoLoader):
         """Runs on the feeder thread, which alone touches ``_facts``."""
         if spec.path not in self._facts:
             self._facts[spec.path] = stream_facts(data)
-        return check_clip(spec, self._facts[spec.path], loop=self.planner.options.short_videos == "loop",
-                          nvdec=self.device_kind == "gpu")
+        return check_clip(spec, self._facts[spec.path], nvdec=self.device_kind == "gpu")
 
     def __iter__(self) -> Iterator[Batch]:
         start = self._take_start_batch()
