@@ -328,3 +328,22 @@ def test_inline_feeder_keeps_depth_results_ahead_on_the_calling_thread():
     assert [feeder.get()[0] for _ in range(4)] == [1, 2, 3, 4]
     with pytest.raises(StopIteration):
         feeder.get()
+
+
+def test_training_and_evaluation_read_packed_directories(synthetic, packed, tmp_path):
+    """The trainer end to end (1 process, torch engine, DALI): train and val lists are packed directories."""
+    from conftest import PYTHON, REPO as ROOT, launcher_env, run_bounded
+
+    val = str(tmp_path / "val.pack")
+    assert pack_main(["--list", synthetic.val_list, "--root", synthetic.root, "--out", val, "--no-progress"]) == 0
+    result = run_bounded(
+        [PYTHON, "-m", "tsm_dist.train", "--config", "configs/synthetic_tsm.yaml", "--workdir", str(tmp_path / "run"),
+         "--set", f"data.train_list={packed}", "--set", f"data.val_list={val}", "--set", "data.root=",
+         "--set", "data.backend=dali", "--set", "engine.name=torch", "--set", "log.wandb=disabled",
+         "--set", "train.epochs=1", "--set", "data.batch_size=4", "--set", "data.crop_size=32",
+         "--set", "data.scale_size=32", "--set", "model.width=8", "--set", "log.interval=1"],
+        timeout=180, env=launcher_env(), cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["type"] == "step" for r in records) == 4  # 16 packed videos / batch 4
+    assert any(r["type"] == "eval" for r in records) and records[-1]["status"] == "completed"
