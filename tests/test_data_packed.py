@@ -156,8 +156,9 @@ def test_resume_continues_an_interrupted_pack(synthetic, packed, tmp_path):
     (out / "index.jsonl").write_text("".join(lines[:6]) + lines[6][:25])
     with open(out / shard_name(cut["shard"]), "r+b") as f:
         f.truncate(cut["offset"] + cut["length"])
-    for later in range(cut["shard"] + 1, len(meta["shards"])):
-        (out / shard_name(later)).unlink()
+    for later in range(cut["shard"] + 1, len(meta["shards"])):  # begun, not indexed: to be rewritten
+        with open(out / shard_name(later), "r+b") as f:
+            f.truncate(10)
     assert pack_main(["--list", synthetic.train_list, "--root", synthetic.root, "--out", str(out),
                       "--shard-mb", SHARD_MB, "--no-progress"]) == 0
     assert _pack_files(str(out)) == _pack_files(packed)  # byte for byte what an uninterrupted run wrote
@@ -347,3 +348,15 @@ def test_training_and_evaluation_read_packed_directories(synthetic, packed, tmp_
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["type"] == "step" for r in records) == 4  # 16 packed videos / batch 4
     assert any(r["type"] == "eval" for r in records) and records[-1]["status"] == "completed"
+
+
+def test_a_second_pack_into_the_same_directory_is_refused(synthetic, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert pack_main(["--list", synthetic.train_list, "--root", synthetic.root, "--out", str(out),
+                          "--no-progress"]) == 2
+    assert f"another 'tsm-dist pack' is writing {out}" in capsys.readouterr().err

@@ -14,6 +14,7 @@ reported. The layout is in ``pack_format.py`` and docs/data.md.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
@@ -36,7 +37,8 @@ CHUNK = 1 << 24  # bytes read at a time when checking a shard
 def progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="video", disable=not enabled, dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (batch job logs)
+    return tqdm(total=total, desc=desc, unit="video", disable=None if enabled else True, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -220,9 +222,19 @@ def _read_skipped(out: str) -> list[dict[str, Any]]:
 
 
 def pack(args: argparse.Namespace) -> int:
-    out, settings = args.out, _settings(args)
     records, bad_lines = read_file_list(args.list, skip_invalid=True)
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"tsm-dist pack: another 'tsm-dist pack' is writing {args.out}", file=sys.stderr)
+            return EXIT_USAGE
+        return _pack_locked(args, records, bad_lines)
+
+
+def _pack_locked(args: argparse.Namespace, records: list[VideoRecord], bad_lines: list[tuple[str, str]]) -> int:
+    out, settings = args.out, _settings(args)
     entries: list[dict[str, Any]] = []
     skipped = _read_skipped(out)
     if os.path.exists(os.path.join(out, META)):
