@@ -18,7 +18,7 @@ def test_defaults_and_lists_are_parsed():
 @pytest.mark.parametrize("argv, message", [
     (["--scheduler", "local", "--nodes", "1,2", "--simulate-nodes", "3"], "multiple of the largest real count 2"),
     (["--scheduler", "local", "--nodes", "1,4", "--simulate-nodes", "2"], "multiple of the largest real count 4"),
-    (["--scheduler", "local", "--nodes", "0,1"], "node counts must be >= 1"),
+    (["--scheduler", "local", "--nodes", "0,1"], "argument --nodes: counts must be >= 1"),
     (["--scheduler", "local", "--nodes", "1,x"], "comma-separated integers"),
     (["--scheduler", "local", "--nodes", "1", "--engines", "mxnet"], "unknown ['mxnet']"),
     (["--scheduler", "local", "--nodes", "1", "--submit"], "--submit is for lsf/slurm"),

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from tsm_dist import resources
 from tsm_dist.evaluate import mean_std
+from tsm_dist.procs import find_tool, run_session
 from tsm_dist.records import METRICS_FILE, read_last_run
+from tsm_dist.tables import pyplot
 
 MODELS = (("TSM", "synthetic_tsm.yaml"), ("TSN", "synthetic_tsn.yaml"))
 FULL = {"videos_per_class": 80, "frames": 32, "size": 64, "crop": 56, "epochs": 15}
@@ -36,47 +35,26 @@ def configs_dir() -> Path:
     return found
 
 
-def _horovodrun() -> str:
-    beside = Path(sys.executable).parent / "horovodrun"
-    found = str(beside) if beside.exists() else shutil.which("horovodrun")
-    if not found:
-        raise FileNotFoundError("horovodrun is not installed (run ./install.sh)")
-    return found
-
-
 def _run(cmd: list[str], timeout: float, log_file: Path) -> None:
     """Run one multi-rank job; its output goes to the terminal and to ``log_file``."""
     print("$ " + " ".join(cmd), flush=True)
 
-    def copy(stream: Any, log: Any) -> None:
-        for line in stream:
+    with log_file.open("w") as log:
+        def copy(line: str) -> None:
             log.write(line)
             sys.stdout.write("  " + line)
             sys.stdout.flush()
 
-    with log_file.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        pump = threading.Thread(target=copy, args=(proc.stdout, log), daemon=True)
-        pump.start()
-        try:
-            proc.wait(timeout=timeout)
+        try:  # horovodrun and the ranks it started end together on a timeout
+            code = run_session(cmd, timeout=timeout, on_line=copy)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # horovodrun and the ranks it started
-            proc.wait()
             raise RuntimeError(f"timed out after {timeout:.0f}s: {' '.join(cmd)} (log: {log_file})") from None
-        finally:
-            pump.join(timeout=10)
-    if proc.returncode != 0:
-        raise RuntimeError(f"exit code {proc.returncode}: {' '.join(cmd)} (log: {log_file})")
+    if code != 0:
+        raise RuntimeError(f"exit code {code}: {' '.join(cmd)} (log: {log_file})")
 
 
 def plot(curves: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for name, curve in curves.items():
         acc_ax.plot(*zip(*curve["top1"]), marker="o", label=name)
@@ -111,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         configs = configs_dir()
-        horovodrun = _horovodrun()
+        horovodrun = find_tool("horovodrun")
     except FileNotFoundError as exc:
         print(f"tsm-dist demo: {exc}", file=sys.stderr)
         return 1

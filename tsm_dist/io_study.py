@@ -18,18 +18,19 @@ the former behaviour), to show ``data_time`` before/after.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import shlex
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tsm_dist.studies.collect import MetricsError, RunSummary, pyplot, summarize_run
-from tsm_dist.studies.runconfig import (choice_list, measurement_overrides, model_config_item, name_list,
-                                        write_run_config)
+from tsm_dist.cli_types import choice_list, name_list
+from tsm_dist.records import MetricsError
+from tsm_dist.studies.collect import RunSummary, summarize_run
+from tsm_dist.studies.runconfig import measurement_overrides, model_config_item, write_run_config
 from tsm_dist.studies.runner import LAUNCHERS, launch_prefix, run_logged, tail
+from tsm_dist.tables import pyplot, write_csv
 
 if TYPE_CHECKING:
     from tsm_dist.config import Config
@@ -273,11 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     out = args.out
-    with open(out / "io_study.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[f.name for f in fields(IORow)])
-        writer.writeheader()
-        writer.writerows({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(r).items()}
-                         for r in rows)
+    write_csv(rows, IORow, out / "io_study.csv")
     text = markdown(rows, args)
     if io_rows:
         from tsm_dist.data.pack_study import markdown as io_markdown

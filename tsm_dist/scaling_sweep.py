@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tsm_dist.cli_types import choice_list, count_list, name_list
 from tsm_dist.studies.collect import BENCH_FILES, collect
 from tsm_dist.studies.machines import SCHEDULERS, load_machine
+from tsm_dist.studies.runconfig import measurement_overrides, model_config_item, write_run_config
 from tsm_dist.studies.sweep_plan import JobSpec, SweepPlan
-from tsm_dist.studies.runconfig import (choice_list, measurement_overrides, model_config_item, name_list,
-                                        write_run_config)
 from tsm_dist.studies.runner import LAUNCHERS, launch_prefix, run_logged, tail
 
 if TYPE_CHECKING:
@@ -42,22 +42,12 @@ SUBMIT = {"lsf": "bsub", "slurm": "sbatch"}
 SCRIPT_SUFFIX = {"lsf": "lsf", "slurm": "sbatch"}
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{flag}: expected comma-separated integers, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"{flag}: node counts must be >= 1, got {text!r}")
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tsm_dist.scaling_sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scheduler", required=True, choices=SCHEDULERS)
     parser.add_argument("--config", required=True, type=Path, help="base training config (YAML)")
-    parser.add_argument("--nodes", required=True, type=lambda t: _int_list(t, "--nodes"),
+    parser.add_argument("--nodes", required=True, type=count_list,
                         help="real node counts, e.g. 1,2,4,8 (local: groups of --gpus-per-node ranks)")
     parser.add_argument("--gpus-per-node", type=int, help="default: the machine profile's")
     parser.add_argument("--models", type=name_list, help="comma list (default: the config's model.name)")
@@ -66,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per-gpu-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run")
     parser.add_argument("--warmup-steps", type=int, default=5, help="untimed optimizer steps first")
-    parser.add_argument("--simulate-nodes", type=lambda t: _int_list(t, "--simulate-nodes"), default=[],
+    parser.add_argument("--simulate-nodes", type=count_list, default=[],
                         help="node counts run on max(--nodes) with gradient accumulation (marked *)")
     parser.add_argument("--out", required=True, type=Path, help="sweep directory")
     mode = parser.add_mutually_exclusive_group()
@@ -332,7 +322,7 @@ def project_main(argv: list[str]) -> int:
     parser.add_argument("--models", type=name_list, default=["tsm8f_r50", "i3d3x3x3_r50", "i3d3x1x1_r50"])
     parser.add_argument("--step-time", required=True,
                         help="single-node step time in s: one value, or MODEL=S,MODEL=S per model")
-    parser.add_argument("--nodes", type=lambda t: _int_list(t, "--nodes"), default=[2 ** i for i in range(11)])
+    parser.add_argument("--nodes", type=count_list, default=[2 ** i for i in range(11)])
     parser.add_argument("--per-gpu-batch", type=int, default=8)
     parser.add_argument("--fp16-compression", action="store_true", help="halve the gradient bytes")
     parser.add_argument("--dataset-size", type=int, default=0, help="clips per epoch for the time columns")

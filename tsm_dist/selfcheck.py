@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
+
+from tsm_dist.procs import find_tool
 
 
 def mpi_flavour() -> str:
@@ -66,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     print(stack_summary(), flush=True)
     if args.summary:
         return 0
-    horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable)) or "horovodrun"
+    try:
+        horovodrun = find_tool("horovodrun")
+    except FileNotFoundError as exc:
+        print(f"tsm-dist check: {exc}", file=sys.stderr)
+        return 1
     cmd = [horovodrun, "-np", str(args.ranks), "-H", f"localhost:{args.ranks}", "--gloo",
            sys.executable, "-m", "tsm_dist.selfcheck", "--worker"]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from tsm_dist.cli_types import name_list
 from tsm_dist.models.registry import build_model, describe_model, list_models
 
 TABLE10_MODELS = ("i3d3x3x3_r50", "i3d3x1x1_r50", "tsm8f_r50")
@@ -165,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    names = name_list(args.models)
     unknown = [n for n in names if n not in list_models()]
     if unknown:
         print(f"tsm-dist profile: unknown model(s) {unknown}; known: {', '.join(list_models())}",

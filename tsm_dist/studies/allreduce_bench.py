@@ -17,6 +17,7 @@ from pathlib import Path
 from statistics import median
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from tsm_dist.cli_types import choice_list
 from tsm_dist.engine import launcher_layout
 from tsm_dist.records import MetricsError, read_last_run
 from tsm_dist.studies.costmodel import fit_ring_link, gradient_bytes
@@ -138,7 +139,7 @@ def _engine_config(args: argparse.Namespace) -> "EngineConfig":
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tsm_dist.studies.allreduce_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="mpi4py,engine",
+    parser.add_argument("--method", dest="methods", type=choice_list(METHODS), default=list(METHODS),
                         help="comma list of mpi4py, engine (default both)")
     parser.add_argument("--engine", default="horovod", choices=("horovod", "torch"),
                         help="training engine for --method engine")
@@ -156,10 +157,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=1, help="nodes of the allocation (recorded with the result)")
     parser.add_argument("--out", type=Path, required=True, help="directory for allreduce_<method>.json")
     args = parser.parse_args(argv)
-    args.methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    bad = [m for m in args.methods if m not in METHODS]
-    if bad or not args.methods:
-        parser.error(f"--method: unknown {bad}; choose from {', '.join(METHODS)}")
     if args.repeats < 1 or args.points < 1:
         parser.error("--repeats and --points must be >= 1")
     return args

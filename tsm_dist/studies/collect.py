@@ -7,18 +7,18 @@ nothing was measured, the machine profile's nominal links). Every projected figu
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
-from typing import Any, Iterable
+from typing import Any
 
 from tsm_dist.records import MetricsError, read_last_run
 from tsm_dist.studies.costmodel import LinkCost, gradient_bytes, project_step_time
 from tsm_dist.studies.machines import MachineProfile, load_machine
 from tsm_dist.studies.sweep_plan import JobSpec, SweepPlan
+from tsm_dist.tables import pyplot, write_csv
 
 BENCH_FILES = {"engine": "allreduce_engine.json", "mpi4py": "allreduce_mpi4py.json"}
 
@@ -235,16 +235,6 @@ def _fill_speeds(row: Row, single: RunSummary | None, plan: SweepPlan, intra: Li
         row.time_basis = "measured" if measured else "projected"
 
 
-def write_csv(rows: Iterable[Row], path: Path) -> None:
-    names = [f.name for f in fields(Row)]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=names)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
-                             for k, v in asdict(row).items()})
-
-
 def format_duration(seconds: float) -> str:
     """Table 12 style: '49h 55m', '55m 56s', '14m 13s'."""
     if math.isnan(seconds):
@@ -320,15 +310,6 @@ def _series(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
     for r in rows:
         series.setdefault((r.model, r.engine), []).append(r)
     return series
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # plots are files; never open a window (login nodes have no display)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _log2_ticks(ax, values: list[int]) -> None:
@@ -423,7 +404,7 @@ def collect(out_dir: Path | str, machine: str | None = None) -> CollectOutputs:
     outputs = CollectOutputs(csv=out / "results.csv", markdown=out / "results.md",
                              speed_png=out / "speed_vs_gpus.png", scalability_png=out / "scalability_vs_nodes.png",
                              rows=rows)
-    write_csv(rows, outputs.csv)
+    write_csv(rows, Row, outputs.csv)
     outputs.markdown.write_text(markdown_table(rows, plan, benches))
     plot_speed(rows, outputs.speed_png)
     plot_scalability(rows, outputs.scalability_png)

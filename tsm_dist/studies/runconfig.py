@@ -47,22 +47,6 @@ def write_run_config(base: Path, model: str, overrides: list[str], path: Path) -
     return cfg
 
 
-def name_list(text: str) -> list[str]:
-    """argparse type: ``a,b,c`` -> ["a", "b", "c"]."""
-    return [v.strip() for v in text.split(",") if v.strip()]
-
-
-def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    """argparse type: a non-empty comma list whose items are all in ``choices``."""
-    def parse(text: str) -> list[str]:
-        values = name_list(text)
-        bad = [v for v in values if v not in choices]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(f"unknown {bad or text!r}; choose from {', '.join(choices)}")
-        return values
-    return parse
-
-
 def model_config_item(text: str) -> tuple[str, Path]:
     """argparse type of ``--model-config MODEL=CONFIG``: a per-model base config (frames, sampling)."""
     model, eq, path = text.partition("=")

@@ -6,23 +6,13 @@ file and a run that fails or overruns its time is reported with the log's last l
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
+from tsm_dist.procs import find_tool, run_session
+
 LAUNCHERS = ("mpirun", "horovodrun", "srun")
-
-
-def tool(name: str) -> str:
-    """A launcher from this Python's environment first (horovodrun lives in the venv), else PATH."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if not found:
-        raise FileNotFoundError(f"{name} not found (looked beside {sys.executable} and on PATH)")
-    return found
 
 
 def launch_prefix(launcher: str, ranks: int, core_per_rank: bool = False) -> list[str]:
@@ -33,13 +23,13 @@ def launch_prefix(launcher: str, ranks: int, core_per_rank: bool = False) -> lis
     alone would get every core and the 1-"node" baseline of a scaling sweep would be inflated.
     """
     if launcher == "horovodrun":
-        return [tool("horovodrun"), "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo"]
+        return [find_tool("horovodrun"), "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo"]
     if launcher == "srun":
-        return [tool("srun"), "--ntasks", str(ranks)]
+        return [find_tool("srun"), "--ntasks", str(ranks)]
     if launcher == "mpirun":
         if core_per_rank and ranks <= (os.cpu_count() or 1):
-            return [tool("mpirun"), "-np", str(ranks), "--map-by", "core", "--bind-to", "core"]
-        return [tool("mpirun"), "-np", str(ranks), "--oversubscribe", "--bind-to", "none"]
+            return [find_tool("mpirun"), "-np", str(ranks), "--map-by", "core", "--bind-to", "core"]
+        return [find_tool("mpirun"), "-np", str(ranks), "--oversubscribe", "--bind-to", "none"]
     raise ValueError(f"unknown launcher {launcher!r}; choose from {', '.join(LAUNCHERS)}")
 
 
@@ -76,22 +66,8 @@ def run_logged(command: list[str], ranks: int, log: Path, timeout: float) -> str
     log.parent.mkdir(parents=True, exist_ok=True)
     env = rank_env(ranks, single_host=not command[0].endswith("srun"))
     with open(log, "w") as fh:
-        # a session of its own, so that a timeout (or Ctrl-C) ends the launcher and every rank it started
-        proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
+        try:  # a session of its own: a timeout (or Ctrl-C) ends the launcher and every rank it started
+            code = run_session(command, timeout=timeout, env=env, stdout=fh)
         except subprocess.TimeoutExpired:
-            _kill(proc)
             return f"timeout ({timeout:.0f} s, {log.name})"
-        except BaseException:
-            _kill(proc)
-            raise
     return "" if code == 0 else f"failed (exit {code}, {log.name})"
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:  # already gone
-        pass
-    proc.wait()
