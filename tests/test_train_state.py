@@ -1,6 +1,7 @@
-"""Checkpoint files, top-k counts and the preemption flag (single process)."""
+"""Checkpoint files, top-k counts, the progress bar and the preemption flag (single process)."""
 from __future__ import annotations
 
+import io
 import os
 import signal
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from tsm_dist import checkpoint as ckpt
-from tsm_dist.metrics import topk_counts
+from tsm_dist.metrics import Progress, topk_counts
 from tsm_dist.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
 
 
@@ -61,3 +62,25 @@ def test_preemption_flag_records_signals_and_restores_handlers():
         assert flag.requested and flag.received == signal.SIGUSR1
     assert signal.getsignal(signal.SIGUSR1) is before
     assert PREEMPTED_EXIT_CODE == 75
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("enabled, tty, shown", [(None, True, True), (None, False, False), (True, False, True),
+                                                 (False, True, False)])
+def test_progress_bar_only_on_a_terminal_unless_asked(enabled, tty, shown):
+    stream = _Stream(tty)
+    bar = Progress(10, enabled=enabled, stream=stream, initial=2)  # resumed at step 2
+    bar.update(5, 1, loss=0.5, lr=0.1)
+    bar.close()
+    text = stream.getvalue()
+    assert bool(text) == shown
+    if shown:
+        assert "epoch 1" in text and "5/10" in text and "loss=0.5" in text

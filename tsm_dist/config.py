@@ -116,7 +116,8 @@ class LogConfig:
     interval: int = 10  # optimizer steps between step records
     wandb: str = field(default="offline", metadata=_choices("offline", "online", "disabled"))
     project: str = "tsm_dist"
-    progress: bool = True
+    # the progress bar: null (default) on a terminal only, true also in non-interactive logs, false never
+    progress: Optional[bool] = None
 
 
 @dataclass

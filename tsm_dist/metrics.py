@@ -71,32 +71,32 @@ class WandbRun:
 
 
 class Progress:
-    """One progress line on stderr: redrawn in place on a terminal, one line per update otherwise."""
+    """The training progress bar (tqdm) on stderr; rank 0 alone builds one.
 
-    def __init__(self, total_steps: int, enabled: bool = True, stream: TextIO | None = None) -> None:
-        self.total = total_steps
-        self.enabled = enabled
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
+    ``enabled`` is ``log.progress``: None (auto) shows it on a terminal only, so batch jobs' logs stay
+    clean; True shows it in non-interactive logs too; False never.
+    """
+
+    def __init__(self, total_steps: int, enabled: bool | None = None, stream: TextIO | None = None,
+                 initial: int = 0) -> None:
+        stream = stream or sys.stderr
+        self._bar = None
+        if stream.isatty() if enabled is None else enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial, file=stream, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, epoch: int, **values: float) -> None:
-        if not self.enabled:
+        if self._bar is None:
             return
-        width = 24
-        done = int(width * min(step, self.total) / max(1, self.total))
-        bar = "#" * done + "." * (width - done)
-        fields = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
-        line = f"epoch {epoch} [{bar}] {step}/{self.total}  {fields}"
-        if self.tty:
-            self.stream.write("\r" + line[:200].ljust(120))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        self._bar.set_description(f"epoch {epoch}", refresh=False)
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+        self._bar.update(step - self._bar.n)
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:

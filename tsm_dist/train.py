@@ -221,7 +221,7 @@ class Trainer:
             params=sum(p.numel() for p in self.model.parameters()),
             resumed_from=str(self.resume_path) if self.resume_path else None, versions=versions(),
             hardware=hardware()))
-        self.progress = Progress(self.total_steps, enabled=cfg.log.progress)
+        self.progress = Progress(self.total_steps, enabled=cfg.log.progress, initial=self.pos.step)
 
     # ------------------------------------------------------------------------------ the loop
     def loop(self, preemption: PreemptionFlag) -> tuple[str, int]:
@@ -362,7 +362,7 @@ class Trainer:
         """The ``end`` record (with the videos every shard skipped: reported, never silently lost)."""
         loaders = (self.train_loader, self.val_loader)
         skipped = sorted({tuple(s) for shard in self.engine.allgather_object(
-            [s for loader in loaders for s in getattr(loader, "skipped", [])]) for s in shard})
+            [s for loader in loaders if loader is not None for s in loader.skipped]) for s in shard})
         if self.log is not None:
             if skipped:
                 print(f"tsm-dist train: {len(skipped)} video(s) skipped as unreadable, e.g. {skipped[0][0]}: "
