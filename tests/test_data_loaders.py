@@ -10,6 +10,7 @@ from tsm_dist.data import build_video_loader
 from tsm_dist.data.augment import MEAN, STD
 from tsm_dist.data.encode import write_video
 from tsm_dist.data.filelist import VideoRecord, read_file_list
+from tsm_dist.data.loader import Loader
 from tsm_dist.data.synthetic import FLIP_LABEL_MAP, make_synthetic
 
 BACKENDS = ["dali", "pyav"]
@@ -63,6 +64,7 @@ def test_train_batches_shapes_labels_and_normalization(backend, synthetic):
         synthetic.train_list, synthetic.root, backend=backend, flip_label_map=FLIP_LABEL_MAP, num_classes=4
     )
     records, _ = read_file_list(synthetic.train_list)
+    assert isinstance(loader, Loader)  # the contract the trainer uses
     assert len(loader) == 4  # 16 videos / batch 4
     batches = list(loader)
     assert len(batches) == 4
@@ -187,6 +189,7 @@ def test_random_backend():
         None, None, backend="random", num_frames=8, batch_size=4, crop_size=16, train=True,
         num_samples=10, num_classes=5, shard_id=1, num_shards=2,
     )
+    assert isinstance(loader, Loader) and loader.skipped == [] and loader.batch_size == 4
     assert len(loader) == 2
     batches = list(loader)
     assert [c.shape for c, _ in batches] == [(4, 8, 3, 16, 16)] * 2

@@ -43,6 +43,7 @@ class TensorLoader:
         self.seed, self.train, self.signal_at = seed, train, signal_at
         self.per_shard = math.ceil(num_samples / num_shards)
         self.epoch = self.start = 0
+        self.skipped: list[tuple[str, str]] = []  # tsm_dist.data.loader.Loader
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start = epoch, start_batch

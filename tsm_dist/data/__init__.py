@@ -3,10 +3,13 @@ synthetic temporal-order data set. Start at :func:`build_video_loader`; docs/dat
 and rules."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Sequence, Union
 
 from tsm_dist.data.errors import DataError, FileListError, VideoError
 from tsm_dist.data.filelist import VideoRecord, check_labels, read_class_names, read_file_list
+
+if TYPE_CHECKING:
+    from tsm_dist.data.loader import Loader
 
 BACKENDS = ("dali", "pyav", "random")
 PARTITIONS = ("interleaved", "contiguous")
@@ -60,7 +63,7 @@ def build_video_loader(
     prefetch: int = 2,
     partition: str | None = None,
     feed_thread: bool = True,
-):
+) -> "Loader":
     """A loader of ``(clips, labels)`` batches for one shard (rank ``shard_id`` of ``num_shards``).
 
     ``file_list`` is a list file (``path label [start end]`` per line, paths relative to ``root``) or

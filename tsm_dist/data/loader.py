@@ -1,8 +1,9 @@
-"""What every file-reading loader shares: length, epochs and resuming, skipped files, padding."""
+"""The loader contract (:class:`Loader`, which every backend follows, the random one included) and what
+the file-reading loaders share: length, epochs and resuming, skipped files, padding."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -11,6 +12,26 @@ from tsm_dist.data.clip_plan import ClipPlanner, ClipSpec
 from tsm_dist.data.pack_format import ByteReader
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What the trainer and the evaluator use of a loader (DALI, PyAV, random, or one a test builds).
+
+    Iterating yields one shard's ``(clips, labels)`` batches, ``len(loader)`` of them on every shard;
+    padded evaluation slots have label -1. ``set_epoch(epoch, start_batch)`` reshuffles for ``epoch``
+    and starts the next iteration at ``start_batch`` (resume). ``skipped`` lists ``(file, reason)`` of
+    what was skipped as unreadable (empty unless ``skip_corrupt``).
+    """
+
+    batch_size: int
+    skipped: list[tuple[str, str]]
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
 
 
 class VideoLoader(ABC):

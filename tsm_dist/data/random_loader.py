@@ -21,6 +21,8 @@ def _seed(*keys: int) -> int:
 
 
 class RandomLoader:
+    """A :class:`tsm_dist.data.loader.Loader` of random clips (``num_samples`` per epoch over all shards)."""
+
     def __init__(
         self,
         *,
