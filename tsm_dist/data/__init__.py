@@ -3,7 +3,8 @@ synthetic temporal-order data set. Start at :func:`build_video_loader`; docs/dat
 and rules."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 from tsm_dist.data.errors import DataError, FileListError, VideoError
 from tsm_dist.data.filelist import VideoRecord, check_labels, read_class_names, read_file_list
@@ -34,35 +35,15 @@ def _as_mapping(flip_label_map: FlipMap) -> Mapping[int, int] | None:
 
 
 def build_video_loader(
-    file_list: str | Sequence[VideoRecord] | None,
-    root: str | None,
-    *,
-    backend: str = "dali",
-    device: str = "cpu",
-    num_frames: int,
-    sampling: str = "segment",
-    stride: int = 1,
-    batch_size: int,
-    crop_size: int,
-    train: bool,
-    shard_id: int = 0,
-    num_shards: int = 1,
-    seed: int = 0,
-    num_threads: int = 2,
-    num_clips: int = 1,
-    num_crops: int = 1,
-    flip: bool = True,
-    flip_label_map: FlipMap = None,
-    skip_corrupt: bool = False,
-    num_classes: int | None = None,
-    scale_size: int | None = None,
-    train_crop: str = "multiscale",
-    short_videos: str = "error",
+    file_list: str | Sequence[VideoRecord] | None, root: str | None, *,
+    backend: str = "dali", device: str = "cpu", device_id: int | None = None,
+    num_frames: int, sampling: str = "segment", stride: int = 1,
+    batch_size: int, crop_size: int, scale_size: int | None = None, train: bool, train_crop: str = "multiscale",
+    shard_id: int = 0, num_shards: int = 1, partition: str | None = None, seed: int = 0,
+    num_threads: int = 2, prefetch: int = 2, feed_thread: bool = True,
+    num_clips: int = 1, num_crops: int = 1, flip: bool = True, flip_label_map: FlipMap = None,
+    skip_corrupt: bool = False, num_classes: int | None = None, short_videos: str = "error",
     num_samples: int | None = None,
-    device_id: int | None = None,
-    prefetch: int = 2,
-    partition: str | None = None,
-    feed_thread: bool = True,
 ) -> "Loader":
     """A loader of ``(clips, labels)`` batches for one shard (rank ``shard_id`` of ``num_shards``).
 
@@ -86,79 +67,27 @@ def build_video_loader(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "random":
-        if num_samples is None or num_classes is None:
-            raise ValueError("the random backend needs num_samples and num_classes")
-        import torch
-
-        from tsm_dist.data.random_loader import RandomLoader
-
-        torch_device = torch.device("cpu")
-        if device == "gpu":
-            torch_device = torch.device("cuda", torch.cuda.current_device() if device_id is None else device_id)
-        return RandomLoader(
-            num_samples=num_samples,
-            batch_size=batch_size,
-            num_frames=num_frames,
-            crop_size=crop_size,
-            num_classes=num_classes,
-            views=num_clips * num_crops,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            seed=seed,
-            device=torch_device,
-        )
-
+        return _random_loader(device, device_id, num_samples=num_samples, batch_size=batch_size,
+                              num_frames=num_frames, crop_size=crop_size, num_classes=num_classes,
+                              views=num_clips * num_crops, shard_id=shard_id, num_shards=num_shards, seed=seed)
     from tsm_dist.data.clip_plan import ClipOptions, ClipPlanner
-    from tsm_dist.data.pack_format import is_packed, load_packed
 
     options = ClipOptions(
-        num_frames=num_frames,
-        sampling=sampling,
-        stride=stride,
-        crop_size=crop_size,
-        scale_size=scale_size,
-        train=train,
-        num_clips=num_clips,
-        num_crops=num_crops,
-        flip=flip,
-        flip_label_map=_as_mapping(flip_label_map),
-        train_crop=train_crop,
-        short_videos=short_videos,
-    )
+        num_frames=num_frames, sampling=sampling, stride=stride, crop_size=crop_size, scale_size=scale_size,
+        train=train, num_clips=num_clips, num_crops=num_crops, flip=flip,
+        flip_label_map=_as_mapping(flip_label_map), train_crop=train_crop, short_videos=short_videos)
     if file_list is None:
         raise ValueError(f"backend {backend!r} needs a file list")
     if partition not in (None, *PARTITIONS):
         raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
-    packed = None
-    if isinstance(file_list, str) and is_packed(file_list):
-        packed = load_packed(file_list)
-        records, skipped = check_labels(packed.records, num_classes, skip_invalid=skip_corrupt)
-        infos, locations = packed.infos, packed.locations
-        if skipped:  # labels out of range: keep the columns aligned with the records left
-            kept = {id(r) for r in records}
-            infos = [info for r, info in zip(packed.records, packed.infos) if id(r) in kept]
-            locations = [loc for r, loc in zip(packed.records, packed.locations) if id(r) in kept]
-        root = None  # the index's paths only name the videos
-    elif isinstance(file_list, str):
-        records, skipped = read_file_list(file_list, num_classes=num_classes, skip_invalid=skip_corrupt)
-    else:
-        records, skipped = check_labels(list(file_list), num_classes, skip_invalid=skip_corrupt)
+    videos = _videos(file_list, root, num_classes, skip_corrupt)
     if partition is None:
-        partition = "contiguous" if packed is not None else "interleaved"
+        partition = "contiguous" if videos.packed else "interleaved"
     planner = ClipPlanner(
-        records,
-        root,
-        options,
-        batch_size=batch_size,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        seed=seed,
-        skip_corrupt=skip_corrupt,
-        infos=infos if packed is not None else None,
-        locations=locations if packed is not None else None,
-        contiguous=partition == "contiguous",
-    )
-    planner.skipped.extend(skipped)
+        videos.records, videos.root, options, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+        seed=seed, skip_corrupt=skip_corrupt, infos=videos.infos, locations=videos.locations,
+        contiguous=partition == "contiguous")
+    planner.skipped.extend(videos.skipped)
     if backend == "pyav":
         if device != "cpu":
             raise ValueError("the pyav backend decodes on the CPU: use device='cpu' (or backend='dali' for NVDEC)")
@@ -169,3 +98,50 @@ def build_video_loader(
 
     return DaliLoader(planner, device=device, device_id=device_id, num_threads=num_threads, prefetch=prefetch,
                       feed_thread=feed_thread)
+
+
+def _random_loader(device: str, device_id: int | None, *, num_samples: int | None, num_classes: int | None,
+                   **options: Any) -> "Loader":
+    if num_samples is None or num_classes is None:
+        raise ValueError("the random backend needs num_samples and num_classes")
+    import torch
+
+    from tsm_dist.data.random_loader import RandomLoader
+
+    torch_device = torch.device("cpu")
+    if device == "gpu":
+        torch_device = torch.device("cuda", torch.cuda.current_device() if device_id is None else device_id)
+    return RandomLoader(num_samples=num_samples, num_classes=num_classes, device=torch_device, **options)
+
+
+@dataclass
+class _Videos:
+    """The videos of a list file, of records, or of a packed directory (with their index columns)."""
+
+    records: list[VideoRecord]
+    skipped: list[tuple[str, str]]
+    root: str | None
+    packed: bool = False
+    infos: list[Any] | None = None
+    locations: list[Any] | None = None
+
+
+def _videos(file_list: str | Sequence[VideoRecord], root: str | None, num_classes: int | None,
+            skip_corrupt: bool) -> _Videos:
+    from tsm_dist.data.pack_format import is_packed, load_packed
+
+    if isinstance(file_list, str) and is_packed(file_list):
+        packed = load_packed(file_list)
+        records, skipped = check_labels(packed.records, num_classes, skip_invalid=skip_corrupt)
+        infos, locations = packed.infos, packed.locations
+        if skipped:  # labels out of range: keep the columns aligned with the records left
+            kept = {id(r) for r in records}
+            infos = [info for r, info in zip(packed.records, packed.infos) if id(r) in kept]
+            locations = [loc for r, loc in zip(packed.records, packed.locations) if id(r) in kept]
+        # the index's paths only name the videos: no root
+        return _Videos(records, skipped, None, packed=True, infos=infos, locations=locations)
+    if isinstance(file_list, str):
+        records, skipped = read_file_list(file_list, num_classes=num_classes, skip_invalid=skip_corrupt)
+    else:
+        records, skipped = check_labels(list(file_list), num_classes, skip_invalid=skip_corrupt)
+    return _Videos(records, skipped, root)
