@@ -1,4 +1,4 @@
-"""The shape of the package: no import circle between its modules, and every module imports on its own."""
+"""The shape of the package: short functions, no import circle between its modules, every module imports on its own."""
 from __future__ import annotations
 
 import ast
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tsm_dist"
+MAX_FUNCTION_LINES = 80  # a function a reader can hold in view; split longer ones into named steps
 
 
 def _modules() -> dict[str, Path]:
@@ -107,3 +108,27 @@ def test_every_module_imports_in_a_fresh_interpreter():
     result = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300,
                             cwd=PACKAGE.parent)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _long_functions(source: str, limit: int) -> list[tuple[str, int, int]]:
+    """(name, first line, length) of every function or method longer than ``limit`` lines (docstring included)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            if length > limit:
+                found.append((node.name, node.lineno, length))
+    return found
+
+
+def test_length_check_sees_a_long_function():
+    source = "def short():\n    return 1\n\n\ndef long():\n" + "    x = 1\n" * 5 + "\n\nclass C:\n    def m(self):\n" \
+        + "        y = 2\n" * 4
+    assert _long_functions(source, 4) == [("long", 5, 6), ("m", 14, 5)]
+
+
+def test_no_function_longer_than_80_lines():
+    long = [f"{path.relative_to(PACKAGE.parent)}:{line} {name}() has {length} lines"
+            for path in sorted(PACKAGE.rglob("*.py"))
+            for name, line, length in _long_functions(path.read_text(), MAX_FUNCTION_LINES)]
+    assert long == []

@@ -131,6 +131,50 @@ def render_template(template: str, context: dict[str, Any], flags: set[str]) -> 
     return "\n".join(out) + "\n"
 
 
+def _lsf_launch(model: str, nodes: int, gpus_per_node: int, controller: str | None, cpus_per_rank: int | None,
+                resource_sets: str, ranks_per_node: int | None,
+                launcher_args: str) -> tuple[str, int, int | None, dict[str, Any]]:
+    """(controller, ranks per node, cores per rank, template context) of a jsrun launch."""
+    if (controller or "mpi") != "mpi":
+        raise RenderError(f"--controller {controller}: LSF jobs start ranks with jsrun and Spectrum MPI "
+                          f"(--controller mpi)")
+    if cpus_per_rank is not None:
+        raise RenderError("--cpus-per-rank is fixed by the LSF resource sets (7 cores per GPU); leave it out")
+    gpu = gpus_per_node > 0
+    js = jsrun_layout(nodes, gpus_per_node, resource_sets, ranks_per_node)
+    ranks_node = js.ranks // nodes
+    # Spectrum MPI's CUDA hooks expect CUDA-aware MPI; Horovod moves GPU data with NCCL instead.
+    smpi = ' --smpiargs="-disable_gpu_hooks"' if gpu else ""
+    ctx = {"jsrun_args": js.args() + smpi + (f" {launcher_args}" if launcher_args else ""),
+           "description": (f"{model}: {nodes} node(s) x {gpus_per_node} GPU(s), jsrun {resource_sets} resource "
+                           f"sets" if gpu else f"{model}: {nodes} node(s) x {ranks_node} CPU rank(s)")}
+    return "mpi", ranks_node, js.cores_per_rank, ctx
+
+
+def _slurm_launch(model: str, nodes: int, gpus_per_node: int, controller: str | None, cpus_per_rank: int | None,
+                  ranks_per_node: int | None, launcher_args: str) -> tuple[str, int, int | None, dict[str, Any]]:
+    """(controller, ranks per node, CPUs per rank, template context) of an srun launch."""
+    chosen = controller or "gloo"
+    if chosen not in ("gloo", "mpi"):
+        raise RenderError(f"--controller must be gloo or mpi for Slurm, got {controller!r}")
+    gpu = gpus_per_node > 0
+    if gpu and ranks_per_node not in (None, gpus_per_node):
+        raise RenderError(f"--ranks-per-node {ranks_per_node} != --gpus-per-node {gpus_per_node}: "
+                          f"GPU jobs run one rank per GPU")
+    ranks_node = gpus_per_node if gpu else (ranks_per_node or 1)
+    if ranks_node < 1:
+        raise RenderError(f"--ranks-per-node must be >= 1, got {ranks_node}")
+    # gloo: Horovod's controller needs no MPI, the wrapper hosts the rendezvous; mpi: OpenMPI
+    # direct launch through Slurm's PMIx plugin.
+    srun_mpi = "pmix" if chosen == "mpi" else "none"
+    ctx = {"srun_args": (f"--nodes={nodes} --ntasks-per-node={ranks_node} --cpus-per-task=\"$CPUS_PER_RANK\" "
+                         f"--mpi={srun_mpi} --kill-on-bad-exit=0" + (f" {launcher_args}" if launcher_args else "")),
+           "description": (f"{model}: {nodes} node(s) x {gpus_per_node} GPU(s), srun, Horovod over {chosen}"
+                           if gpu else f"{model}: {nodes} node(s) x {ranks_node} CPU rank(s), srun, Horovod "
+                                       f"over {chosen}")}
+    return chosen, ranks_node, cpus_per_rank, ctx
+
+
 def render_job(scheduler: str, nodes: int, gpus_per_node: int, config: str, *, project: str | None = None,
                time: str | None = None, accumulate: int | None = None, job_name: str | None = None,
                workdir: str | None = None, overrides: Sequence[str] = (), ranks_per_node: int | None = None,
@@ -167,42 +211,14 @@ def render_job(scheduler: str, nodes: int, gpus_per_node: int, config: str, *, p
         raise RenderError(f"--env {bad_env[0]!r}: expected NAME=VALUE")
     model = _check_config(config, overrides) if check_config else Path(config).stem
     gpu = gpus_per_node > 0
-    ctx: dict[str, Any] = {}
     if scheduler == "lsf":
         if not project:
             raise RenderError("--project is required for LSF (#BSUB -P): the allocation to charge, e.g. ABC123")
-        if (controller or "mpi") != "mpi":
-            raise RenderError(f"--controller {controller}: LSF jobs start ranks with jsrun and Spectrum MPI "
-                              f"(--controller mpi)")
-        if cpus_per_rank is not None:
-            raise RenderError("--cpus-per-rank is fixed by the LSF resource sets (7 cores per GPU); leave it out")
-        js = jsrun_layout(nodes, gpus_per_node, resource_sets, ranks_per_node)
-        chosen, ranks_node, cpus = "mpi", js.ranks // nodes, js.cores_per_rank
-        # Spectrum MPI's CUDA hooks expect CUDA-aware MPI; Horovod moves GPU data with NCCL instead.
-        smpi = ' --smpiargs="-disable_gpu_hooks"' if gpu else ""
-        ctx["jsrun_args"] = js.args() + smpi + (f" {launcher_args}" if launcher_args else "")
-        ctx["description"] = (f"{model}: {nodes} node(s) x {gpus_per_node} GPU(s), jsrun {resource_sets} resource "
-                              f"sets" if gpu else f"{model}: {nodes} node(s) x {ranks_node} CPU rank(s)")
+        chosen, ranks_node, cpus, ctx = _lsf_launch(model, nodes, gpus_per_node, controller, cpus_per_rank,
+                                                    resource_sets, ranks_per_node, launcher_args)
     else:
-        chosen = controller or "gloo"
-        if chosen not in ("gloo", "mpi"):
-            raise RenderError(f"--controller must be gloo or mpi for Slurm, got {controller!r}")
-        if gpu and ranks_per_node not in (None, gpus_per_node):
-            raise RenderError(f"--ranks-per-node {ranks_per_node} != --gpus-per-node {gpus_per_node}: "
-                              f"GPU jobs run one rank per GPU")
-        ranks_node = gpus_per_node if gpu else (ranks_per_node or 1)
-        if ranks_node < 1:
-            raise RenderError(f"--ranks-per-node must be >= 1, got {ranks_node}")
-        cpus = cpus_per_rank
-        # gloo: Horovod's controller needs no MPI, the wrapper hosts the rendezvous; mpi: OpenMPI
-        # direct launch through Slurm's PMIx plugin.
-        srun_mpi = "pmix" if chosen == "mpi" else "none"
-        ctx["srun_args"] = (f"--nodes={nodes} --ntasks-per-node={ranks_node} --cpus-per-task=\"$CPUS_PER_RANK\" "
-                            f"--mpi={srun_mpi} --kill-on-bad-exit=0"
-                            + (f" {launcher_args}" if launcher_args else ""))
-        ctx["description"] = (f"{model}: {nodes} node(s) x {gpus_per_node} GPU(s), srun, Horovod over {chosen}"
-                              if gpu else f"{model}: {nodes} node(s) x {ranks_node} CPU rank(s), srun, Horovod "
-                                          f"over {chosen}")
+        chosen, ranks_node, cpus, ctx = _slurm_launch(model, nodes, gpus_per_node, controller, cpus_per_rank,
+                                                      ranks_per_node, launcher_args)
     name = job_name or f"{Path(config).stem}-{nodes}n" + (f"{gpus_per_node}g" if gpu else f"{ranks_node}r")
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
         raise RenderError(f"--job-name {name!r}: use letters, digits and . _ + - only")
