@@ -85,6 +85,15 @@ def test_collect_hand_values(tmp_path):
     assert sim.time_basis == "projected"
     assert sim.epoch_time_s == pytest.approx(1000 / projected)
     assert rows[4].time_basis == "measured" and rows[4].train_time_s == pytest.approx(10 * 1000 / 51.2)
+    # model vs measurement side by side: projected - measured, in points of scalability
+    model_4 = 0.5 - 8.04e-4 + 7.14e-3
+    assert rows[4].projection_error_points == pytest.approx(100 * (0.5 / model_4 - 0.8), rel=1e-9)
+    # calibrated at the widest real run (4 nodes): what it took beyond the model, carried to 8*
+    overhead = 0.625 - model_4
+    assert rows[4].unmodelled_s == pytest.approx(overhead, rel=1e-9)
+    assert rows[4].calibrated_scalability == pytest.approx(0.8)
+    assert sim.calibrated_clips_per_sec == pytest.approx(64 / (0.5 - 8.04e-4 + 7.8e-3 + overhead), rel=1e-9)
+    assert rows[1].calibrated_scalability == pytest.approx(1.0)
 
     with open(outputs.csv) as fh:
         table = list(csv.DictReader(fh))
@@ -95,6 +104,8 @@ def test_collect_hand_values(tmp_path):
     md = outputs.markdown.read_text()
     assert "| horovod | m | 8* | 16* | 64 | 512 |" in md
     assert "| horovod | m | 4 | 8 | 32 | 256 | 51.2 | 64.0 | 80.0% |" in md
+    assert f"| {100 * 0.5 / model_4:.1f}% | {100 * (0.5 / model_4 - 0.8):+.1f} pts | 80.0% |" in md
+    assert f"horovod/m: {overhead * 1e3:+.1f} ms" in md
     assert "**Projection** (cost model, not a measurement)" in md
     assert "Simulated" in md and "horovod/m 8* on 4 nodes x 2 accumulation" in md
     for png in (outputs.speed_png, outputs.scalability_png):

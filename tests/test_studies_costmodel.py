@@ -4,6 +4,7 @@ import math
 import pytest
 
 from tsm_dist.studies.costmodel import (LinkCost, allreduce_time_on_nodes, fit_ring_link, project_scalability,
+                                        unmodelled_overhead,
                                         project_step_time, ring_allreduce_time)
 
 
@@ -105,3 +106,16 @@ def test_fit_shrugs_off_one_disturbed_timing():
     fitted = fit_ring_link(2, sizes, times)
     assert fitted.alpha_s == pytest.approx(3e-6, rel=0.05)
     assert fitted.bandwidth_bytes_per_s == pytest.approx(1e9, rel=0.05)
+
+
+def test_calibration_term_is_what_the_measurement_took_beyond_the_model():
+    link = LinkCost(1e-4, 1e9)
+    # 2 one-GPU nodes: model = 0.5 + 2·1e-4 + 1e8/1e9 = 0.6002 s; measured 0.65 s -> 0.0498 s unmodelled
+    overhead = unmodelled_overhead(0.5, 0.65, 2, 1, 1e8, intra=link, inter=link)
+    assert overhead == pytest.approx(0.0498)
+    # calibrated at 2 nodes: reproduces the measurement there, and carries the term to 8 nodes
+    assert project_step_time(0.5, 2, 1, 1e8, intra=link, inter=link, overhead_s=overhead) == pytest.approx(0.65)
+    eight = 0.5 + 14 * 1e-4 + 2 * 7 / 8 * 0.1 + 0.0498
+    assert project_step_time(0.5, 8, 1, 1e8, intra=link, inter=link, overhead_s=overhead) == pytest.approx(eight)
+    # one node is the measurement itself, never calibrated
+    assert project_step_time(0.5, 1, 1, 1e8, intra=link, inter=link, overhead_s=overhead) == pytest.approx(0.5)

@@ -9,6 +9,8 @@ from tsm_dist.scaling_sweep import main
 NODES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 MODELS = ["tsm8f_r50", "i3d3x3x3_r50", "i3d3x1x1_r50"]
 FRAMES = {"tsm8f_r50": 8, "i3d3x3x3_r50": 16, "i3d3x1x1_r50": 32}
+# a model swapped in by --models takes its own sampling: the 64-frame window (as the paper's I3D configs)
+SAMPLING = {"tsm8f_r50": "segment", "i3d3x3x3_r50": ("dense", 4), "i3d3x1x1_r50": ("dense", 2)}
 
 
 def dry_run(tmp_path, scheduler, gpus, extra=()):
@@ -45,6 +47,10 @@ def test_lsf_dry_run_renders_jsrun_jobs_for_1_to_256_nodes(tmp_path, capsys):
             assert "--module tsm_dist.studies.allreduce_bench" in text and f"--nodes {nodes} " in text
             cfg = yaml.safe_load((out / "jobs" / tag / f"{tag}.yaml").read_text())
             assert cfg["model"]["name"] == model and cfg["model"]["num_frames"] == FRAMES[model]
+            if model == "tsm8f_r50":
+                assert cfg["data"]["sampling"] == "segment"
+            else:
+                assert (cfg["data"]["sampling"], cfg["data"]["stride"]) == SAMPLING[model]
             assert cfg["data"]["batch_size"] == 8 and cfg["train"]["max_steps"] == 60
             assert cfg["train"]["accumulate"] == 1 and cfg["log"]["interval"] == 1
         for nodes, accumulate in ((512, 2), (1024, 4)):
@@ -87,3 +93,21 @@ def test_bad_config_key_names_the_key_before_any_job_is_written(tmp_path, capsys
     assert code == 2
     assert "unknown key 'optim.lr'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_dry_run_without_the_file_list_uses_the_known_data_set_size_and_says_so(tmp_path, capsys):
+    out = tmp_path / "k400"
+    argv = ["--scheduler", "slurm", "--nodes", "1,2", "--gpus-per-node", "4", "--dry-run", "--out", str(out)]
+    # the paper's Kinetics config: its list is on the cluster, not here
+    assert main([*argv, "--config", "configs/tsm8f_r50_kinetics400.yaml"]) == 0
+    assert json.loads((out / "sweep.json").read_text())["dataset_size"] == 240_436
+    assert "Kinetics-400 training set size, 240,436 clips" in capsys.readouterr().err
+    assert main([*argv, "--config", "configs/tsm8f_r50_somethingv2.yaml"]) == 0
+    assert json.loads((out / "sweep.json").read_text())["dataset_size"] == 168_913
+    # an unknown data set: data.num_samples, said so; without it, one line naming the key and the flag
+    base = ["--config", "configs/synthetic_tsm.yaml", "--set", "data.root=/nonexistent"]
+    assert main([*argv, *base, "--set", "data.num_samples=5000"]) == 0
+    assert json.loads((out / "sweep.json").read_text())["dataset_size"] == 5000
+    assert "use data.num_samples, 5,000 clips" in capsys.readouterr().err
+    assert main([*argv, *base]) == 2
+    assert "pass --dataset-size (or set data.num_samples)" in capsys.readouterr().err

@@ -101,7 +101,7 @@ class EngineConfig:
     name: str = field(default="horovod", metadata=_choices("horovod", "torch"))
     fp16_compression: bool = False
     fusion_threshold_mb: float = 64.0  # Horovod fusion buffer; DDP bucket size for "torch"
-    cycle_time_ms: float = 0.0  # Horovod only; 0: Horovod's default
+    cycle_time_ms: float = 0.0  # Horovod only; 0: 5 ms on CPU ranks, Horovod's 1 ms on GPUs (engine.horovod_env)
     timeline: str = ""  # Horovod only; path of a Chrome-trace timeline written by rank 0
     gradient_predivide_factor: float = 1.0
     # A rank that stops answering: Horovod warns after stall_check_s and shuts the job down

@@ -18,8 +18,9 @@ import contextlib
 import inspect
 import io
 import os
+import time
 from datetime import timedelta
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -48,13 +49,56 @@ def is_launcher_rank0() -> bool:
         return True
 
 
-def _cpu_threads() -> int:
-    """Threads per rank: OMP_NUM_THREADS when the job (or tsm_dist.launch.rank) set it, else the
-    launch layer's rule (cpus per task, CPU mask, node CPUs shared by the node's ranks)."""
-    pinned = os.environ.get("OMP_NUM_THREADS", "")
+def _cpu_threads(env: Mapping[str, str] | None = None, affinity: int | None = None) -> int:
+    """Compute threads per rank: OMP_NUM_THREADS when the job (or tsm_dist.launch.rank) set it, else the
+    launch layer's rule (cpus per task, CPU mask, node CPUs shared by the node's ranks); never more than
+    the cores in this process's CPU mask (more threads than cores only time-slice one core)."""
+    env = os.environ if env is None else env
+    cores = affinity if affinity is not None else len(os.sched_getaffinity(0))
+    pinned = env.get("OMP_NUM_THREADS", "")
     if pinned.isdigit() and int(pinned) > 0:
-        return int(pinned)
-    return threads_per_rank(detect_layout(os.environ), os.environ)[0]
+        return max(1, min(int(pinned), cores))
+    return max(1, min(threads_per_rank(detect_layout(env), env)[0], cores))
+
+
+# Horovod on CPU ranks (docs/studies.md, "Why Horovod scaled at 70 % on CPU"). Horovod's background thread
+# runs the controller's negotiation and, with MPI CPU operations, the allreduce itself, in blocking MPI
+# calls. OpenMPI's progress loop busy-polls while such a call waits for a peer that is still computing, and
+# on CPU ranks that poll runs on the very cores the rank computes on: measured, it took 0.38-0.55 CPU-s
+# per 0.5 s step from the compute thread. Yielding when idle brings it to 0.02-0.05 CPU-s (DDP/Gloo: 0.02).
+# With the yield the cycle time matters little; 5 ms halves the negotiation rounds' CPU of the 1 ms
+# default and adds at most 5 ms to a step of ~0.5 s. On GPUs none of this applies (NCCL moves the data,
+# the cores are free): Horovod's own defaults stay.
+CPU_CYCLE_TIME_MS = 5.0
+CPU_MPI_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1"}
+
+
+def cpu_mpi_env(env: Mapping[str, str], on_gpu: bool | None = None) -> dict[str, str]:
+    """MPI settings of CPU ranks not already in ``env`` (the user's wins); none where a GPU computes."""
+    if torch.cuda.is_available() if on_gpu is None else on_gpu:
+        return {}
+    return {k: v for k, v in CPU_MPI_ENV.items() if k not in env}
+
+
+def horovod_env(cfg: EngineConfig, on_gpu: bool, env: Mapping[str, str]) -> dict[str, str]:
+    """The variables Horovod reads at init, from the config (which wins over the launcher's flags, so
+    that a run is described by its config alone) and, on CPU ranks only, the CPU defaults above (the
+    user's own environment wins over those)."""
+    knobs = {
+        "HOROVOD_FUSION_THRESHOLD": str(int(cfg.fusion_threshold_mb * 1024 * 1024)),
+        "HOROVOD_STALL_CHECK_TIME_SECONDS": str(cfg.stall_check_s),
+        "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(cfg.stall_shutdown_s),
+    }
+    if cfg.stall_check_s == 0:
+        knobs["HOROVOD_STALL_CHECK_DISABLE"] = "1"
+    if cfg.cycle_time_ms:
+        knobs["HOROVOD_CYCLE_TIME"] = f"{cfg.cycle_time_ms:g}"
+    elif not on_gpu and "HOROVOD_CYCLE_TIME" not in env:
+        knobs["HOROVOD_CYCLE_TIME"] = f"{CPU_CYCLE_TIME_MS:g}"
+    if cfg.timeline:
+        knobs["HOROVOD_TIMELINE"] = cfg.timeline
+    knobs.update(cpu_mpi_env(env, on_gpu))
+    return knobs
 
 
 class Engine:
@@ -68,6 +112,7 @@ class Engine:
         self._hvd: Any = None
         self._dist: Any = None
         self._started_here = False
+        self.settings: dict[str, str] = {}  # the communication settings this engine started with
 
     # ----------------------------------------------------------------------------------- setup
     def init(self) -> "Engine":
@@ -79,6 +124,7 @@ class Engine:
         self._pin_device()
         if self.device.type != "cuda":
             torch.set_num_threads(_cpu_threads())
+            self.settings["compute_threads"] = str(torch.get_num_threads())
         return self
 
     def _pin_device(self) -> None:
@@ -91,20 +137,9 @@ class Engine:
             self.device = torch.device("cuda", index)
 
     def _init_horovod(self) -> None:
-        # Horovod reads its tuning knobs from the environment at init; the config wins over the
-        # launcher's flags so that a run is described by its config alone.
-        knobs = {
-            "HOROVOD_FUSION_THRESHOLD": str(int(self.cfg.fusion_threshold_mb * 1024 * 1024)),
-            "HOROVOD_STALL_CHECK_TIME_SECONDS": str(self.cfg.stall_check_s),
-            "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": str(self.cfg.stall_shutdown_s),
-        }
-        if self.cfg.stall_check_s == 0:
-            knobs["HOROVOD_STALL_CHECK_DISABLE"] = "1"
-        if self.cfg.cycle_time_ms:
-            knobs["HOROVOD_CYCLE_TIME"] = str(self.cfg.cycle_time_ms)
-        if self.cfg.timeline:
-            knobs["HOROVOD_TIMELINE"] = self.cfg.timeline
-        os.environ.update(knobs)
+        # Horovod (and MPI, which its background thread initializes) read their knobs at init
+        self.settings = horovod_env(self.cfg, torch.cuda.is_available(), os.environ)
+        os.environ.update(self.settings)
         import horovod.torch as hvd
 
         if not hvd.is_initialized():
@@ -185,6 +220,20 @@ class Engine:
         out = self._collective_tensor(tensor.clone())
         self._dist.all_reduce(out, op=self._dist.ReduceOp.SUM)
         return out.to(tensor.device)
+
+    def allreduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum over ranks (what the gradient allreduce does: no new buffer per call)."""
+        if self.size == 1:
+            return tensor
+        if self._hvd is not None:
+            handle = self._hvd.allreduce_async_(tensor, op=self._hvd.Sum, name="tsm_dist.allreduce_sum_")
+            self._wait_horovod([handle])
+            return self._hvd.synchronize(handle)
+        buf = self._collective_tensor(tensor)
+        self._dist.all_reduce(buf, op=self._dist.ReduceOp.SUM)
+        if buf is not tensor:
+            tensor.copy_(buf)
+        return tensor
 
     def allreduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.allreduce_sum(tensor) / self.size
@@ -320,7 +369,26 @@ class Engine:
         DDP finishes its allreduce inside the last backward pass, so there is nothing left to wait for.
         """
         if self._hvd is not None:
+            self._wait_horovod(handle for handle, _ in getattr(optimizer, "_handles", {}).values())
             optimizer.synchronize()
+
+    def _wait_horovod(self, handles: Iterable[Any]) -> None:
+        """Sleep until Horovod's background thread has finished these operations (CPU ranks).
+
+        ``hvd.synchronize`` waits in a ``sched_yield`` loop: on a CPU rank that loop shares the rank's
+        cores with the background thread doing the allreduce, and halved its speed (measured in
+        docs/studies.md). Polling with short sleeps leaves the core to the allreduce. On GPUs the wait is
+        Horovod's own (the cores are free; a sleep would only add latency).
+        """
+        if self.device.type == "cuda":
+            return
+        pause = 50e-6
+        for handle in handles:
+            if handle is None or callable(handle):
+                continue
+            while not self._hvd.poll(handle):
+                time.sleep(pause)
+                pause = min(2 * pause, 1e-3)
 
     def step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
         """Optimizer step on gradients already synchronized (and unscaled and clipped by the caller)."""

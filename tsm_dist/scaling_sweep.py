@@ -113,16 +113,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# Training clips of the data sets the paper's configs are written for (Kinetics-400 as the paper counts it),
+# for planning where the file list is not on this machine (a login node, a laptop); keys are matched against
+# the config's file name and data.train_list with case, '-' and '_' ignored.
+KNOWN_DATASETS = {("kinetics400", "k400"): ("Kinetics-400", 240_436),
+                  ("somethingv2", "somethingsomethingv2", "sthv2", "ssv2"): ("Something-Something v2", 168_913)}
+
+
+def _known_dataset(cfg: "Config", config_path: Path) -> tuple[str, int] | None:
+    text = f"{config_path.name} {cfg.data.train_list}".lower().replace("-", "").replace("_", "")
+    return next((known for keys, known in KNOWN_DATASETS.items() if any(k in text for k in keys)), None)
+
+
 def _dataset_size(cfg: "Config", config_path: Path) -> int:
+    """Clips per epoch for the time columns: the random backend's, the train list's lines, else (and said
+    so on stderr) the known size of the config's data set or data.num_samples."""
     if cfg.data.backend == "random":
         return cfg.data.num_samples
     from tsm_dist.build import resolve_list
 
     train_list = Path(resolve_list(cfg, "train_list") or "")  # the trainer's rule, so both read one file
-    if not train_list.is_file():
+    if train_list.is_file():
+        return sum(1 for line in train_list.read_text().splitlines() if line.strip())
+    known = _known_dataset(cfg, config_path)
+    if known is not None:
+        size, source = known[1], f"the {known[0]} training set size"
+    elif cfg.data.num_samples > 0:
+        size, source = cfg.data.num_samples, "data.num_samples"
+    else:
         raise FileNotFoundError(f"{config_path}: data.train_list {cfg.data.train_list!r} not found; pass "
-                                f"--dataset-size to size the epoch-time columns")
-    return sum(1 for line in train_list.read_text().splitlines() if line.strip())
+                                f"--dataset-size (or set data.num_samples) to size the epoch-time columns")
+    print(f"scaling_sweep: data.train_list {cfg.data.train_list!r} is not on this machine; the time columns "
+          f"use {source}, {size:,} clips (--dataset-size sets it)", file=sys.stderr)
+    return size
 
 
 def _tag(engine: str, model: str, nodes: int, simulated: bool) -> str:

@@ -215,7 +215,7 @@ class Trainer:
         self.log.write(records.header_record(
             config=cfg.to_dict(), git_commit=git_commit(), engine=engine.name, world_size=engine.size,
             local_size=engine.local_size, device=str(self.device), memory_format=self.memory_format,
-            model=cfg.model.name,
+            engine_settings=engine.settings, model=cfg.model.name,
             num_frames=cfg.model.num_frames, per_gpu_batch=plan.per_gpu_batch, accumulate=self.K,
             global_batch=plan.global_batch, steps_per_epoch=self.steps_per_epoch, peak_lr=self.schedule.peak_lr,
             params=sum(p.numel() for p in self.model.parameters()),

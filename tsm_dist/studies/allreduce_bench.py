@@ -10,7 +10,9 @@ Rank 0 writes one JSON file per method with the raw timings and the fitted ring-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,9 +26,10 @@ from tsm_dist.studies.costmodel import fit_ring_link, gradient_bytes
 
 if TYPE_CHECKING:
     from tsm_dist.config import EngineConfig
+    from tsm_dist.engine import Engine
 
 FLOAT_BYTES = 4
-METHODS = ("mpi4py", "engine")
+METHODS = ("mpi4py", "engine", "engine_fp16")
 
 
 def message_sizes(max_bytes: int, min_bytes: int = 4096, points: int = 8) -> list[int]:
@@ -88,29 +91,35 @@ def bench_mpi4py(sizes: Sequence[int], repeats: int, warmup: int) -> tuple[int, 
     return comm.Get_rank(), comm.Get_size(), times
 
 
-def bench_engine(engine_cfg: "EngineConfig", sizes: Sequence[int], repeats: int, warmup: int
-                 ) -> tuple[int, int, list[float]]:
-    """(rank, world size, seconds per size) for the training engine's allreduce of float32 tensors."""
+def bench_engine(engine: "Engine", sizes: Sequence[int], repeats: int, warmup: int,
+                 fp16: bool = False) -> tuple[int, int, list[float]]:
+    """(rank, world size, seconds per size) for the training engine's in-place allreduce of float32
+    tensors; ``fp16``: as fp16 compression does it (cast to half, allreduce, cast back), same fp32 sizes."""
     import torch
 
-    from tsm_dist.engine import started
+    def slowest(seconds: float) -> float:
+        return max(engine.allgather_object(seconds))
 
-    with started(engine_cfg) as engine:
-        def slowest(seconds: float) -> float:
-            return max(engine.allgather_object(seconds))
+    def allreduce(tensor: "torch.Tensor") -> Callable[[], None]:
+        def run() -> None:  # in place, as the gradient allreduce: no new 100 MB buffer per call
+            if fp16:
+                tensor.copy_(engine.allreduce_sum_(tensor.to(torch.float16)))
+            else:
+                engine.allreduce_sum_(tensor)
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize(engine.device)
+        return run
 
-        def allreduce(tensor: "torch.Tensor") -> Callable[[], None]:
-            def run() -> None:
-                engine.allreduce_sum(tensor)
-                if engine.device.type == "cuda":
-                    torch.cuda.synchronize(engine.device)
-            return run
-
-        times = []
-        for size in sizes:
-            tensor = torch.ones(size // FLOAT_BYTES, dtype=torch.float32, device=engine.device)
-            times.append(time_collective(allreduce(tensor), engine.barrier, slowest, repeats, warmup))
-        return engine.rank, engine.size, times
+    check = torch.full((3,), float(engine.rank + 1), device=engine.device)
+    expected = engine.size * (engine.size + 1) / 2
+    if engine.allreduce_sum_(check.half() if fp16 else check).float().tolist() != [expected] * 3:
+        raise RuntimeError(f"rank {engine.rank}: the engine's in-place allreduce did not sum over ranks")
+    times = []
+    for size in sizes:
+        # zeros: a sum repeated in place stays finite in fp16 too
+        tensor = torch.zeros(size // FLOAT_BYTES, dtype=torch.float32, device=engine.device)
+        times.append(time_collective(allreduce(tensor), engine.barrier, slowest, repeats, warmup))
+    return engine.rank, engine.size, times
 
 
 def result_record(method: str, world_size: int, nodes: int, sizes: Sequence[int], times: Sequence[float]
@@ -139,8 +148,9 @@ def _engine_config(args: argparse.Namespace) -> "EngineConfig":
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tsm_dist.studies.allreduce_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", dest="methods", type=choice_list(METHODS), default=list(METHODS),
-                        help="comma list of mpi4py, engine (default both)")
+    parser.add_argument("--method", dest="methods", type=choice_list(METHODS), default=["mpi4py", "engine"],
+                        help="comma list of mpi4py, engine, engine_fp16 (the engine's allreduce with fp16 "
+                             "compression: cast, allreduce, cast back; default mpi4py,engine)")
     parser.add_argument("--engine", default="horovod", choices=("horovod", "torch"),
                         help="training engine for --method engine")
     parser.add_argument("--config", type=Path,
@@ -162,30 +172,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _report(args: argparse.Namespace, method: str, name: str, record: dict, rank: int, sizes: Sequence[int]
+            ) -> None:
+    if rank != 0:
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"allreduce_{method}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    fitted = ("" if record["alpha_s"] is None else
+              f": alpha {record['alpha_s'] * 1e6:.1f} us, B {record['bandwidth_bytes_per_s'] / 1e9:.3f} GB/s")
+    largest = max(sizes) / record["times_s"][-1] / 1e9
+    print(f"allreduce {name} on {record['world_size']} rank(s), {len(sizes)} sizes up to {max(sizes):,} B "
+          f"({largest:.2f} GB/s at the largest) -> {path}{fitted}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     max_bytes = args.max_bytes if args.max_bytes is not None else gradient_bytes_from_metrics(args.max_bytes_from)
     sizes = message_sizes(max_bytes, args.min_bytes, args.points)
-    for method in args.methods:
-        if method == "mpi4py":
-            try:
-                rank, world, times = bench_mpi4py(sizes, args.repeats, args.warmup)
-            except NotOneMPIWorld as err:
-                if launcher_layout()[0] == 0:
-                    print(f"allreduce_bench: {err}", file=sys.stderr, flush=True)
-                continue
-        else:
-            rank, world, times = bench_engine(_engine_config(args), sizes, args.repeats, args.warmup)
-        name = method if method == "mpi4py" else args.engine
-        record = result_record(name, world, args.nodes, sizes, times)
-        if rank == 0:
-            args.out.mkdir(parents=True, exist_ok=True)
-            path = args.out / f"allreduce_{method}.json"
-            path.write_text(json.dumps(record, indent=1) + "\n")
-            fitted = ("" if record["alpha_s"] is None else
-                      f": alpha {record['alpha_s'] * 1e6:.1f} us, B {record['bandwidth_bytes_per_s'] / 1e9:.3f} GB/s")
-            print(f"allreduce {name} on {world} rank(s), {len(sizes)} sizes up to {max(sizes):,} B -> "
-                  f"{path}{fitted}", flush=True)
+    # MPI starts once per process (mpi4py or Horovod, whichever comes first): with the settings the engine
+    # trains with, so that both methods run on the same MPI
+    from tsm_dist.engine import cpu_mpi_env
+
+    os.environ.update(cpu_mpi_env(os.environ))
+    with contextlib.ExitStack() as stack:
+        engine = None
+        for method in args.methods:
+            if method == "mpi4py":
+                try:
+                    rank, world, times = bench_mpi4py(sizes, args.repeats, args.warmup)
+                except NotOneMPIWorld as err:
+                    if launcher_layout()[0] == 0:
+                        print(f"allreduce_bench: {err}", file=sys.stderr, flush=True)
+                    continue
+            else:
+                if engine is None:  # one engine for both engine methods: Horovod cannot restart in a process
+                    from tsm_dist.engine import started
+
+                    engine = stack.enter_context(started(_engine_config(args)))
+                rank, world, times = bench_engine(engine, sizes, args.repeats, args.warmup,
+                                                  fp16=method == "engine_fp16")
+            name = {"mpi4py": "mpi4py", "engine": args.engine}.get(method, f"{args.engine}_fp16")
+            _report(args, method, name, result_record(name, world, args.nodes, sizes, times), rank, sizes)
     return 0
 
 

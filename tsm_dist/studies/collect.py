@@ -15,7 +15,7 @@ from statistics import mean
 from typing import Any
 
 from tsm_dist.records import MetricsError, read_last_run
-from tsm_dist.studies.costmodel import LinkCost, gradient_bytes, project_step_time
+from tsm_dist.studies.costmodel import LinkCost, gradient_bytes, project_step_time, unmodelled_overhead
 from tsm_dist.studies.machines import MachineProfile, load_machine
 from tsm_dist.studies.sweep_plan import JobSpec, SweepPlan
 from tsm_dist.tables import pyplot, write_csv
@@ -86,6 +86,12 @@ class Row:
     projected_clips_per_sec: float = math.nan
     projected_scalability: float = math.nan
     projection_links: str = ""
+    # the link model vs the measurement (points of scalability, projected - measured), and the projection
+    # calibrated with what the widest real run took beyond the model (costmodel.unmodelled_overhead)
+    projection_error_points: float = math.nan
+    unmodelled_s: float = math.nan
+    calibrated_clips_per_sec: float = math.nan
+    calibrated_scalability: float = math.nan
     epoch_time_s: float = math.nan
     train_time_s: float = math.nan
     time_basis: str = ""  # "measured" or "projected"
@@ -211,9 +217,28 @@ def build_rows(plan: SweepPlan, out_dir: Path, machine: MachineProfile) -> tuple
         single = next((summaries[j.tag] for j in jobs if j.nodes == 1 and j.tag in summaries), None)
         for row in group_rows:
             _fill_speeds(row, single, plan, intra, inter)
+        _calibrate(group_rows, jobs, summaries, single, plan, intra, inter)
         rows += group_rows
     rows.sort(key=lambda r: (r.model, r.nodes, r.engine))
     return rows, all_benches
+
+
+def _calibrate(rows: list[Row], jobs: list[JobSpec], summaries: dict[str, RunSummary],
+               single: RunSummary | None, plan: SweepPlan, intra: LinkCost, inter: LinkCost) -> None:
+    """Projection calibrated at the widest real multi-node run of this (engine, model)."""
+    widest = max((j for j in jobs if not j.simulated and j.nodes > 1 and j.tag in summaries),
+                 key=lambda j: j.nodes, default=None)
+    if single is None or widest is None:
+        return
+    measured = summaries[widest.tag]
+    overhead = unmodelled_overhead(single.step_time_s, measured.step_time_s, widest.nodes, plan.gpus_per_node,
+                                   single.grad_bytes, intra=intra, inter=inter, accumulate=widest.accumulate)
+    for row in rows:
+        step = project_step_time(single.step_time_s, row.nodes, plan.gpus_per_node, single.grad_bytes,
+                                 intra=intra, inter=inter, overhead_s=overhead)
+        row.unmodelled_s = overhead
+        row.calibrated_clips_per_sec = row.global_batch / step
+        row.calibrated_scalability = row.calibrated_clips_per_sec / row.ideal_clips_per_sec
 
 
 def _fill_speeds(row: Row, single: RunSummary | None, plan: SweepPlan, intra: LinkCost, inter: LinkCost) -> None:
@@ -227,6 +252,8 @@ def _fill_speeds(row: Row, single: RunSummary | None, plan: SweepPlan, intra: Li
         row.projected_clips_per_sec = row.global_batch / step
         row.projected_scalability = row.projected_clips_per_sec / row.ideal_clips_per_sec
         row.projection_links = f"intra: {intra.source}; inter: {inter.source}"
+        if not math.isnan(row.scalability):
+            row.projection_error_points = 100 * (row.projected_scalability - row.scalability)
     measured = not row.simulated and not math.isnan(row.clips_per_sec)
     speed = row.clips_per_sec if measured else row.projected_clips_per_sec
     if not math.isnan(speed) and plan.dataset_size > 0:
@@ -264,9 +291,9 @@ def markdown_table(rows: list[Row], plan: SweepPlan, benches: list[BenchResult])
         f"node, {plan.per_gpu_batch} clips per GPU, {plan.steps} timed steps after {plan.warmup_steps} warm-up)",
         "",
         f"| Engine | Model | #Node | #GPU | Batch | #Frames | Clips/s (measured) | Ideal clips/s | "
-        f"Scalability (measured) | Clips/s (projected) | Scalability (projected) | Time/epoch | "
-        f"Time, {epochs} epochs |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        f"Scalability (measured) | Clips/s (projected) | Scalability (projected) | Projected - measured | "
+        f"Scalability (calibrated) | Time/epoch | Time, {epochs} epochs |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         star = "*" if r.simulated else ""
@@ -279,6 +306,7 @@ def markdown_table(rows: list[Row], plan: SweepPlan, benches: list[BenchResult])
             f"| {r.engine} | {r.model} | {r.nodes}{star} | {r.gpus}{star} | {r.global_batch:,} | "
             f"{frames} | {measured} | {_num(r.ideal_clips_per_sec)} | {_pct(r.scalability)} | "
             f"{_num(r.projected_clips_per_sec)} | {_pct(r.projected_scalability)} | "
+            f"{_num(r.projection_error_points, '{:+.1f} pts')} | {_pct(r.calibrated_scalability)} | "
             f"{format_duration(r.epoch_time_s)}{time_mark} | {format_duration(r.train_time_s)}{time_mark} |")
     lines += ["", f"Data set: {plan.dataset_size:,} clips; time/epoch = data set size / clips/s (measured speed "
               f"where measured, else projected, marked '(proj.)').",
@@ -293,7 +321,12 @@ def markdown_table(rows: list[Row], plan: SweepPlan, benches: list[BenchResult])
     links = sorted({f"{r.engine}/{r.model}: {r.projection_links}" for r in rows if r.projection_links})
     lines += ["", "**Projection** (cost model, not a measurement): step(n) = step(1) - allreduce(1 node) + "
               "allreduce(n nodes), allreduce(p ranks) = 2(p-1)·α + 2(p-1)/p·N/B, N = gradient bytes, "
-              "no compute/communication overlap assumed. Links used:"]
+              "no compute/communication overlap assumed. 'Projected - measured' compares it with the "
+              "measurement (points of scalability). 'Calibrated' adds, for n > 1 nodes, what the widest real run "
+              "took per step beyond the model (contention of communication with compute on CPU ranks, "
+              "stragglers; assumed constant per step as nodes are added)"
+              + "".join(f"; {e}/{m}: {s * 1e3:+.1f} ms" for (e, m), s in sorted(_unmodelled(rows).items()))
+              + ". Links used:"]
     lines += [f"- {link}" for link in links] or ["- none (no single-node measurement)"]
     if benches:
         lines += ["", "Allreduce microbenchmarks (fitted to the ring model):", "",
@@ -303,6 +336,10 @@ def markdown_table(rows: list[Row], plan: SweepPlan, benches: list[BenchResult])
                    else f"not fitted: {b.note} | -")
             lines.append(f"| {b.method} | {b.world_size} | {b.nodes} | {fit} |")
     return "\n".join(lines) + "\n"
+
+
+def _unmodelled(rows: list[Row]) -> dict[tuple[str, str], float]:
+    return {(r.engine, r.model): r.unmodelled_s for r in rows if not math.isnan(r.unmodelled_s)}
 
 
 def _series(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:

@@ -92,12 +92,13 @@ def allreduce_time_on_nodes(nodes: int, gpus_per_node: int, nbytes: float, *, in
 
 
 def project_step_time(single_node_step_s: float, nodes: int, gpus_per_node: int, grad_bytes: float, *,
-                      intra: LinkCost, inter: LinkCost, accumulate: int = 1) -> float:
+                      intra: LinkCost, inter: LinkCost, accumulate: int = 1, overhead_s: float = 0.0) -> float:
     """Step time on ``nodes`` nodes from the measured single-node step time.
 
     The single-node step already paid the intra-node allreduce once; going to n nodes replaces it by the
     allreduce over the network. No overlap of communication with backward is assumed, so the projection
-    is a lower bound on scalability. ``accumulate`` K micro-batches share one allreduce.
+    is a lower bound on scalability. ``accumulate`` K micro-batches share one allreduce. ``overhead_s``:
+    what a multi-node step costs beyond the link model (see :func:`unmodelled_overhead`), added for n > 1.
     """
     if single_node_step_s <= 0:
         raise ValueError(f"single-node step time must be > 0 s, got {single_node_step_s}")
@@ -106,7 +107,24 @@ def project_step_time(single_node_step_s: float, nodes: int, gpus_per_node: int,
     comm_1 = allreduce_time_on_nodes(1, gpus_per_node, grad_bytes, intra=intra, inter=inter)
     comm_n = allreduce_time_on_nodes(nodes, gpus_per_node, grad_bytes, intra=intra, inter=inter)
     compute = max(single_node_step_s - comm_1, 0.0)
-    return accumulate * compute + comm_n
+    return accumulate * compute + comm_n + (overhead_s if nodes > 1 else 0.0)
+
+
+def unmodelled_overhead(single_node_step_s: float, measured_step_s: float, measured_nodes: int,
+                        gpus_per_node: int, grad_bytes: float, *, intra: LinkCost, inter: LinkCost,
+                        accumulate: int = 1) -> float:
+    """Seconds per step a measured multi-node run took beyond the link model: the calibration term.
+
+    It holds what the ring model leaves out: on CPU ranks, communication that runs on the cores that
+    compute (a background thread polling, the reduction's memory traffic: compute/communication
+    contention), and anywhere, stragglers and synchronisation jitter. Calibrating a projection with it
+    assumes it stays constant per step as nodes are added: every rank of a ring sends and receives
+    ~2N bytes whatever p is, so its per-rank communication work, and the contention, do not grow with p.
+    Negative when the model is pessimistic (communication overlapped with compute).
+    """
+    modelled = project_step_time(single_node_step_s, measured_nodes, gpus_per_node, grad_bytes,
+                                 intra=intra, inter=inter, accumulate=accumulate)
+    return measured_step_s - modelled
 
 
 def project_scalability(single_node_step_s: float, nodes: int, gpus_per_node: int, grad_bytes: float, *,

@@ -18,17 +18,31 @@ def measurement_overrides(total_steps: int) -> list[str]:
             "train.eval_every_epochs=0", "train.checkpoint_every_epochs=0"]
 
 
+# The paper's clips span a 64-frame window: a 2D model (TSN, TSM) samples it in T segments, a 3D model
+# (I3D) takes T frames densely, every 64/T-th (I3D3x3x3: 16 frames every 4th, I3D3x1x1: 32 every 2nd).
+CLIP_WINDOW_FRAMES = 64
+
+
+def model_input(model: str) -> tuple[int, str, int]:
+    """(frames, sampling, stride) that ``model`` takes by default."""
+    from tsm_dist.models import build_model
+
+    net = build_model(model, num_classes=2, width=8)  # a narrow build is enough to read its input
+    if net.conv3d:
+        return net.num_frames, "dense", max(1, CLIP_WINDOW_FRAMES // net.num_frames)
+    return net.num_frames, "segment", 1
+
+
 @functools.lru_cache(maxsize=None)
 def model_frame_overrides(base: Path, model: str) -> tuple[str, ...]:
-    """The frame count ``model`` takes by default, when the config ``base`` was written for another model."""
+    """The frames and sampling ``model`` takes by default, when the config ``base`` was written for another
+    model (a TSM config swapped to I3D gets I3D's dense sampling, not TSM's segments)."""
     from tsm_dist.config import load_config
 
     if load_config(base).model.name == model:
         return ()
-    from tsm_dist.models import build_model
-
-    # a narrow build is enough to read the model's own default input length
-    return (f"model.num_frames={build_model(model, num_classes=2, width=8).num_frames}",)
+    frames, sampling, stride = model_input(model)
+    return (f"model.num_frames={frames}", f"data.sampling={sampling}", f"data.stride={stride}")
 
 
 def write_run_config(base: Path, model: str, overrides: list[str], path: Path) -> "Config":

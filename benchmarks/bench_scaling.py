@@ -1,0 +1,213 @@
+"""2-rank weak scaling on this machine, both engines, in one run: the figures of issue #12.
+
+    .venv/bin/python benchmarks/bench_scaling.py --out runs/bench_scaling
+
+1. **Sweep**: the local scaling sweep (``tsm_dist.scaling_sweep --scheduler local``, one core per rank,
+   ``--nodes 1,2``, both engines, the allreduce microbenchmark after each 2-rank run) on the synthetic
+   config at ResNet-50 depth, width 32, 112² crops, per-rank batch 2, random clips (no I/O).
+2. **Allreduce at TSM8f-R50's gradient size** (24.33 M params = 97,310,528 B) on 2 ranks: mpi4py, each
+   engine's in-place path (and, separately, with fp16 compression), the ratio engine / mpi4py.
+3. **Mechanism**: CPU seconds per training step of the compute thread and of every other thread of the
+   process (Horovod's background thread, Gloo's, MPI's), 2 ranks, for Horovod as shipped (busy-polling
+   MPI, 1 ms cycle, ``hvd.synchronize``'s yield loop), Horovod with tsm_dist's CPU settings, and DDP.
+   CPU seconds are far less sensitive to other load on the machine than wall time.
+
+Prints one summary: per engine 1- and 2-rank clips/s, scalability, the cost model's projection beside the
+measurement with the difference, the allreduce ratio to mpi4py; and the load average before and after
+(wall-time figures are only meaningful at a load below the core count).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TSM8F_GRAD_BYTES = 97_310_528
+ENGINES = ("horovod", "torch")
+MODEL_SETS = ["data.backend=random", "data.num_samples=256", "model.depth=50", "model.width=32",
+              "data.crop_size=112"]
+# Horovod 0.28.1 as shipped, for the mechanism's baseline (the user's environment wins over tsm_dist's
+# CPU defaults, see tsm_dist.engine.horovod_env)
+AS_SHIPPED = {"OMPI_MCA_mpi_yield_when_idle": "0", "HOROVOD_CYCLE_TIME": "1"}
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def run(command: list[str], ranks: int, log: Path, timeout: float, env: dict[str, str] | None = None) -> None:
+    from tsm_dist.studies.runner import run_logged
+
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        error = run_logged(command, ranks, log, timeout)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if error:
+        from tsm_dist.studies.runner import tail
+
+        raise SystemExit(f"bench_scaling: {' '.join(command[:6])} ...: {error}\n{tail(log)}")
+
+
+def sweep(args: argparse.Namespace) -> list[dict[str, str]]:
+    out = args.out / "sweep"
+    command = [sys.executable, "-m", "tsm_dist.scaling_sweep", "--scheduler", "local",
+               "--config", str(ROOT / "configs/synthetic_tsm.yaml"), "--nodes", "1,2", "--gpus-per-node", "1",
+               "--engines", ",".join(ENGINES), "--per-gpu-batch", str(args.per_gpu_batch),
+               "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps), "--out", str(out)]
+    for item in [*MODEL_SETS, *args.overrides]:
+        command += ["--set", item]
+    run(command, 1, args.out / "sweep.log", args.timeout)
+    with open(out / "results.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def allreduce(args: argparse.Namespace, engine: str) -> dict[str, dict]:
+    from tsm_dist.studies.runner import launch_prefix
+
+    out = args.out / f"allreduce_{engine}"
+    methods = "mpi4py,engine,engine_fp16" if args.fp16 else "mpi4py,engine"
+    command = launch_prefix("mpirun", 2, core_per_rank=True) + [
+        sys.executable, "-m", "tsm_dist.studies.allreduce_bench", "--method", methods, "--engine", engine,
+        "--max-bytes", str(TSM8F_GRAD_BYTES), "--points", "4", "--repeats", str(args.repeats), "--out", str(out)]
+    run(command, 2, args.out / f"allreduce_{engine}.log", args.timeout)
+    return {p.stem.removeprefix("allreduce_"): json.loads(p.read_text()) for p in out.glob("allreduce_*.json")}
+
+
+def mechanism(args: argparse.Namespace) -> dict[str, list[float]]:
+    from tsm_dist.studies.runner import launch_prefix
+
+    results = {}
+    for label, engine, env, raw in (("horovod as shipped", "horovod", AS_SHIPPED, True),
+                                    ("horovod, tsm_dist CPU settings", "horovod", {}, False),
+                                    ("torch (DDP, Gloo)", "torch", {}, False)):
+        path = args.out / f"mechanism_{engine}_{'raw' if raw else 'default'}.json"
+        command = launch_prefix("mpirun", 2, core_per_rank=True) + [
+            sys.executable, str(Path(__file__).resolve()), "--worker", engine, "--worker-out", str(path),
+            "--steps", str(args.mechanism_steps)] + (["--raw-horovod"] if raw else [])
+        run(command, 2, path.with_suffix(".log"), args.timeout, env)
+        results[label] = json.loads(path.read_text())
+    return results
+
+
+def worker(args: argparse.Namespace) -> int:
+    """One rank of the mechanism measurement: per-step wall time and CPU time by thread."""
+    import contextlib
+    from statistics import mean
+
+    import torch
+
+    from tsm_dist.config import EngineConfig
+    from tsm_dist.engine import Engine
+    from tsm_dist.models import build_model
+
+    engine = Engine(EngineConfig(name=args.worker)).init()
+    torch.manual_seed(0)
+    model = build_model("tsm8f_r50", num_classes=4, depth=50, width=32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    engine.broadcast_state(model, optimizer)
+    train_model, optimizer = engine.distribute(model, optimizer, 1)
+    clips, labels = torch.randn(2, 8, 3, 112, 112), torch.randint(0, 4, (2,))
+    samples = []
+    for step in range(3 + args.steps):
+        wall, process, thread = time.perf_counter(), time.process_time(), time.thread_time()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(train_model(clips), labels).backward()
+        if args.raw_horovod:
+            optimizer.synchronize()  # Horovod's own wait (a sched_yield loop)
+        else:
+            engine.synchronize(optimizer)
+        with optimizer.skip_synchronize() if engine.name == "horovod" else contextlib.nullcontext():
+            optimizer.step()
+        wall, process, thread = (time.perf_counter() - wall, time.process_time() - process,
+                                 time.thread_time() - thread)
+        if step >= 3:
+            samples.append((wall, thread, process - thread))
+    per_rank = engine.allgather_object([mean(column) for column in zip(*samples)])
+    if engine.is_root:
+        # wall: the slowest rank; CPU: the mean over ranks
+        summary = [max(r[0] for r in per_rank)] + [mean(r[i] for r in per_rank) for i in (1, 2)]
+        Path(args.worker_out).write_text(json.dumps(summary + [torch.get_num_threads()]))
+    engine.shutdown()
+    return 0
+
+
+def summary(args: argparse.Namespace, rows: list[dict[str, str]], bench: dict[str, dict[str, dict]],
+            mech: dict[str, list[float]], loads: tuple[str, str]) -> str:
+    def f(row: dict[str, str], key: str) -> float:
+        return float(row[key]) if row.get(key) else float("nan")
+
+    lines = [f"bench_scaling: load average before {loads[0]}, after {loads[1]} (2 cores)", "",
+             "| Engine | 1 rank clips/s | 2 ranks clips/s | Scalability | Projected (model) | Projected - measured "
+             "| Allreduce 97.3 MB: engine | mpi4py | engine / mpi4py | fp16 compression / mpi4py |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for engine in ENGINES:
+        one = next((r for r in rows if r["engine"] == engine and r["nodes"] == "1"), {})
+        two = next((r for r in rows if r["engine"] == engine and r["nodes"] == "2"), {})
+        ar = bench.get(engine, {})
+
+        def gbs(method: str) -> float:
+            record = ar.get(method)
+            return record["sizes_bytes"][-1] / record["times_s"][-1] / 1e9 if record else float("nan")
+
+        ratio16 = gbs("engine_fp16") / gbs("mpi4py")
+        lines.append(
+            f"| {engine} | {f(one, 'clips_per_sec'):.2f} | {f(two, 'clips_per_sec'):.2f} | "
+            f"{100 * f(two, 'scalability'):.1f}% | {100 * f(two, 'projected_scalability'):.1f}% | "
+            f"{f(two, 'projection_error_points'):+.1f} pts | {gbs('engine'):.2f} GB/s | {gbs('mpi4py'):.2f} GB/s | "
+            f"{gbs('engine') / gbs('mpi4py'):.2f}x | {ratio16:.2f}x |")
+    if mech:
+        lines += ["", "Mechanism: per training step, 2 ranks, one core each (CPU seconds, mean over ranks)", "",
+                  "| Variant | Step wall (s) | Compute thread CPU (s) | Other threads CPU (s) |", "|---|--:|--:|--:|"]
+        lines += [f"| {label} | {m[0]:.3f} | {m[1]:.3f} | {m[2]:.3f} |" for label, m in mech.items()]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_scaling"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup-steps", type=int, default=5)
+    parser.add_argument("--per-gpu-batch", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override for the sweep's runs (repeatable)")
+    parser.add_argument("--repeats", type=int, default=5, help="allreduce timings per message size")
+    parser.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip the fp16-compression allreduce")
+    parser.add_argument("--mechanism-steps", type=int, default=8, help="timed steps of the mechanism runs (0: skip)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per launched command")
+    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("--raw-horovod", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    before = load()
+    rows = sweep(args)
+    bench = {engine: allreduce(args, engine) for engine in ENGINES}
+    mech = mechanism(args) if args.mechanism_steps > 0 else {}
+    text = summary(args, rows, bench, mech, (before, load()))
+    (args.out / "summary.md").write_text(text + "\n")
+    print(text)
+    print(f"\n(sweep table: {args.out / 'sweep' / 'results.md'}; this summary: {args.out / 'summary.md'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
