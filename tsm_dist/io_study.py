@@ -21,7 +21,7 @@ import argparse
 import math
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,13 +103,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+@dataclass
+class StudyOptions:
+    """What the study runs (the command line, checked); ``packed`` is resolved by :func:`prepare_packed`."""
+
+    config: Path
+    out: Path
+    models: list[str] | None = None
+    model_configs: dict[str, Path] = field(default_factory=dict)
+    loaders: list[str] = field(default_factory=lambda: list(LOADERS))
+    ranks: int = 1
+    per_gpu_batch: int | None = None
+    steps: int = 20
+    warmup_steps: int = 5
+    overrides: list[str] = field(default_factory=list)
+    packed: str | None = None
+    feed: list[str] = field(default_factory=lambda: ["thread"])
+    io_entries: int = 10240
+    launcher: str = "mpirun"
+    timeout: float = 1800.0
+    dry_run: bool = False
+
+
+def parse_args(argv: list[str] | None) -> StudyOptions:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.ranks < 1 or args.steps < 1 or args.warmup_steps < 0:
         parser.error("--ranks and --steps must be >= 1, --warmup-steps >= 0")
     args.model_configs = dict(args.model_config)
-    return args
+    return StudyOptions(**{f.name: getattr(args, f.name) for f in fields(StudyOptions)})
 
 
 def _row(cfg: "Config", loader: str, ranks: int, summary: RunSummary | None, status: str, macs: float,
@@ -127,48 +149,48 @@ def _row(cfg: "Config", loader: str, ranks: int, summary: RunSummary | None, sta
     return row
 
 
-def _variants(args: argparse.Namespace) -> list[tuple[str, str, str, list[str]]]:
+def _variants(opts: StudyOptions) -> list[tuple[str, str, str, list[str]]]:
     """(loader, layout, feed, overrides) of every run of one model."""
-    layouts = [("list", [])] + ([("packed", [f"data.train_list={args.packed}"])] if args.packed else [])
+    layouts = [("list", [])] + ([("packed", [f"data.train_list={opts.packed}"])] if opts.packed else [])
     return [(loader, layout, feed, [f"data.backend={loader}", *layout_set, f"data.feed_thread={feed == 'thread'}"])
-            for loader in args.loaders for layout, layout_set in layouts for feed in args.feed]
+            for loader in opts.loaders for layout, layout_set in layouts for feed in opts.feed]
 
 
-def run_study(args: argparse.Namespace) -> list[IORow]:
+def run_study(opts: StudyOptions) -> list[IORow]:
     from tsm_dist.config import load_config
 
-    out: Path = args.out.resolve()
-    models = args.models or [load_config(args.config, args.overrides).model.name]
+    out: Path = opts.out.resolve()
+    models = opts.models or [load_config(opts.config, opts.overrides).model.name]
     rows = []
     for model in models:
-        base = args.model_configs.get(model, args.config)
+        base = opts.model_configs.get(model, opts.config)
         macs = math.nan
-        for loader, layout, feed, variant in _variants(args):
+        for loader, layout, feed, variant in _variants(opts):
             tag = f"{model}_{loader}" + ("" if (layout, feed) == ("list", "thread") else f"_{layout}_{feed}")
-            overrides = [*args.overrides, *variant,
-                         *([f"data.batch_size={args.per_gpu_batch}"] if args.per_gpu_batch else []),
-                         *measurement_overrides(args.warmup_steps + args.steps)]
+            overrides = [*opts.overrides, *variant,
+                         *([f"data.batch_size={opts.per_gpu_batch}"] if opts.per_gpu_batch else []),
+                         *measurement_overrides(opts.warmup_steps + opts.steps)]
             config_path = out / "jobs" / tag / "config.yaml"
             cfg = write_run_config(base, model, overrides, config_path)
             if math.isnan(macs):
                 macs = count_macs(cfg)  # same model and input for every loader
             workdir = out / "runs" / tag
-            command = launch_prefix(args.launcher, args.ranks) + [
+            command = launch_prefix(opts.launcher, opts.ranks) + [
                 sys.executable, "-m", "tsm_dist.train", "--config", str(config_path), "--workdir", str(workdir)]
-            if args.dry_run:
+            if opts.dry_run:
                 print("$ " + shlex.join(command))
                 continue
             (workdir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh measurement, not appended to
-            error = run_logged(command, args.ranks, workdir / "train.log", args.timeout)
+            error = run_logged(command, opts.ranks, workdir / "train.log", opts.timeout)
             summary = None
             if error:
                 print(f"[{tag}] {error}; last lines of its log:\n{tail(workdir / 'train.log')}", file=sys.stderr)
             else:
                 try:
-                    summary = summarize_run(workdir / "metrics.jsonl", args.warmup_steps)
+                    summary = summarize_run(workdir / "metrics.jsonl", opts.warmup_steps)
                 except MetricsError as err:
                     error = f"unusable metrics: {err}"
-            rows.append(_row(cfg, loader, args.ranks, summary, error or "completed", macs, layout, feed))
+            rows.append(_row(cfg, loader, opts.ranks, summary, error or "completed", macs, layout, feed))
             print(f"[{tag}] {rows[-1].status}", flush=True)
     return rows
 
@@ -182,20 +204,22 @@ def _pack(list_path: str, root: str | None, out: Path, shard_mb: float = 1024) -
     return str(out)
 
 
-def prepare_packed(args: argparse.Namespace) -> None:
-    """``--packed auto``: pack the config's training list into OUT/packed (resumed if interrupted)."""
+def prepare_packed(opts: StudyOptions) -> str:
+    """The packed directory to compare with; ``--packed auto`` packs the config's training list into
+    OUT/packed (resumed if interrupted)."""
     from tsm_dist.build import resolve_list
     from tsm_dist.config import load_config
 
-    if args.packed == "auto" and args.dry_run:
-        args.packed = str(args.out.resolve() / "packed")
-    elif args.packed == "auto":
-        cfg = load_config(args.config, args.overrides)
-        args.packed = _pack(resolve_list(cfg, "train_list"), cfg.data.root or None, args.out.resolve() / "packed")
-    args.packed = str(Path(args.packed).resolve())
+    packed = str(opts.packed)
+    if packed == "auto" and opts.dry_run:
+        packed = str(opts.out.resolve() / "packed")
+    elif packed == "auto":
+        cfg = load_config(opts.config, opts.overrides)
+        packed = _pack(resolve_list(cfg, "train_list"), cfg.data.root or None, opts.out.resolve() / "packed")
+    return str(Path(packed).resolve())
 
 
-def loader_io(args: argparse.Namespace) -> list:
+def loader_io(opts: StudyOptions) -> list:
     """Rank 0 of ``--ranks``: one epoch's start-up, plan + read time, opens, bytes, probes, per layout, on
     the training list repeated to ``--io-entries`` lines and the same list packed."""
     from tsm_dist.build import resolve_list, resolve_model
@@ -203,25 +227,25 @@ def loader_io(args: argparse.Namespace) -> list:
     from tsm_dist.data.pack_format import read_meta
     from tsm_dist.data.pack_study import io_pass, repeat_list
 
-    cfg = resolve_model(load_config(args.config, args.overrides))
+    cfg = resolve_model(load_config(opts.config, opts.overrides))
     d = cfg.data
-    long_list = str(args.out.resolve() / f"io_list_{args.io_entries}.txt")
-    entries = repeat_list(resolve_list(cfg, "train_list"), d.root or None, long_list, args.io_entries)
-    shard_mb = read_meta(args.packed)["settings"]["shard_mb"]
+    long_list = str(opts.out.resolve() / f"io_list_{opts.io_entries}.txt")
+    entries = repeat_list(resolve_list(cfg, "train_list"), d.root or None, long_list, opts.io_entries)
+    shard_mb = read_meta(opts.packed)["settings"]["shard_mb"]
     long_pack = _pack(long_list, None, Path(long_list + ".pack"), shard_mb)
     options = dict(num_frames=cfg.model.num_frames, sampling=d.sampling, stride=d.stride,
-                   batch_size=args.per_gpu_batch or d.batch_size, crop_size=d.crop_size, train=True,
+                   batch_size=opts.per_gpu_batch or d.batch_size, crop_size=d.crop_size, train=True,
                    num_classes=cfg.model.num_classes, short_videos=d.short_videos)
-    return [io_pass(source, None, backend=loader, ranks=args.ranks, entries=entries, **options)
-            for loader in args.loaders for source in (long_list, long_pack)]
+    return [io_pass(source, None, backend=loader, ranks=opts.ranks, entries=entries, **options)
+            for loader in opts.loaders for source in (long_list, long_pack)]
 
 
 def _fmt(value: float, spec: str) -> str:
     return "-" if math.isnan(value) else format(value, spec)
 
 
-def markdown(rows: list[IORow], args: argparse.Namespace) -> str:
-    lines = [f"# I/O study: one node, {args.ranks} rank(s), {args.steps} timed steps after {args.warmup_steps} "
+def markdown(rows: list[IORow], opts: StudyOptions) -> str:
+    lines = [f"# I/O study: one node, {opts.ranks} rank(s), {opts.steps} timed steps after {opts.warmup_steps} "
              f"warm-up", "",
              "| Model | Loader | Layout | Feed | Frames | Input size | MACs/clip (G) | Params (M) | Compute/IO | "
              "I/O not hidden (s/batch) | Compute (s/batch) | Sync (s/batch) | Batch time (s) | Clips/s | I/O hidden |",
@@ -261,25 +285,25 @@ def plot(rows: list[IORow], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    opts = parse_args(argv)
+    opts.out.mkdir(parents=True, exist_ok=True)
     try:
-        if args.packed:
-            prepare_packed(args)
-        rows = run_study(args)
-        io_rows = loader_io(args) if args.packed and not args.dry_run else []
+        if opts.packed:
+            opts = replace(opts, packed=prepare_packed(opts))
+        rows = run_study(opts)
+        io_rows = loader_io(opts) if opts.packed and not opts.dry_run else []
     except (ValueError, FileNotFoundError) as err:  # a config error (ConfigError) names the key and file
         print(f"io_study: error: {err}", file=sys.stderr)
         return 2
-    if args.dry_run:
+    if opts.dry_run:
         return 0
-    out = args.out
+    out = opts.out
     write_csv(rows, IORow, out / "io_study.csv")
-    text = markdown(rows, args)
+    text = markdown(rows, opts)
     if io_rows:
         from tsm_dist.data.pack_study import markdown as io_markdown
 
-        text += (f"\n## Loader I/O per rank and epoch: file list vs packed\n\nRank 0 of {args.ranks}, the training "
+        text += (f"\n## Loader I/O per rank and epoch: file list vs packed\n\nRank 0 of {opts.ranks}, the training "
                  f"list repeated to {io_rows[0].entries} entries, one epoch planned and read without decoding "
                  f"(counted by the loader's byte reader and probe counter):\n\n" + io_markdown(io_rows))
     (out / "io_study.md").write_text(text)

@@ -20,6 +20,7 @@ import os
 import sys
 import zlib
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass, fields
 from multiprocessing import get_context
 from typing import Any, Callable, Iterable, Iterator
 
@@ -196,7 +197,23 @@ def verify(out: str, show_progress: bool = True) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the command
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PackOptions:
+    """What ``tsm-dist pack`` packs (its command line, checked)."""
+
+    list: str
+    out: str
+    root: str | None = None
+    shard_mb: float = 1024
+    transcode: str | None = None
+    gop: int = 16
+    crf: int = 30
+    workers: int = 1
+    shuffle: int | None = None
+    no_progress: bool = False
+
+
+def _settings(args: PackOptions) -> dict[str, Any]:
     return {"list": os.path.abspath(args.list), "root": os.path.abspath(args.root) if args.root else None,
             "shard_mb": args.shard_mb, "transcode": args.transcode, "gop": args.gop if args.transcode else None,
             "crf": args.crf if args.transcode else None, "shuffle": args.shuffle}
@@ -221,7 +238,7 @@ def _read_skipped(out: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.endswith("\n")]
 
 
-def pack(args: argparse.Namespace) -> int:
+def pack(args: PackOptions) -> int:
     records, bad_lines = read_file_list(args.list, skip_invalid=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, ".lock"), "w") as lock:
@@ -233,7 +250,7 @@ def pack(args: argparse.Namespace) -> int:
         return _pack_locked(args, records, bad_lines)
 
 
-def _pack_locked(args: argparse.Namespace, records: list[VideoRecord], bad_lines: list[tuple[str, str]]) -> int:
+def _pack_locked(args: PackOptions, records: list[VideoRecord], bad_lines: list[tuple[str, str]]) -> int:
     out, settings = args.out, _settings(args)
     entries: list[dict[str, Any]] = []
     skipped = _read_skipped(out)
@@ -341,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--list and --out are required (or --verify OUT)")
         if args.shard_mb <= 0 or args.workers < 1 or args.gop < 1:
             parser.error("--shard-mb must be > 0, --workers and --gop >= 1")
-        return pack(args)
+        return pack(PackOptions(**{f.name: getattr(args, f.name) for f in fields(PackOptions)}))
     except DataError as err:
         print(f"tsm-dist pack: {err}", file=sys.stderr)
         return EXIT_USAGE
