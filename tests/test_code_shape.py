@@ -132,3 +132,15 @@ def test_no_function_longer_than_80_lines():
             for path in sorted(PACKAGE.rglob("*.py"))
             for name, line, length in _long_functions(path.read_text(), MAX_FUNCTION_LINES)]
     assert long == []
+
+
+def test_argparse_namespaces_stay_at_the_command_line_edge():
+    """Library functions take typed values; only the parse functions hand out a Namespace, and only to main."""
+    passed = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for arg in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]:
+                    if arg.annotation is not None and "Namespace" in ast.unparse(arg.annotation):
+                        passed.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}({arg.arg})")
+    assert passed == []

@@ -23,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,7 +88,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class SweepOptions:
+    """A sweep as its command line asks for it (checked by :func:`parse_args`)."""
+
+    scheduler: str
+    config: Path
+    nodes: list[int]
+    out: Path
+    gpus_per_node: int | None = None
+    models: list[str] | None = None
+    engines: list[str] = field(default_factory=lambda: ["horovod"])
+    per_gpu_batch: int = 8
+    steps: int = 20
+    warmup_steps: int = 5
+    simulate_nodes: list[int] = field(default_factory=list)
+    submit: bool = False
+    dry_run: bool = False
+    machine: str | None = None
+    model_configs: dict[str, Path] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    dataset_size: int | None = None
+    epochs: int | None = None
+    project: str | None = None
+    time: str = "00:30"
+    queue: str | None = None
+    controller: str | None = None
+    launcher: str = "mpirun"
+    timeout: float = 1800.0
+    no_bench: bool = False
+
+
+def parse_args(argv: list[str] | None) -> SweepOptions:
     parser = build_parser()
     args = parser.parse_args(argv)
     for flag in ("per_gpu_batch", "steps"):
@@ -110,7 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.scheduler != "local" and not (args.submit or args.dry_run):
         parser.error(f"--scheduler {args.scheduler}: choose --submit (bsub/sbatch the jobs) or --dry-run "
                      f"(render them only)")
-    return args
+    return SweepOptions(**{f.name: getattr(args, f.name) for f in fields(SweepOptions)})
 
 
 # Training clips of the data sets the paper's configs are written for (Kinetics-400 as the paper counts it),
@@ -152,7 +184,7 @@ def _tag(engine: str, model: str, nodes: int, simulated: bool) -> str:
     return f"{engine}_{model}_n{nodes:04d}{'_sim' if simulated else ''}"
 
 
-def plan_sweep(args: argparse.Namespace, argv: list[str]) -> SweepPlan:
+def plan_sweep(args: SweepOptions, argv: list[str]) -> SweepPlan:
     """Validate every run's config and write it under OUT/jobs/<tag>/; return the plan (not yet saved)."""
     from tsm_dist.config import load_config
 
@@ -230,7 +262,7 @@ def run_local(plan: SweepPlan, out: Path, launcher: str, timeout: float, bench: 
         plan.save(out)
 
 
-def render_jobs(plan: SweepPlan, out: Path, args: argparse.Namespace) -> None:
+def render_jobs(plan: SweepPlan, out: Path, args: SweepOptions) -> None:
     """Write one job script per run with the jobs/ template (tsm_dist.launch.render.render_job)."""
     from tsm_dist.launch.render import render_job
 
@@ -247,7 +279,7 @@ def render_jobs(plan: SweepPlan, out: Path, args: argparse.Namespace) -> None:
         job.script = str(script.relative_to(out))
 
 
-def microbenchmark_step(args: argparse.Namespace, plan: SweepPlan, job: JobSpec, workdir: Path,
+def microbenchmark_step(args: SweepOptions, plan: SweepPlan, job: JobSpec, workdir: Path,
                         out: Path) -> dict[str, object]:
     """render_job options that run the allreduce microbenchmark after a successful multi-rank run."""
     if args.no_bench or job.simulated or job.run_nodes * plan.gpus_per_node <= 1:
@@ -293,7 +325,7 @@ def run_sweep(argv: list[str]) -> int:
 
     args = parse_args(argv)
     out = args.out.resolve()
-    args.out = out
+    args = replace(args, out=out)
     try:
         plan = plan_sweep(args, argv)
         if plan.scheduler != "local":

@@ -137,11 +137,12 @@ def result_record(method: str, world_size: int, nodes: int, sizes: Sequence[int]
     return record
 
 
-def _engine_config(args: argparse.Namespace) -> "EngineConfig":
+def engine_config(engine: str, config: Path | None) -> "EngineConfig":
+    """The engine section of ``config`` (the defaults without one), run as ``engine``."""
     from tsm_dist.config import EngineConfig, load_config
 
-    cfg = load_config(args.config).engine if args.config else EngineConfig()
-    cfg.name = args.engine
+    cfg = load_config(config).engine if config else EngineConfig()
+    cfg.name = engine
     return cfg
 
 
@@ -172,12 +173,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _report(args: argparse.Namespace, method: str, name: str, record: dict, rank: int, sizes: Sequence[int]
-            ) -> None:
+def _report(out: Path, method: str, name: str, record: dict, rank: int, sizes: Sequence[int]) -> None:
     if rank != 0:
         return
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"allreduce_{method}.json"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"allreduce_{method}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     fitted = ("" if record["alpha_s"] is None else
               f": alpha {record['alpha_s'] * 1e6:.1f} us, B {record['bandwidth_bytes_per_s'] / 1e9:.3f} GB/s")
@@ -209,11 +209,11 @@ def main(argv: list[str] | None = None) -> int:
                 if engine is None:  # one engine for both engine methods: Horovod cannot restart in a process
                     from tsm_dist.engine import started
 
-                    engine = stack.enter_context(started(_engine_config(args)))
+                    engine = stack.enter_context(started(engine_config(args.engine, args.config)))
                 rank, world, times = bench_engine(engine, sizes, args.repeats, args.warmup,
                                                   fp16=method == "engine_fp16")
             name = {"mpi4py": "mpi4py", "engine": args.engine}.get(method, f"{args.engine}_fp16")
-            _report(args, method, name, result_record(name, world, args.nodes, sizes, times), rank, sizes)
+            _report(args.out, method, name, result_record(name, world, args.nodes, sizes, times), rank, sizes)
     return 0
 
 
