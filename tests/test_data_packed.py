@@ -360,3 +360,11 @@ def test_a_second_pack_into_the_same_directory_is_refused(synthetic, tmp_path, c
         assert pack_main(["--list", synthetic.train_list, "--root", synthetic.root, "--out", str(out),
                           "--no-progress"]) == 2
     assert f"another 'tsm-dist pack' is writing {out}" in capsys.readouterr().err
+
+
+def test_the_sweep_sizes_its_epoch_from_a_packed_directory(packed):
+    from tsm_dist.config import load_config
+    from tsm_dist.scaling_sweep import _dataset_size
+
+    cfg = load_config(None, [f"data.train_list={packed}"])
+    assert _dataset_size(cfg, Path("x.yaml")) == 16

@@ -164,9 +164,13 @@ def _dataset_size(cfg: "Config", config_path: Path) -> int:
         return cfg.data.num_samples
     from tsm_dist.build import resolve_list
 
+    from tsm_dist.data.pack_format import is_packed, read_meta
+
     train_list = Path(resolve_list(cfg, "train_list") or "")  # the trainer's rule, so both read one file
     if train_list.is_file():
         return sum(1 for line in train_list.read_text().splitlines() if line.strip())
+    if is_packed(train_list):  # a tsm-dist pack directory: its index's video count
+        return int(read_meta(str(train_list))["videos"])
     known = _known_dataset(cfg, config_path)
     if known is not None:
         size, source = known[1], f"the {known[0]} training set size"
