@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -37,6 +38,8 @@ def fake(tmp_path: Path):
     (site / "nvidia" / "nccl" / "lib" / "libnccl.so.2").write_bytes(b"\x7fELF")
     _script(tmp_path / "cuda" / "bin" / "nvcc",
             'echo "nvcc: NVIDIA (R) Cuda compiler driver"; echo "Cuda compilation tools, release 12.4, V12.4.131"\n')
+    (tmp_path / "cuda" / "include").mkdir()
+    (tmp_path / "cuda" / "include" / "cuda_runtime.h").write_text("")
     _script(tmp_path / "smi" / "nvidia-smi", 'printf "9.0\\n8.0\\n9.0\\n"\n')
     return tmp_path
 
@@ -78,6 +81,32 @@ def test_horovod_env_finds_nvcc_on_path_nccl_by_package_path_and_the_gpus_archit
     link = fake / "work" / "nccl-lib" / "libnccl.so"  # what CMake's find_library(nccl) looks for
     assert link.resolve() == (nccl / "lib" / "libnccl.so.2").resolve()
     assert "release 12.4" in out.stderr and "nvidia-smi" in out.stderr
+
+
+def test_an_nvcc_wrapper_script_is_asked_for_its_toolkit(fake):
+    """As on this machine: /usr/local/bin/nvcc is a script that execs /usr/local/cuda-13.0/bin/nvcc, so the
+    toolkit is not the script's parent directory."""
+    _script(fake / "wrap" / "bin" / "nvcc", f'exec {fake / "cuda" / "bin" / "nvcc"} "$@"\n'
+            f'# --dryrun prints its home\n')
+    _script(fake / "cuda" / "bin" / "nvcc",
+            'case "$*" in *--dryrun*) echo "#$ _HERE_=' + str(fake / "cuda" / "bin") + '" >&2;; '
+            '*) echo "Cuda compilation tools, release 12.4, V12.4.131";; esac\n')
+    out = _helper(_env(fake, [fake / "wrap" / "bin", fake / "smi"]), "horovod-env", "--torch-cuda", "12.4",
+                  "--work", str(fake / "work"))
+    assert out.returncode == 0, out.stderr
+    assert f"export HOROVOD_CUDA_HOME={fake / 'cuda'}\n" in out.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit on this machine")
+def test_the_real_nvcc_of_this_machine_is_found_with_its_toolkit(fake):
+    real = Path(shutil.which("nvcc")).parent
+    out = _helper(_env(fake, [real, fake / "smi"]), "horovod-env", "--torch-cuda", "13.0", "--work",
+                  str(fake / "work"))
+    assert out.returncode == 0, out.stderr
+    home = Path(next(line for line in out.stdout.splitlines() if line.startswith("export CUDA_HOME="))
+                .split("=", 1)[1].strip("'"))
+    assert (home / "include" / "cuda_runtime.h").is_file() and (home / "bin" / "nvcc").exists()
+    assert "release " in out.stderr
 
 
 def test_cuda_home_wins_over_path_and_must_hold_nvcc(fake):
@@ -151,3 +180,58 @@ def test_patch_refuses_sources_it_does_not_know(tmp_path):
     out = subprocess.run([sys.executable, str(HELPER), "patch-horovod", str(tmp_path)], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 1 and "cannot patch" in out.stderr and "CMAKE_CXX_STANDARD 14" in out.stderr
+
+
+def _fake_cuda_venv(tmp: Path) -> tuple[Path, Path]:
+    """A venv whose python is the real one with pip disabled (nothing gets installed) and a fake torch
+    that says it is built with CUDA 12.4 for sm_80 and sm_90 (no GPU visible)."""
+    venv = tmp / "venv"
+    _script(venv / "bin" / "python", 'case "$*" in *"-m pip"*) echo "pip is disabled in this test" >&2; exit 1;; esac\n'
+            f'exec {sys.executable} "$@"\n')
+    torch_site = tmp / "torch_site" / "torch"
+    torch_site.mkdir(parents=True)
+    (torch_site / "__init__.py").write_text(
+        '__version__ = "2.5.1+cu124"\n'
+        "class version:\n    cuda = '12.4'\n"
+        "class cuda:\n    is_available = staticmethod(lambda: False)\n"
+        "    get_arch_list = staticmethod(lambda: ['sm_80', 'sm_90'])\n")
+    return venv, tmp / "torch_site"
+
+
+def _install_sh(fake: Path, path_dirs: list[Path]) -> subprocess.CompletedProcess:
+    venv, torch_site = _fake_cuda_venv(fake)
+    env = _env(fake, path_dirs, TSM_DIST_VENV=str(venv), TSM_DIST_CACHE=str(fake / "cache"),
+               PYTHONPATH=f"{torch_site}{os.pathsep}{fake / 'site'}")
+    return subprocess.run(["bash", str(REPO / "install.sh")], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(shutil.which("mpicc", path="/usr/bin:/bin") is None, reason="install.sh needs an MPI (mpicc)")
+def test_install_sh_with_cuda_torch_and_no_nvcc_stops_before_building(fake):
+    out = _install_sh(fake, [])
+    assert out.returncode == 1
+    assert "keeping torch 2.5.1+cu124" in out.stdout and "building wheel" not in out.stdout
+    errors = [line for line in out.stderr.splitlines() if "ERROR" in line]
+    assert "nvcc is not on PATH and CUDA_HOME is not set" in errors[0] and "module load cuda/12.4" in errors[0]
+    assert errors[-1] == "[install] ERROR: cannot build Horovod's GPU operations (see the line above)"
+
+
+@pytest.mark.skipif(shutil.which("mpicc", path="/usr/bin:/bin") is None, reason="install.sh needs an MPI (mpicc)")
+def test_install_sh_with_cuda_torch_keys_the_horovod_wheel_by_the_architectures(fake):
+    """nvcc and the NCCL wheel present, no GPU: torch's architectures become the CC list and part of the
+    wheel cache key; a wheel cached under that key is taken (pip is disabled, so the install ends there)."""
+    import hashlib
+
+    mpicc = shutil.which("mpicc", path="/usr/bin:/bin")
+    flavour = subprocess.run(["mpirun", "--version"], capture_output=True, text=True,
+                             env={**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+                             ).stdout.splitlines()[0]
+    mpi_key = hashlib.sha1(f"{mpicc}|{flavour}".encode()).hexdigest()[:10]
+    tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    key = f"horovod-0.28.1-torch-2.5.1+cu124-{tag}-{os.uname().machine}-mpi-{mpi_key}-cc80,90"
+    wheel = fake / "cache" / "wheels" / "horovod" / key / f"horovod-0.28.1-{tag}-{tag}-linux_x86_64.whl"
+    wheel.parent.mkdir(parents=True)
+    wheel.write_bytes(b"")
+    out = _install_sh(fake, [fake / "cuda" / "bin"])
+    assert f"horovod: using cached wheel {wheel}" in out.stdout, out.stdout + out.stderr
+    assert "CUDA architectures: 80,90 (torch's own CUDA architectures" in out.stderr
+    assert "pip is disabled in this test" in out.stderr and out.returncode == 1

@@ -6,7 +6,7 @@
 ``horovod-env`` (only when torch has CUDA) decides, or stops with one clear line on stderr (exit 1):
 
 * the CUDA compiler: ``HOROVOD_CUDA_HOME`` / ``CUDA_HOME`` / ``CUDA_PATH`` (must hold ``bin/nvcc``), else
-  ``nvcc`` on ``PATH``. Horovod's GPU kernels are compiled with nvcc, so without one the build would fail
+  the toolkit of the ``nvcc`` on ``PATH`` (a wrapper script is asked where its toolkit is). Horovod's GPU kernels are compiled with nvcc, so without one the build would fail
   minutes later deep in CMake;
 * NCCL: ``HOROVOD_NCCL_HOME`` / ``HOROVOD_NCCL_INCLUDE`` if set, else the ``nvidia-nccl-cu*`` wheel that
   ships with pip's CUDA torch. ``nvidia.nccl`` is a namespace package (``__file__`` is None), so it is
@@ -66,7 +66,24 @@ def find_cuda_home(env: Mapping[str, str], torch_cuda: str) -> str:
             f"the CUDA compiler: nvcc is not on PATH and CUDA_HOME is not set. Load the CUDA toolkit (e.g. "
             f"'module load cuda/{torch_cuda}') or set CUDA_HOME=/usr/local/cuda-{torch_cuda}, then run "
             "./install.sh again")
-    return str(Path(os.path.realpath(nvcc)).parent.parent)
+    home = Path(os.path.realpath(nvcc)).parent.parent
+    if not (home / "include" / "cuda_runtime.h").is_file():  # a wrapper script (e.g. /usr/local/bin/nvcc)
+        home = _nvcc_own_home(nvcc) or home
+        if not (home / "include" / "cuda_runtime.h").is_file():
+            raise InstallError(f"{nvcc} is not inside a CUDA toolkit (no include/cuda_runtime.h near it, and it "
+                               "does not say where it lives): set CUDA_HOME to the toolkit's directory")
+    return str(home)
+
+
+def _nvcc_own_home(nvcc: str) -> Path | None:
+    """The toolkit an nvcc wrapper really runs, from its dry run ("#$ _HERE_=/usr/local/cuda-13.0/bin")."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-v", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"^#\$ _HERE_=(.+)$", out.stdout + out.stderr, re.M)
+    return Path(match.group(1).strip()).parent if match else None
 
 
 # --------------------------------------------------------------------------------------------------- NCCL
