@@ -3,8 +3,8 @@
 Horovod 0.28.1 refuses non-contiguous tensors in every collective, channels-last included, on CPU as on
 GPU; DDP warns and copies when a gradient's strides differ from its parameter's. A real (small) TSM with
 the fused shift trains 2 steps in channels-last with fp16 gradient compression, checkpoints, and resumes
-for 2 more steps (so the optimizer's channels-last momentum is broadcast too). Run as a script, this
-file is the per-rank program.
+for 2 more steps (so the optimizer's channels-last momentum is broadcast too); then a small I3D (5D
+weights, channels_last_3d) trains 2 steps. Run as a script, this file is the per-rank program.
 """
 from __future__ import annotations
 
@@ -47,9 +47,15 @@ def rank_main(engine_name: str, out: Path) -> None:
         cfg = load_config(None, [f"{k}={v}" for k, v in {**settings, "train.epochs": epochs}.items()])
         codes.append(train(cfg, out / "run", resume=resume, model_builder=model_builder))
     model = built[-1]
+    i3d = load_config(None, [f"{k}={v}" for k, v in {**settings, "train.epochs": 1, "model.name": "i3d3x3x3_r50",
+                                                      "model.depth": 18, "model.num_frames": 8}.items()])
+    codes.append(train(i3d, out / "i3d", model_builder=model_builder))
     torch.save({"codes": codes, "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+                "params_3d": {k: v.detach().clone() for k, v in built[-1].named_parameters()},
                 "strides_kept": all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters()
-                                    if p.dim() == 4)},
+                                    if p.dim() == 4)
+                and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in built[-1].parameters()
+                        if p.dim() == 5)},
                out / f"rank{engine.rank}.pt")
     engine.shutdown()
 
@@ -72,15 +78,18 @@ def test_channels_last_trains_and_resumes_on_two_ranks(engine: str, tmp_path: Pa
     assert "contiguous" not in result.stdout, result.stdout[-3000:]
     assert "Grad strides do not match" not in result.stdout  # DDP's warning for a stride mismatch
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    assert [r["codes"] for r in ranks] == [[0, 0], [0, 0]]
+    assert [r["codes"] for r in ranks] == [[0, 0, 0], [0, 0, 0]]
     assert all(r["strides_kept"] for r in ranks)  # Horovod's grad.set_() kept the parameters' layout
-    for name, tensor in ranks[0]["params"].items():  # (BN statistics are per rank between evaluations)
-        assert torch.equal(tensor, ranks[1]["params"][name]), name
+    for key in ("params", "params_3d"):  # (BN statistics are per rank between evaluations)
+        for name, tensor in ranks[0][key].items():
+            assert torch.equal(tensor, ranks[1][key][name]), name
     headers = [r for r in read_records(tmp_path / "run" / "metrics.jsonl") if r["type"] == "header"]
     assert [h["memory_format"] for h in headers] == ["channels_last", "channels_last"]
     assert headers[1]["resumed_from"]
     ends = [r for r in read_records(tmp_path / "run" / "metrics.jsonl") if r["type"] == "end"]
     assert [e["step"] for e in ends] == [2, 4]
+    i3d = read_records(tmp_path / "i3d" / "metrics.jsonl")
+    assert i3d[0]["memory_format"] == "channels_last_3d" and i3d[-1]["step"] == 2
 
 
 if __name__ == "__main__":
