@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,23 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and its source."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where ``1e-4`` (no dot) is a string; people write learning rates that
+    way, and YAML 1.2 reads them as floats. This loader does too (``1e-4``, ``5e-5``, ``1e6``, ``1E5``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML with 1.2-style exponent floats (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _choices(*values: str) -> dict[str, Any]:
@@ -163,6 +181,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():  # 1e6 for a count
+        return int(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     return value
@@ -171,7 +191,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _yaml_with_lines(text: str, path: str) -> tuple[Any, dict[str, int]]:
     """Parse YAML and remember the line of every ``section.key`` for error messages."""
     try:
-        node = yaml.compose(text)
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
     lines: dict[str, int] = {}
@@ -181,7 +201,7 @@ def _yaml_with_lines(text: str, path: str) -> tuple[Any, dict[str, int]]:
             if isinstance(value_node, yaml.MappingNode):
                 for sub_key, _ in value_node.value:
                     lines[f"{key_node.value}.{sub_key.value}"] = sub_key.start_mark.line + 1
-    return yaml.safe_load(text), lines
+    return parse_yaml(text), lines
 
 
 def _unknown(key: str, known: list[str], where: str) -> ConfigError:
@@ -231,10 +251,21 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError("data.num_samples must be > 0 with data.backend=random (it sets the epoch length)")
     if cfg.data.backend != "random" and not cfg.data.train_list:
         raise ConfigError(f"data.train_list is required with data.backend={cfg.data.backend}")
+    _check_model_name(cfg.model.name)
     if cfg.engine.name == "torch":
         for key, default in (("timeline", ""), ("cycle_time_ms", 0.0)):
             if getattr(cfg.engine, key) != default:
                 raise ConfigError(f"engine.{key} is a Horovod option; unset it for engine.name=torch")
+
+
+def _check_model_name(name: str) -> None:
+    from tsm_dist.models.registry import list_models  # the registry is the one list of names
+
+    known = list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"model.name={name!r} is not a known model{hint}; known: {', '.join(known)}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -267,7 +298,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not eq:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: cannot parse the value: {exc}") from exc
         # a string-typed key keeps the text as written ("01" stays "01", "null" becomes None only

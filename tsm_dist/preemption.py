@@ -1,44 +1,126 @@
-"""Preemption: turn SIGTERM / SIGUSR1 into a flag the train loop acts on at a step boundary.
+"""Stop signals: turn the scheduler's signals into a flag the train loop acts on at a step boundary.
 
-Schedulers warn a job before killing it: Slurm with ``--signal=USR1@120`` (or SIGTERM on
-``scancel``/time limit, then SIGKILL after ``KillWait``), LSF with ``bsub -wa USR1 -wt 5``. The handler
-only records the request; every step the ranks allreduce the flag, so all of them stop after the same
-step, rank 0 writes a checkpoint, and every rank exits with :data:`PREEMPTED_EXIT_CODE` so the job
-script can requeue and continue with ``--resume auto``.
+The contract (README "When things go wrong", docs/training.md):
+
+=====================================  =============================  ====  ==========================
+signal                                 sent by                        exit  the job script then
+=====================================  =============================  ====  ==========================
+SIGUSR1 (time-limit warning)           Slurm ``--signal=USR1@T``,     75    requeues the job
+                                       LSF ``bsub -wa USR1 -wt M``          (``scontrol requeue`` /
+                                                                            ``brequeue``) or resubmits
+SIGTERM / SIGINT (cancel, preemption)  ``scancel``, ``bkill``,        143   nothing: a cancel sticks;
+                                       Slurm/LSF preemption, Ctrl-C         the scheduler requeues
+                                                                            preempted jobs itself
+                                                                            (PreemptMode=REQUEUE)
+=====================================  =============================  ====  ==========================
+
+In both cases every rank stops after the same optimizer step (the flags travel in the step's metric
+allreduce), rank 0 writes a checkpoint and the ``end`` record, and every rank exits with the same
+code. If one rank saw SIGTERM and another only SIGUSR1, SIGTERM wins: a cancel must stick.
+
+The handler only records the signal; nothing else runs inside it. Once the trainer has decided how
+to exit, :meth:`StopSignals.exit_on_signal` makes any further SIGTERM (``horovodrun``/``mpirun``
+terminate the remaining ranks as soon as one rank has exited) end the process with the decided
+code instead of the default 143, so that all ranks report the same code.
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from types import FrameType
 from typing import Any
 
-# EX_TEMPFAIL from sysexits.h: "temporary failure, try again" -- the job scripts requeue on it.
-PREEMPTED_EXIT_CODE = 75
+from tsm_dist.errors import EXIT_PREEMPTED, EXIT_TERMINATED
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTED_EXIT_CODE = EXIT_PREEMPTED  # the time-limit warning: the job script requeues on it
+TERMINATED_EXIT_CODE = EXIT_TERMINATED  # cancel/preemption: checkpointed, the job script does not requeue
+
+WARNING_SIGNALS = (signal.SIGUSR1,)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = WARNING_SIGNALS + STOP_SIGNALS
+
+# The rendered job script tells the trainer what it will do after exit code 75, so the trainer's
+# message says what really happens: "requeue", "resubmit" or "none".
+REQUEUE_ENV = "TSM_DIST_ON_PREEMPT"
 
 
-class PreemptionFlag:
-    """Records that a preemption signal arrived; use as a context manager to install the handlers."""
+class StopSignals:
+    """Records stop signals; use as a context manager to install the handlers.
+
+    ``level`` is what the ranks allreduce (with max): 0 nothing, 1 the warning (USR1), 2 a stop
+    (TERM/INT).
+    """
 
     def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
         self.signals = signals
         self.received: signal.Signals | None = None
+        self._level = 0
         self._previous: dict[signal.Signals, Any] = {}
+        self._exit_code: int | None = None
 
     @property
     def requested(self) -> bool:
-        return self.received is not None
+        return self._level > 0
+
+    @property
+    def level(self) -> int:
+        return self._level
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signal.Signals(signum)
+        if self._exit_code is not None:  # the outcome is decided and written: leave with it
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(self._exit_code)
+        sig = signal.Signals(signum)
+        level = 1 if sig in WARNING_SIGNALS else 2
+        if level >= self._level:
+            self._level, self.received = level, sig
 
-    def __enter__(self) -> "PreemptionFlag":
+    def exit_on_signal(self, code: int) -> None:
+        """From now on a stop signal ends the process at once with ``code`` (call it only when
+        everything worth keeping is written)."""
+        self._exit_code = code
+
+    def __enter__(self) -> "StopSignals":
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._exit_code is not None:
+            return  # keep exiting with the decided code until the process is gone
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+# the name the trainer has always used
+PreemptionFlag = StopSignals
+
+
+def exit_code_for(level: int) -> int:
+    """The exit code every rank uses for the allreduced stop ``level`` (1 warning, 2 stop)."""
+    return PREEMPTED_EXIT_CODE if level < 2 else TERMINATED_EXIT_CODE
+
+
+def stop_message(level: int, step: int, env: dict[str, str] | None = None) -> str:
+    """What rank 0 prints after the stop checkpoint: the code and what happens next, as it is."""
+    env = dict(os.environ if env is None else env)
+    code = exit_code_for(level)
+    if level >= 2:
+        return (f"stopped by SIGTERM/SIGINT (cancel or preemption); checkpoint at step {step}, exiting with "
+                f"{code}: not requeued by the job script (a preempted job is requeued by the scheduler "
+                f"under PreemptMode=REQUEUE; otherwise resubmit, --resume auto continues)")
+    action = env.get(REQUEUE_ENV, "")
+    if action == "requeue":
+        what = "the job script requeues the job"
+    elif action == "resubmit":
+        what = "the job script resubmits the job"
+    else:
+        what = "not requeued (no job script said it would; resubmit, --resume auto continues)"
+    done = {"requeue": "requeued", "resubmit": "resubmitted"}.get(action, "")
+    head = f"preempted by the time-limit warning; checkpoint at step {step}, exiting with {code}"
+    return f"{head}: {done} ({what})" if done else f"{head}: {what}"

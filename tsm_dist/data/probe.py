@@ -20,6 +20,19 @@ class VideoInfo:
     codec: str
 
 
+def _promised_frames(container: "av.container.InputContainer", stream: "av.video.stream.VideoStream") -> tuple[int, bool]:
+    """(frames the container's header promises, whether that is an exact count); (0, False) if unknown.
+
+    MP4/AVI headers hold the exact count; Matroska/WebM only a duration, which times the frame rate
+    gives an estimate."""
+    if stream.frames:
+        return int(stream.frames), True
+    rate = stream.average_rate or stream.guessed_rate
+    if container.duration and rate:
+        return int(round(container.duration / 1_000_000 * float(rate))), False
+    return 0, False
+
+
 def probe_video(path: str, where: str = "") -> VideoInfo:
     """Raise :class:`VideoError` for a missing, empty or unreadable file or one without frames."""
     if not os.path.exists(path):
@@ -34,13 +47,19 @@ def probe_video(path: str, where: str = "") -> VideoInfo:
             ctx = stream.codec_context
             height, width, codec = ctx.height, ctx.width, ctx.name
             # Matroska/WebM store no frame count; counting packets needs no decoding.
-            count = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+            count = sum(1 for p in container.demux(stream) if p.size)
+            promised, exact = _promised_frames(container, stream)
     except VideoError:
         raise
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as err:
         raise VideoError(path, f"not a readable video ({err})", where) from err
     if count == 0:
         raise VideoError(path, "video has no frames", where)
+    # Truncated is not short: a file cut off by a failed copy still promises its frames; clips
+    # planned from the promise would read frames that are not there (DALI pads them silently).
+    if promised and (count < promised if exact else count < 0.9 * promised - 1):
+        raise VideoError(path, f"truncated: the container promises {promised} frames but only {count} are in "
+                               f"the file (an interrupted copy or download?)", where)
     if height <= 0 or width <= 0:
         raise VideoError(path, f"video has no frame size ({width}x{height})", where)
     return VideoInfo(count, height, width, codec)

@@ -190,7 +190,7 @@ def render_job(scheduler: str, nodes: int, gpus_per_node: int, config: str, *, p
     same launcher and resource sets after training succeeded, e.g. the scaling sweep's allreduce
     microbenchmark, which must measure the allocation the training ran on.
     """
-    from tsm_dist.preemption import PREEMPTED_EXIT_CODE
+    from tsm_dist.preemption import PREEMPTED_EXIT_CODE, TERMINATED_EXIT_CODE
 
     if scheduler not in SCHEDULERS:
         raise RenderError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
@@ -233,7 +233,8 @@ def render_job(scheduler: str, nodes: int, gpus_per_node: int, config: str, *, p
         repo=shlex.quote(str(repo or REPO)), python=shlex.quote(python or sys.executable),
         exports="\n".join(f"export {e.split('=', 1)[0]}={shlex.quote(e.split('=', 1)[1])}" for e in env),
         config=shlex.quote(config), workdir=shlex.quote(workdir or f"runs/{name}"),
-        preempted_exit_code=PREEMPTED_EXIT_CODE, rank_args=" ".join(rank_args),
+        preempted_exit_code=PREEMPTED_EXIT_CODE, terminated_exit_code=TERMINATED_EXIT_CODE,
+        rank_args=" ".join(rank_args),
         train_args="".join(" " + a for a in train),
         submit_hint="the repository root" if not Path(config).is_absolute() else "any directory",
         command=command or "tsm_dist.launch.render.render_job(...)",
@@ -252,7 +253,8 @@ def render_job(scheduler: str, nodes: int, gpus_per_node: int, config: str, *, p
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tsm-dist render-job", description=(
         "Render an LSF (jsrun) or Slurm (srun) job script that trains with one rank per GPU (or CPU ranks) "
-        "and requeues itself when the trainer stops for preemption (exit code 75)."))
+        "and requeues itself when the trainer stops at the time-limit warning (exit code 75; after SIGTERM, "
+        "exit 143, it does not: a cancel sticks)."))
     p.add_argument("--scheduler", required=True, choices=SCHEDULERS)
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, required=True, help="0 renders the CPU variant")
