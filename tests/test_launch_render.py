@@ -15,7 +15,7 @@ import pytest
 
 from tsm_dist.launch.render import (LSF_NODE_CORES, LSF_NODE_GPUS, RenderError, jsrun_layout, main, render_job,
                                     render_template)
-from tsm_dist.preemption import PREEMPTED_EXIT_CODE
+from tsm_dist.preemption import PREEMPTED_EXIT_CODE, TERMINATED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "synthetic_tsm.yaml")
@@ -178,6 +178,10 @@ LAUNCHER = """#!/bin/bash
 echo "$(basename "$0") $*" >> "$CALLS"
 case "$BEHAVIOUR" in
   preempted) exit 75 ;;
+  report-plan) echo "on-preempt=$TSM_DIST_ON_PREEMPT" >> "$CALLS"; exit 75 ;;
+  terminated) exit 143 ;;
+  wait-for-term) trap 'echo "got TERM" >> "$CALLS"; exit 143' TERM; touch "$CALLS.ready"
+                 for _ in $(seq 200); do sleep 0.05; done; exit 9 ;;
   wait-for-signal) trap 'echo "got USR1" >> "$CALLS"; exit 75' USR1; touch "$CALLS.ready"
                    for _ in $(seq 200); do sleep 0.05; done; exit 9 ;;
   *) exit 0 ;;
@@ -186,8 +190,8 @@ esac
 RECORDER = '#!/bin/bash\necho "$(basename "$0") $*" >> "$CALLS"\n'
 
 
-def run_script(tmp_path: Path, text: str, behaviour: str, env: dict[str, str], signal_after_ready: bool = False
-               ) -> tuple[int, list[str]]:
+def run_script(tmp_path: Path, text: str, behaviour: str, env: dict[str, str], signal_after_ready: bool = False,
+               sig: signal.Signals = signal.SIGUSR1) -> tuple[int, list[str]]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name in ("srun", "jsrun"):
@@ -208,7 +212,7 @@ def run_script(tmp_path: Path, text: str, behaviour: str, env: dict[str, str], s
         while not Path(f"{calls}.ready").exists():
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0]
             time.sleep(0.02)
-        proc.send_signal(signal.SIGUSR1)  # LSF's -wa USR1 / Slurm's TERM at the time limit reach the shell
+        proc.send_signal(sig)  # LSF's -wa USR1 / Slurm's --signal=B:USR1 / scancel's TERM reach the shell
     out, _ = proc.communicate(timeout=30)
     return proc.returncode, calls.read_text().splitlines() if calls.exists() else [out]
 
@@ -250,3 +254,27 @@ def test_lsf_script_without_requeue_only_reports(tmp_path: Path) -> None:
     text = render_job("lsf", 1, 6, CONFIG, project="P", requeue=False)
     rc, calls = run_script(tmp_path, text, "preempted", LSF_ENV)
     assert rc == PREEMPTED_EXIT_CODE and len(calls) == 1
+
+
+# ----------------------------------------------------- SIGTERM: checkpoint, exit 143, a cancel sticks
+def test_slurm_script_does_not_requeue_after_sigterm(tmp_path: Path) -> None:
+    text = render_job("slurm", 2, 4, CONFIG)
+    rc, calls = run_script(tmp_path, text, "wait-for-term", SLURM_ENV, signal_after_ready=True, sig=signal.SIGTERM)
+    assert rc == TERMINATED_EXIT_CODE == 143, calls
+    assert calls[1:] == ["got TERM"]  # forwarded to the ranks; no scontrol requeue, no sbatch
+
+
+@pytest.mark.parametrize("scheduler, env", [("slurm", SLURM_ENV), ("lsf", LSF_ENV)])
+def test_exit_143_is_never_requeued_or_resubmitted(tmp_path: Path, scheduler: str, env: dict[str, str]) -> None:
+    text = render_job(scheduler, 1, 4, CONFIG, project="P")
+    rc, calls = run_script(tmp_path, text, "terminated", {**env, "TSM_DIST_RESUBMIT": "/jobs/again"})
+    assert rc == TERMINATED_EXIT_CODE and len(calls) == 1, calls
+
+
+@pytest.mark.parametrize("requeue, extra, plan", [(True, {}, "requeue"),
+                                                  (True, {"TSM_DIST_RESUBMIT": "/jobs/again.sbatch"}, "resubmit"),
+                                                  (False, {}, "none")])
+def test_script_tells_the_trainer_what_it_will_do(tmp_path: Path, requeue: bool, extra: dict, plan: str) -> None:
+    text = render_job("slurm", 1, 4, CONFIG, requeue=requeue)
+    rc, calls = run_script(tmp_path, text, "report-plan", {**SLURM_ENV, **extra})
+    assert rc == PREEMPTED_EXIT_CODE and calls[1] == f"on-preempt={plan}", calls

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tsm_dist import checkpoint as ckpt
+from tsm_dist.errors import CheckpointError
 from tsm_dist.metrics import Progress, topk_counts
 from tsm_dist.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
 
@@ -40,9 +41,9 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_corrupt_checkpoint_is_named(tmp_path):
     bad = tmp_path / "ckpt_e0001_s00000001.pt"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(RuntimeError, match=f"checkpoint {bad} cannot be read"):
+    with pytest.raises(CheckpointError, match=f"checkpoint {bad} cannot be read"):
         ckpt.load_checkpoint(bad)
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
         ckpt.resolve_resume(str(tmp_path / "missing.pt"), tmp_path)
 
 

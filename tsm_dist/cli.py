@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("tsm_dist.scaling_sweep", "scaling sweep across node counts (= python -m tsm_dist.scaling_sweep)"),
     "io-study": ("tsm_dist.io_study", "data time not hidden by compute vs compute, per model and loader"),
     "check": ("tsm_dist.selfcheck", "print the stack (torch, Horovod, MPI, DALI) and run a 2-rank self-check"),
+    "check-data": ("tsm_dist.check_data", "probe every video of a config's file lists and print a summary"),
 }
 
 
@@ -29,7 +30,8 @@ def _usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = ["usage: tsm-dist <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run 'tsm-dist <command> --help' for a command's options."]
+    lines += ["", "Run 'tsm-dist <command> --help' for a command's options; '--debug' (or TSM_DIST_DEBUG=1)",
+              "shows the Python traceback of an error. Exit codes: tsm_dist/errors.py, README."]
     return "\n".join(lines)
 
 
@@ -47,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"tsm-dist: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from tsm_dist.errors import run_main
+
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    # the one edge where an exception becomes an exit code and one line (commands that already run
+    # through it, like train and eval, never let one escape)
+    return run_main(f"tsm-dist {name}", module.main, rest)
 
 
 if __name__ == "__main__":

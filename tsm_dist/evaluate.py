@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,9 @@ from torch import nn
 
 from tsm_dist import checkpoint as ckpt
 from tsm_dist.build import amp_dtype, build_loader_from_config, build_model_from_config, has_val_set, resolve_model
+from tsm_dist.check_data import check_file_lists
 from tsm_dist.config import Config, ConfigError, load_config
+from tsm_dist.errors import EXIT_CHECKPOINT, CheckpointError, CoordinatedError, run_main
 from tsm_dist.metrics import topk_counts
 
 if TYPE_CHECKING:  # the engine (Horovod, torch.distributed) is imported only when a run starts
@@ -65,7 +66,7 @@ def _checkpoints(checkpoints: list[str], workdir: str | None, last_n: int) -> li
     if workdir:
         found = ckpt.list_checkpoints(Path(workdir) / ckpt.CHECKPOINT_DIR)
         if not found:
-            raise FileNotFoundError(f"no checkpoints in {Path(workdir) / ckpt.CHECKPOINT_DIR}")
+            raise CheckpointError(f"no checkpoints in {Path(workdir) / ckpt.CHECKPOINT_DIR}")
         paths += found[-last_n:]
     if not paths:
         raise ConfigError("give --checkpoint PATH [PATH ...] or --workdir W (its last eval.last_n checkpoints)")
@@ -92,8 +93,17 @@ def evaluate_checkpoints(cfg: Config, paths: list[Path], engine: "Engine") -> li
     model = build_model_from_config(cfg).to(engine.device)
     results = []
     for path in paths:
+        error = None
         if engine.is_root:
-            model.load_state_dict(ckpt.load_checkpoint(path)["model"])
+            try:  # the config decides the model: a checkpoint of another model is refused, naming both
+                state = ckpt.load_checkpoint(path)
+                ckpt.check_model(state, cfg.to_dict()["model"], path)
+                ckpt.load_model_state(model, state, path)
+            except CheckpointError as exc:
+                error = str(exc)
+        error = engine.broadcast_object(error)
+        if error:
+            raise CoordinatedError(error, EXIT_CHECKPOINT)
         engine.broadcast_tensors(model.state_dict())
         result = evaluate(model, loader, engine, amp_dtype=amp_dtype(cfg))
         results.append({"checkpoint": str(path), **result})
@@ -120,7 +130,12 @@ def report(cfg: Config, results: list[dict[str, Any]], world_size: int, json_pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tsm_dist.engine import is_launcher_rank0, started
+    """``tsm-dist eval``; errors become one line from one rank and a documented code (:mod:`tsm_dist.errors`)."""
+    return run_main("tsm-dist eval", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    from tsm_dist.engine import started
 
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides)
@@ -128,16 +143,11 @@ def main(argv: list[str] | None = None) -> int:
                       (args.last_n, "eval.last_n")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
-    try:
-        cfg = resolve_model(load_config(args.config, overrides))
-        paths = _checkpoints(args.checkpoint or [], args.workdir, cfg.eval.last_n)
-    except (ConfigError, FileNotFoundError) as exc:
-        if is_launcher_rank0():
-            print(f"tsm-dist eval: {exc}", file=sys.stderr)
-        return 2
+    cfg = resolve_model(load_config(args.config, overrides))
+    paths = _checkpoints(args.checkpoint or [], args.workdir, cfg.eval.last_n)
     if not has_val_set(cfg):
-        print("tsm-dist eval: data.val_list is not set", file=sys.stderr)
-        return 2
+        raise ConfigError("data.val_list is not set")
+    check_file_lists(cfg, keys=("val_list",))
     with started(cfg.engine) as engine:
         results = evaluate_checkpoints(cfg, paths, engine)
         if engine.is_root:

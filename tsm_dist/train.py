@@ -7,8 +7,10 @@ step: LR from the warmup / decay schedule, K micro-batches, one gradient allredu
 averaged with one allreduce (which also carries the preemption and non-finite-loss flags) -> rank-0
 logging, evaluation and checkpoints. Config -> model / loader glue lives in :mod:`tsm_dist.build`.
 
-Exit codes: 0 done, 2 configuration error, 3 non-finite loss, 75 preempted (requeue); a crash exits 1
-(Python's own code for an uncaught exception).
+Exit codes (the table is in :mod:`tsm_dist.errors`): 0 done, 1 crash, 2 configuration error, 3 non-finite
+loss, 4 data error, 5 checkpoint error, 75 stopped by the time-limit warning (the job script requeues),
+143 stopped by SIGTERM (cancel or preemption: not requeued by the job script). After a coordinated stop
+(75, 143, 3) every rank exits with the same code.
 """
 from __future__ import annotations
 
@@ -30,14 +32,15 @@ from tsm_dist import records
 from tsm_dist.build import (LoaderBuilder, ModelBuilder, amp_dtype, build_loader_from_config,
                             build_model_from_config, has_val_set, resolve_model)
 from tsm_dist.config import Config, ConfigError, dump_config, load_config, plan_batch
-from tsm_dist.engine import Engine, is_launcher_rank0, started
+from tsm_dist.check_data import check_file_lists, preflight
+from tsm_dist.engine import Engine, started
+from tsm_dist.errors import EXIT_CHECKPOINT, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, CheckpointError, \
+    CoordinatedError, run_main
 from tsm_dist.evaluate import evaluate
 from tsm_dist.memory_format import to_memory_format
 from tsm_dist.metrics import Progress, WandbRun, git_commit, hardware, versions
-from tsm_dist.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
+from tsm_dist.preemption import StopSignals, exit_code_for, stop_message
 from tsm_dist.schedule import LRSchedule
-
-EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE = 0, 2, 3
 
 
 # ------------------------------------------------------------------------------- building blocks
@@ -96,6 +99,8 @@ class Position:
     step: int = 0
     batch_in_epoch: int = 0
     best_top1: float = -math.inf
+    # a stop on an epoch's last step came before that epoch's evaluation: the resumed run does it first
+    epoch_end_pending: bool = False
 
 
 @dataclass
@@ -111,19 +116,18 @@ class StepTimes:
 # ---------------------------------------------------------------------------------- the recipe
 def train(cfg: Config, workdir: str | Path, *, resume: str | None = None,
           model_builder: ModelBuilder | None = None, loader_builder: LoaderBuilder | None = None) -> int:
-    """Train on every rank of the launched job; returns the process exit code."""
-    with started(cfg.engine) as engine:  # 1. one process per GPU, pinned by local rank; shut down on any exit
-        try:
-            trainer = Trainer(cfg, engine, Path(workdir), model_builder, loader_builder)
-        except ConfigError as exc:
-            if engine.is_root:
-                print(f"tsm-dist train: config error: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
+    """Train on every rank of the launched job; returns the process exit code.
+
+    Errors that every rank meets (config, file lists, the checkpoint to resume) raise on every rank and
+    reach the command's edge (:func:`tsm_dist.errors.run_main`), which prints one line from rank 0.
+    """
+    # The stop signals are caught from the start: a cancel during start-up stops after the first step.
+    with StopSignals() as stop, started(cfg.engine) as engine:  # 1. one process per GPU; shut down on any exit
+        trainer = Trainer(cfg, engine, Path(workdir), model_builder, loader_builder)
         trainer.resume(resume)
         trainer.open_logs()
-        with PreemptionFlag() as preemption:
-            status, code = trainer.loop(preemption)
-        return trainer.finish(status, code)
+        status, code = trainer.loop(stop)
+        return trainer.finish(status, code, stop)
 
 
 class Trainer:
@@ -143,8 +147,19 @@ class Trainer:
         self.log: records.MetricsLog | None = None  # rank 0 only, like wandb and progress
         self.wandb: WandbRun | None = None
         self.progress: Progress | None = None
+        check_file_lists(cfg)  # a missing list: one line with the resolved path and how to make the set
         self._build_data(loader_builder)
+        self.check_data()
         self._build_model(model_builder)
+
+    def check_data(self) -> None:
+        """Before the long wait: every rank probes its shard of the validation set and stats its share of
+        the training set; the ranks agree on the outcome, and rank 0 names the first bad video."""
+        problems = preflight(self.train_loader, self.val_loader, rank=self.engine.rank, size=self.engine.size)
+        found = [p for shard in self.engine.allgather_object(problems) for p in shard]
+        if found:
+            more = f" (and {len(found) - 1} more; 'tsm-dist check-data --config C' lists them all)" if len(found) > 1 else ""
+            raise CoordinatedError(f"{found[0]}{more}; data.skip_corrupt=true skips bad videos", EXIT_DATA)
 
     def _build_data(self, loader_builder: LoaderBuilder | None) -> None:
         # 2. sharded loaders: rank r reads shard r of size; every shard has the same number of batches
@@ -181,21 +196,50 @@ class Trainer:
         # Horovod's wrapper is a new optimizer over the same parameter groups, without their state
         self.train_model, self.optimizer = self.engine.distribute(model, optimizer, accumulate=self.K)
 
+    def _load_resume(self, resume: str | None) -> dict[str, Any] | None:
+        """Rank 0: clean up after killed writes, load the checkpoint to resume (None: a fresh run)."""
+        directory = self.workdir / ckpt.CHECKPOINT_DIR
+        removed = ckpt.remove_stale_temporaries(directory)
+        if removed:
+            print(f"tsm-dist train: removed {len(removed)} temporary file(s) of interrupted checkpoint writes "
+                  f"in {directory}", file=sys.stderr)
+        self.resume_path, state = ckpt.load_resume(resume, self.workdir,
+                                                   warn=lambda text: print(f"tsm-dist train: {text}", file=sys.stderr))
+        if state is None:
+            return None
+        ckpt.check_model(state, self.cfg.to_dict()["model"], self.resume_path)
+        ckpt.load_model_state(self.model, state, self.resume_path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {self.resume_path}: its optimizer state does not fit ({exc})") from None
+        return state
+
     def resume(self, resume: str | None) -> None:
         """5. resume on rank 0, then broadcast parameters, optimizer state and the loop position."""
         engine = self.engine
-        self.resume_path = ckpt.resolve_resume(resume, self.workdir) if self.root else None
-        state = ckpt.load_checkpoint(self.resume_path) if self.resume_path else None
-        if state is not None:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        state, error = None, None
+        if self.root:
+            try:
+                state = self._load_resume(resume)
+            except CheckpointError as exc:
+                error = str(exc)
+        error = engine.broadcast_object(error)  # every rank stops on a bad checkpoint; rank 0 says why
+        if error:
+            raise CoordinatedError(error, EXIT_CHECKPOINT)
         keys = ("epoch", "step", "batch_in_epoch", "best_top1", "rng", "scaler", "world_size")
-        position = engine.broadcast_object({key: state[key] for key in keys} if state is not None else None)
+        position = engine.broadcast_object({**{key: state[key] for key in keys},
+                                            "epoch_end_pending": state.get("epoch_end_pending", False)}
+                                           if state is not None else None)
         engine.broadcast_state(self.model, self.optimizer)
         _seed(self.cfg.train.seed * 1000003 + engine.rank)  # dropout and augmentation differ between ranks
         if position is None:
             return
-        self.pos = Position(position["epoch"], position["step"], position["batch_in_epoch"], position["best_top1"])
+        self.pos = Position(position["epoch"], position["step"], position["batch_in_epoch"], position["best_top1"],
+                            position["epoch_end_pending"])
+        if self.root:
+            print(f"tsm-dist train: resumed from {self.resume_path} (epoch {self.pos.epoch}, step {self.pos.step})",
+                  file=sys.stderr)
         self.scaler.load_state_dict(position["scaler"])
         if position["world_size"] == engine.size:
             _set_rng_state(position["rng"][engine.rank])
@@ -224,9 +268,12 @@ class Trainer:
         self.progress = Progress(self.total_steps, enabled=cfg.log.progress, initial=self.pos.step)
 
     # ------------------------------------------------------------------------------ the loop
-    def loop(self, preemption: PreemptionFlag) -> tuple[str, int]:
-        """6. epochs of optimizer steps until done, preempted or diverged: (status, exit code)."""
+    def loop(self, stop: StopSignals) -> tuple[str, int]:
+        """6. epochs of optimizer steps until done, stopped by a signal or diverged: (status, exit code)."""
         cfg, pos = self.cfg, self.pos
+        if pos.epoch_end_pending:  # the previous run stopped between an epoch's last step and its evaluation
+            pos.epoch_end_pending = False
+            self.end_of_epoch()
         while pos.epoch < cfg.train.epochs and pos.step < self.total_steps:
             self.train_loader.set_epoch(pos.epoch, pos.batch_in_epoch)  # same order as an uninterrupted run
             batches = iter(self.train_loader)
@@ -234,13 +281,13 @@ class Trainer:
             for _ in range(pos.batch_in_epoch // self.K, self.steps_per_epoch):
                 if pos.step >= self.total_steps:
                     break
-                stopped = self.train_step(batches, preemption)
+                stopped = self.train_step(batches, stop)
                 if stopped is not None:
                     return stopped
             self.end_of_epoch()
         return "completed", EXIT_OK
 
-    def train_step(self, batches: Iterator[Any], preemption: PreemptionFlag) -> tuple[str, int] | None:
+    def train_step(self, batches: Iterator[Any], stop: StopSignals) -> tuple[str, int] | None:
         """One optimizer step and its bookkeeping; (status, exit code) when training must stop."""
         cfg, pos = self.cfg, self.pos
         step_start = time.perf_counter()
@@ -256,8 +303,9 @@ class Trainer:
         loss_value = times.loss.float().cpu()
         stats = self.engine.allreduce_mean(torch.tensor([
             loss_value.item(), times.data, times.compute, times.sync, time.perf_counter() - step_start,
-            float(not torch.isfinite(loss_value)), float(preemption.requested)], dtype=torch.float64))
-        loss, data_t, compute_t, sync_t, step_t, nonfinite, preempted = stats.tolist()
+            float(not torch.isfinite(loss_value)), float(stop.level >= 1), float(stop.level >= 2)],
+            dtype=torch.float64))
+        loss, data_t, compute_t, sync_t, step_t, nonfinite, warned, terminated = stats.tolist()
         if nonfinite > 0:
             if self.log is not None:
                 self.log.write(self.step_record(loss, lr))
@@ -267,14 +315,16 @@ class Trainer:
         if self.log is not None and (pos.step % cfg.log.interval == 0 or pos.step == self.total_steps):
             self.log_step(self.step_record(loss, lr, data_time=data_t, compute_time=compute_t, sync_time=sync_t,
                                            step_time=step_t))
-        if pos.batch_in_epoch >= self.steps_per_epoch * self.K:  # the epoch's last step
+        epoch_ended = pos.batch_in_epoch >= self.steps_per_epoch * self.K
+        if epoch_ended:  # the epoch's last step
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-        if preempted > 0:
+        if warned > 0 or terminated > 0:  # SIGTERM on any rank wins over the warning: a cancel sticks
+            level = 2 if terminated > 0 else 1
+            pos.epoch_end_pending = epoch_ended or pos.step >= self.total_steps
             self.save()
             if self.root:
-                print(f"tsm-dist train: preempted; checkpoint at step {pos.step}, exiting with "
-                      f"{PREEMPTED_EXIT_CODE} so the job is requeued", file=sys.stderr)
-            return "preempted", PREEMPTED_EXIT_CODE
+                print(f"tsm-dist train: {stop_message(level, pos.step)}", file=sys.stderr, flush=True)
+            return ("preempted" if level == 1 else "terminated"), exit_code_for(level)
         return None
 
     def accumulate_and_step(self, batches: Iterator[Any], timed: bool) -> StepTimes:
@@ -354,12 +404,18 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "epoch": pos.epoch, "step": pos.step,
             "batch_in_epoch": pos.batch_in_epoch, "best_top1": pos.best_top1, "rng": rngs,
+            "epoch_end_pending": pos.epoch_end_pending,
             "config": self.cfg.to_dict(), "engine": self.engine.name, "world_size": self.engine.size,
             "global_batch": self.plan.global_batch, "accumulate": self.K},
             epoch=pos.epoch, step=pos.step, keep_last=self.cfg.train.keep_last, is_best=is_best)
 
-    def finish(self, status: str, code: int) -> int:
-        """The ``end`` record (with the videos every shard skipped: reported, never silently lost)."""
+    def finish(self, status: str, code: int, stop: StopSignals | None = None) -> int:
+        """The ``end`` record (with the videos every shard skipped: reported, never silently lost).
+
+        Then a barrier: no rank exits before rank 0 has written everything, because launchers
+        (``horovodrun``, ``mpirun``) terminate the remaining ranks when the first one exits; from then
+        on such a SIGTERM ends the process with ``code``, so every rank reports the same code.
+        """
         loaders = (self.train_loader, self.val_loader)
         skipped = sorted({tuple(s) for shard in self.engine.allgather_object(
             [s for loader in loaders if loader is not None for s in loader.skipped]) for s in shard})
@@ -374,6 +430,9 @@ class Trainer:
             self.progress.close()
         if self.wandb is not None:
             self.wandb.finish(exit_code=code)
+        self.engine.barrier()
+        if stop is not None:
+            stop.exit_on_signal(code)
         return code
 
 
@@ -390,16 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``tsm-dist train``; errors become one line from one rank and a documented code (:mod:`tsm_dist.errors`)."""
+    return run_main("tsm-dist train", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides)
     if args.accumulate is not None:
         overrides.append(f"train.accumulate={args.accumulate}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as exc:
-        if is_launcher_rank0():  # every rank fails the same way; one message is enough
-            print(f"tsm-dist train: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    cfg = load_config(args.config, overrides)  # every rank fails the same way; rank 0 says why
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
     return train(cfg, workdir, resume=args.resume)
 

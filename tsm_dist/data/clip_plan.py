@@ -169,6 +169,15 @@ class ClipPlanner:
             specs.append(self._spec(sample, rng))
         return specs
 
+    def shard_samples(self) -> list[int]:
+        """The samples (record indices) this shard reads in the current epoch, each once."""
+        return sorted({int(i) for i in self._slots if int(i) != PAD})
+
+    def check(self, i: int) -> VideoInfo | None:
+        """Probe record ``i`` now (cached): its info, or None if it is bad and skipped; without
+        ``skip_corrupt`` a bad video raises :class:`VideoError`."""
+        return self._check(i)
+
     def restrict_codecs(self, codecs: Collection[str], hint: str) -> None:
         """Treat videos in other codecs as bad, with ``hint`` (what to do instead) in the error."""
         self._codecs = frozenset(codecs)
