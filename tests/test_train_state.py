@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,10 @@ import torch
 from tsm_dist import checkpoint as ckpt
 from tsm_dist.errors import CheckpointError
 from tsm_dist.metrics import Progress, topk_counts
-from tsm_dist.preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
+from tsm_dist.preemption import (PREEMPTED_EXIT_CODE, REQUEUE_ENV, TERMINATED_EXIT_CODE, PreemptionFlag,
+                                 exit_code_for, stop_message)
+
+REPO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "synthetic_tsm.yaml")
 
 
 def test_keep_last_n_plus_best_and_latest(tmp_path):
@@ -65,23 +69,8 @@ def test_preemption_flag_records_signals_and_restores_handlers():
     assert PREEMPTED_EXIT_CODE == 75
 
 
-class _Stream(io.StringIO):
-    def __init__(self, tty: bool) -> None:
-        super().__init__()
-        self.tty = tty
+from tsm_dist.metrics import Progress, topk_counts
+from tsm_dist.preemption import (PREEMPTED_EXIT_CODE, REQUEUE_ENV, TERMINATED_EXIT_CODE, PreemptionFlag,
+                                 exit_code_for, stop_message)
 
-    def isatty(self) -> bool:
-        return self.tty
-
-
-@pytest.mark.parametrize("enabled, tty, shown", [(None, True, True), (None, False, False), (True, False, True),
-                                                 (False, True, False)])
-def test_progress_bar_only_on_a_terminal_unless_asked(enabled, tty, shown):
-    stream = _Stream(tty)
-    bar = Progress(10, enabled=enabled, stream=stream, initial=2)  # resumed at step 2
-    bar.update(5, 1, loss=0.5, lr=0.1)
-    bar.close()
-    text = stream.getvalue()
-    assert bool(text) == shown
-    if shown:
-        assert "epoch 1" in text and "5/10" in text and "loss=0.5" in text
+REPO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "synthetic_tsm.yaml")

@@ -31,7 +31,7 @@ import sys
 from types import FrameType
 from typing import Any
 
-from tsm_dist.errors import EXIT_PREEMPTED, EXIT_TERMINATED
+from tsm_dist.errors import EXIT_CRASH, EXIT_PREEMPTED, EXIT_TERMINATED, exit_code
 
 PREEMPTED_EXIT_CODE = EXIT_PREEMPTED  # the time-limit warning: the job script requeues on it
 TERMINATED_EXIT_CODE = EXIT_TERMINATED  # cancel/preemption: checkpointed, the job script does not requeue
@@ -89,7 +89,11 @@ class StopSignals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None and self._exit_code is None:
+            code = exit_code(exc)
+            if code != EXIT_CRASH:  # a known error every rank raises: the code is decided too
+                self._exit_code = code
         if self._exit_code is not None:
             return  # keep exiting with the decided code until the process is gone
         for sig, handler in self._previous.items():

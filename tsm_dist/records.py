@@ -8,7 +8,8 @@ One JSON object per line, each with a ``type``:
   ``data_time``, ``compute_time``, ``sync_time``, ``step_time`` and throughput ``clips_per_sec_rank`` /
   ``clips_per_sec_total``. The step that found a non-finite loss is logged with loss and LR only;
 * ``eval`` -- after an evaluation: ``top1``, ``top5``, ``loss``, ``num_samples``;
-* ``end`` -- how the run ended: ``status`` (completed, preempted, failed) and the videos it skipped.
+* ``end`` -- how the run ended: ``status`` (completed, preempted -- the time-limit warning --, terminated
+  -- SIGTERM --, failed) and the videos it skipped.
 
 The file is appended to across restarts; :func:`read_last_run` returns the records after the last header.
 The trainer writes through :class:`MetricsLog`; the scaling sweep's collector, the allreduce benchmark and
