@@ -9,6 +9,7 @@ Each must give exactly one line naming the culprit, the documented code, and no 
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -92,12 +93,21 @@ def test_truncated_video_is_corrupt_even_when_short_videos_loop(dataset, tmp_pat
 
 
 def test_two_ranks_one_line_same_code(dataset, tmp_path):
+    """Under horovodrun, which terminates the other ranks when one exits: one line, code 4 on both."""
     bad_list = _with_val_entry(dataset, tmp_path, "missing.webm 0")
-    result = _train(dataset, tmp_path / "w", f"data.val_list={bad_list}", "engine.name=horovod", np=2)
+    out = tmp_path / "ranks"
+    out.mkdir()
+    args = ["--config", CONFIG, "--workdir", str(tmp_path / "w"), "--set", f"data.root={dataset}"]
+    args += [a for s in [*TINY, f"data.val_list={bad_list}", "engine.name=horovod"] for a in ("--set", s)]
+    rank = " ".join(shlex.quote(a) for a in [PYTHON, "-m", "tsm_dist.train", *args])
+    script = (f"trap 'true' TERM; {rank} & pid=$!; while :; do wait $pid; rc=$?; kill -0 $pid 2>/dev/null || break; "
+              f"done; echo $rc > {out}/rc.$HOROVOD_RANK")
+    result = run_bounded(horovodrun(2, "bash", "-c", script), timeout=240,
+                         env=launcher_env(PYTHONPATH=str(REPO)), cwd=REPO)
     lines = _error_lines(result.stdout, "data")
     assert len(lines) == 1 and "missing.webm" in lines[0] and "file not found" in lines[0], result.stdout[-3000:]
-    assert "Process 0 exit with status code 4" in result.stdout and "Process 1 exit with status code 4" in \
-        result.stdout, result.stdout[-3000:]
+    codes = [(out / f"rc.{r}").read_text().strip() if (out / f"rc.{r}").exists() else "none" for r in (0, 1)]
+    assert codes == ["4", "4"], result.stdout[-3000:]
     assert _no_traceback(result.stdout.split("Process 0 exit")[0]), result.stdout[-3000:]  # horovodrun's own aside
 
 

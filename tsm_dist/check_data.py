@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from tsm_dist.build import resolve_list
+from tsm_dist.build import resolve_list, resolve_model
 from tsm_dist.config import Config, load_config
 from tsm_dist.data.errors import FileListError, VideoError
 from tsm_dist.errors import EXIT_DATA, EXIT_OK, run_main
@@ -122,7 +122,7 @@ def check_list(cfg: Config, key: str, threads: int = 8) -> tuple[int, list[tuple
     records, skipped_lines = read_file_list(list_path, num_classes=cfg.model.num_classes, skip_invalid=True)
     bad: list[tuple[str, str]] = [(text, reason) for text, reason in skipped_lines]
     d = cfg.data
-    options = ClipOptions(num_frames=cfg.model.num_frames or 1, sampling=d.sampling, stride=d.stride,
+    options = ClipOptions(num_frames=cfg.model.num_frames, sampling=d.sampling, stride=d.stride,
                           crop_size=d.crop_size, train=False, short_videos=d.short_videos)
     planner = ClipPlanner(records, d.root or None, options, batch_size=1)  # one shard: every video
     if d.backend == "dali" and d.device == "cpu":
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolve_model(load_config(args.config, args.overrides))
     if cfg.data.backend == "random":
         print("check-data: data.backend=random reads no files; nothing to check")
         return EXIT_OK
