@@ -255,8 +255,9 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         time.sleep(2.0)
         self._run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
-    def scancel(self, job_id: int, signal_name: str) -> None:
-        self._run(["scancel", f"--signal={signal_name}", str(job_id)])
+    def scancel(self, job_id: int, signal_name: str | None = None) -> None:
+        """``scancel --signal=NAME JOB`` (a signal, the job goes on), or without a name a plain cancel."""
+        self._run(["scancel", *([f"--signal={signal_name}"] if signal_name else []), str(job_id)])
 
     def logs(self, tail_chars: int = 3000) -> str:
         parts = []

@@ -10,6 +10,9 @@ the real trainer runs on 2 Horovod ranks:
 - the same script signalled with ``scancel --signal=USR1`` mid-run: the trainer checkpoints and
   exits 75, the script runs ``scontrol requeue``, and the requeued job resumes from the checkpoint;
   with ``TSM_DIST_RESUBMIT`` set, the script submits itself again instead and the new job resumes;
+- a plain ``scancel`` (SIGTERM to every process of the job, wandb's service process included, with
+  ``log.wandb=offline``): the trainer checkpoints, writes its ``end`` record and exits 143, and the
+  script does not requeue: the cancel sticks;
 - MPI controller (srun --mpi=pmix, OpenMPI direct launch): trains to the end.
 """
 from __future__ import annotations
@@ -139,6 +142,30 @@ def test_signalled_job_resubmits_and_resumes(cluster: SlurmCluster, tmp_path: Pa
     second_id = int(submitted.group(1))
     log = _assert_completed(cluster, tmp_path, second_id, workdir, steps=LONG_STEPS)
     _assert_resumed(workdir, first_log + log, LONG_STEPS)
+
+
+def test_scancel_checkpoints_exits_143_and_the_cancel_sticks(cluster: SlurmCluster, tmp_path: Path) -> None:
+    job_id, workdir = _submit(cluster, tmp_path, [*LONG, "log.wandb=offline"], env={"WANDB_MODE": "offline"})
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not any(r["step"] >= 3 for r in _records(workdir, "step")):
+        assert time.monotonic() < deadline, f"no training steps after {JOB_TIMEOUT_S} s\n{_job_log(tmp_path, job_id)}"
+        assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), _job_log(tmp_path, job_id)
+        time.sleep(0.2)
+    cluster.scancel(job_id)  # SIGTERM to the batch shell, srun and every task's process tree, then SIGKILL
+    fields = cluster.wait_final(job_id, JOB_TIMEOUT_S)
+    assert fields["JobState"] == "CANCELLED", fields
+    deadline = time.monotonic() + 30  # the ranks have KillWait (10 s here) to finish the step and save
+    while not _records(workdir, "end") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = _job_log(tmp_path, job_id)
+    ends = _records(workdir, "end")
+    assert [e["status"] for e in ends] == ["terminated"], f"{ends}\n{log}"
+    assert (workdir / "checkpoints" / f"ckpt_e0000_s{ends[0]['step']:08d}.pt").exists() or \
+        sorted(workdir.glob(f"checkpoints/ckpt_e*_s{ends[0]['step']:08d}.pt")), sorted(workdir.glob("checkpoints/*"))
+    time.sleep(5)  # a requeue would show up by now
+    after = cluster.job(job_id)
+    assert after["JobState"] == "CANCELLED" and after.get("Restarts", "0") == "0", after
+    assert "requeueing" not in log and "Submitted batch job" not in log, log
 
 
 def test_mpi_job_trains_on_two_srun_ranks(cluster: SlurmCluster, tmp_path: Path) -> None:
