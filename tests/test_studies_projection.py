@@ -19,6 +19,11 @@ def test_rows_match_the_hand_computed_summit_projection():
     half = project_rows(load_machine("summit"), {"m": 0.5}, [256], per_gpu_batch=8, num_frames={"m": 8},
                         params={"m": 25_000_000}, fp16_compression=True)[0]
     assert half.projected_scalability > big.projected_scalability
+    # a sweep's calibration term (what its multi-node run took beyond the model) is added beyond one node
+    calibrated = project_rows(load_machine("summit"), {"m": 0.5}, [1, 256], per_gpu_batch=8, num_frames={"m": 8},
+                              params={"m": 25_000_000}, overhead_s=0.02)
+    assert calibrated[0].projected_scalability == pytest.approx(1.0)
+    assert calibrated[1].projected_scalability == pytest.approx(0.5 / (0.5353115 + 0.02), rel=1e-6)
 
 
 def test_step_times_per_model():

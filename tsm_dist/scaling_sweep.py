@@ -386,6 +386,9 @@ def project_main(argv: list[str]) -> int:
     parser.add_argument("--fp16-compression", action="store_true", help="halve the gradient bytes")
     parser.add_argument("--dataset-size", type=int, default=0, help="clips per epoch for the time columns")
     parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--unmodelled-ms", type=float, default=0.0,
+                        help="per-step time beyond the link model on more than one node, e.g. the 'calibrated' "
+                             "term a sweep's results.md reports (contention, stragglers); default 0")
     parser.add_argument("--out", type=Path, help="also write projection.md and the two plots here")
     args = parser.parse_args(argv)
     try:
@@ -397,8 +400,9 @@ def project_main(argv: list[str]) -> int:
     rows = project_rows(machine, step_times, args.nodes, per_gpu_batch=args.per_gpu_batch,
                         num_frames={m: frames for m, (_, frames) in sizes.items()},
                         params={m: params for m, (params, _) in sizes.items()},
-                        fp16_compression=args.fp16_compression, dataset_size=args.dataset_size, epochs=args.epochs)
-    text = projection_table(rows, machine, args.epochs)
+                        fp16_compression=args.fp16_compression, dataset_size=args.dataset_size, epochs=args.epochs,
+                        overhead_s=args.unmodelled_ms / 1e3)
+    text = projection_table(rows, machine, args.epochs, args.unmodelled_ms / 1e3)
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

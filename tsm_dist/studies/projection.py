@@ -24,8 +24,10 @@ def model_sizes(name: str) -> tuple[int, int]:
 
 def project_rows(machine: MachineProfile, step_times: dict[str, float], nodes: Sequence[int], *,
                  per_gpu_batch: int, num_frames: dict[str, int], params: dict[str, int],
-                 fp16_compression: bool = False, dataset_size: int = 0, epochs: int = 0) -> list[Row]:
-    """One projected Row per (model, node count); measured columns stay empty (NaN)."""
+                 fp16_compression: bool = False, dataset_size: int = 0, epochs: int = 0,
+                 overhead_s: float = 0.0) -> list[Row]:
+    """One projected Row per (model, node count); measured columns stay empty (NaN). ``overhead_s``: per-step
+    time beyond the link model on more than one node (a sweep's calibration term, see collect)."""
     rows = []
     g = machine.gpus_per_node
     for model, step_1 in step_times.items():
@@ -34,7 +36,7 @@ def project_rows(machine: MachineProfile, step_times: dict[str, float], nodes: S
         for n in nodes:
             batch = n * g * per_gpu_batch
             step_n = project_step_time(step_1, n, g, grad_bytes, intra=machine.intra_cost(),
-                                       inter=machine.inter_cost())
+                                       inter=machine.inter_cost(), overhead_s=overhead_s)
             row = Row(engine="projection", model=model, nodes=n, gpus=n * g, simulated=False, run_nodes=n,
                       accumulate=1, global_batch=batch, frames_per_batch=batch * num_frames[model],
                       status="projected", ideal_clips_per_sec=speed_1 * n,
@@ -48,7 +50,7 @@ def project_rows(machine: MachineProfile, step_times: dict[str, float], nodes: S
     return rows
 
 
-def projection_table(rows: list[Row], machine: MachineProfile, epochs: int) -> str:
+def projection_table(rows: list[Row], machine: MachineProfile, epochs: int, overhead_s: float = 0.0) -> str:
     from tsm_dist.studies.collect import format_duration
 
     lines = [f"# PROJECTION (cost model, nothing measured): {machine.name}, {machine.gpus_per_node} "
@@ -65,7 +67,9 @@ def projection_table(rows: list[Row], machine: MachineProfile, epochs: int) -> s
                      f"{100 * r.projected_scalability:.1f}% | {format_duration(r.epoch_time_s)} | "
                      f"{format_duration(r.train_time_s)} |")
     lines += ["", "step(n) = step(1) - allreduce(1 node) + allreduce(n nodes); allreduce(p) = 2(p-1)·α + "
-              "2(p-1)/p·N/B with N = fp32 gradient bytes; no overlap of communication with backward."]
+              "2(p-1)/p·N/B with N = fp32 gradient bytes; no overlap of communication with backward"
+              + (f"; plus {overhead_s * 1e3:g} ms per step on more than one node (--unmodelled-ms, a sweep's "
+                 f"calibration term)." if overhead_s else ".")]
     return "\n".join(lines) + "\n"
 
 
