@@ -368,3 +368,23 @@ def test_the_sweep_sizes_its_epoch_from_a_packed_directory(packed):
 
     cfg = load_config(None, [f"data.train_list={packed}"])
     assert _dataset_size(cfg, Path("x.yaml")) == 16
+
+
+def test_check_data_verifies_a_packed_directory(packed, tmp_path, capsys):
+    from tsm_dist.check_data import main as check_data
+    from tsm_dist.errors import EXIT_DATA
+
+    sets = ["--set", "model.num_classes=4", "--set", "data.root=", "--set", "data.val_list=", "--set",
+            "model.num_frames=8"]
+    assert check_data(["--config", str(REPO / "configs/synthetic_tsm.yaml"), "--set", f"data.train_list={packed}",
+                       *sets]) == 0
+    assert "16 entries, 16 usable, 0 bad" in capsys.readouterr().out
+    out = tmp_path / "damaged"
+    shutil.copytree(packed, out)
+    victim = load_packed(str(out)).locations[3]
+    with open(victim.shard, "r+b") as f:
+        f.seek(victim.offset + 50)
+        f.write(b"\0\0\0\0")
+    assert check_data(["--config", str(REPO / "configs/synthetic_tsm.yaml"), "--set", f"data.train_list={out}",
+                       *sets]) == EXIT_DATA
+    assert f"{victim.shard} at offset {victim.offset}" in capsys.readouterr().out

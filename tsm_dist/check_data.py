@@ -114,19 +114,25 @@ def _probe_one(planner: Any, i: int) -> str | None:
 
 def check_list(cfg: Config, key: str, threads: int = 8) -> tuple[int, list[tuple[str, str]]]:
     """Probe every video of ``data.<key>`` as the training would; (videos listed, [(culprit, reason)])."""
+    from tsm_dist.data import read_videos
     from tsm_dist.data.clip_plan import ClipOptions, ClipPlanner
     from tsm_dist.data.dali_loader import DALI_CPU_HINT
-    from tsm_dist.data.filelist import read_file_list
     from tsm_dist.data.probe import DALI_CPU_CODECS
 
     list_path = resolve_list(cfg, key)
     assert list_path is not None
-    records, skipped_lines = read_file_list(list_path, num_classes=cfg.model.num_classes, skip_invalid=True)
-    bad: list[tuple[str, str]] = [(text, reason) for text, reason in skipped_lines]
     d = cfg.data
+    videos = read_videos(list_path, d.root or None, cfg.model.num_classes, skip_corrupt=True)
+    records, skipped_lines = videos.records, videos.skipped
+    bad: list[tuple[str, str]] = [(text, reason) for text, reason in skipped_lines]
+    if videos.packed:  # a tsm-dist pack directory: its shards' checksums, then the index's facts below
+        from tsm_dist.data.pack import verify
+
+        bad += [(list_path, problem) for problem in verify(list_path, sys.stderr.isatty())]
     options = ClipOptions(num_frames=cfg.model.num_frames, sampling=d.sampling, stride=d.stride,
                           crop_size=d.crop_size, train=False, short_videos=d.short_videos)
-    planner = ClipPlanner(records, d.root or None, options, batch_size=1)  # one shard: every video
+    planner = ClipPlanner(records, videos.root, options, batch_size=1,  # one shard: every video
+                          infos=videos.infos, locations=videos.locations)
     if d.backend == "dali" and d.device == "cpu":
         planner.restrict_codecs(DALI_CPU_CODECS, DALI_CPU_HINT)
     with ThreadPoolExecutor(threads) as pool:
@@ -134,7 +140,7 @@ def check_list(cfg: Config, key: str, threads: int = 8) -> tuple[int, list[tuple
         for i, reason in enumerate(_progress(reasons, len(records), f"data.{key}")):
             if reason:
                 r = records[i]
-                bad.append((f"{r.resolve(d.root or None)} (listed at {r.where})", reason))
+                bad.append((f"{r.resolve(videos.root)} (listed at {r.where})", reason))
     return len(records) + len(skipped_lines), bad
 
 

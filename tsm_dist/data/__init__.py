@@ -80,7 +80,7 @@ def build_video_loader(
         raise ValueError(f"backend {backend!r} needs a file list")
     if partition not in (None, *PARTITIONS):
         raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
-    videos = _videos(file_list, root, num_classes, skip_corrupt)
+    videos = read_videos(file_list, root, num_classes, skip_corrupt)
     if partition is None:
         partition = "contiguous" if videos.packed else "interleaved"
     planner = ClipPlanner(
@@ -126,8 +126,10 @@ class _Videos:
     locations: list[Any] | None = None
 
 
-def _videos(file_list: str | Sequence[VideoRecord], root: str | None, num_classes: int | None,
-            skip_corrupt: bool) -> _Videos:
+def read_videos(file_list: str | Sequence[VideoRecord], root: str | None, num_classes: int | None,
+                skip_corrupt: bool) -> _Videos:
+    """The videos of a list file, records, or a packed directory (with its infos and locations), and the
+    entries skipped (``skip_corrupt``) or raising :class:`FileListError` (otherwise)."""
     from tsm_dist.data.pack_format import is_packed, load_packed
 
     if isinstance(file_list, str) and is_packed(file_list):
