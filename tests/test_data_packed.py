@@ -388,3 +388,13 @@ def test_check_data_verifies_a_packed_directory(packed, tmp_path, capsys):
     assert check_data(["--config", str(REPO / "configs/synthetic_tsm.yaml"), "--set", f"data.train_list={out}",
                        *sets]) == EXIT_DATA
     assert f"{victim.shard} at offset {victim.offset}" in capsys.readouterr().out
+
+
+def test_shuffled_pack_stores_a_seeded_permutation(synthetic, tmp_path):
+    out = tmp_path / "shuffled"
+    assert pack_main(["--list", synthetic.train_list, "--root", synthetic.root, "--out", str(out), "--shuffle", "3",
+                      "--no-progress"]) == 0
+    entries = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert [e["item"] for e in entries] == np.random.default_rng(3).permutation(16).tolist()
+    listed = Path(synthetic.train_list).read_text().splitlines()
+    assert [f"{e['path']} {e['label']}" for e in entries] == [listed[e["item"]] for e in entries]
