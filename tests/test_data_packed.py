@@ -398,3 +398,11 @@ def test_shuffled_pack_stores_a_seeded_permutation(synthetic, tmp_path):
     assert [e["item"] for e in entries] == np.random.default_rng(3).permutation(16).tolist()
     listed = Path(synthetic.train_list).read_text().splitlines()
     assert [f"{e['path']} {e['label']}" for e in entries] == [listed[e["item"]] for e in entries]
+
+
+def test_a_torn_skipped_line_is_cut_on_resume(tmp_path):
+    from tsm_dist.data.pack import _read_skipped
+
+    (tmp_path / "skipped.jsonl").write_text('{"item": 1, "path": "a", "reason": "r"}\n{"item": 4, "pa')
+    assert _read_skipped(str(tmp_path)) == [{"item": 1, "path": "a", "reason": "r"}]
+    assert (tmp_path / "skipped.jsonl").read_text() == '{"item": 1, "path": "a", "reason": "r"}\n'

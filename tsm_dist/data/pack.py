@@ -231,11 +231,15 @@ def _write_meta(out: str, settings: dict[str, Any], complete: bool, entries: lis
 
 
 def _read_skipped(out: str) -> list[dict[str, Any]]:
+    """The skipped videos recorded so far; a torn last line (an interrupted run) is cut off."""
     path = os.path.join(out, SKIPPED)
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
+    with open(path, "r+b") as f:
+        data = f.read()
+        whole = data[: data.rfind(b"\n") + 1]
+        f.truncate(len(whole))
+    return [json.loads(line) for line in whole.decode("utf-8").splitlines()]
 
 
 def pack(args: PackOptions) -> int:
