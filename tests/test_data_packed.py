@@ -406,3 +406,37 @@ def test_a_torn_skipped_line_is_cut_on_resume(tmp_path):
     (tmp_path / "skipped.jsonl").write_text('{"item": 1, "path": "a", "reason": "r"}\n{"item": 4, "pa')
     assert _read_skipped(str(tmp_path)) == [{"item": 1, "path": "a", "reason": "r"}]
     assert (tmp_path / "skipped.jsonl").read_text() == '{"item": 1, "path": "a", "reason": "r"}\n'
+
+
+def test_a_killed_pack_resumes_to_the_same_bytes(synthetic, tmp_path):
+    """SIGKILL a real 'tsm-dist pack' mid-run, run it again: the result equals an uninterrupted pack."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tsm_dist.data.pack_study import repeat_list
+
+    long_list = str(tmp_path / "long.txt")
+    repeat_list(synthetic.train_list, synthetic.root, long_list, 600)
+    argv = ["--list", long_list, "--shard-mb", "0.2", "--no-progress"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "tsm_dist.data.pack", *argv, "--out", str(killed)],
+                            cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        index = killed / "index.jsonl"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if index.exists() and index.read_text().count("\n") >= 100:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "pack finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not json.loads((killed / "pack.json").read_text())["complete"]
+    assert pack_main([*argv, "--out", str(killed)]) == 0
+    assert pack_main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    assert _pack_files(str(killed)) == _pack_files(str(tmp_path / "whole"))
