@@ -92,6 +92,20 @@ def test_truncated_video_is_corrupt_even_when_short_videos_loop(dataset, tmp_pat
     assert [Path(s[0]).name for s in end["skipped"]] == ["truncated.webm"], end["skipped"]
 
 
+@pytest.mark.parametrize("backend", ["dali", "pyav"])
+def test_truncated_video_is_skipped_by_both_backends_even_with_loop(dataset, tmp_path, backend):
+    from tsm_dist.data import build_video_loader
+
+    listed = tmp_path / "list.txt"
+    listed.write_text((dataset / "val.txt").read_text() + "truncated.webm 0\n")
+    loader = build_video_loader(str(listed), str(dataset), backend=backend, num_frames=8, batch_size=2,
+                                crop_size=16, train=False, num_classes=4, short_videos="loop", skip_corrupt=True)
+    batches = list(loader)
+    assert sum(int((labels >= 0).sum()) for _, labels in batches) == len(listed.read_text().splitlines()) - 1
+    assert [Path(p).name for p, _ in loader.skipped] == ["truncated.webm"], loader.skipped
+    assert "truncated: the container promises 12 frames" in loader.skipped[0][1]
+
+
 def test_two_ranks_one_line_same_code(dataset, tmp_path):
     """Under horovodrun, which terminates the other ranks when one exits: one line, code 4 on both."""
     bad_list = _with_val_entry(dataset, tmp_path, "missing.webm 0")
@@ -109,6 +123,19 @@ def test_two_ranks_one_line_same_code(dataset, tmp_path):
     codes = [(out / f"rc.{r}").read_text().strip() if (out / f"rc.{r}").exists() else "none" for r in (0, 1)]
     assert codes == ["4", "4"], result.stdout[-3000:]
     assert _no_traceback(result.stdout.split("Process 0 exit")[0]), result.stdout[-3000:]  # horovodrun's own aside
+
+
+def test_a_bad_training_video_found_mid_run_is_one_line_from_its_rank(dataset, tmp_path):
+    """The start-up check only stats the training list (cheap); a corrupt training video is found by
+    the rank whose shard reads it: that rank names it, the other exits quietly."""
+    train = tmp_path / "train_bad.txt"
+    train.write_text("corrupt.webm 1\n" + (dataset / "train.txt").read_text())
+    result = _train(dataset, tmp_path / "w", f"data.train_list={train}", "engine.name=horovod", np=2)
+    lines = _error_lines(result.stdout, "data")
+    assert len(lines) == 1 and "corrupt.webm" in lines[0] and "not a readable video" in lines[0], \
+        result.stdout[-3000:]
+    assert "rank " in lines[0]  # only that rank knows: it says which it is
+    assert _no_traceback(result.stdout.split("Process 0 exit")[0].split("Process 1 exit")[0]), result.stdout[-3000:]
 
 
 def test_missing_file_list_names_path_root_and_the_command(dataset, tmp_path):

@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--lists", default="train_list,val_list", help="which lists (default: train_list,val_list)")
     p.add_argument("--threads", type=int, default=8, help="videos probed at once (default 8)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error (or TSM_DIST_DEBUG=1)")
     return p
 
 

@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-clips", type=int, help="clips per video (default: eval.num_clips)")
     parser.add_argument("--num-crops", type=int, choices=(1, 3), help="crops per clip (default: eval.num_crops)")
     parser.add_argument("--json", help="also write the results to this JSON file (rank 0)")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors (or TSM_DIST_DEBUG=1)")
     return parser
 
 

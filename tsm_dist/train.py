@@ -445,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", help="run directory (default: runs/<config name>)")
     parser.add_argument("--resume", help="'auto' (newest checkpoint in the workdir, if any) or a checkpoint path")
     parser.add_argument("--accumulate", type=int, help="gradient accumulation steps (overrides train.accumulate)")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors on every rank "
+                        "(or TSM_DIST_DEBUG=1); exit codes: README 'When things go wrong'")
     return parser
 
 
