@@ -18,7 +18,8 @@ In both cases every rank stops after the same optimizer step (the flags travel i
 allreduce), rank 0 writes a checkpoint and the ``end`` record, and every rank exits with the same
 code. If one rank saw SIGTERM and another only SIGUSR1, SIGTERM wins: a cancel must stick.
 
-The handler only records the signal; nothing else runs inside it. Once the trainer has decided how
+The handler only records the signal; nothing else runs inside it (a second Ctrl-C raises
+KeyboardInterrupt: whoever presses it twice does not want to wait for the checkpoint). Once the trainer has decided how
 to exit, :meth:`StopSignals.exit_on_signal` makes any further SIGTERM (``horovodrun``/``mpirun``
 terminate the remaining ranks as soon as one rank has exited) end the process with the decided
 code instead of the default 143, so that all ranks report the same code.
@@ -75,6 +76,8 @@ class StopSignals:
             finally:
                 os._exit(self._exit_code)
         sig = signal.Signals(signum)
+        if sig == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the checkpoint
         level = 1 if sig in WARNING_SIGNALS else 2
         if level >= self._level:
             self._level, self.received = level, sig
