@@ -106,6 +106,25 @@ def test_truncated_video_is_skipped_by_both_backends_even_with_loop(dataset, tmp
     assert "truncated: the container promises 12 frames" in loader.skipped[0][1]
 
 
+@pytest.mark.parametrize("codec, ext", [("mjpeg", "avi"), ("libvpx-vp9", "webm")])
+def test_probe_finds_truncation_by_header_count_and_by_duration(tmp_path, codec, ext):
+    """AVI/MP4 headers hold the exact frame count, WebM only a duration: both reveal a cut-off file."""
+    import numpy as np
+
+    from tsm_dist.data.encode import write_video
+    from tsm_dist.data.errors import VideoError
+    from tsm_dist.data.probe import probe_video
+
+    path = tmp_path / f"v.{ext}"
+    write_video(str(path), np.random.default_rng(0).integers(0, 255, (24, 32, 32, 3), dtype=np.uint8), codec=codec)
+    assert probe_video(str(path)).num_frames == 24
+    data = path.read_bytes()
+    cut = tmp_path / f"cut.{ext}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VideoError, match="truncated: the container promises 24 frames but only"):
+        probe_video(str(cut))
+
+
 def test_two_ranks_one_line_same_code(dataset, tmp_path):
     """Under horovodrun, which terminates the other ranks when one exits: one line, code 4 on both."""
     bad_list = _with_val_entry(dataset, tmp_path, "missing.webm 0")

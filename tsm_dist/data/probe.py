@@ -46,8 +46,13 @@ def probe_video(path: str, where: str = "") -> VideoInfo:
             stream = container.streams.video[0]
             ctx = stream.codec_context
             height, width, codec = ctx.height, ctx.width, ctx.name
-            # Matroska/WebM store no frame count; counting packets needs no decoding.
-            count = sum(1 for p in container.demux(stream) if p.size)
+            # Matroska/WebM store no frame count; counting packets needs no decoding. ``present`` also
+            # counts empty packets with a timestamp (AVI drop frames), not the demuxer's final flush.
+            nonempty = present = 0
+            for packet in container.demux(stream):
+                nonempty += bool(packet.size)
+                present += bool(packet.size) or packet.pts is not None
+            count = stream.frames or nonempty
             promised, exact = _promised_frames(container, stream)
     except VideoError:
         raise
@@ -57,8 +62,8 @@ def probe_video(path: str, where: str = "") -> VideoInfo:
         raise VideoError(path, "video has no frames", where)
     # Truncated is not short: a file cut off by a failed copy still promises its frames; clips
     # planned from the promise would read frames that are not there (DALI pads them silently).
-    if promised and (count < promised if exact else count < 0.9 * promised - 1):
-        raise VideoError(path, f"truncated: the container promises {promised} frames but only {count} are in "
+    if promised and (present < promised if exact else present < 0.9 * promised - 1):
+        raise VideoError(path, f"truncated: the container promises {promised} frames but only {present} are in "
                                f"the file (an interrupted copy or download?)", where)
     if height <= 0 or width <= 0:
         raise VideoError(path, f"video has no frame size ({width}x{height})", where)
