@@ -440,3 +440,24 @@ def test_a_killed_pack_resumes_to_the_same_bytes(synthetic, tmp_path):
     assert pack_main([*argv, "--out", str(killed)]) == 0
     assert pack_main([*argv, "--out", str(tmp_path / "whole")]) == 0
     assert _pack_files(str(killed)) == _pack_files(str(tmp_path / "whole"))
+
+
+@pytest.mark.multirank
+def test_two_horovod_ranks_train_and_evaluate_on_packed_directories(synthetic, packed, tmp_path):
+    """2 ranks under horovodrun, each reading its contiguous block: every validation video counted once."""
+    from conftest import PYTHON, REPO as ROOT, horovodrun, launcher_env, run_bounded
+
+    val = str(tmp_path / "val.pack")
+    assert pack_main(["--list", synthetic.val_list, "--root", synthetic.root, "--out", val, "--no-progress"]) == 0
+    sets = [f"data.train_list={packed}", f"data.val_list={val}", "data.root=", "data.backend=pyav",
+            "engine.name=horovod", "log.wandb=disabled", "train.epochs=1", "data.batch_size=2",
+            "data.val_batch_size=3", "data.crop_size=32", "data.scale_size=32", "model.width=8", "log.interval=1"]
+    cmd = horovodrun(2, PYTHON, "-m", "tsm_dist.train", "--config", "configs/synthetic_tsm.yaml", "--workdir",
+                     str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)])
+    result = run_bounded(cmd, timeout=240, env=launcher_env(PYTHONPATH=str(ROOT)), cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["world_size"] == 2 and sum(r["type"] == "step" for r in records) == 4  # 16 / (2 x 2)
+    evals = [r for r in records if r["type"] == "eval"]
+    assert evals and evals[-1]["num_samples"] == 4  # the 4 packed val videos, 2 per rank, none twice
+    assert records[-1]["status"] == "completed"
