@@ -64,8 +64,8 @@ class CoordinatedError(Exception):
 
 # Exceptions that mean "another rank went away": this rank has nothing useful to add.
 _PEER_FAILURES = ("HorovodInternalError", "HostsUpdatedInterrupt", "DistBackendError", "DistNetworkError")
-_PEER_MESSAGES = ("connection closed by peer", "connection reset by peer", "gloo", "broken pipe",
-                  "horovod has been shut down", "mpi_")
+_PEER_MESSAGES = ("connection closed by peer", "connection reset by peer", "broken pipe", "read error",
+                  "horovod has been shut down")
 
 
 def exit_code(exc: BaseException) -> int:
