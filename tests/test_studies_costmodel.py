@@ -4,7 +4,7 @@ import math
 import pytest
 
 from tsm_dist.studies.costmodel import (LinkCost, allreduce_time_on_nodes, fit_ring_link, project_scalability,
-                                        unmodelled_overhead,
+                                        small_allreduce_time, unmodelled_overhead,
                                         project_step_time, ring_allreduce_time)
 
 
@@ -119,3 +119,12 @@ def test_calibration_term_is_what_the_measurement_took_beyond_the_model():
     assert project_step_time(0.5, 8, 1, 1e8, intra=link, inter=link, overhead_s=overhead) == pytest.approx(eight)
     # one node is the measurement itself, never calibrated
     assert project_step_time(0.5, 1, 1, 1e8, intra=link, inter=link, overhead_s=overhead) == pytest.approx(0.5)
+
+
+def test_the_trainers_small_allreduce_is_a_latency_tree():
+    link = LinkCost(1e-5, 1e9)
+    assert small_allreduce_time(1, link) == 0.0
+    assert small_allreduce_time(2, link) == pytest.approx(2e-5)        # 2·1·α
+    assert small_allreduce_time(1536, link) == pytest.approx(22e-5)   # 2·ceil(log2 1536)=11·α
+    with_small = project_step_time(0.5, 2, 1, 1e8, intra=link, inter=link, small_collectives=1)
+    assert with_small == pytest.approx(project_step_time(0.5, 2, 1, 1e8, intra=link, inter=link) + 2e-5)

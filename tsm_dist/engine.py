@@ -61,13 +61,13 @@ def _cpu_threads(env: Mapping[str, str] | None = None, affinity: int | None = No
     return max(1, min(threads_per_rank(detect_layout(env), env)[0], cores))
 
 
-# Horovod on CPU ranks (docs/studies.md, "Why Horovod scaled at 70 % on CPU"). Horovod's background thread
+# Horovod on CPU ranks (docs/studies.md, "Scaling on CPU ranks"). Horovod's background thread
 # runs the controller's negotiation and, with MPI CPU operations, the allreduce itself, in blocking MPI
 # calls. OpenMPI's progress loop busy-polls while such a call waits for a peer that is still computing, and
 # on CPU ranks that poll runs on the very cores the rank computes on: measured, it took 0.38-0.55 CPU-s
 # per 0.5 s step from the compute thread. Yielding when idle brings it to 0.02-0.05 CPU-s (DDP/Gloo: 0.02).
-# With the yield the cycle time matters little; 5 ms halves the negotiation rounds' CPU of the 1 ms
-# default and adds at most 5 ms to a step of ~0.5 s. On GPUs none of this applies (NCCL moves the data,
+# With the yield the cycle time matters little; 5 ms took the least CPU (1 ms: ~0.02 CPU-s more per step,
+# 1000 negotiations a second) and adds at most ~5 ms of latency to a step of ~0.5 s. On GPUs none of this applies (NCCL moves the data,
 # the cores are free): Horovod's own defaults stay.
 CPU_CYCLE_TIME_MS = 5.0
 CPU_MPI_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1"}

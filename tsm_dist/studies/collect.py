@@ -15,7 +15,8 @@ from statistics import mean
 from typing import Any
 
 from tsm_dist.records import MetricsError, read_last_run
-from tsm_dist.studies.costmodel import LinkCost, gradient_bytes, project_step_time, unmodelled_overhead
+from tsm_dist.studies.costmodel import (STEP_SMALL_COLLECTIVES, LinkCost, gradient_bytes, project_step_time,
+                                        unmodelled_overhead)
 from tsm_dist.studies.machines import MachineProfile, load_machine
 from tsm_dist.studies.sweep_plan import JobSpec, SweepPlan
 from tsm_dist.tables import pyplot, write_csv
@@ -232,10 +233,12 @@ def _calibrate(rows: list[Row], jobs: list[JobSpec], summaries: dict[str, RunSum
         return
     measured = summaries[widest.tag]
     overhead = unmodelled_overhead(single.step_time_s, measured.step_time_s, widest.nodes, plan.gpus_per_node,
-                                   single.grad_bytes, intra=intra, inter=inter, accumulate=widest.accumulate)
+                                   single.grad_bytes, intra=intra, inter=inter, accumulate=widest.accumulate,
+                                   small_collectives=STEP_SMALL_COLLECTIVES)
     for row in rows:
         step = project_step_time(single.step_time_s, row.nodes, plan.gpus_per_node, single.grad_bytes,
-                                 intra=intra, inter=inter, overhead_s=overhead)
+                                 intra=intra, inter=inter, overhead_s=overhead,
+                                 small_collectives=STEP_SMALL_COLLECTIVES)
         row.unmodelled_s = overhead
         row.calibrated_clips_per_sec = row.global_batch / step
         row.calibrated_scalability = row.calibrated_clips_per_sec / row.ideal_clips_per_sec
@@ -248,7 +251,7 @@ def _fill_speeds(row: Row, single: RunSummary | None, plan: SweepPlan, intra: Li
         if not row.simulated and not math.isnan(row.clips_per_sec):
             row.scalability = row.clips_per_sec / row.ideal_clips_per_sec
         step = project_step_time(single.step_time_s, row.nodes, plan.gpus_per_node, single.grad_bytes,
-                                 intra=intra, inter=inter)
+                                 intra=intra, inter=inter, small_collectives=STEP_SMALL_COLLECTIVES)
         row.projected_clips_per_sec = row.global_batch / step
         row.projected_scalability = row.projected_clips_per_sec / row.ideal_clips_per_sec
         row.projection_links = f"intra: {intra.source}; inter: {inter.source}"
@@ -320,7 +323,8 @@ def markdown_table(rows: list[Row], plan: SweepPlan, benches: list[BenchResult])
                      f"{sims}.")
     links = sorted({f"{r.engine}/{r.model}: {r.projection_links}" for r in rows if r.projection_links})
     lines += ["", "**Projection** (cost model, not a measurement): step(n) = step(1) - allreduce(1 node) + "
-              "allreduce(n nodes), allreduce(p ranks) = 2(p-1)·α + 2(p-1)/p·N/B, N = gradient bytes, "
+              "allreduce(n nodes), allreduce(p ranks) = 2(p-1)·α + 2(p-1)/p·N/B, N = gradient bytes, plus the "
+              "trainer's per-step metrics allreduce (a tree, 2·ceil(log2 p)·α), "
               "no compute/communication overlap assumed. 'Projected - measured' compares it with the "
               "measurement (points of scalability). 'Calibrated' adds, for n > 1 nodes, what the widest real run "
               "took per step beyond the model (contention of communication with compute on CPU ranks, "

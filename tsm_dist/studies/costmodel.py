@@ -11,9 +11,15 @@ rings NCCL builds, each node sends 2(p-1)/p·N bytes out of its NICs in total.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from statistics import median
 from typing import Sequence
+
+
+# The trainer's latency-bound allreduces per optimizer step besides the gradients': one (loss, data/compute/
+# sync/step times, NaN and stop flags, tsm_dist.train). The sweep's projections count it.
+STEP_SMALL_COLLECTIVES = 1
 
 
 @dataclass(frozen=True)
@@ -82,37 +88,50 @@ def gradient_bytes(params: int, fp16_compression: bool = False) -> float:
     return params * (2 if fp16_compression else 4)
 
 
+def small_allreduce_time(p: int, link: LinkCost) -> float:
+    """A latency-bound allreduce of a few numbers over ``p`` ranks: a tree (reduce, then broadcast), as MPI,
+    Gloo and NCCL run small messages, 2·ceil(log2 p)·α."""
+    return 2 * math.ceil(math.log2(p)) * link.alpha_s if p > 1 else 0.0
+
+
 def allreduce_time_on_nodes(nodes: int, gpus_per_node: int, nbytes: float, *, intra: LinkCost,
-                            inter: LinkCost) -> float:
-    """Allreduce over ``nodes`` × ``gpus_per_node`` ranks: intra-node links on one node, else the network."""
+                            inter: LinkCost, small_collectives: int = 0) -> float:
+    """Allreduce over ``nodes`` × ``gpus_per_node`` ranks: intra-node links on one node, else the network;
+    plus ``small_collectives`` latency-bound ones (the trainer's per-step metrics allreduce)."""
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"nodes and gpus_per_node must be >= 1, got {nodes} and {gpus_per_node}")
     link = intra if nodes == 1 else inter
-    return ring_allreduce_time(nodes * gpus_per_node, nbytes, link)
+    p = nodes * gpus_per_node
+    return ring_allreduce_time(p, nbytes, link) + small_collectives * small_allreduce_time(p, link)
 
 
 def project_step_time(single_node_step_s: float, nodes: int, gpus_per_node: int, grad_bytes: float, *,
-                      intra: LinkCost, inter: LinkCost, accumulate: int = 1, overhead_s: float = 0.0) -> float:
+                      intra: LinkCost, inter: LinkCost, accumulate: int = 1, overhead_s: float = 0.0,
+                      small_collectives: int = 0) -> float:
     """Step time on ``nodes`` nodes from the measured single-node step time.
 
     The single-node step already paid the intra-node allreduce once; going to n nodes replaces it by the
     allreduce over the network. No overlap of communication with backward is assumed, so the projection
     is a lower bound on scalability. ``accumulate`` K micro-batches share one allreduce. ``overhead_s``:
     what a multi-node step costs beyond the link model (see :func:`unmodelled_overhead`), added for n > 1.
+    ``small_collectives``: latency-bound allreduces per step besides the gradients' (the trainer has one:
+    loss, timings and stop flags, :data:`STEP_SMALL_COLLECTIVES`).
     """
     if single_node_step_s <= 0:
         raise ValueError(f"single-node step time must be > 0 s, got {single_node_step_s}")
     if accumulate < 1:
         raise ValueError(f"accumulate must be >= 1, got {accumulate}")
-    comm_1 = allreduce_time_on_nodes(1, gpus_per_node, grad_bytes, intra=intra, inter=inter)
-    comm_n = allreduce_time_on_nodes(nodes, gpus_per_node, grad_bytes, intra=intra, inter=inter)
+    comm_1 = allreduce_time_on_nodes(1, gpus_per_node, grad_bytes, intra=intra, inter=inter,
+                                     small_collectives=small_collectives)
+    comm_n = allreduce_time_on_nodes(nodes, gpus_per_node, grad_bytes, intra=intra, inter=inter,
+                                     small_collectives=small_collectives)
     compute = max(single_node_step_s - comm_1, 0.0)
     return accumulate * compute + comm_n + (overhead_s if nodes > 1 else 0.0)
 
 
 def unmodelled_overhead(single_node_step_s: float, measured_step_s: float, measured_nodes: int,
                         gpus_per_node: int, grad_bytes: float, *, intra: LinkCost, inter: LinkCost,
-                        accumulate: int = 1) -> float:
+                        accumulate: int = 1, small_collectives: int = 0) -> float:
     """Seconds per step a measured multi-node run took beyond the link model: the calibration term.
 
     It holds what the ring model leaves out: on CPU ranks, communication that runs on the cores that
@@ -123,7 +142,8 @@ def unmodelled_overhead(single_node_step_s: float, measured_step_s: float, measu
     Negative when the model is pessimistic (communication overlapped with compute).
     """
     modelled = project_step_time(single_node_step_s, measured_nodes, gpus_per_node, grad_bytes,
-                                 intra=intra, inter=inter, accumulate=accumulate)
+                                 intra=intra, inter=inter, accumulate=accumulate,
+                                 small_collectives=small_collectives)
     return measured_step_s - modelled
 
 

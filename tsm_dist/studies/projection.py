@@ -10,7 +10,7 @@ import math
 from typing import Sequence
 
 from tsm_dist.studies.collect import Row
-from tsm_dist.studies.costmodel import gradient_bytes, project_step_time
+from tsm_dist.studies.costmodel import STEP_SMALL_COLLECTIVES, gradient_bytes, project_step_time
 from tsm_dist.studies.machines import MachineProfile
 
 
@@ -36,7 +36,8 @@ def project_rows(machine: MachineProfile, step_times: dict[str, float], nodes: S
         for n in nodes:
             batch = n * g * per_gpu_batch
             step_n = project_step_time(step_1, n, g, grad_bytes, intra=machine.intra_cost(),
-                                       inter=machine.inter_cost(), overhead_s=overhead_s)
+                                       inter=machine.inter_cost(), overhead_s=overhead_s,
+                                       small_collectives=STEP_SMALL_COLLECTIVES)
             row = Row(engine="projection", model=model, nodes=n, gpus=n * g, simulated=False, run_nodes=n,
                       accumulate=1, global_batch=batch, frames_per_batch=batch * num_frames[model],
                       status="projected", ideal_clips_per_sec=speed_1 * n,
@@ -67,7 +68,8 @@ def projection_table(rows: list[Row], machine: MachineProfile, epochs: int, over
                      f"{100 * r.projected_scalability:.1f}% | {format_duration(r.epoch_time_s)} | "
                      f"{format_duration(r.train_time_s)} |")
     lines += ["", "step(n) = step(1) - allreduce(1 node) + allreduce(n nodes); allreduce(p) = 2(p-1)·α + "
-              "2(p-1)/p·N/B with N = fp32 gradient bytes; no overlap of communication with backward"
+              "2(p-1)/p·N/B with N = fp32 gradient bytes, plus the trainer's per-step metrics allreduce "
+              "(2·ceil(log2 p)·α); no overlap of communication with backward"
               + (f"; plus {overhead_s * 1e3:g} ms per step on more than one node (--unmodelled-ms, a sweep's "
                  f"calibration term)." if overhead_s else ".")]
     return "\n".join(lines) + "\n"
