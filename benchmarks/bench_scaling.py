@@ -89,6 +89,15 @@ def mechanism(args: argparse.Namespace) -> dict[str, list[float]]:
     from tsm_dist.studies.runner import launch_prefix
 
     results = {}
+    for ranks in (1, 2):  # compute alone, then two processes computing side by side, no communication
+        path = args.out / f"mechanism_solo_{ranks}.json"
+        command = launch_prefix("mpirun", ranks, core_per_rank=True) + [
+            sys.executable, str(Path(__file__).resolve()), "--worker", "solo", "--worker-out", str(path),
+            "--steps", str(args.mechanism_steps)]
+        run(command, ranks, path.with_suffix(".log"), args.timeout)
+        per_process = [json.loads(Path(f"{path}.{r}").read_text()) for r in range(ranks)]
+        label = "1 process alone" if ranks == 1 else "2 processes side by side, no communication"
+        results[label] = [max(p[0] for p in per_process)] + [sum(p[i] for p in per_process) / ranks for i in (1, 2)]
     for label, engine, env, raw in (("horovod as shipped", "horovod", AS_SHIPPED, True),
                                     ("horovod, tsm_dist CPU settings", "horovod", {}, False),
                                     ("torch (DDP, Gloo)", "torch", {}, False)):
@@ -102,7 +111,8 @@ def mechanism(args: argparse.Namespace) -> dict[str, list[float]]:
 
 
 def worker(args: argparse.Namespace) -> int:
-    """One rank of the mechanism measurement: per-step wall time and CPU time by thread."""
+    """One rank of the mechanism measurement: per-step wall time and CPU time by thread. ``solo``: no
+    engine, no communication; each process writes its own figures (what computing side by side costs)."""
     import contextlib
     from statistics import mean
 
@@ -112,12 +122,19 @@ def worker(args: argparse.Namespace) -> int:
     from tsm_dist.engine import Engine
     from tsm_dist.models import build_model
 
-    engine = Engine(EngineConfig(name=args.worker)).init()
+    solo = args.worker == "solo"
+    engine = Engine(EngineConfig(name="torch" if solo else args.worker))
+    if solo:
+        torch.set_num_threads(1)  # one core per process, as the engine's rule gives each rank
+    else:
+        engine.init()
     torch.manual_seed(0)
     model = build_model("tsm8f_r50", num_classes=4, depth=50, width=32)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    engine.broadcast_state(model, optimizer)
-    train_model, optimizer = engine.distribute(model, optimizer, 1)
+    train_model = model
+    if not solo:
+        engine.broadcast_state(model, optimizer)
+        train_model, optimizer = engine.distribute(model, optimizer, 1)
     clips, labels = torch.randn(2, 8, 3, 112, 112), torch.randint(0, 4, (2,))
     samples = []
     for step in range(3 + args.steps):
@@ -126,7 +143,7 @@ def worker(args: argparse.Namespace) -> int:
         torch.nn.functional.cross_entropy(train_model(clips), labels).backward()
         if args.raw_horovod:
             optimizer.synchronize()  # Horovod's own wait (a sched_yield loop)
-        else:
+        elif not solo:
             engine.synchronize(optimizer)
         with optimizer.skip_synchronize() if engine.name == "horovod" else contextlib.nullcontext():
             optimizer.step()
@@ -134,13 +151,24 @@ def worker(args: argparse.Namespace) -> int:
                                  time.thread_time() - thread)
         if step >= 3:
             samples.append((wall, thread, process - thread))
-    per_rank = engine.allgather_object([mean(column) for column in zip(*samples)])
+    mine = [mean(column) for column in zip(*samples)]
+    if solo:
+        rank = os.environ.get("OMPI_COMM_WORLD_RANK", "0")
+        Path(f"{args.worker_out}.{rank}").write_text(json.dumps(mine + [torch.get_num_threads()]))
+        return 0
+    per_rank = engine.allgather_object(mine)
     if engine.is_root:
         # wall: the slowest rank; CPU: the mean over ranks
         summary = [max(r[0] for r in per_rank)] + [mean(r[i] for r in per_rank) for i in (1, 2)]
         Path(args.worker_out).write_text(json.dumps(summary + [torch.get_num_threads()]))
     engine.shutdown()
     return 0
+
+
+def contention(mech: dict[str, list[float]]) -> float:
+    """kappa: wall time per step of 2 processes computing side by side / of 1 alone (1.0 if not measured)."""
+    alone, both = mech.get("1 process alone"), mech.get("2 processes side by side, no communication")
+    return both[0] / alone[0] if alone and both else 1.0
 
 
 def f(row: dict[str, str], key: str) -> float:
@@ -171,8 +199,10 @@ def summary(args: argparse.Namespace, rounds: list[list[dict[str, str]]], bench:
     lines = [f"bench_scaling: load average (1, 5, 15 min) {' -> '.join(loads)} (2 cores; before and after "
              f"each round, the allreduce and the mechanism)", "",
              "| Engine | 1 rank clips/s | 2 ranks clips/s | Scalability | Projected (model) | Projected - measured "
+             "| Projected (model x contention) | Projected - measured "
              "| Allreduce 97.3 MB: engine | mpi4py | engine / mpi4py | fp16 compression / mpi4py |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    kappa = contention(mech)
     for engine in ENGINES:
         one = next((r for r in rows if r["engine"] == engine and r["nodes"] == "1"), {})
         two = next((r for r in rows if r["engine"] == engine and r["nodes"] == "2"), {})
@@ -183,11 +213,19 @@ def summary(args: argparse.Namespace, rounds: list[list[dict[str, str]]], bench:
             return record["sizes_bytes"][-1] / record["times_s"][-1] / 1e9 if record else float("nan")
 
         ratio16 = gbs("engine_fp16") / gbs("mpi4py")
+        # the model's 2-rank step = step(1) / projected scalability; with contention, step(1)'s compute takes
+        # kappa times longer when both cores compute
+        step_1, model_2 = f(one, "step_time_s"), f(one, "step_time_s") / f(two, "projected_scalability")
+        with_contention = step_1 / (kappa * step_1 + model_2 - step_1)
         lines.append(
             f"| {engine} | {f(one, 'clips_per_sec'):.2f} | {f(two, 'clips_per_sec'):.2f} | "
             f"{100 * f(two, 'scalability'):.1f}% | {100 * f(two, 'projected_scalability'):.1f}% | "
-            f"{f(two, 'projection_error_points'):+.1f} pts | {gbs('engine'):.2f} GB/s | {gbs('mpi4py'):.2f} GB/s | "
+            f"{f(two, 'projection_error_points'):+.1f} pts | {100 * with_contention:.1f}% | "
+            f"{100 * (with_contention - f(two, 'scalability')):+.1f} pts | {gbs('engine'):.2f} GB/s | {gbs('mpi4py'):.2f} GB/s | "
             f"{gbs('engine') / gbs('mpi4py'):.2f}x | {ratio16:.2f}x |")
+    lines += ["", f"Contention: a step takes kappa = {kappa:.3f} x as long when two processes compute side by side "
+              f"(no communication) as when one computes alone (mechanism runs below); 'model x contention' = "
+              f"step(1) / (kappa * step(1) + the model's communication)."]
     if len(rounds) > 1:
         lines += ["", f"Per round (the table shows the round with the median 2-rank scalability of each engine):"]
         for i, rows_i in enumerate(rounds):
@@ -217,7 +255,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip the fp16-compression allreduce")
     parser.add_argument("--mechanism-steps", type=int, default=8, help="timed steps of the mechanism runs (0: skip)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per launched command")
-    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*ENGINES, "solo"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--raw-horovod", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
