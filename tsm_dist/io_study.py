@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tsm_dist.cli_types import choice_list, name_list
-from tsm_dist.records import MetricsError
+from tsm_dist.records import METRICS_FILE, MetricsError
 from tsm_dist.studies.collect import RunSummary, summarize_run
 from tsm_dist.studies.runconfig import measurement_overrides, model_config_item, write_run_config
 from tsm_dist.studies.runner import LAUNCHERS, launch_prefix, run_logged, tail
@@ -180,14 +180,14 @@ def run_study(opts: StudyOptions) -> list[IORow]:
             if opts.dry_run:
                 print("$ " + shlex.join(command))
                 continue
-            (workdir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh measurement, not appended to
+            (workdir / METRICS_FILE).unlink(missing_ok=True)  # a fresh measurement, not appended to
             error = run_logged(command, opts.ranks, workdir / "train.log", opts.timeout)
             summary = None
             if error:
                 print(f"[{tag}] {error}; last lines of its log:\n{tail(workdir / 'train.log')}", file=sys.stderr)
             else:
                 try:
-                    summary = summarize_run(workdir / "metrics.jsonl", opts.warmup_steps)
+                    summary = summarize_run(workdir / METRICS_FILE, opts.warmup_steps)
                 except MetricsError as err:
                     error = f"unusable metrics: {err}"
             rows.append(_row(cfg, loader, opts.ranks, summary, error or "completed", macs, layout, feed))

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tsm_dist.cli_types import choice_list, count_list, name_list
+from tsm_dist.records import METRICS_FILE
 from tsm_dist.studies.collect import BENCH_FILES, collect
 from tsm_dist.studies.machines import SCHEDULERS, load_machine
 from tsm_dist.studies.runconfig import measurement_overrides, model_config_item, write_run_config
@@ -241,7 +242,7 @@ def bench_args(job: JobSpec, workdir: Path | str, out: Path) -> list[str]:
     """The microbenchmark after a run: messages up to that run's gradient size, its engine settings."""
     return [sys.executable, "-m", "tsm_dist.studies.allreduce_bench", "--method", "mpi4py,engine",
             "--engine", job.engine, "--config", str(out / job.config),
-            "--max-bytes-from", f"{workdir}/metrics.jsonl", "--nodes", str(job.run_nodes), "--out", str(workdir)]
+            "--max-bytes-from", str(Path(workdir) / METRICS_FILE), "--nodes", str(job.run_nodes), "--out", str(workdir)]
 
 
 def run_local(plan: SweepPlan, out: Path, launcher: str, timeout: float, bench: bool) -> None:
@@ -251,7 +252,7 @@ def run_local(plan: SweepPlan, out: Path, launcher: str, timeout: float, bench: 
         ranks = job.run_nodes * plan.gpus_per_node
         started = time.monotonic()
         # a rerun into the same directory measures afresh; stale files would be collected as its results
-        for stale in ("metrics.jsonl", *BENCH_FILES.values()):
+        for stale in (METRICS_FILE, *BENCH_FILES.values()):
             (workdir / stale).unlink(missing_ok=True)
         job.status = "completed"
         for i, command in enumerate(local_commands(job, plan, out, launcher, bench)):

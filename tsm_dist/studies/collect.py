@@ -14,7 +14,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from tsm_dist.records import MetricsError, read_last_run
+from tsm_dist.records import METRICS_FILE, MetricsError, read_last_run
 from tsm_dist.studies.costmodel import (STEP_SMALL_COLLECTIVES, LinkCost, gradient_bytes, project_step_time,
                                         unmodelled_overhead)
 from tsm_dist.studies.machines import MachineProfile, load_machine
@@ -202,7 +202,7 @@ def build_rows(plan: SweepPlan, out_dir: Path, machine: MachineProfile) -> tuple
         summaries: dict[str, RunSummary] = {}
         group_rows = []
         for job in sorted(jobs, key=lambda j: j.nodes):
-            path = out_dir / job.workdir / "metrics.jsonl"
+            path = out_dir / job.workdir / METRICS_FILE
             summary, error = None, f"no metrics ({job.status})"
             if path.is_file():
                 try:  # one bad run is reported in its row; the rest of the sweep is still tabulated
