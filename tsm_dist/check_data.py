@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from tsm_dist.build import resolve_list, resolve_model
+from tsm_dist.cli_types import name_list
 from tsm_dist.config import Config, load_config
 from tsm_dist.data.errors import FileListError, VideoError
 from tsm_dist.errors import EXIT_DATA, EXIT_OK, run_main
@@ -170,7 +171,7 @@ def _main(argv: list[str]) -> int:
     if cfg.data.backend == "random":
         print("check-data: data.backend=random reads no files; nothing to check")
         return EXIT_OK
-    keys = [k.strip() for k in args.lists.split(",") if k.strip() and getattr(cfg.data, k.strip(), "")]
+    keys = [k for k in name_list(args.lists) if getattr(cfg.data, k, "")]
     check_file_lists(cfg, keys)
     failed = 0
     for key in keys:
