@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     # DDP keeps torch's Gloo process group alive past destroy_process_group; freed only while the
     # interpreter finalizes (Py_FinalizeEx's collection), a pt_gloo_runloop thread aborts the process
     # ("terminate called without an active exception", exit 134 after a completed run: 2-rank trainer runs
-    # at load 8-12, 3 of 9; a 10-line DDP script, 6 of 6, and 0 of 6 when it collects before exiting).
+    # at load 8-12, 7 of 16; a 10-line DDP script, 6 of 6, and 0 of 6 when it collects before exiting).
     # Free the trainer's cycles now, while the interpreter is whole.
     gc.collect()
     return code
