@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tsm_dist.config import EngineConfig
-from tsm_dist.engine import Engine, _state_bytes
+from tsm_dist.engine import Engine, _state_bytes, _state_from_bytes
 from tsm_dist.memory_format import DenseViewCompressor, dense_permutation, dense_view, model_memory_format, \
     to_memory_format
 from tsm_dist.models import build_model
@@ -100,3 +100,6 @@ def test_optimizer_state_travels_as_bytes_loaded_onto_the_receivers_device():
     momentum = state["state"][0]["momentum_buffer"]
     assert momentum.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(momentum, opt.state_dict()["state"][0]["momentum_buffer"])
+    # what a receiving rank loads: on its own device (here the meta device stands in for cuda:N)
+    received = _state_from_bytes(payload, torch.device("meta"))["state"][0]["momentum_buffer"]
+    assert received.device.type == "meta" and received.shape == momentum.shape

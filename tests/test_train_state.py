@@ -208,3 +208,49 @@ def test_second_ctrl_c_interrupts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             signal.sigtimedwait([], 0.1) if hasattr(signal, "sigtimedwait") else None
+
+
+def test_stop_signal_during_an_evaluation_stops_before_the_next_step(tmp_path):
+    """A signal that arrives while epoch 0 is evaluated stops the run right after that evaluation (checkpoint
+    at the epoch boundary), not one training step (and maybe another evaluation) later: the scheduler's
+    grace time may not cover more."""
+    from tsm_dist.build import default_loader_builder
+    from tsm_dist.config import load_config
+    from tsm_dist.records import read_records
+    from tsm_dist.train import train
+
+    cfg = load_config(REPO_CONFIG, ["data.backend=random", "data.num_samples=16", "data.batch_size=4",
+                                    "data.crop_size=32", "model.width=8", "train.epochs=3",
+                                    "log.wandb=disabled", "log.progress=false", "engine.name=torch"])
+    signalled = []
+
+    class SignalDuringEvaluation:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        @property
+        def skipped(self):
+            return self.inner.skipped
+
+        def set_epoch(self, epoch, start=0):
+            self.inner.set_epoch(epoch, start)
+
+        def __iter__(self):
+            for batch in self.inner:
+                if not signalled:
+                    signalled.append(True)
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                yield batch
+
+    def builder(*args, **kwargs):
+        loader = default_loader_builder()(*args, **kwargs)
+        return loader if kwargs["train"] else SignalDuringEvaluation(loader)
+
+    assert train(cfg, tmp_path, loader_builder=builder) == PREEMPTED_EXIT_CODE
+    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / ckpt.CHECKPOINT_DIR))
+    assert (saved["epoch"], saved["step"], saved["epoch_end_pending"]) == (1, 4, False)
+    end = [r for r in read_records(tmp_path / "metrics.jsonl") if r["type"] == "end"]
+    assert [(r["status"], r["step"]) for r in end] == [("preempted", 4)]

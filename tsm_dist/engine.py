@@ -213,13 +213,8 @@ class Engine:
         return tensor
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.size == 1:
-            return tensor.clone()
-        if self._hvd is not None:
-            return self._hvd.allreduce(tensor, op=self._hvd.Sum, name="tsm_dist.allreduce_sum")
-        out = self._collective_tensor(tensor.clone())
-        self._dist.all_reduce(out, op=self._dist.ReduceOp.SUM)
-        return out.to(tensor.device)
+        """Sum over ranks into a new tensor (one wait path: :meth:`allreduce_sum_`)."""
+        return self.allreduce_sum_(tensor.clone())
 
     def allreduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """In-place sum over ranks (what the gradient allreduce does: no new buffer per call)."""
@@ -299,8 +294,7 @@ class Engine:
             # 0's device index, i.e. every rank of a node would allocate (and start a context) on GPU 0.
             payload = self.broadcast_object(_state_bytes(optimizer.state_dict()) if self.is_root else None)
             if not self.is_root:
-                optimizer.load_state_dict(torch.load(io.BytesIO(payload), map_location=self.device,
-                                                     weights_only=False))
+                optimizer.load_state_dict(_state_from_bytes(payload, self.device))
 
     # ------------------------------------------------------------------- distributed optimizer
     def distribute(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -329,9 +323,10 @@ class Engine:
         no_buffer_sync = ({"forward_sync_buffers": False}
                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                           else {"broadcast_buffers": False})
-        # On CPU ranks the gradients live in the allreduce buckets (no copy of every gradient into them
-        # per step, which runs on the core that computes: 3-5 % of a step measured, docs/studies.md); GPU
-        # ranks keep DDP's default.
+        # On CPU ranks the gradients are views of the allreduce buckets, so the averaged bucket is not
+        # copied back out into every gradient after the allreduce (the copy in still happens, since
+        # zero_grad sets gradients to None); 3-5 % of a step measured, docs/studies.md. GPU ranks keep
+        # DDP's default.
         ddp = DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             bucket_cap_mb=self.cfg.fusion_threshold_mb, gradient_as_bucket_view=self.device.type == "cpu",
@@ -405,6 +400,11 @@ def _state_bytes(state: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
+
+
+def _state_from_bytes(payload: bytes, device: torch.device) -> dict[str, Any]:
+    """The inverse of :func:`_state_bytes`, every tensor placed on ``device`` (the receiving rank's)."""
+    return torch.load(io.BytesIO(payload), map_location=device, weights_only=False)
 
 
 @contextlib.contextmanager

@@ -134,6 +134,10 @@ def train(cfg: Config, workdir: str | Path, *, resume: str | None = None,
             trainer.release()  # before the engine shuts down
 
 
+# what a checkpoint must hold to continue the loop where it stopped
+POSITION_KEYS = ("epoch", "step", "batch_in_epoch", "best_top1", "rng", "scaler", "world_size")
+
+
 class Trainer:
     """One rank's part of a run: built from the config, then :meth:`resume`, :meth:`loop`, :meth:`finish`."""
 
@@ -212,6 +216,10 @@ class Trainer:
         if state is None:
             return None
         ckpt.check_model(state, self.cfg.to_dict()["model"], self.resume_path)
+        missing = [key for key in POSITION_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(f"checkpoint {self.resume_path}: not a training checkpoint of this version "
+                                  f"(no {', '.join(missing)})")
         ckpt.load_model_state(self.model, state, self.resume_path)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -231,8 +239,7 @@ class Trainer:
         error = engine.broadcast_object(error)  # every rank stops on a bad checkpoint; rank 0 says why
         if error:
             raise CoordinatedError(error, EXIT_CHECKPOINT)
-        keys = ("epoch", "step", "batch_in_epoch", "best_top1", "rng", "scaler", "world_size")
-        position = engine.broadcast_object({**{key: state[key] for key in keys},
+        position = engine.broadcast_object({**{key: state[key] for key in POSITION_KEYS},
                                             "epoch_end_pending": state.get("epoch_end_pending", False)}
                                            if state is not None else None)
         engine.broadcast_state(self.model, self.optimizer)
@@ -278,6 +285,9 @@ class Trainer:
         if pos.epoch_end_pending:  # the previous run stopped between an epoch's last step and its evaluation
             pos.epoch_end_pending = False
             self.end_of_epoch()
+            stopped = self.stop_after_epoch(stop)
+            if stopped is not None:
+                return stopped
         while pos.epoch < cfg.train.epochs and pos.step < self.total_steps:
             self.train_loader.set_epoch(pos.epoch, pos.batch_in_epoch)  # same order as an uninterrupted run
             batches = iter(self.train_loader)
@@ -289,7 +299,25 @@ class Trainer:
                 if stopped is not None:
                     return stopped
             self.end_of_epoch()
+            stopped = self.stop_after_epoch(stop)
+            if stopped is not None:
+                return stopped
         return "completed", EXIT_OK
+
+    def stop_after_epoch(self, stop: StopSignals) -> tuple[str, int] | None:
+        """A stop signal that arrived during the epoch's evaluation is acted on now, not one training step
+        (and maybe a whole evaluation) later; every rank agrees through one small allreduce per epoch."""
+        if self.pos.epoch >= self.cfg.train.epochs or self.pos.step >= self.total_steps:
+            return None  # nothing left to do: the run completed
+        warned, terminated = self.engine.allreduce_sum(
+            torch.tensor([float(stop.level >= 1), float(stop.level >= 2)], dtype=torch.float64)).tolist()
+        if warned == 0 and terminated == 0:
+            return None
+        level = 2 if terminated > 0 else 1
+        self.save()
+        if self.root:
+            print(f"tsm-dist train: {stop_message(level, self.pos.step)}", file=sys.stderr, flush=True)
+        return ("preempted" if level == 1 else "terminated"), exit_code_for(level)
 
     def train_step(self, batches: Iterator[Any], stop: StopSignals) -> tuple[str, int] | None:
         """One optimizer step and its bookkeeping; (status, exit code) when training must stop."""
@@ -439,11 +467,11 @@ class Trainer:
             self.log.close()
         if self.progress is not None:
             self.progress.close()
-        if self.wandb is not None:
-            self.wandb.finish(exit_code=code)
         self.engine.barrier()
         if stop is not None:
             stop.exit_on_signal(code)
+        if self.wandb is not None:  # last: a wandb that hangs (its service killed) holds no other rank
+            self.wandb.finish(exit_code=code)
         return code
 
 

@@ -225,7 +225,8 @@ class ClipPlanner:
             if self._known is not None:
                 info = self._known[i]
             else:
-                self.probes += 1
+                with self._lock:  # check-data probes from several threads
+                    self.probes += 1
                 info = probe_video(path, record.where)
             if self._codecs is not None and info.codec not in self._codecs:
                 raise VideoError(path, f"codec {info.codec} cannot be decoded here; {self._codec_hint}", record.where)

@@ -25,7 +25,6 @@ message, not inside the decoder.
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections import deque
 from typing import Callable, Iterator
 
@@ -37,7 +36,7 @@ from tsm_dist.data.errors import DataError, VideoError
 from tsm_dist.data.feed import Feeder
 from tsm_dist.data.loader import Batch, VideoLoader
 from tsm_dist.data.clip_plan import ClipPlanner, ClipSpec
-from tsm_dist.data.pack_format import ByteReader
+from tsm_dist.data.pack_format import ByteReader, encoded_file
 from tsm_dist.data.probe import DALI_CPU_CODECS
 
 DALI_CPU_HINT = (
@@ -101,7 +100,7 @@ def stream_facts(data: np.ndarray) -> StreamFacts | None:
     import av
 
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(encoded_file(data)) as container:
             stream = container.streams.video[0]
             ctx = stream.codec_context
             count = sum(1 for p in container.demux(stream) if p.size and not p.is_discard)
@@ -210,6 +209,8 @@ class DaliLoader(VideoLoader):
                 return specs, _feed(real, self.planner.options.num_crops, self.reader, self._check_clip)
             except VideoError as err:  # unreadable file, damaged shard, frames past the decodable ones
                 self.planner.mark_bad(err.path, err.reason)  # raises unless skip_corrupt; then re-plan
+                if self._filler is not None and self._filler.path == err.path:
+                    self._filler = None  # a bad filler is replaced, not retried forever
 
     def _source(self) -> tuple[list[np.ndarray], ...]:
         if self._feeder is None:

@@ -20,6 +20,7 @@ import os
 import sys
 import zlib
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, fields
 from multiprocessing import get_context
 from typing import Any, Callable, Iterable, Iterator
@@ -69,13 +70,18 @@ def ordered_map(fn: Callable, jobs: list, executor: Executor | None, window: int
     if executor is None:
         yield from map(fn, jobs)
         return
-    pending: list[Future] = []
+    pending: list[tuple[Future, Any]] = []
     position = 0
     while pending or position < len(jobs):
         while position < len(jobs) and len(pending) < window:
-            pending.append(executor.submit(fn, jobs[position]))
+            pending.append((executor.submit(fn, jobs[position]), jobs[position]))
             position += 1
-        yield pending.pop(0).result()
+        future, job = pending.pop(0)
+        try:
+            yield future.result()
+        except BrokenProcessPool as err:  # a worker died (killed for memory, crashed in FFmpeg)
+            raise DataError(f"{job[2]}: a pack worker died while preparing {job[1]} ({err}); re-run the same "
+                            "command to continue") from err
 
 
 # ----------------------------------------------------------------------------- writer side
@@ -99,6 +105,10 @@ class ShardWriter:
     def _truncate_after_resume(self) -> None:
         """Cut bytes written after the last indexed video, later shards and a torn index line."""
         path = os.path.join(self.out, shard_name(self.shard))
+        have = os.path.getsize(path) if os.path.exists(path) else 0
+        if have < self.size:  # truncate() would pad the missing videos with zeros
+            raise DataError(f"{path}: {have} bytes, but the index places videos up to byte {self.size}; the pack is "
+                            f"damaged: check it with 'tsm-dist pack --verify {self.out}' or start a new one")
         with open(path, "ab") as f:
             f.truncate(self.size)
         later = self.shard + 1

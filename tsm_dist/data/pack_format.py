@@ -16,6 +16,7 @@ positional reads), checks the checksum, and counts files opened and bytes read (
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -119,6 +120,12 @@ def read_index(out: str) -> list[dict[str, Any]]:
     raise FileListError(f"{path}: not a JSON-lines index")
 
 
+def encoded_file(data: np.ndarray) -> io.BytesIO:
+    """A file object over a video's encoded bytes as :class:`ByteReader` returns them, without copying them:
+    ``BytesIO`` shares a ``bytes`` object but copies any other buffer (a whole video per clip)."""
+    return io.BytesIO(data.base if isinstance(data.base, bytes) else data.tobytes())
+
+
 def load_packed(out: str, *, require_complete: bool = True) -> PackedSet:
     """Read ``out``'s index for training (no video is opened)."""
     out = os.path.abspath(out)
@@ -132,6 +139,7 @@ def load_packed(out: str, *, require_complete: bool = True) -> PackedSet:
     for number, e in enumerate(entries, start=1):
         try:
             records.append(VideoRecord(e["path"], int(e["label"]), e["start"], e["end"], f"{index_path}:{number}"))
+            int(e["offset"]), int(e["crc32"]), int(e["height"]), int(e["width"]), str(e["codec"])
             if not 0 <= e["shard"] < len(shards) or e["length"] <= 0 or e["frames"] <= 0:
                 raise ValueError(f"shard {e['shard']}, length {e['length']}, frames {e['frames']}")
         except (KeyError, TypeError, ValueError) as err:

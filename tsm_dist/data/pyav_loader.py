@@ -8,7 +8,6 @@ bytes come from ``pack_format.ByteReader`` (a video file, or a packed shard); a 
 """
 from __future__ import annotations
 
-import io
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator, Sequence
 
@@ -22,6 +21,7 @@ from tsm_dist.data.errors import VideoError
 from tsm_dist.data.feed import Feeder
 from tsm_dist.data.loader import Batch, VideoLoader, normalization
 from tsm_dist.data.clip_plan import ClipPlanner, ClipSpec
+from tsm_dist.data.pack_format import encoded_file
 
 
 def decode_frames(path: str, frame_numbers: np.ndarray, where: str = "", data: np.ndarray | None = None) -> np.ndarray:
@@ -33,7 +33,7 @@ def decode_frames(path: str, frame_numbers: np.ndarray, where: str = "", data: n
     got: dict[int, np.ndarray] = {}
     decoded = 0
     try:
-        with av.open(path if data is None else io.BytesIO(data.tobytes())) as container:
+        with av.open(path if data is None else encoded_file(data)) as container:
             stream = container.streams.video[0]
             stream.thread_count = 1  # parallelism comes from decoding several videos at once
             for decoded, frame in enumerate(container.decode(stream), start=1):
