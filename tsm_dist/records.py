@@ -74,7 +74,7 @@ def eval_record(*, epoch: int, step: int, **result: Any) -> dict[str, Any]:
 
 def end_record(*, status: str, step: int, epoch: int, skipped: list[list[str]] | None = None,
                **fields: Any) -> dict[str, Any]:
-    """How the run ended: ``status`` completed, preempted or failed; ``skipped`` lists [video, reason]."""
+    """How the run ended: ``status`` completed, preempted (USR1), terminated (SIGTERM) or failed; ``skipped`` lists [video, reason]."""
     return _record("end", {"time": time.time(), "status": status, "step": step, "epoch": epoch,
                            "skipped": skipped or [], **fields})
 
