@@ -196,7 +196,7 @@ def median_rows(rounds: list[list[dict[str, str]]]) -> list[dict[str, str]]:
 def summary(args: argparse.Namespace, rounds: list[list[dict[str, str]]], bench: dict[str, dict[str, dict]],
             mech: dict[str, list[float]], loads: list[str]) -> str:
     rows = median_rows(rounds)
-    lines = [f"bench_scaling: load average (1, 5, 15 min) {' -> '.join(loads)} (2 cores; before and after "
+    lines = [f"bench_scaling: load average (1, 5, 15 min) {' -> '.join(loads)} ({os.cpu_count()} cores; before and after "
              f"each round, the allreduce and the mechanism)", "",
              "| Engine | 1 rank clips/s | 2 ranks clips/s | Scalability | Projected (model) | Projected - measured "
              "| Projected (model x contention) | Projected - measured "
