@@ -153,6 +153,31 @@ def test_check_model_names_both_models():
     ckpt.check_model({"model": {}}, {"name": "x"}, "old.pt")  # no recorded config: nothing to compare
 
 
+class _SignalAt:
+    """A loader that sends this process SIGUSR1 (as a scheduler's warning) before batch ``i`` of an epoch
+    when ``when(epoch, i)`` holds; otherwise the wrapped loader as it is."""
+
+    def __init__(self, inner, when):
+        self.inner, self.when, self.epoch = inner, when, 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    @property
+    def skipped(self):
+        return self.inner.skipped
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch = epoch
+        self.inner.set_epoch(epoch, start)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.inner):
+            if self.when(self.epoch, i):
+                os.kill(os.getpid(), signal.SIGUSR1)
+            yield batch
+
+
 def test_stop_on_an_epochs_last_step_redoes_its_evaluation_on_resume(tmp_path):
     """SIGUSR1 arrives during the last batch of epoch 0: the checkpoint says the epoch's evaluation is
     pending, and the resumed run evaluates epoch 1's start (and writes best.pt) before training on."""
@@ -165,30 +190,10 @@ def test_stop_on_an_epochs_last_step_redoes_its_evaluation_on_resume(tmp_path):
                                     "data.crop_size=32", "model.width=8", "train.epochs=2",
                                     "log.wandb=disabled", "log.progress=false", "engine.name=torch"])
 
-    class SignalOnLastBatch:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __len__(self):
-            return len(self.inner)
-
-        @property
-        def skipped(self):
-            return self.inner.skipped
-
-        def set_epoch(self, epoch, start=0):
-            self.epoch = epoch
-            self.inner.set_epoch(epoch, start)
-
-        def __iter__(self):
-            for i, batch in enumerate(self.inner):
-                if self.epoch == 0 and i == len(self.inner) - 1:
-                    os.kill(os.getpid(), signal.SIGUSR1)
-                yield batch
-
     def builder(*args, **kwargs):
         loader = default_loader_builder()(*args, **kwargs)
-        return SignalOnLastBatch(loader) if kwargs["train"] else loader
+        last = len(loader) - 1
+        return _SignalAt(loader, lambda epoch, i: epoch == 0 and i == last) if kwargs["train"] else loader
 
     assert train(cfg, tmp_path, loader_builder=builder) == PREEMPTED_EXIT_CODE
     saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / ckpt.CHECKPOINT_DIR))
@@ -224,30 +229,13 @@ def test_stop_signal_during_an_evaluation_stops_before_the_next_step(tmp_path):
                                     "log.wandb=disabled", "log.progress=false", "engine.name=torch"])
     signalled = []
 
-    class SignalDuringEvaluation:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __len__(self):
-            return len(self.inner)
-
-        @property
-        def skipped(self):
-            return self.inner.skipped
-
-        def set_epoch(self, epoch, start=0):
-            self.inner.set_epoch(epoch, start)
-
-        def __iter__(self):
-            for batch in self.inner:
-                if not signalled:
-                    signalled.append(True)
-                    os.kill(os.getpid(), signal.SIGUSR1)
-                yield batch
+    def first_time(epoch, i):
+        signalled.append(True)
+        return len(signalled) == 1
 
     def builder(*args, **kwargs):
         loader = default_loader_builder()(*args, **kwargs)
-        return loader if kwargs["train"] else SignalDuringEvaluation(loader)
+        return loader if kwargs["train"] else _SignalAt(loader, first_time)
 
     assert train(cfg, tmp_path, loader_builder=builder) == PREEMPTED_EXIT_CODE
     saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / ckpt.CHECKPOINT_DIR))
