@@ -30,11 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tsm_dist.data import build_video_loader
+from tsm_dist.data.video_loader import build_video_loader
 from tsm_dist.data.encode import write_video
 from tsm_dist.data.filelist import VideoRecord, write_file_list
-from tsm_dist.data.pack import main as pack_main
-from tsm_dist.data.pack_study import decode_pass, io_pass, markdown, repeat_list
+from tsm_dist.data.pack.write import main as pack_main
+from tsm_dist.studies.pack_io import decode_pass, io_pass, markdown, repeat_list
 
 
 def make_videos(

@@ -83,5 +83,5 @@ def test_loader_and_model_get_the_resolved_frame_count():
 def test_unknown_model_is_a_config_error():
     cfg = Config()
     cfg.model.name = "resnet9000"
-    with pytest.raises(ConfigError, match="model.name: unknown model 'resnet9000'"):
+    with pytest.raises(ConfigError, match="model.name='resnet9000' is not a known model"):
         resolve_model(cfg)

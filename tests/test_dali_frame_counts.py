@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from tsm_dist.data import build_video_loader
+from tsm_dist.data.video_loader import build_video_loader
 from tsm_dist.data.augment import MEAN, STD
 from tsm_dist.data.clip_plan import ClipSpec
 from tsm_dist.data.dali_loader import PAD_MODE, StreamFacts, _build_pipeline, _feed, check_clip, stream_facts
 from tsm_dist.data.encode import write_video
 from tsm_dist.data.errors import VideoError
 from tsm_dist.data.filelist import VideoRecord
-from tsm_dist.data.pack_format import ByteReader
+from tsm_dist.data.pack.format import ByteReader
 from tsm_dist.data.probe import probe_video
 
 FRAMES, HIDDEN, SIZE = 10, 2, 64

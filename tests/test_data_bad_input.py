@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsm_dist.data import build_video_loader
+from tsm_dist.data.video_loader import build_video_loader
 from tsm_dist.data.dali_loader import DaliLoader
 from tsm_dist.data.encode import write_video
 from tsm_dist.data.errors import DataError, FileListError, VideoError

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from tsm_dist.data import build_video_loader
+from tsm_dist.data.video_loader import build_video_loader
 from tsm_dist.data.encode import write_video
 from tsm_dist.data.errors import VideoError
 from tsm_dist.data.feed import Feeder
-from tsm_dist.data.pack import main as pack_main
-from tsm_dist.data.pack_format import load_packed, shard_name
+from tsm_dist.data.pack.write import main as pack_main
+from tsm_dist.data.pack.format import load_packed, shard_name
 from tsm_dist.data.sharding import shard_slots
 from tsm_dist.data.synthetic import make_synthetic
 
@@ -364,7 +364,7 @@ def test_a_second_pack_into_the_same_directory_is_refused(synthetic, tmp_path, c
 
 def test_the_sweep_sizes_its_epoch_from_a_packed_directory(packed):
     from tsm_dist.config import load_config
-    from tsm_dist.scaling_sweep import _dataset_size
+    from tsm_dist.studies.sweep import _dataset_size
 
     cfg = load_config(None, [f"data.train_list={packed}"])
     assert _dataset_size(cfg, Path("x.yaml")) == 16
@@ -401,7 +401,7 @@ def test_shuffled_pack_stores_a_seeded_permutation(synthetic, tmp_path):
 
 
 def test_a_torn_skipped_line_is_cut_on_resume(tmp_path):
-    from tsm_dist.data.pack import _read_skipped
+    from tsm_dist.data.pack.write import _read_skipped
 
     (tmp_path / "skipped.jsonl").write_text('{"item": 1, "path": "a", "reason": "r"}\n{"item": 4, "pa')
     assert _read_skipped(str(tmp_path)) == [{"item": 1, "path": "a", "reason": "r"}]
@@ -415,13 +415,13 @@ def test_a_killed_pack_resumes_to_the_same_bytes(synthetic, tmp_path):
     import sys
     import time
 
-    from tsm_dist.data.pack_study import repeat_list
+    from tsm_dist.studies.pack_io import repeat_list
 
     long_list = str(tmp_path / "long.txt")
     repeat_list(synthetic.train_list, synthetic.root, long_list, 600)
     argv = ["--list", long_list, "--shard-mb", "0.2", "--no-progress"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "tsm_dist.data.pack", *argv, "--out", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "tsm_dist.data.pack.write", *argv, "--out", str(killed)],
                             cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from tsm_dist.config import EngineConfig
-from tsm_dist.engine import CPU_CYCLE_TIME_MS, _cpu_threads, cpu_mpi_env, horovod_env
+from tsm_dist.engine import horovod_env
+from tsm_dist.launch.cpu_policy import CPU_CYCLE_TIME_MS, compute_threads, cpu_mpi_env
 
 
 def test_cpu_ranks_get_the_yielding_mpi_and_the_cpu_cycle_time():
@@ -41,4 +42,4 @@ def test_the_config_wins_and_the_users_environment_beats_cpu_defaults():
     ({}, 1, 1),                         # alone: node CPUs / local ranks, capped by a 1-core mask
 ])
 def test_compute_threads_never_exceed_the_cores_of_the_mask(env, cores, expected):
-    assert _cpu_threads(env, affinity=cores) == expected
+    assert compute_threads(env, affinity=cores) == expected

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from tsm_dist.config import EngineConfig
-from tsm_dist.engine import Engine, launcher_layout
+from tsm_dist.engine import Engine
+from tsm_dist.launch.layout import launcher_layout
 
 
 @pytest.mark.parametrize("env, expected", [

@@ -100,7 +100,7 @@ def test_truncated_video_is_corrupt_even_when_short_videos_loop(dataset, tmp_pat
 
 @pytest.mark.parametrize("backend", ["dali", "pyav"])
 def test_truncated_video_is_skipped_by_both_backends_even_with_loop(dataset, tmp_path, backend):
-    from tsm_dist.data import build_video_loader
+    from tsm_dist.data.video_loader import build_video_loader
 
     listed = tmp_path / "list.txt"
     listed.write_text((dataset / "val.txt").read_text() + "truncated.webm 0\n")

@@ -14,7 +14,7 @@ import pytest
 
 from tsm_dist.cli_types import choice_list, count_list, name_list
 from tsm_dist.procs import find_tool, run_session
-from tsm_dist.tables import write_csv
+from tsm_dist.studies.tables import write_csv
 
 
 def _alive(pid: int) -> bool:

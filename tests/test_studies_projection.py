@@ -1,7 +1,7 @@
 """Projection without a sweep (scaling_sweep project): hand values on the Summit profile, labelled output."""
 import pytest
 
-from tsm_dist.scaling_sweep import main
+from tsm_dist.studies.sweep import main
 from tsm_dist.studies.machines import load_machine
 from tsm_dist.studies.projection import parse_step_times, project_rows
 

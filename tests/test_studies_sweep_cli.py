@@ -1,7 +1,7 @@
 """scaling_sweep command line: what it refuses, with the reason."""
 import pytest
 
-from tsm_dist.scaling_sweep import parse_args
+from tsm_dist.studies.sweep import parse_args
 
 BASE = ["--config", "c.yaml", "--out", "o"]
 

@@ -4,7 +4,7 @@ import subprocess
 
 import yaml
 
-from tsm_dist.scaling_sweep import main
+from tsm_dist.studies.sweep import main
 
 NODES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 MODELS = ["tsm8f_r50", "i3d3x3x3_r50", "i3d3x1x1_r50"]

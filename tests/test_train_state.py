@@ -11,7 +11,8 @@ import torch
 
 from tsm_dist import checkpoint as ckpt
 from tsm_dist.errors import CheckpointError
-from tsm_dist.metrics import Progress, topk_counts
+from tsm_dist.accuracy import topk_counts
+from tsm_dist.progress import Progress
 from tsm_dist.preemption import (PREEMPTED_EXIT_CODE, REQUEUE_ENV, TERMINATED_EXIT_CODE, PreemptionFlag,
                                  exit_code_for, stop_message)
 

@@ -42,25 +42,18 @@ def default_model_builder() -> ModelBuilder:
 
 
 def default_loader_builder() -> LoaderBuilder:
-    from tsm_dist.data import build_video_loader
+    from tsm_dist.data.video_loader import build_video_loader
 
     return build_video_loader
 
 
 def resolve_model(cfg: Config) -> Config:
-    """``cfg`` with every model option left at None set to the model's own default (the registry's):
-    the frame count the loaders sample is the one the model is built for. Unchanged if nothing is None."""
-    m = cfg.model
-    unset = [f.name for f in dataclasses.fields(m) if getattr(m, f.name) is None and f.name != "pretrained"]
-    if not unset:
-        return cfg
-    from tsm_dist.models import model_defaults
+    """``cfg`` with every model option the registry resolves (those left at None take the model's own
+    default), validated by the registry: the frame count the loaders sample is the one the model is built
+    for. A bad value is a :class:`ConfigError` naming its ``model.`` key."""
+    from tsm_dist.config import resolve_model_options
 
-    try:
-        defaults = model_defaults(m.name)
-    except ValueError as exc:
-        raise ConfigError(f"model.name: {exc}") from None
-    model = dataclasses.replace(m, **{key: defaults[key] for key in unset})
+    model = dataclasses.replace(cfg.model, **resolve_model_options(cfg.model))
     return dataclasses.replace(cfg, model=model)
 
 

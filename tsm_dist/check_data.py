@@ -115,7 +115,7 @@ def _probe_one(planner: Any, i: int) -> str | None:
 
 def check_list(cfg: Config, key: str, threads: int = 8) -> tuple[int, list[tuple[str, str]]]:
     """Probe every video of ``data.<key>`` as the training would; (videos listed, [(culprit, reason)])."""
-    from tsm_dist.data import read_videos
+    from tsm_dist.data.video_loader import read_videos
     from tsm_dist.data.clip_plan import ClipOptions, ClipPlanner
     from tsm_dist.data.dali_loader import DALI_CPU_HINT
     from tsm_dist.data.probe import DALI_CPU_CODECS
@@ -127,7 +127,7 @@ def check_list(cfg: Config, key: str, threads: int = 8) -> tuple[int, list[tuple
     records, skipped_lines = videos.records, videos.skipped
     bad: list[tuple[str, str]] = [(text, reason) for text, reason in skipped_lines]
     if videos.packed:  # a tsm-dist pack directory: its shards' checksums, then the index's facts below
-        from tsm_dist.data.pack import verify
+        from tsm_dist.data.pack.write import verify
 
         bad += [(list_path, problem) for problem in verify(list_path, sys.stderr.isatty())]
     options = ClipOptions(num_frames=cfg.model.num_frames, sampling=d.sampling, stride=d.stride,

@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("tsm_dist.models.profiler", "MACs, parameters, compute/IO, temporal resolution, throughput"),
     "make-synthetic": ("tsm_dist.data.synthetic", "write the synthetic temporal-order video data set"),
     "convert": ("tsm_dist.data.convert", "convert Kinetics CSV / Something-Something JSON to file lists"),
-    "pack": ("tsm_dist.data.pack", "pack a file list's videos into large shards + index; --verify a packed set"),
+    "pack": ("tsm_dist.data.pack.write", "pack a file list's videos into large shards + index; --verify a packed set"),
     "render-job": ("tsm_dist.launch.render", "render an LSF (jsrun) or Slurm (srun) job script"),
     "sweep": ("tsm_dist.scaling_sweep", "scaling sweep across node counts (= python -m tsm_dist.scaling_sweep)"),
     "io-study": ("tsm_dist.io_study", "data time not hidden by compute vs compute, per model and loader"),

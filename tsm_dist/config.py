@@ -45,7 +45,7 @@ def _choices(*values: str) -> dict[str, Any]:
 
 @dataclass
 class ModelConfig:
-    """None (the default) means the model's own value from the registry (tsm_dist.models.model_defaults):
+    """None (the default) means the model's own value from the registry (tsm_dist.models.registry.resolve_options):
     an I3D config without ``num_frames`` gets its 16 or 32 frames. ``tsm_dist.build.resolve_model``
     fills them in before anything is built."""
 
@@ -227,7 +227,7 @@ def _set(cfg: Config, dotted: str, value: Any, where: str) -> None:
 
 
 def _check_ranges(cfg: Config) -> None:
-    positive = ["model.num_classes", "model.num_frames", "model.fold_div", "model.width", "data.stride",
+    positive = ["model.num_classes", "data.stride",
                 "data.batch_size", "data.crop_size", "data.num_threads", "optim.base_batch",
                 "train.epochs", "train.accumulate", "train.keep_last", "log.interval",
                 "eval.num_clips", "eval.last_n", "engine.fusion_threshold_mb",
@@ -239,33 +239,40 @@ def _check_ranges(cfg: Config) -> None:
     for key in positive + non_negative:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value is None:  # a model option left to the model
+        if value is None:
             continue
         if value < 0 or (key in positive and value == 0):
             raise ConfigError(f"{key}={value!r} must be {'> 0' if key in positive else '>= 0'}")
-    if cfg.model.dropout is not None and not 0.0 <= cfg.model.dropout < 1.0:
-        raise ConfigError(f"model.dropout={cfg.model.dropout!r} must be in [0, 1)")
     if cfg.optim.decay_epochs != sorted(cfg.optim.decay_epochs):
         raise ConfigError(f"optim.decay_epochs={cfg.optim.decay_epochs!r} must be increasing")
     if cfg.data.backend == "random" and cfg.data.num_samples <= 0:
         raise ConfigError("data.num_samples must be > 0 with data.backend=random (it sets the epoch length)")
     if cfg.data.backend != "random" and not cfg.data.train_list:
         raise ConfigError(f"data.train_list is required with data.backend={cfg.data.backend}")
-    _check_model_name(cfg.model.name)
+    resolve_model_options(cfg.model)
     if cfg.engine.name == "torch":
         for key, default in (("timeline", ""), ("cycle_time_ms", 0.0)):
             if getattr(cfg.engine, key) != default:
                 raise ConfigError(f"engine.{key} is a Horovod option; unset it for engine.name=torch")
 
 
-def _check_model_name(name: str) -> None:
-    from tsm_dist.models.registry import list_models  # the registry is the one list of names
+def resolve_model_options(model: ModelConfig) -> dict[str, Any]:
+    """The registry's resolution of ``model``'s options (its defaults where the config leaves None),
+    with its errors as :class:`ConfigError` naming the ``model.`` key; the registry is the one place that
+    knows model names, defaults and valid values."""
+    from tsm_dist.models.registry import ModelOptionError, list_models, resolve_options
 
     known = list_models()
-    if name not in known:
-        close = difflib.get_close_matches(name, known, n=1)
+    if model.name not in known:
+        close = difflib.get_close_matches(model.name, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"model.name={name!r} is not a known model{hint}; known: {', '.join(known)}")
+        raise ConfigError(f"model.name={model.name!r} is not a known model{hint}; known: {', '.join(known)}")
+    options = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ("name", "num_classes")}
+    try:
+        resolved = resolve_options(model.name, model.num_classes, **options)
+    except ModelOptionError as exc:
+        raise ConfigError(f"model.{exc.option}={exc.value!r} {exc.why}") from None
+    return {key: resolved[key] for key in options}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -21,7 +21,7 @@ from tsm_dist import resources
 from tsm_dist.evaluate import mean_std
 from tsm_dist.procs import find_tool, run_session
 from tsm_dist.records import METRICS_FILE, read_last_run
-from tsm_dist.tables import pyplot
+from tsm_dist.studies.tables import pyplot
 
 MODELS = (("TSM", "synthetic_tsm.yaml"), ("TSN", "synthetic_tsn.yaml"))
 FULL = {"videos_per_class": 80, "frames": 32, "size": 64, "crop": 56, "epochs": 15}

@@ -26,64 +26,15 @@ import torch
 from torch import nn
 
 from tsm_dist.config import EngineConfig
-from tsm_dist.launch.binding import threads_per_rank
-from tsm_dist.launch.layout import detect_layout
+from tsm_dist.launch.cpu_policy import CPU_CYCLE_TIME_MS, compute_threads, cpu_mpi_env
+from tsm_dist.launch.layout import launcher_layout
 from tsm_dist.memory_format import DenseViewCompressor, dense_view
-
-
-def launcher_layout(env: Mapping[str, str] | None = None) -> tuple[int, int, int, int]:
-    """(rank, size, local_rank, local_size) as the launcher announced it; (0, 1, 0, 1) when alone.
-
-    Used before the engine starts (so only rank 0 prints a config error) and by the ``torch``
-    engine, which has no launcher of its own outside torchrun.
-    """
-    layout = detect_layout(os.environ if env is None else env)  # torchrun included
-    return layout.rank, layout.size, layout.local_rank, layout.local_size
-
-
-def is_launcher_rank0() -> bool:
-    """Whether this process should print errors found before the engine starts."""
-    try:
-        return launcher_layout()[0] == 0
-    except ValueError:  # an inconsistent launcher environment: better every rank than none
-        return True
-
-
-def _cpu_threads(env: Mapping[str, str] | None = None, affinity: int | None = None) -> int:
-    """Compute threads per rank: OMP_NUM_THREADS when the job (or tsm_dist.launch.rank) set it, else the
-    launch layer's rule (cpus per task, CPU mask, node CPUs shared by the node's ranks); never more than
-    the cores in this process's CPU mask (more threads than cores only time-slice one core)."""
-    env = os.environ if env is None else env
-    cores = affinity if affinity is not None else len(os.sched_getaffinity(0))
-    pinned = env.get("OMP_NUM_THREADS", "")
-    if pinned.isdigit() and int(pinned) > 0:
-        return max(1, min(int(pinned), cores))
-    return max(1, min(threads_per_rank(detect_layout(env), env)[0], cores))
-
-
-# Horovod on CPU ranks (docs/studies.md, "Scaling on CPU ranks"). Horovod's background thread
-# runs the controller's negotiation and, with MPI CPU operations, the allreduce itself, in blocking MPI
-# calls. OpenMPI's progress loop busy-polls while such a call waits for a peer that is still computing, and
-# on CPU ranks that poll runs on the very cores the rank computes on: measured, it took 0.38-0.55 CPU-s
-# per 0.5 s step from the compute thread. Yielding when idle brings it to 0.02-0.05 CPU-s (DDP/Gloo: 0.02).
-# With the yield the cycle time matters little; 5 ms took the least CPU (1 ms: ~0.02 CPU-s more per step,
-# 1000 negotiations a second) and adds at most ~5 ms of latency to a step of ~0.5 s. On GPUs none of this applies (NCCL moves the data,
-# the cores are free): Horovod's own defaults stay.
-CPU_CYCLE_TIME_MS = 5.0
-CPU_MPI_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1"}
-
-
-def cpu_mpi_env(env: Mapping[str, str], on_gpu: bool | None = None) -> dict[str, str]:
-    """MPI settings of CPU ranks not already in ``env`` (the user's wins); none where a GPU computes."""
-    if torch.cuda.is_available() if on_gpu is None else on_gpu:
-        return {}
-    return {k: v for k, v in CPU_MPI_ENV.items() if k not in env}
 
 
 def horovod_env(cfg: EngineConfig, on_gpu: bool, env: Mapping[str, str]) -> dict[str, str]:
     """The variables Horovod reads at init, from the config (which wins over the launcher's flags, so
     that a run is described by its config alone) and, on CPU ranks only, the CPU defaults above (the
-    user's own environment wins over those)."""
+    user's own environment wins over those: :mod:`tsm_dist.launch.cpu_policy`)."""
     knobs = {
         "HOROVOD_FUSION_THRESHOLD": str(int(cfg.fusion_threshold_mb * 1024 * 1024)),
         "HOROVOD_STALL_CHECK_TIME_SECONDS": str(cfg.stall_check_s),
@@ -123,7 +74,7 @@ class Engine:
             self._init_torch()
         self._pin_device()
         if self.device.type != "cuda":
-            torch.set_num_threads(_cpu_threads())
+            torch.set_num_threads(compute_threads())
             self.settings["compute_threads"] = str(torch.get_num_threads())
         return self
 

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 
 from tsm_dist.config import ConfigError
 from tsm_dist.data.errors import DataError, VideoError
+from tsm_dist.launch.layout import launcher_layout
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -102,8 +103,6 @@ def debug_enabled(argv: Sequence[str] = ()) -> bool:
 def launcher_rank() -> tuple[int, int]:
     """(rank, size) from the launcher's environment, without starting any engine; (0, 1) if unknown."""
     try:
-        from tsm_dist.engine import launcher_layout
-
         rank, size, _, _ = launcher_layout()
         return rank, size
     except Exception:  # an inconsistent environment: better every rank than none

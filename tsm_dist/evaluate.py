@@ -22,7 +22,7 @@ from tsm_dist.build import amp_dtype, build_loader_from_config, build_model_from
 from tsm_dist.check_data import check_file_lists
 from tsm_dist.config import Config, ConfigError, load_config
 from tsm_dist.errors import EXIT_CHECKPOINT, CheckpointError, CoordinatedError, run_main
-from tsm_dist.metrics import topk_counts
+from tsm_dist.accuracy import topk_counts
 
 if TYPE_CHECKING:  # the engine (Horovod, torch.distributed) is imported only when a run starts
     from tsm_dist.engine import Engine

@@ -39,7 +39,9 @@ from tsm_dist.errors import EXIT_CHECKPOINT, EXIT_DATA, EXIT_NONFINITE, EXIT_OK,
     CoordinatedError, run_main
 from tsm_dist.evaluate import evaluate
 from tsm_dist.memory_format import to_memory_format
-from tsm_dist.metrics import Progress, WandbRun, git_commit, hardware, versions
+from tsm_dist.progress import Progress
+from tsm_dist.run_facts import git_commit, hardware, versions
+from tsm_dist.wandb_log import WandbRun
 from tsm_dist.preemption import StopSignals, exit_code_for, stop_message
 from tsm_dist.schedule import LRSchedule
 

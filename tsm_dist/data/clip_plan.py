@@ -22,7 +22,7 @@ import numpy as np
 from tsm_dist.data.augment import TRAIN_CROPS, Box, default_scale_size, eval_crop_boxes, flipped_label, train_crop_box
 from tsm_dist.data.errors import DataError, VideoError
 from tsm_dist.data.filelist import VideoRecord
-from tsm_dist.data.pack_format import Location
+from tsm_dist.data.pack.format import Location
 from tsm_dist.data.probe import VideoInfo, probe_video
 from tsm_dist.data.sampling import SAMPLINGS, frames_needed, sample_indices
 from tsm_dist.data.sharding import PAD, batches_per_epoch, shard_slots

@@ -36,7 +36,7 @@ from tsm_dist.data.errors import DataError, VideoError
 from tsm_dist.data.feed import Feeder
 from tsm_dist.data.loader import Batch, VideoLoader
 from tsm_dist.data.clip_plan import ClipPlanner, ClipSpec
-from tsm_dist.data.pack_format import ByteReader, encoded_file
+from tsm_dist.data.pack.format import ByteReader, encoded_file
 from tsm_dist.data.probe import DALI_CPU_CODECS
 
 DALI_CPU_HINT = (

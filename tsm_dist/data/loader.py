@@ -9,7 +9,7 @@ import torch
 
 from tsm_dist.data.augment import MEAN, STD
 from tsm_dist.data.clip_plan import ClipPlanner, ClipSpec
-from tsm_dist.data.pack_format import ByteReader
+from tsm_dist.data.pack.format import ByteReader
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -21,7 +21,7 @@ from tsm_dist.data.errors import VideoError
 from tsm_dist.data.feed import Feeder
 from tsm_dist.data.loader import Batch, VideoLoader, normalization
 from tsm_dist.data.clip_plan import ClipPlanner, ClipSpec
-from tsm_dist.data.pack_format import encoded_file
+from tsm_dist.data.pack.format import encoded_file
 
 
 def decode_frames(path: str, frame_numbers: np.ndarray, where: str = "", data: np.ndarray | None = None) -> np.ndarray:

@@ -7,6 +7,7 @@ still sees the batch script's ``SLURM_PROCID=0``, so the innermost launcher's va
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -34,10 +35,6 @@ class RankLayout:
     job_id: str | None = None
     step_id: str | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False)  # field -> variable it came from
-
-    @property
-    def num_nodes(self) -> int | None:
-        return len(self.nodes) if self.nodes else None
 
     @property
     def cross_size(self) -> int:
@@ -212,3 +209,11 @@ def detect_layout(env: Mapping[str, str]) -> RankLayout:
             return _check(RankLayout("pmi", _int(env, "PMI_RANK"), 1, 0, 1, mpi=True))
         return _check(_simple(env, "pmi", names, mpi=True))
     return RankLayout("single", 0, 1, 0, 1, mpi=False, sources={"rank": "(no launcher)"})
+
+
+def launcher_layout(env: Mapping[str, str] | None = None) -> tuple[int, int, int, int]:
+    """(rank, size, local_rank, local_size) as the launcher announced it (torchrun included); (0, 1, 0, 1)
+    when alone. Used before any engine starts (so only rank 0 prints a config error) and by the ``torch``
+    engine, which has no launcher of its own outside torchrun."""
+    layout = detect_layout(os.environ if env is None else env)
+    return layout.rank, layout.size, layout.local_rank, layout.local_size

@@ -67,6 +67,27 @@ def _entry(name: str) -> ModelEntry:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(_MODELS)}") from None
 
 
+class ModelOptionError(ValueError):
+    """A model option with a value the model cannot be built with; ``option`` names it."""
+
+    def __init__(self, name: str, option: str, value: Any, why: str) -> None:
+        super().__init__(f"build_model({name!r}): {option}={value!r} {why}")
+        self.option, self.value, self.why = option, value, why
+
+
+def resolve_options(name: str, num_classes: int, **options: Any) -> dict[str, Any]:
+    """Every option of ``name`` (those given as None or left out take the model's default), validated:
+    the one place that fills in and checks model options (configs, the trainer and eval call it)."""
+    spec = _entry(name).spec
+    unknown = sorted(set(options) - set(_DEFAULTS) - {"num_frames"})
+    if unknown:
+        raise TypeError(f"build_model({name!r}): unknown option(s) {unknown}; "
+                        f"known: {sorted([*_DEFAULTS, 'num_frames'])}")
+    opts = {k: (default if options.get(k) is None else options[k]) for k, default in model_defaults(name).items()}
+    _validate(name, spec, num_classes, opts)
+    return opts
+
+
 def build_model(name: str, num_classes: int, **options: Any) -> VideoResNet:
     """Build a registered model. Options (None means the model's default):
 
@@ -76,31 +97,24 @@ def build_model(name: str, num_classes: int, **options: Any) -> VideoResNet:
     ImageNet-style state_dict; inflated for 3D models). Shift options only act on shift models.
     """
     spec = _entry(name).spec
-    unknown = sorted(set(options) - set(_DEFAULTS) - {"num_frames"})
-    if unknown:
-        raise TypeError(f"build_model({name!r}): unknown option(s) {unknown}; "
-                        f"known: {sorted([*_DEFAULTS, 'num_frames'])}")
-    opts = {k: (default if options.get(k) is None else options[k]) for k, default in model_defaults(name).items()}
-    num_frames = int(opts.pop("num_frames"))
-    _validate(name, spec, num_classes, num_frames, opts)
+    opts = resolve_options(name, num_classes, **options)
     model = VideoResNet(
-        spec, num_classes=num_classes, num_frames=num_frames, depth=opts["depth"], width=opts["width"],
-        dropout=float(opts["dropout"]), fold_div=opts["fold_div"], shift_place=opts["shift_place"],
-        direction="uni" if opts["online"] else "bi")
+        spec, num_classes=num_classes, num_frames=int(opts["num_frames"]), depth=opts["depth"],
+        width=opts["width"], dropout=float(opts["dropout"]), fold_div=opts["fold_div"],
+        shift_place=opts["shift_place"], direction="uni" if opts["online"] else "bi")
     model.name = name
     if opts["pretrained"] is not None:
         load_pretrained(model, opts["pretrained"])
     return model
 
 
-def _validate(name: str, spec: VideoSpec, num_classes: int, num_frames: int, opts: dict[str, Any]) -> None:
-    def bad(option: str, why: str) -> ValueError:
-        value = num_frames if option == "num_frames" else opts[option]
-        return ValueError(f"build_model({name!r}): {option}={value!r} {why}")
+def _validate(name: str, spec: VideoSpec, num_classes: int, opts: dict[str, Any]) -> None:
+    def bad(option: str, why: str) -> ModelOptionError:
+        return ModelOptionError(name, option, opts[option], why)
 
     if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"build_model({name!r}): num_classes must be a positive int, got {num_classes!r}")
-    if num_frames < 1:
+        raise ModelOptionError(name, "num_classes", num_classes, "must be a positive int")
+    if not isinstance(opts["num_frames"], int) or opts["num_frames"] < 1:
         raise bad("num_frames", "must be >= 1")
     if opts["depth"] not in DEPTHS:
         raise bad("depth", f"is not one of {sorted(DEPTHS)}")

@@ -20,7 +20,7 @@ from statistics import median
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from tsm_dist.cli_types import choice_list
-from tsm_dist.engine import launcher_layout
+from tsm_dist.launch.layout import launcher_layout
 from tsm_dist.records import MetricsError, read_last_run
 from tsm_dist.studies.costmodel import fit_ring_link, gradient_bytes
 
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = message_sizes(max_bytes, args.min_bytes, args.points)
     # MPI starts once per process (mpi4py or Horovod, whichever comes first): with the settings the engine
     # trains with, so that both methods run on the same MPI
-    from tsm_dist.engine import cpu_mpi_env
+    from tsm_dist.launch.cpu_policy import cpu_mpi_env
 
     os.environ.update(cpu_mpi_env(os.environ))
     with contextlib.ExitStack() as stack:

@@ -19,7 +19,7 @@ from tsm_dist.studies.costmodel import (STEP_SMALL_COLLECTIVES, LinkCost, gradie
                                         unmodelled_overhead)
 from tsm_dist.studies.machines import MachineProfile, load_machine
 from tsm_dist.studies.sweep_plan import JobSpec, SweepPlan
-from tsm_dist.tables import pyplot, write_csv
+from tsm_dist.studies.tables import pyplot, write_csv
 
 BENCH_FILES = {"engine": "allreduce_engine.json", "mpi4py": "allreduce_mpi4py.json"}
 

@@ -1,6 +1,6 @@
 """Measure what packing changes for one rank: start-up, metadata and byte I/O per epoch, clips/s.
 
-Used by the I/O study (``tsm_dist/io_study.py``) and ``benchmarks/bench_loaders.py``. A rank is rank 0
+Used by the I/O study (``tsm_dist/studies/io_study.py``) and ``benchmarks/bench_loaders.py``. A rank is rank 0
 of ``ranks`` (its shard of the data set). Counts come from the loader's own ``ByteReader`` (every encoded
 byte a backend decodes passes through it) and the planner's probe counter; they are per epoch and rank.
 
@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tsm_dist.data import build_video_loader
+from tsm_dist.data.video_loader import build_video_loader
 from tsm_dist.data.filelist import read_file_list, write_file_list
-from tsm_dist.data.pack_format import is_packed
+from tsm_dist.data.pack.format import is_packed
 
 
 @dataclass

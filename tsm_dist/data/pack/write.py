@@ -29,8 +29,8 @@ import numpy as np
 
 from tsm_dist.data.errors import DataError, VideoError
 from tsm_dist.data.filelist import VideoRecord, read_file_list
-from tsm_dist.data.pack_format import FORMAT, INDEX, META, SKIPPED, VERSION, read_index, read_meta, shard_name
-from tsm_dist.data.pack_transcode import TRANSCODES
+from tsm_dist.data.pack.format import FORMAT, INDEX, META, SKIPPED, VERSION, read_index, read_meta, shard_name
+from tsm_dist.data.pack.transcode import TRANSCODES
 
 EXIT_USAGE, EXIT_BAD = 2, 1
 CHUNK = 1 << 24  # bytes read at a time when checking a shard
@@ -46,7 +46,7 @@ def progress(total: int, desc: str, enabled: bool):
 # ----------------------------------------------------------------------------- worker side
 def prepare(job: tuple[int, str, str, str | None, int, int, str]) -> tuple[int, str, dict | None, str]:
     """Probe (and transcode) one video: ``(item, file to store, info or None, error reason)``."""
-    from tsm_dist.data.pack_transcode import transcode_vp9
+    from tsm_dist.data.pack.transcode import transcode_vp9
     from tsm_dist.data.probe import probe_video
 
     item, path, where, transcode, gop, crf, tmpdir = job
