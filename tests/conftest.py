@@ -1,15 +1,20 @@
-"""Shared test helpers: bounded multi-process launches that always clean up after themselves."""
+"""Shared test helpers: bounded multi-process launches that always clean up after themselves, a free port,
+the synthetic data set, and a loader with the tests' small defaults."""
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tsm_dist.procs import run_session
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -57,20 +62,39 @@ def run_bounded(cmd: list[str], *, timeout: float, env: dict[str, str] | None = 
     tag = uuid.uuid4().hex
     env = dict(launcher_env() if env is None else env)
     env[_TAG] = tag
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    lines: list[str] = []
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        code = run_session(cmd, timeout=timeout, env=env, cwd=cwd, on_line=lines.append)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        _kill_tagged(tag)
-        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{''.join(lines)[-4000:]}")
     finally:
         # Ranks that outlive their launcher (a crash path) must not leak into later tests.
         time.sleep(0.05)
         _kill_tagged(tag)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    return subprocess.CompletedProcess(cmd, code, "".join(lines), "")
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory) -> Any:
+    """The synthetic temporal-order set (4 classes, 5 videos each, 16 frames of 32x32), made once per run."""
+    from tsm_dist.data.synthetic import make_synthetic
+
+    return make_synthetic(str(tmp_path_factory.mktemp("syn")), videos_per_class=5, frames=16, size=32, seed=1)
+
+
+def video_loader(source: Any, root: Any, **options: Any) -> Any:
+    """``build_video_loader`` with the tests' small defaults (8 frames, 32x32 crops, training, 2 threads)."""
+    from tsm_dist.data.video_loader import build_video_loader
+
+    defaults = dict(num_frames=8, batch_size=4, crop_size=32, train=True, num_threads=2)
+    return build_video_loader(source, None if root is None else str(root), **{**defaults, **options})
 
 
 def horovodrun(np: int, *args: str) -> list[str]:

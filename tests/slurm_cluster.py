@@ -19,7 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
-from conftest import _TAG, _kill_tagged
+from conftest import _TAG, _kill_tagged, free_port
 
 PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -58,12 +58,6 @@ def ensure_installed(timeout_s: float = 900) -> str | None:
     return f"installed {PACKAGES} but {missing} still missing" if missing else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _daemon(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
@@ -95,7 +89,7 @@ class SlurmCluster:
         key = self.root / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        ctld_port, slurmd_port = _free_port(), _free_port()
+        ctld_port, slurmd_port = free_port(), free_port()
         r = self.root
         self.conf.write_text(f"""\
 ClusterName=tsmtest

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsm_dist.data.video_loader import build_video_loader
+from conftest import video_loader
 from tsm_dist.data.augment import MEAN, STD
 from tsm_dist.data.clip_plan import ClipSpec
 from tsm_dist.data.dali_loader import PAD_MODE, StreamFacts, _build_pipeline, _feed, check_clip, stream_facts
@@ -61,11 +61,10 @@ def _levels(clips: torch.Tensor) -> np.ndarray:
 
 
 def _loader(root, names, **kw):
+    records = [VideoRecord(n, 0, where=f"list.txt:{i + 1}") for i, n in enumerate(names)]
     options = dict(backend="dali", device="cpu", num_frames=FRAMES, sampling="dense", stride=1, batch_size=1,
-                   crop_size=32, train=False, num_threads=1)
-    options.update(kw)
-    return build_video_loader([VideoRecord(n, 0, where=f"list.txt:{i + 1}") for i, n in enumerate(names)],
-                              str(root), **options)
+                   train=False, num_threads=1)
+    return video_loader(records, root, **{**options, **kw})
 
 
 def test_the_header_promises_frames_the_stream_does_not_decode(videos):

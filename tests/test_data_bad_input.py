@@ -1,12 +1,14 @@
 """Bad input gives errors naming the video and its list line; skip_corrupt skips and counts it."""
 from __future__ import annotations
 
+import functools
+
 import av
 import numpy as np
 import pytest
 import torch
 
-from tsm_dist.data.video_loader import build_video_loader
+from conftest import video_loader
 from tsm_dist.data.dali_loader import DaliLoader
 from tsm_dist.data.encode import write_video
 from tsm_dist.data.errors import DataError, FileListError, VideoError
@@ -45,10 +47,7 @@ def _list(root, names: list[str], labels: list[int] | None = None) -> str:
     return str(path)
 
 
-def _loader(file_list: str, root, **kw):
-    options = dict(num_frames=8, batch_size=2, crop_size=16, train=True, num_classes=2)
-    options.update(kw)
-    return build_video_loader(file_list, str(root), **options)
+_loader = functools.partial(video_loader, batch_size=2, crop_size=16, num_classes=2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

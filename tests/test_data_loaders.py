@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import video_loader
 from tsm_dist.data.video_loader import build_video_loader
 from tsm_dist.data.augment import MEAN, STD
 from tsm_dist.data.encode import write_video
 from tsm_dist.data.filelist import VideoRecord, read_file_list
 from tsm_dist.data.loader import Loader
-from tsm_dist.data.synthetic import FLIP_LABEL_MAP, make_synthetic
+from tsm_dist.data.synthetic import FLIP_LABEL_MAP
 
 BACKENDS = ["dali", "pyav"]
 COUNTER_FRAMES = 40
@@ -35,11 +36,6 @@ def _frame_numbers(clips: torch.Tensor) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    return make_synthetic(str(tmp_path_factory.mktemp("syn")), videos_per_class=5, frames=16, size=32, seed=1)
-
-
-@pytest.fixture(scope="module")
 def counter(tmp_path_factory):
     """Videos whose frame k is uniformly gray at level 4 + 6k (40 frames, 32x48)."""
     root = tmp_path_factory.mktemp("counter")
@@ -52,10 +48,7 @@ def counter(tmp_path_factory):
     return str(root), records
 
 
-def _loader(list_or_records, root, **kw):
-    options = dict(num_frames=8, batch_size=4, crop_size=32, train=True, num_threads=2)
-    options.update(kw)
-    return build_video_loader(list_or_records, root, **options)
+_loader = video_loader
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

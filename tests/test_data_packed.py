@@ -2,6 +2,7 @@
 that read a packed directory in place of a file list with the same clips, fewer file opens, no probing."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -15,23 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from tsm_dist.data.video_loader import build_video_loader
+from conftest import PYTHON, REPO as ROOT, horovodrun, launcher_env, run_bounded, video_loader
 from tsm_dist.data.encode import write_video
 from tsm_dist.data.errors import VideoError
 from tsm_dist.data.feed import Feeder
 from tsm_dist.data.pack.write import main as pack_main
 from tsm_dist.data.pack.format import load_packed, shard_name
 from tsm_dist.data.sharding import shard_slots
-from tsm_dist.data.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ["dali", "pyav"]
 SHARD_MB = "0.01"  # about 10 KiB: the 16 test videos (2.5 KiB each) go to 4 shards
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    return make_synthetic(str(tmp_path_factory.mktemp("syn")), videos_per_class=5, frames=16, size=32, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +41,7 @@ def _pack_files(out: str) -> dict[str, bytes]:
     return {name: (Path(out) / name).read_bytes() for name in sorted(os.listdir(out))}
 
 
-def _loader(source, root, **kw):
-    options = dict(num_frames=8, batch_size=3, crop_size=32, train=True, num_threads=2, num_classes=4)
-    options.update(kw)
-    return build_video_loader(source, root, **options)
+_loader = functools.partial(video_loader, batch_size=3, num_classes=4)
 
 
 def _epochs(loader, epochs=(0, 1)):
@@ -333,7 +325,6 @@ def test_inline_feeder_keeps_depth_results_ahead_on_the_calling_thread():
 
 def test_training_and_evaluation_read_packed_directories(synthetic, packed, tmp_path):
     """The trainer end to end (1 process, torch engine, DALI): train and val lists are packed directories."""
-    from conftest import PYTHON, REPO as ROOT, launcher_env, run_bounded
 
     val = str(tmp_path / "val.pack")
     assert pack_main(["--list", synthetic.val_list, "--root", synthetic.root, "--out", val, "--no-progress"]) == 0
@@ -445,7 +436,6 @@ def test_a_killed_pack_resumes_to_the_same_bytes(synthetic, tmp_path):
 @pytest.mark.multirank
 def test_two_horovod_ranks_train_and_evaluate_on_packed_directories(synthetic, packed, tmp_path):
     """2 ranks under horovodrun, each reading its contiguous block: every validation video counted once."""
-    from conftest import PYTHON, REPO as ROOT, horovodrun, launcher_env, run_bounded
 
     val = str(tmp_path / "val.pack")
     assert pack_main(["--list", synthetic.val_list, "--root", synthetic.root, "--out", val, "--no-progress"]) == 0

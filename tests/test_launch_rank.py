@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from test_launch_layout import load_env
 from tsm_dist.launch import rendezvous
 from tsm_dist.launch.layout import LayoutError, detect_layout
@@ -115,9 +116,7 @@ def test_trainer_exit_code_and_arguments_pass_through(tmp_path: Path) -> None:
 
 
 def test_missing_rendezvous_times_out_with_a_clear_error() -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     proc = _wrapper(["--rendezvous-timeout", "1", "--module", "json"],
                     load_env("slurm_none_1", TSM_DIST_RENDEZVOUS_PORT=str(port)))
     assert proc.returncode == 2

@@ -8,7 +8,6 @@ weights, channels_last_3d) trains 2 steps. Run as a script, this file is the per
 """
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the rank processes start outside pytest
 
+from conftest import PYTHON, VENV_BIN, free_port, horovodrun, launcher_env, run_bounded  # noqa: E402
 from tsm_dist.records import read_records  # noqa: E402
 
 pytestmark = pytest.mark.multirank
@@ -60,19 +60,11 @@ def rank_main(engine_name: str, out: Path) -> None:
     engine.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("engine", ["horovod", "torch"])
 def test_channels_last_trains_and_resumes_on_two_ranks(engine: str, tmp_path: Path) -> None:
-    from conftest import PYTHON, VENV_BIN, horovodrun, launcher_env, run_bounded
-
     script = [PYTHON, __file__, engine, str(tmp_path)]
     cmd = (horovodrun(2, *script) if engine == "horovod" else
-           [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(_free_port()), *script[1:]])
+           [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()), *script[1:]])
     result = run_bounded(cmd, timeout=240, env=launcher_env(PYTHONWARNINGS="default"))
     assert result.returncode == 0, result.stdout[-5000:]
     assert "contiguous" not in result.stdout, result.stdout[-3000:]

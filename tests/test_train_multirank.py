@@ -12,7 +12,6 @@ import gc
 import math
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the rank processes start outside pytest
 
+from conftest import PYTHON, VENV_BIN, free_port, horovodrun, launcher_env, run_bounded  # noqa: E402
 from tsm_dist.config import Config, load_config  # noqa: E402
 from tsm_dist.records import read_records  # noqa: E402
 
@@ -178,20 +178,12 @@ def rank_main(engine_name: str, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------- pytest side
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(engine: str, out: Path, mode: str = "suite", timeout: float = 240) -> Any:
-    from conftest import PYTHON, VENV_BIN, horovodrun, launcher_env, run_bounded
-
     script = [PYTHON, __file__, engine, str(out), mode]
     if engine == "horovod":
         cmd = horovodrun(2, *script)
     else:
-        cmd = [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        cmd = [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()),
                *script[1:]]
     env = launcher_env(WANDB_DIR=str(out), WANDB_MODE="offline", WANDB_SILENT="true")
     return run_bounded(cmd, timeout=timeout, env=env)

@@ -76,7 +76,7 @@ class DataConfig:
     short_videos: str = field(default="error", metadata=_choices("error", "loop"))
     num_threads: int = 2
     skip_corrupt: bool = False
-    # plan and read batches on a feeder thread, off the training thread (false: inside next(), as before)
+    # plan and read batches on a feeder thread, off the training thread (false: inside next(); docs/data.md)
     feed_thread: bool = True
     num_samples: int = 0  # random backend: clips per epoch (all ranks together)
     flip: bool = True

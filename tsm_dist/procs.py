@@ -35,7 +35,8 @@ def kill_session(proc: subprocess.Popen) -> None:
 
 
 def run_session(command: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None,
-                stdout: IO[str] | None = None, on_line: Callable[[str], None] | None = None) -> int:
+                stdout: IO[str] | None = None, on_line: Callable[[str], None] | None = None,
+                cwd: str | Path | None = None) -> int:
     """Run ``command`` in a new session; return its exit code.
 
     Output (stderr too) goes to ``stdout`` (a file; default: ours), or line by line to ``on_line``. On a
@@ -43,7 +44,7 @@ def run_session(command: Sequence[str], *, timeout: float, env: Mapping[str, str
     """
     proc = subprocess.Popen(list(command), stdout=subprocess.PIPE if on_line else stdout,
                             stderr=subprocess.STDOUT, text=True, env=None if env is None else dict(env),
-                            start_new_session=True)
+                            cwd=cwd, start_new_session=True)
     pump = None
     if on_line is not None:
         pump = threading.Thread(target=lambda: [on_line(line) for line in proc.stdout], daemon=True)
