@@ -97,7 +97,7 @@ def build_model_from_config(cfg: Config, builder: ModelBuilder | None = None) ->
     m = resolve_model(cfg).model
     return (builder or default_model_builder())(
         m.name, num_classes=m.num_classes, num_frames=m.num_frames, dropout=m.dropout, fold_div=m.fold_div,
-        shift_place=m.shift_place, depth=m.depth, width=m.width, pretrained=m.pretrained)
+        shift_place=m.shift_place, depth=m.depth, width=m.width, pretrained=m.pretrained, online=m.online)
 
 
 def build_loader_from_config(cfg: Config, engine: "Engine", *, train: bool, builder: LoaderBuilder | None = None,

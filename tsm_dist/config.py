@@ -58,6 +58,7 @@ class ModelConfig:
     depth: Optional[int] = None
     width: Optional[int] = None
     pretrained: Optional[str] = None
+    online: Optional[bool] = None  # uni-directional shift: the model `tsm-dist export --mode online` streams
 
 
 @dataclass

@@ -7,10 +7,12 @@ per-frame logits on the whole clip (frame t's output at time t).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
-from tsm_dist.models.resnet import VideoResNet
+from tsm_dist.models.temporal_shift import TemporalShift
 
 
 class OnlineTSM(nn.Module):
@@ -21,7 +23,7 @@ class OnlineTSM(nn.Module):
     independent streams; :meth:`reset` starts new ones.
     """
 
-    def __init__(self, model: VideoResNet) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         if model.conv3d:
             raise ValueError("OnlineTSM needs a 2D model (TSM or TSN); 3D models pool time inside")
@@ -47,3 +49,147 @@ class OnlineTSM(nn.Module):
     def cache_nbytes(self) -> int:
         """Bytes held between frames (the paper's "0.9 MB" figure for ResNet-50)."""
         return self.model.stream_cache_nbytes()
+
+
+# -- explicit caches: the same network as a pure function, for export (tsm_dist/deploy) --------------
+class _CacheBoard:
+    """Where the stand-ins of one exported model read their caches and leave the new ones."""
+
+    def __init__(self, slots: int) -> None:
+        self.inputs: list[Tensor | None] = [None] * slots
+        self.outputs: list[Tensor | None] = [None] * slots
+
+
+class _CacheSlot(nn.Module):
+    """Stands in for one uni-directional :class:`TemporalShift`: the channels it shifts in come from
+    a graph input, and the frame's own channels leave as a graph output, instead of module state."""
+
+    def __init__(self, shift: TemporalShift, board: _CacheBoard, index: int) -> None:
+        super().__init__()
+        self.shift, self.board, self.index = shift, board, index
+
+    def forward(self, x: Tensor) -> Tensor:
+        ((c0, c1, _),) = self.shift.groups(x.shape[1])  # uni: channels [0, fold) from frame t-1
+        current = x[:, c0:c1]
+        cached = self.board.inputs[self.index]
+        self.board.outputs[self.index] = current
+        return torch.cat((torch.zeros_like(current) if cached is None else cached, x[:, c1:]), 1)
+
+    def conv(self, x: Tensor, conv: nn.Module) -> tuple[Tensor, Tensor]:
+        return conv(self.forward(x)), x
+
+
+class _NoShift(nn.Module):
+    """Stands in for a shift that is not there: the same 2D network without temporal modelling."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def conv(self, x: Tensor, conv: nn.Module) -> tuple[Tensor, Tensor]:
+        return conv(x), x
+
+
+class _CatShift(nn.Module):
+    """A shift from slices and concatenation only (any exporter and runtime knows these ops), for the
+    offline clip graph; the training kernels move data in place, which a graph cannot express."""
+
+    def __init__(self, shift: TemporalShift) -> None:
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x: Tensor) -> Tensor:
+        groups = self.shift.groups(x.shape[1])
+        x5 = x.reshape(-1, self.shift.num_frames, *x.shape[1:])
+        parts = []
+        for c0, c1, off in groups:
+            g = x5[:, :, c0:c1]
+            zero = torch.zeros_like(g[:, :1])
+            parts.append(torch.cat((g[:, 1:], zero), 1) if off > 0 else torch.cat((zero, g[:, :-1]), 1))
+        parts.append(x5[:, :, groups[-1][1]:])
+        return torch.cat(parts, 2).flatten(0, 1)
+
+    def conv(self, x: Tensor, conv: nn.Module) -> tuple[Tensor, Tensor]:
+        return conv(self.forward(x)), x
+
+
+def _replace_shifts(model: nn.Module, make) -> int:
+    """Replace every TemporalShift child of ``model`` (in place) by ``make(shift, index)``; returns the count."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, TemporalShift):
+                setattr(parent, name, make(child, count))
+                count += 1
+    return count
+
+
+def _check_streamable(model: nn.Module) -> None:
+    if getattr(model, "conv3d", True):
+        raise ValueError("only a 2D model (TSM, TSN) streams frame by frame; a 3D model pools time inside")
+    if any(s.direction != "uni" for s in model.shift_modules()):
+        raise ValueError("the model shifts bi-directionally (it reads the next frame): "
+                         "an online model must be built (trained) with model.online=true")
+
+
+class ExplicitCacheTSM(nn.Module):
+    """``(frame (N, 3, H, W), *caches) -> (logits (N, K), *new caches)``: :class:`OnlineTSM` as a pure
+    function, with every shift cache an explicit tensor, so that a graph exporter can carry it.
+
+    ``caches[i]`` holds shift point i's first ``C_i / fold_div`` channels of the previous frame,
+    ``(N, C_i / fold_div, H_i, W_i)`` (:meth:`cache_shapes`); zeros start a stream. Shift points are
+    numbered in module order. ``with_shift=False`` gives the same network without any shift (no caches).
+    """
+
+    def __init__(self, model: nn.Module, *, with_shift: bool = True) -> None:
+        super().__init__()
+        if with_shift:
+            _check_streamable(model)
+        self.model = copy.deepcopy(model).eval()
+        self.model.num_frames = 1  # one time step per call: the frame count check of clips passes
+        if not with_shift:
+            _replace_shifts(self.model, lambda shift, i: _NoShift())
+            self._board = _CacheBoard(0)
+            return
+        count = len(model.shift_modules())
+        self._board = _CacheBoard(count)
+        _replace_shifts(self.model, lambda shift, i: _CacheSlot(shift, self._board, i))
+
+    @property
+    def num_caches(self) -> int:
+        return len(self._board.inputs)
+
+    def cache_names(self) -> list[str]:
+        return [f"cache_{i:02d}" for i in range(self.num_caches)]
+
+    @torch.no_grad()
+    def cache_shapes(self, frame_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """Each cache's shape for frames of ``frame_shape`` ``(N, 3, H, W)`` (one forward on the meta device)."""
+        with torch.device("meta"):
+            meta = copy.deepcopy(self).to("meta")
+            outputs = meta(torch.empty(frame_shape))
+        return [tuple(t.shape) for t in outputs[1:]]
+
+    def forward(self, frame: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
+        board = self._board
+        if caches and len(caches) != self.num_caches:
+            raise ValueError(f"expected {self.num_caches} caches, got {len(caches)}")
+        board.inputs = list(caches) if caches else [None] * self.num_caches
+        board.outputs = [None] * self.num_caches
+        try:
+            logits = self.model.frame_logits(frame.unsqueeze(1))[:, 0]
+            return (logits, *board.outputs)
+        finally:
+            board.inputs = [None] * self.num_caches
+
+
+class CatShiftClipModel(nn.Module):
+    """The clip model ``(N, T, 3, H, W) -> (N, K)`` with its shifts written as slices and concatenation
+    (:class:`_CatShift`): the same function as ``model``, in ops every graph format has."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).eval()
+        _replace_shifts(self.model, lambda shift, i: _CatShift(shift))
+
+    def forward(self, clips: Tensor) -> Tensor:
+        return self.model(clips)

@@ -1,6 +1,6 @@
-"""Initialise a model from a local 2D ImageNet-style ResNet state_dict (nothing is downloaded).
+"""Initialise a model from a local 2D ImageNet-style state_dict (nothing is downloaded).
 
-Names follow torchvision's ResNet, which our builder mirrors. For a 3D model every 2D kernel is
+Names follow torchvision's ResNet and MobileNetV2, which our builders mirror. For a 3D model every 2D kernel is
 inflated to its temporal size by repeating it kT times and dividing by kT (Carreira & Zisserman), so
 a clip of identical frames gives the 2D network's activations away from the temporal borders. The
 classifier is skipped when the file was trained on another number of classes (the usual fine-tuning
@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 
 _CLASSIFIER = ("fc.weight", "fc.bias")
+# torchvision's mobilenet_v2 keeps its classifier as classifier.1 (after a dropout); ours is fc
+_RENAMES = (("classifier.1.", "fc."),)
 
 
 @dataclass
@@ -39,7 +41,10 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(f"{path}: not a state_dict (expected a mapping of names to tensors)")
     # Checkpoints saved from DataParallel/DDP prefix every name with "module.".
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    for old, new in _RENAMES:
+        state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
+    return state
 
 
 def inflate(weight2d: Tensor, kt: int) -> Tensor:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tsm_dist.models.mobilenet import STEM, VideoMobileNetV2
 from tsm_dist.models.pretrained import load_pretrained
 from tsm_dist.models.resnet import DEPTHS, VideoResNet, VideoSpec
 
@@ -17,6 +18,8 @@ from tsm_dist.models.resnet import DEPTHS, VideoResNet, VideoSpec
 class ModelEntry:
     spec: VideoSpec
     description: str
+    # "resnet" (the shared ResNet builder) or "mobilenet_v2" (mobilenet.py: no depth, width = stem channels)
+    backbone: str = "resnet"
 
 
 _MODELS: dict[str, ModelEntry] = {
@@ -39,7 +42,14 @@ _MODELS: dict[str, ModelEntry] = {
         VideoSpec(num_frames=32, conv3d=True, stem_kt=5, stem_t_stride=2, pool1_t_stride=2,
                   pool2_t_stride=2, inflate="first", inflate_blocks=((1,), (1, 0), (1, 0), (0, 1))),
         "I3D3x1x1: 32 frames, first 1x1 conv of every other block inflated to 3x1x1, pooled three times"),
+    # The paper's edge model (Section 4, Table 8): shift in the inverted-residual blocks, as the official code.
+    "tsm8f_mbv2": ModelEntry(
+        VideoSpec(num_frames=8, shift=True),
+        "TSM on MobileNetV2: shift in the 10 residual inverted-residual blocks; the online/edge model",
+        backbone="mobilenet_v2"),
 }
+# what a backbone builds with where it differs from _DEFAULTS (MobileNetV2 has no depth)
+_BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {"mobilenet_v2": {"depth": None, "width": STEM}}
 
 _DEFAULTS: dict[str, Any] = {
     "dropout": 0.5, "fold_div": 8, "shift_place": "residual", "online": False,
@@ -49,7 +59,8 @@ _DEFAULTS: dict[str, Any] = {
 
 def model_defaults(name: str) -> dict[str, Any]:
     """The options ``name`` is built with when they are not given (None): the one source of model defaults."""
-    return {"num_frames": _entry(name).spec.num_frames, **_DEFAULTS}
+    entry = _entry(name)
+    return {"num_frames": entry.spec.num_frames, **_DEFAULTS, **_BACKBONE_DEFAULTS.get(entry.backbone, {})}
 
 
 def list_models() -> list[str]:
@@ -88,20 +99,30 @@ def resolve_options(name: str, num_classes: int, **options: Any) -> dict[str, An
     return opts
 
 
-def build_model(name: str, num_classes: int, **options: Any) -> VideoResNet:
+def build_model(name: str, num_classes: int, **options: Any) -> VideoResNet | VideoMobileNetV2:
     """Build a registered model. Options (None means the model's default):
 
     num_frames (clip length T), dropout (0.5, before the classifier), fold_div (8: 1/8 of the
     channels shifted each way), shift_place ("residual" | "inplace"), online (uni-directional shift
     for streaming), depth (18, 26, 34, 50, 101), width (base channels, 64), pretrained (path to a 2D
     ImageNet-style state_dict; inflated for 3D models). Shift options only act on shift models.
+    MobileNetV2 models have no depth and take width as the stem's channels (32); their shift is always
+    at the residual branch's input (shift_place "residual").
     """
-    spec = _entry(name).spec
+    entry = _entry(name)
+    spec = entry.spec
     opts = resolve_options(name, num_classes, **options)
-    model = VideoResNet(
-        spec, num_classes=num_classes, num_frames=int(opts["num_frames"]), depth=opts["depth"],
-        width=opts["width"], dropout=float(opts["dropout"]), fold_div=opts["fold_div"],
-        shift_place=opts["shift_place"], direction="uni" if opts["online"] else "bi")
+    model: VideoResNet | VideoMobileNetV2
+    if entry.backbone == "mobilenet_v2":
+        model = VideoMobileNetV2(
+            num_classes=num_classes, num_frames=int(opts["num_frames"]), width=opts["width"],
+            dropout=float(opts["dropout"]), fold_div=opts["fold_div"], shift=spec.shift,
+            direction="uni" if opts["online"] else "bi")
+    else:
+        model = VideoResNet(
+            spec, num_classes=num_classes, num_frames=int(opts["num_frames"]), depth=opts["depth"],
+            width=opts["width"], dropout=float(opts["dropout"]), fold_div=opts["fold_div"],
+            shift_place=opts["shift_place"], direction="uni" if opts["online"] else "bi")
     model.name = name
     if opts["pretrained"] is not None:
         load_pretrained(model, opts["pretrained"])
@@ -116,7 +137,12 @@ def _validate(name: str, spec: VideoSpec, num_classes: int, opts: dict[str, Any]
         raise ModelOptionError(name, "num_classes", num_classes, "must be a positive int")
     if not isinstance(opts["num_frames"], int) or opts["num_frames"] < 1:
         raise bad("num_frames", "must be >= 1")
-    if opts["depth"] not in DEPTHS:
+    mobilenet = _entry(name).backbone == "mobilenet_v2"
+    if mobilenet and opts["depth"] is not None:
+        raise bad("depth", "is a ResNet option; MobileNetV2 has no depth (leave it unset)")
+    if mobilenet and opts["shift_place"] != "residual":
+        raise bad("shift_place", "must be 'residual' for MobileNetV2 (the official placement)")
+    if not mobilenet and opts["depth"] not in DEPTHS:
         raise bad("depth", f"is not one of {sorted(DEPTHS)}")
     if not isinstance(opts["width"], int) or opts["width"] < 8:
         raise bad("width", "must be an int >= 8")
