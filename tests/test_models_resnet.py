@@ -14,7 +14,7 @@ def _clips(model, n: int = 2, size: int = 32) -> torch.Tensor:
 
 
 def test_registry_names() -> None:
-    assert list_models() == ["tsn8f_r50", "tsm8f_r50", "i3d3x3x3_r50", "i3d3x1x1_r50"]
+    assert list_models() == ["tsn8f_r50", "tsm8f_r50", "i3d3x3x3_r50", "i3d3x1x1_r50", "tsm8f_mbv2"]
     with pytest.raises(ValueError, match="known models: tsn8f_r50"):
         build_model("resnet9000", 10)
 

@@ -62,7 +62,7 @@ def plot(accuracy: np.ndarray, model: str, path: str) -> None:
 def _videos(list_path: str, root: str, num_classes: int, limit: int) -> list[tuple[str, int]]:
     from tsm_dist.data.filelist import read_file_list
 
-    records = read_file_list(list_path, num_classes=num_classes)
+    records, _ = read_file_list(list_path, num_classes=num_classes)
     base = Path(root) if root else Path(list_path).parent
     videos = [(str(base / r.path), r.label) for r in records]
     return videos[:limit] if limit else videos

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tsm_dist.config import Config, ConfigError, ModelConfig, load_config
+from tsm_dist.config import Config, ConfigError, load_config
 from tsm_dist.errors import UsageError
 
 SIDECAR_VERSION = 1
@@ -63,10 +63,9 @@ def trained_model(checkpoint: str, config: str | None, overrides: list[str]) -> 
 
 
 def _config_from_saved(saved: dict[str, Any], overrides: list[str]) -> Config:
-    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
-    sets = [f"model.{k}={json.dumps(v)}" for k, v in saved["model"].items() if k in model_keys and v is not None]
-    data = saved.get("data") or {}
-    sets += [f"data.{k}={data[k]}" for k in ("crop_size", "scale_size", "root") if data.get(k) not in (None, "")]
+    """The run's config as the checkpoint recorded it (every section, validated again), then ``overrides``."""
+    sets = [f"{section}.{key}={json.dumps(value)}" for section, values in saved.items() if isinstance(values, dict)
+            for key, value in values.items() if value is not None]
     return load_config(None, [*sets, *overrides])
 
 
