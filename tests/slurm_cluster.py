@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -25,6 +26,10 @@ PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "scancel", "squeue", "sinfo")
 NODE = "localhost"  # resolvable everywhere, so ranks can reach the rendezvous on "node 0"
+# Several nodes on this host: one slurmd per node name, each on its own port (Slurm refuses a second node
+# beside "localhost", which it takes for this host's name, so these names are made up and do not resolve;
+# the jobs get the rendezvous address instead, as on a site whose node names do not resolve)
+EMULATED_NODE = "tsmnode{}"
 PARTITION = "debug"
 # job states after which a job will not run again by itself
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -63,11 +68,15 @@ def _daemon(name: str) -> str:
 
 
 class SlurmCluster:
-    """munged + slurmctld + slurmd on localhost with ``cpus`` CPUs, all state under ``root``."""
+    """munged + slurmctld + slurmd on localhost with ``cpus`` CPUs, all state under ``root``.
 
-    def __init__(self, root: Path, cpus: int = 2) -> None:
+    ``nodes`` > 1: that many nodes of ``cpus`` CPUs each, every one a slurmd on this host (their CPUs are
+    declared, not real: the jobs of the tests are small)."""
+
+    def __init__(self, root: Path, cpus: int = 2, nodes: int = 1) -> None:
         self.root = Path(root)
         self.cpus = cpus
+        self.nodes = [NODE] if nodes == 1 else [EMULATED_NODE.format(i) for i in range(nodes)]
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket.2"
         self._procs: dict[str, subprocess.Popen] = {}
@@ -77,6 +86,8 @@ class SlurmCluster:
     def env(self) -> dict[str, str]:
         """The environment for client commands (and, through sbatch's export, for the jobs)."""
         env = dict(os.environ, SLURM_CONF=str(self.conf), **{_TAG: self.tag})
+        if len(self.nodes) > 1:
+            env["TSM_DIST_RENDEZVOUS_ADDR"] = "127.0.0.1"  # tsm_dist.launch.rendezvous.ADDR_VAR
         for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
             if key != "SLURM_CONF":  # a test started inside some other allocation must not leak it
                 del env[key]
@@ -91,6 +102,9 @@ class SlurmCluster:
         key.chmod(0o400)
         ctld_port, slurmd_port = free_port(), free_port()
         r = self.root
+        node_lines = "\n".join(
+            f"NodeName={name}" + (f" NodeHostname={name} Port={_free_port()}" if len(self.nodes) > 1 else "")
+            + f" NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN" for name in self.nodes)
         self.conf.write_text(f"""\
 ClusterName=tsmtest
 SlurmctldHost={NODE}
@@ -102,11 +116,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.munge_socket}
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
+SlurmdPidFile={r}/slurmd.%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
+SlurmdLogFile={r}/log/slurmd.%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # containers rarely allow cgroups; linuxproc tracks job processes through /proc instead
@@ -123,16 +137,18 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MinJobAge=600
+# job ids (and so the ranks' rendezvous ports, derived from them) differ between clusters that run side by side
+FirstJobId={random.randrange(1000, 1_000_000)}
 KillWait=10
 InactiveLimit=0
 SlurmdTimeout=60
-NodeName={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN
-PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName={PARTITION} Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.out", "ab")
-        self._procs[name] = subprocess.Popen([_daemon(name), *args], stdout=log, stderr=subprocess.STDOUT,
+        self._procs[name] = subprocess.Popen([_daemon(name.split(".")[0]), *args], stdout=log, stderr=subprocess.STDOUT,
                                              env=self.env, start_new_session=True)
         log.close()
 
@@ -159,7 +175,9 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         self._spawn("slurmctld", ["-D", "-i", "-f", str(self.conf)])  # -i: ignore state of earlier runs
         self._wait_for("slurmctld", lambda: self._run(["scontrol", "ping"], check=False).returncode == 0,
                        timeout_s)
-        self._spawn("slurmd", ["-D", "-f", str(self.conf), "-N", NODE])
+        for name in self.nodes:
+            (self.root / "spool" / name).mkdir(parents=True, exist_ok=True)
+            self._spawn(f"slurmd.{name}", ["-D", "-f", str(self.conf), "-N", name])
         self._wait_for("slurmd", lambda: self.node_state().startswith("IDLE"), timeout_s)
         return self
 
@@ -201,8 +219,9 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         return proc
 
     def node_state(self) -> str:
-        out = self._run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.strip()
-        return out.upper()
+        """The nodes' state (IDLE, ALLOCATED, ...): the first one's, or "MIXED-STATES: ..." when they differ."""
+        states = sorted(set(self._run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.upper().split()))
+        return states[0] if len(states) == 1 else f"MIXED-STATES: {' '.join(states)}"
 
     def sbatch(self, script: Path, cwd: Path, env: dict[str, str] | None = None) -> int:
         """Submit from ``cwd``; ``env`` is added to what the job inherits (sbatch exports it all)."""

@@ -261,14 +261,46 @@ def test_slurm_script_does_not_requeue_after_sigterm(tmp_path: Path) -> None:
     text = render_job("slurm", 2, 4, CONFIG)
     rc, calls = run_script(tmp_path, text, "wait-for-term", SLURM_ENV, signal_after_ready=True, sig=signal.SIGTERM)
     assert rc == TERMINATED_EXIT_CODE == 143, calls
-    assert calls[1:] == ["got TERM"]  # forwarded to the ranks; no scontrol requeue, no sbatch
+    # forwarded to the ranks; no scontrol requeue, no sbatch (scontrol show: was it a preemption?)
+    assert [c for c in calls[1:] if not c.startswith("scontrol show")] == ["got TERM"]
 
 
 @pytest.mark.parametrize("scheduler, env", [("slurm", SLURM_ENV), ("lsf", LSF_ENV)])
 def test_exit_143_is_never_requeued_or_resubmitted(tmp_path: Path, scheduler: str, env: dict[str, str]) -> None:
     text = render_job(scheduler, 1, 4, CONFIG, project="P")
     rc, calls = run_script(tmp_path, text, "terminated", {**env, "TSM_DIST_RESUBMIT": "/jobs/again"})
-    assert rc == TERMINATED_EXIT_CODE and len(calls) == 1, calls
+    assert rc == TERMINATED_EXIT_CODE and len([c for c in calls if not c.startswith("scontrol show")]) == 1, calls
+
+
+# what scontrol shows of a job that Slurm preempted, and of a cluster that requeues preempted jobs
+PREEMPTED_SCONTROL = """#!/bin/bash
+echo "$(basename "$0") $*" >> "$CALLS"
+case "$1 $2" in
+  "show job") echo "JobId=$3 JobState=RUNNING Requeue=1 PreemptEligibleTime=2026-01-01T00:00:00 PreemptTime=2026-01-01T00:01:00" ;;
+  "show config") echo "PreemptMode             = ${PREEMPT_MODE}" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("mode, requeued", [("REQUEUE", True), ("CANCEL", False)])
+def test_the_last_line_after_a_preemption_says_who_requeues(tmp_path: Path, mode: str, requeued: bool) -> None:
+    script = tmp_path / "job.sh"
+    script.write_text(render_job("slurm", 1, 4, CONFIG, job_name="t"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", LAUNCHER), ("scontrol", PREEMPTED_SCONTROL), ("sbatch", RECORDER)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls"), "BEHAVIOUR": "terminated",
+           "HOME": str(tmp_path), "PREEMPT_MODE": mode, **SLURM_ENV}
+    proc = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == TERMINATED_EXIT_CODE
+    last = proc.stdout.strip().splitlines()[-1]
+    if requeued:  # Slurm has requeued it already: telling the user to resubmit would start a second copy
+        assert "Slurm requeues job 4242 itself" in last and "resubmit" not in last, proc.stdout
+    else:
+        assert "resubmit to resume from" in last, proc.stdout
+    assert "scontrol requeue" not in (tmp_path / "calls").read_text()
 
 
 @pytest.mark.parametrize("requeue, extra, plan", [(True, {}, "requeue"),

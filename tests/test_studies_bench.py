@@ -51,3 +51,33 @@ def test_cli_checks_methods():
         parse_args(["--max-bytes", "8", "--out", "x", "--method", "nccl"])
     with pytest.raises(SystemExit):
         parse_args(["--out", "x"])  # a message size is required
+
+
+def test_mpi4py_is_skipped_before_mpi_init_where_there_is_no_mpi_world():
+    from tsm_dist.studies.allreduce_bench import no_mpi_world
+
+    srun_gloo = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_MPI_TYPE": "none"}
+    assert "srun started the ranks without MPI (--mpi=none" in no_mpi_world(srun_gloo)
+    assert no_mpi_world({**srun_gloo, "SLURM_MPI_TYPE": "pmix", "PMIX_RANK": "1"}) is None  # --controller mpi
+    assert no_mpi_world({"OMPI_COMM_WORLD_SIZE": "2"}) is None  # mpirun
+    assert "horovodrun --gloo" in no_mpi_world({"HOROVOD_RANK": "0"})
+    assert no_mpi_world({}) is None  # alone: a singleton MPI world
+
+
+def test_a_fit_that_contradicts_its_own_timings_is_rejected():
+    from tsm_dist.studies.allreduce_bench import result_record
+
+    sizes = [4096 * 4 ** i for i in range(6)]
+    # a ring with alpha 50 us and B 1 GB/s on 2 ranks: the fit is kept
+    good = result_record("horovod", 2, 2, sizes, [2 * 50e-6 + n / 1e9 for n in sizes])
+    assert good["alpha_s"] == pytest.approx(50e-6, rel=1e-6) and good["fit_error"] == ""
+    # the case: the small messages slow (6.2 ms: start-up, contention), the large ones at a slope of
+    # 26.2 GB/s: the fit says alpha 3.1 ms, B 26.2 GB/s, while the largest message ran at 0.44 GB/s in 3.2 ms
+    sizes = message_sizes(1_400_000, 4096, 8)
+    times = [6.2e-3] * 4 + [1.4e6 / 0.44e9 - (1.4e6 - n) / 26.2e9 for n in sizes[4:]]
+    bad = result_record("horovod", 2, 2, sizes, times)
+    assert bad["alpha_s"] is None and bad["bandwidth_bytes_per_s"] is None
+    assert bad["rejected_fit"]["alpha_s"] == pytest.approx(3.1e-3, rel=0.01)
+    assert bad["rejected_fit"]["bandwidth_bytes_per_s"] == pytest.approx(26.2e9, rel=0.01)
+    assert bad["fit_error"].startswith("fit rejected: alpha 3100.0 us, B 26.200 GB/s: its latency alone (6.20 ms")
+    assert "ran at 0.440 GB/s" in bad["fit_error"]

@@ -148,3 +148,72 @@ def read_last_run(path: str | Path) -> RunRecords:
             run.end = record
     run.steps.sort(key=lambda r: r["step"])
     return run
+
+
+# ------------------------------------------------------------------ the job scripts' helper
+def close_run(path: str | Path, exit_code: int, job_id: str = "") -> dict[str, Any] | None:
+    """Append a ``failed`` end record to the last run of ``path`` when its ranks exited with
+    ``exit_code`` != 0 and none of them wrote one (killed, or died before they could); return it, else None.
+
+    The job script calls this after the ranks, so that a run is never left looking "running" once its
+    job is over; the cause names the exit code and who recorded it.
+    """
+    path = Path(path)
+    if exit_code == 0 or not path.is_file():
+        return None
+    run = read_last_run(path)
+    if run.end is not None:
+        return None
+    last = run.steps[-1] if run.steps else {"step": 0, "epoch": 0}
+    signal = f" (signal {exit_code - 128})" if exit_code > 128 else ""
+    job = f"job {job_id}: " if job_id else ""
+    record = end_record(status="failed", step=int(last["step"]), epoch=int(last["epoch"]),
+                        cause=f"{job}ranks exited with status {exit_code}{signal}; no rank wrote an end record "
+                              f"(recorded by the job script)")
+    log = MetricsLog(path)
+    try:
+        log.write(record)
+    finally:
+        log.close()
+    return record
+
+
+def describe_run(path: str | Path) -> str:
+    """One line for a batch log: where the run's record is, how it ended, epochs, the last accuracy."""
+    path = Path(path)
+    if not path.is_file():
+        return f"run record: {path} was not written (the trainer did not start; its error is above)"
+    run = read_last_run(path)
+    end = run.end or {}
+    where = f"step {end.get('step', run.steps[-1]['step'] if run.steps else 0)}"
+    if "epoch" in end:
+        where += f", epoch {end['epoch']}"
+    cause = f" ({end['cause']})" if end.get("cause") else ""
+    last = run.evals[-1] if run.evals else None
+    accuracy = (f"; last evaluation (epoch {last['epoch']}): top-1 {float(last['top1']):.2f} %, top-5 "
+                f"{float(last['top5']):.2f} %" if last else "; no evaluation in this run")
+    return f"run record: {path}: {run.status}{cause} at {where}{accuracy}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tsm_dist.records finish METRICS --exit-code RC [--job ID]``: the job scripts' last step."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m tsm_dist.records", description=main.__doc__)
+    parser.add_argument("action", choices=("finish",))
+    parser.add_argument("metrics", type=Path, help="the run's metrics.jsonl")
+    parser.add_argument("--exit-code", type=int, required=True, help="the ranks' exit status")
+    parser.add_argument("--job", default="", help="the scheduler's job id, for the cause")
+    args = parser.parse_args(argv)
+    try:
+        close_run(args.metrics, args.exit_code, args.job)
+        print(describe_run(args.metrics), flush=True)
+    except (MetricsError, OSError) as err:  # the job's exit code stays the ranks'; this only reports
+        print(f"run record: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -191,6 +191,7 @@ def render_job(scheduler: str, nodes: int, gpus_per_node: int, config: str, *, p
     microbenchmark, which must measure the allocation the training ran on.
     """
     from tsm_dist.preemption import PREEMPTED_EXIT_CODE, TERMINATED_EXIT_CODE
+    from tsm_dist.records import METRICS_FILE
 
     if scheduler not in SCHEDULERS:
         raise RenderError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
@@ -239,6 +240,7 @@ def render_job(scheduler: str, nodes: int, gpus_per_node: int, config: str, *, p
         submit_hint="the repository root" if not Path(config).is_absolute() else "any directory",
         command=command or "tsm_dist.launch.render.render_job(...)",
         then_module=then_module or "", then_args=shlex.join(then_args), then_why=then_why or "then",
+        metrics_file=METRICS_FILE,
     )
     flags = {scheduler, "gpu" if gpu else "cpu"} | {k for k in ("project", "queue", "alloc_flags", "exports",
                                                                "fixed_cpus") if ctx[k]}

@@ -17,12 +17,12 @@ import sys
 import time
 from pathlib import Path
 from statistics import median
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from tsm_dist.cli_types import choice_list
 from tsm_dist.launch.layout import launcher_layout
 from tsm_dist.records import MetricsError, read_last_run
-from tsm_dist.studies.costmodel import fit_ring_link, gradient_bytes
+from tsm_dist.studies.costmodel import LinkCost, fit_ring_link, gradient_bytes, ring_allreduce_time
 
 if TYPE_CHECKING:
     from tsm_dist.config import EngineConfig
@@ -72,8 +72,28 @@ class NotOneMPIWorld(RuntimeError):
     pass
 
 
+# What a process started by an MPI launcher (or by srun's PMI/PMIx plugin) finds in its environment
+MPI_WORLD_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS")
+
+
+def no_mpi_world(env: Mapping[str, str]) -> str | None:
+    """Why this process cannot join an MPI world (None: it can). Checked before MPI_Init: under
+    ``srun --mpi=none`` OpenMPI's MPI_Init finds a Slurm step without PMI and aborts the whole step."""
+    if any(env.get(var) for var in MPI_WORLD_VARS):
+        return None
+    if env.get("SLURM_STEP_ID") is not None and env.get("SLURM_PROCID") is not None:
+        return (f"srun started the ranks without MPI (--mpi={env.get('SLURM_MPI_TYPE', 'none')}, the Gloo "
+                f"controller's launch): MPI_Init would abort the step; skipping mpi4py")
+    if env.get("HOROVOD_RANK") is not None:
+        return "horovodrun --gloo started the ranks: they are not one MPI world; skipping mpi4py"
+    return None
+
+
 def bench_mpi4py(sizes: Sequence[int], repeats: int, warmup: int) -> tuple[int, int, list[float]]:
     """(rank, world size, seconds per size) for MPI_Allreduce(SUM) of float32 buffers."""
+    reason = no_mpi_world(os.environ)
+    if reason:
+        raise NotOneMPIWorld(reason)
     import numpy as np
     from mpi4py import MPI
 
@@ -122,6 +142,30 @@ def bench_engine(engine: "Engine", sizes: Sequence[int], repeats: int, warmup: i
     return engine.rank, engine.size, times
 
 
+# A fit whose own prediction for the largest message is off by more than this factor contradicts its
+# data (e.g. alpha 3 ms and B 26 GB/s fitted to timings whose largest message ran at 0.44 GB/s)
+FIT_TOLERANCE = 2.0
+
+
+def fit_contradiction(world_size: int, sizes: Sequence[int], times: Sequence[float], link: LinkCost) -> str:
+    """Why ``link`` does not describe the timings it was fitted to ("" when it does): its latency alone
+    exceeds a measured time, or its prediction for the largest message is off by more than FIT_TOLERANCE."""
+    fit = f"fit rejected: alpha {link.alpha_s * 1e6:.1f} us, B {link.bandwidth_bytes_per_s / 1e9:.3f} GB/s"
+    largest, measured = max(zip(sizes, times))
+    latency = ring_allreduce_time(world_size, 0, link)
+    fastest_size, fastest = min(zip(times, sizes), key=lambda pair: pair[0])[::-1]
+    if latency > fastest:
+        return (f"{fit}: its latency alone ({latency * 1e3:.2f} ms per allreduce) exceeds the measured "
+                f"{fastest * 1e3:.2f} ms of the {fastest_size:,} B message (the largest, {largest:,} B, ran at "
+                f"{largest / measured / 1e9:.3f} GB/s): the timings do not follow the ring model")
+    predicted = ring_allreduce_time(world_size, largest, link)
+    if not 1 / FIT_TOLERANCE <= measured / predicted <= FIT_TOLERANCE:
+        return (f"{fit}: predicts {predicted * 1e3:.2f} ms for the largest message ({largest:,} B), measured "
+                f"{measured * 1e3:.2f} ms ({largest / measured / 1e9:.3f} GB/s): the timings do not follow the "
+                f"ring model (contention or noise)")
+    return ""
+
+
 def result_record(method: str, world_size: int, nodes: int, sizes: Sequence[int], times: Sequence[float]
                   ) -> dict:
     record = {"method": method, "world_size": world_size, "nodes": nodes, "dtype": "float32",
@@ -131,6 +175,10 @@ def result_record(method: str, world_size: int, nodes: int, sizes: Sequence[int]
         link = fit_ring_link(world_size, sizes, times, source=method)
     except ValueError as err:  # one rank, one size, or noise: keep the raw timings, say why there is no fit
         record["fit_error"] = str(err)
+        return record
+    record["fit_error"] = fit_contradiction(world_size, sizes, times, link)
+    if record["fit_error"]:  # kept for the record, not for a projection
+        record["rejected_fit"] = {"alpha_s": link.alpha_s, "bandwidth_bytes_per_s": link.bandwidth_bytes_per_s}
     else:
         record["alpha_s"] = link.alpha_s
         record["bandwidth_bytes_per_s"] = link.bandwidth_bytes_per_s
@@ -179,7 +227,7 @@ def _report(out: Path, method: str, name: str, record: dict, rank: int, sizes: S
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"allreduce_{method}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
-    fitted = ("" if record["alpha_s"] is None else
+    fitted = (f": {record['fit_error']}" if record["alpha_s"] is None else
               f": alpha {record['alpha_s'] * 1e6:.1f} us, B {record['bandwidth_bytes_per_s'] / 1e9:.3f} GB/s")
     largest = max(sizes) / record["times_s"][-1] / 1e9
     print(f"allreduce {name} on {record['world_size']} rank(s), {len(sizes)} sizes up to {max(sizes):,} B "
@@ -201,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             if method == "mpi4py":
                 try:
                     rank, world, times = bench_mpi4py(sizes, args.repeats, args.warmup)
-                except NotOneMPIWorld as err:
+                except NotOneMPIWorld as err:  # one line, from one rank
                     if launcher_layout()[0] == 0:
                         print(f"allreduce_bench: {err}", file=sys.stderr, flush=True)
                     continue

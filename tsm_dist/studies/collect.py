@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 from tsm_dist.records import METRICS_FILE, MetricsError, read_last_run
 from tsm_dist.studies.costmodel import (STEP_SMALL_COLLECTIVES, LinkCost, gradient_bytes, project_step_time,
                                         unmodelled_overhead)
+from tsm_dist.studies.jobs import ACTIVE_STATES, job_states, run_outcome
 from tsm_dist.studies.machines import MachineProfile, load_machine
 from tsm_dist.studies.sweep_plan import JobSpec, SweepPlan
 from tsm_dist.studies.tables import pyplot, write_csv
@@ -144,24 +145,24 @@ def read_bench(path: Path) -> BenchResult:
 
 
 def _check_against_plan(summary: RunSummary, job: JobSpec, plan: SweepPlan) -> None:
-    batch = job.nodes * plan.gpus_per_node * plan.per_gpu_batch
+    batch = job.nodes * plan.ranks_per_node * plan.per_gpu_batch
     if summary.engine != job.engine or summary.model != job.model:
         raise MetricsError(f"{job.workdir}: metrics.jsonl is from {summary.engine}/{summary.model}, the plan "
                            f"expects {job.engine}/{job.model}")
     if summary.global_batch != batch:
         raise MetricsError(f"{job.workdir}: global batch {summary.global_batch} in metrics.jsonl, but the plan "
-                           f"expects {batch} ({job.nodes} nodes x {plan.gpus_per_node} GPUs x "
+                           f"expects {batch} ({job.nodes} nodes x {plan.ranks_per_node} {plan.rank_word}s x "
                            f"{plan.per_gpu_batch} clips)")
 
 
-def _job_row(plan: SweepPlan, job: JobSpec, summary: RunSummary | None, error: str) -> Row:
-    gpus = job.nodes * plan.gpus_per_node
+def _job_row(plan: SweepPlan, job: JobSpec, summary: RunSummary | None, status: str) -> Row:
+    gpus = job.nodes * plan.ranks_per_node
     row = Row(engine=job.engine, model=job.model, nodes=job.nodes, gpus=gpus, simulated=job.simulated,
               run_nodes=job.run_nodes, accumulate=job.accumulate, global_batch=gpus * plan.per_gpu_batch,
-              frames_per_batch=0, status=error)
+              frames_per_batch=0, status=status)
     if summary is not None:
         row.frames_per_batch = summary.global_batch * summary.num_frames
-        row.status, row.timed_steps = summary.status, summary.timed_steps
+        row.timed_steps = summary.timed_steps
         row.step_time_s, row.data_time_s = summary.step_time_s, summary.data_time_s
         row.compute_time_s, row.sync_time_s = summary.compute_time_s, summary.sync_time_s
         row.clips_per_sec = summary.clips_per_sec
@@ -170,29 +171,61 @@ def _job_row(plan: SweepPlan, job: JobSpec, summary: RunSummary | None, error: s
 
 def _links(plan: SweepPlan, jobs: list[JobSpec], out_dir: Path, machine: MachineProfile
            ) -> tuple[LinkCost, LinkCost, list[BenchResult]]:
-    """Intra- and inter-node links for one (engine, model): measured where possible, else the profile's."""
+    """Intra- and inter-node links for one (engine, model): measured where possible, else the profile's,
+    each labelled with where it came from and, for the profile's, why nothing measured was used."""
     benches: list[BenchResult] = []
-    intra, inter = machine.intra_cost(), machine.inter_cost()
+    measured: dict[str, LinkCost] = {}
+    failures: dict[str, list[str]] = {"intra": [], "inter": []}
     # the widest real allocation is the best stand-in for larger ones; engine timings beat mpi4py's
     for job in sorted((j for j in jobs if not j.simulated), key=lambda j: j.run_nodes):
+        scope = "intra" if job.run_nodes == 1 else "inter"
         for method in ("mpi4py", "engine"):
             path = out_dir / job.workdir / BENCH_FILES[method]
-            if path.is_file():
-                try:
-                    bench = read_bench(path)
-                except MetricsError as err:
-                    bench = BenchResult(method, 0, job.run_nodes, link=None, note=str(err))
-                benches.append(bench)
-                if bench.link is None:
-                    continue
-                if bench.nodes == 1:
-                    intra = bench.link
-                else:
-                    inter = bench.link
-    return intra, inter, benches
+            if not path.is_file():
+                continue
+            try:
+                bench = read_bench(path)
+            except MetricsError as err:
+                bench = BenchResult(method, 0, job.run_nodes, link=None, note=str(err))
+            benches.append(bench)
+            if bench.link is None:
+                failures[scope].append(f"{job.workdir}/{path.name}: {bench.note or 'not fitted'}")
+            else:
+                measured[scope] = replace(bench.link, source=f"measured, {bench.link.source} ({job.workdir})")
+    profile = {"intra": machine.intra_cost(), "inter": machine.inter_cost()}
+    links = {}
+    for scope in ("intra", "inter"):
+        if scope in measured:
+            links[scope] = measured[scope]
+            continue
+        why = "; ".join(failures[scope]) or _no_bench_reason(plan, jobs, scope)
+        links[scope] = replace(profile[scope], source=f"fallback to the machine profile ({profile[scope].source}, "
+                                                      f"nominal) because {why}")
+    return links["intra"], links["inter"], benches
 
 
-def build_rows(plan: SweepPlan, out_dir: Path, machine: MachineProfile) -> tuple[list[Row], list[BenchResult]]:
+def _no_bench_reason(plan: SweepPlan, jobs: list[JobSpec], scope: str) -> str:
+    real = [j for j in jobs if not j.simulated and (j.run_nodes == 1) == (scope == "intra")]
+    if not real:
+        return "the sweep has no " + ("1-node run" if scope == "intra" else "multi-node run")
+    if scope == "intra" and plan.ranks_per_node == 1:
+        return "a node runs one rank: no intra-node allreduce to measure"
+    return "no microbenchmark result (the run failed, or its benchmark step did not run: see its job log)"
+
+
+def _job_active(plan: SweepPlan, job: JobSpec, states: dict[str, str] | None) -> bool | None:
+    """Whether the run may still write its metrics (None: cannot tell)."""
+    if plan.scheduler == "local":  # a local sweep ran its jobs to their end before collecting
+        return None if job.status in ("planned", "submitted") else False
+    if not job.job_id or states is None:
+        return None
+    return states.get(job.job_id) in ACTIVE_STATES
+
+
+def build_rows(plan: SweepPlan, out_dir: Path, machine: MachineProfile,
+               states: dict[str, str] | None = None) -> tuple[list[Row], list[BenchResult]]:
+    """The table's rows; ``states``: the scheduler's job states (:func:`tsm_dist.studies.jobs.job_states`),
+    so that a run whose job is over without an ``end`` record is called failed, not running."""
     rows: list[Row] = []
     all_benches: list[BenchResult] = []
     groups: dict[tuple[str, str], list[JobSpec]] = {}
@@ -203,16 +236,19 @@ def build_rows(plan: SweepPlan, out_dir: Path, machine: MachineProfile) -> tuple
         group_rows = []
         for job in sorted(jobs, key=lambda j: j.nodes):
             path = out_dir / job.workdir / METRICS_FILE
-            summary, error = None, f"no metrics ({job.status})"
-            if path.is_file():
+            status = run_outcome(path, _job_active(plan, job, states))
+            summary = None
+            if status == "no metrics":
+                status = f"no metrics ({job.status})"
+            elif path.is_file():
                 try:  # one bad run is reported in its row; the rest of the sweep is still tabulated
                     summary = summarize_run(path, plan.warmup_steps)
                     _check_against_plan(summary, job, plan)
-                except MetricsError as err:
-                    summary, error = None, f"unusable metrics: {err}"
+                except MetricsError as err:  # a failed run's cause says more than its missing steps
+                    summary, status = None, status if status.startswith("failed") else f"unusable metrics: {err}"
                 else:
                     summaries[job.tag] = summary
-            group_rows.append(_job_row(plan, job, summary, error))
+            group_rows.append(_job_row(plan, job, summary, status))
         intra, inter, benches = _links(plan, jobs, out_dir, machine)
         all_benches += benches
         single = next((summaries[j.tag] for j in jobs if j.nodes == 1 and j.tag in summaries), None)
@@ -232,11 +268,11 @@ def _calibrate(rows: list[Row], jobs: list[JobSpec], summaries: dict[str, RunSum
     if single is None or widest is None:
         return
     measured = summaries[widest.tag]
-    overhead = unmodelled_overhead(single.step_time_s, measured.step_time_s, widest.nodes, plan.gpus_per_node,
+    overhead = unmodelled_overhead(single.step_time_s, measured.step_time_s, widest.nodes, plan.ranks_per_node,
                                    single.grad_bytes, intra=intra, inter=inter, accumulate=widest.accumulate,
                                    small_collectives=STEP_SMALL_COLLECTIVES)
     for row in rows:
-        step = project_step_time(single.step_time_s, row.nodes, plan.gpus_per_node, single.grad_bytes,
+        step = project_step_time(single.step_time_s, row.nodes, plan.ranks_per_node, single.grad_bytes,
                                  intra=intra, inter=inter, overhead_s=overhead,
                                  small_collectives=STEP_SMALL_COLLECTIVES)
         row.unmodelled_s = overhead
@@ -250,7 +286,7 @@ def _fill_speeds(row: Row, single: RunSummary | None, plan: SweepPlan, intra: Li
         row.ideal_clips_per_sec = single_speed * row.nodes
         if not row.simulated and not math.isnan(row.clips_per_sec):
             row.scalability = row.clips_per_sec / row.ideal_clips_per_sec
-        step = project_step_time(single.step_time_s, row.nodes, plan.gpus_per_node, single.grad_bytes,
+        step = project_step_time(single.step_time_s, row.nodes, plan.ranks_per_node, single.grad_bytes,
                                  intra=intra, inter=inter, small_collectives=STEP_SMALL_COLLECTIVES)
         row.projected_clips_per_sec = row.global_batch / step
         row.projected_scalability = row.projected_clips_per_sec / row.ideal_clips_per_sec
@@ -290,27 +326,27 @@ def _pct(value: float) -> str:
 def markdown_table(rows: list[Row], plan: SweepPlan, benches: list[BenchResult]) -> str:
     epochs = plan.epochs
     lines = [
-        f"# Scaling sweep ({plan.scheduler}, machine profile {plan.machine}, {plan.gpus_per_node} GPU(s) per "
-        f"node, {plan.per_gpu_batch} clips per GPU, {plan.steps} timed steps after {plan.warmup_steps} warm-up)",
+        f"# Scaling sweep ({plan.scheduler}, machine profile {plan.machine}, {plan.ranks_per_node} "
+        f"{plan.rank_word}(s) per node, {plan.per_gpu_batch} clips per {plan.rank_word}, {plan.steps} timed steps "
+        f"after {plan.warmup_steps} warm-up)",
         "",
-        f"| Engine | Model | #Node | #GPU | Batch | #Frames | Clips/s (measured) | Ideal clips/s | "
-        f"Scalability (measured) | Clips/s (projected) | Scalability (projected) | Projected - measured | "
-        f"Scalability (calibrated) | Time/epoch | Time, {epochs} epochs |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        f"| Engine | Model | #Node | #{'GPU' if plan.gpus_per_node else 'Rank'} | Batch | #Frames | Clips/s (measured) | "
+        f"Ideal clips/s | Scalability (measured) | Clips/s (projected) | Scalability (projected) | "
+        f"Projected - measured | Scalability (calibrated) | Time/epoch | Time, {epochs} epochs | Status |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
         star = "*" if r.simulated else ""
         measured = _num(r.clips_per_sec) if not r.simulated else "-"
         time_mark = " (proj.)" if r.time_basis == "projected" else ""
         frames = f"{r.frames_per_batch:,}" if r.frames_per_batch else "-"  # unknown without the run's header
-        if r.status not in ("completed", "running") and math.isnan(r.clips_per_sec):
-            measured = f"({r.status})"
         lines.append(
             f"| {r.engine} | {r.model} | {r.nodes}{star} | {r.gpus}{star} | {r.global_batch:,} | "
             f"{frames} | {measured} | {_num(r.ideal_clips_per_sec)} | {_pct(r.scalability)} | "
             f"{_num(r.projected_clips_per_sec)} | {_pct(r.projected_scalability)} | "
             f"{_num(r.projection_error_points, '{:+.1f} pts')} | {_pct(r.calibrated_scalability)} | "
-            f"{format_duration(r.epoch_time_s)}{time_mark} | {format_duration(r.train_time_s)}{time_mark} |")
+            f"{format_duration(r.epoch_time_s)}{time_mark} | {format_duration(r.train_time_s)}{time_mark} | "
+            f"{r.status.replace('|', '/')} |")
     lines += ["", f"Data set: {plan.dataset_size:,} clips; time/epoch = data set size / clips/s (measured speed "
               f"where measured, else projected, marked '(proj.)').",
               "Ideal = single-node clips/s x nodes; scalability = clips/s / ideal."]
@@ -441,7 +477,8 @@ def collect(out_dir: Path | str, machine: str | None = None) -> CollectOutputs:
     out = Path(out_dir)
     plan = SweepPlan.load(out)
     profile = load_machine(machine or plan.machine)
-    rows, benches = build_rows(plan, out, profile)
+    states = job_states(plan.scheduler, [job.job_id for job in plan.jobs])
+    rows, benches = build_rows(plan, out, profile, states)
     outputs = CollectOutputs(csv=out / "results.csv", markdown=out / "results.md",
                              speed_png=out / "speed_vs_gpus.png", scalability_png=out / "scalability_vs_nodes.png",
                              rows=rows)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -29,7 +28,9 @@ from typing import TYPE_CHECKING
 
 from tsm_dist.cli_types import choice_list, count_list, name_list
 from tsm_dist.records import METRICS_FILE
+from tsm_dist.launch.render import RenderError
 from tsm_dist.studies.collect import BENCH_FILES, collect
+from tsm_dist.studies.jobs import JobOptions, SubmitError, render_jobs, submit_jobs, wait_for_jobs
 from tsm_dist.studies.machines import SCHEDULERS, load_machine
 from tsm_dist.studies.runconfig import measurement_overrides, model_config_item, write_run_config
 from tsm_dist.studies.sweep_plan import JobSpec, SweepPlan
@@ -40,8 +41,6 @@ if TYPE_CHECKING:
 
 ENGINES = ("horovod", "torch")
 DEFAULT_MACHINE = {"lsf": "summit", "slurm": "p100_cluster", "local": "localhost"}
-SUBMIT = {"lsf": "bsub", "slurm": "sbatch"}
-SCRIPT_SUFFIX = {"lsf": "lsf", "slurm": "sbatch"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, type=Path, help="base training config (YAML)")
     parser.add_argument("--nodes", required=True, type=count_list,
                         help="real node counts, e.g. 1,2,4,8 (local: groups of --gpus-per-node ranks)")
-    parser.add_argument("--gpus-per-node", type=int, help="default: the machine profile's")
+    parser.add_argument("--gpus-per-node", type=int,
+                        help="default: the machine profile's; 0: CPU nodes (no GPU request), --ranks-per-node ranks")
+    parser.add_argument("--ranks-per-node", type=int,
+                        help="CPU nodes (--gpus-per-node 0): ranks per node (default 1); GPU nodes run one per GPU")
+    parser.add_argument("--cpus-per-rank", type=int,
+                        help="Slurm: CPUs per rank (default: the whole node shared by its ranks, --exclusive)")
     parser.add_argument("--models", type=name_list, help="comma list (default: the config's model.name)")
     parser.add_argument("--engines", type=choice_list(ENGINES), default=["horovod"],
                         help="comma list of horovod, torch (default horovod); both are compared in one table")
@@ -98,6 +102,8 @@ class SweepOptions:
     nodes: list[int]
     out: Path
     gpus_per_node: int | None = None
+    ranks_per_node: int | None = None
+    cpus_per_rank: int | None = None
     models: list[str] | None = None
     engines: list[str] = field(default_factory=lambda: ["horovod"])
     per_gpu_batch: int = 8
@@ -128,8 +134,13 @@ def parse_args(argv: list[str] | None) -> SweepOptions:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.warmup_steps < 0:
         parser.error("--warmup-steps must be >= 0")
-    if args.gpus_per_node is not None and args.gpus_per_node < 1:
-        parser.error("--gpus-per-node must be >= 1")
+    if args.gpus_per_node is not None and args.gpus_per_node < 0:
+        parser.error("--gpus-per-node must be >= 0 (0: CPU nodes)")
+    for flag in ("ranks_per_node", "cpus_per_rank"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.ranks_per_node is not None and args.gpus_per_node != 0:
+        parser.error("--ranks-per-node is for CPU nodes (--gpus-per-node 0); GPU nodes run one rank per GPU")
     largest = args.nodes[-1]
     for sim in args.simulate_nodes:
         if sim <= largest or sim % largest:
@@ -194,7 +205,7 @@ def plan_sweep(args: SweepOptions, argv: list[str]) -> SweepPlan:
     from tsm_dist.config import load_config
 
     machine = load_machine(args.machine or DEFAULT_MACHINE[args.scheduler])
-    gpus_per_node = args.gpus_per_node or machine.gpus_per_node
+    gpus_per_node = machine.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
     base = load_config(args.config, args.overrides)
     models = args.models or [base.model.name]
     unused = sorted(set(args.model_configs) - set(models))
@@ -206,7 +217,8 @@ def plan_sweep(args: SweepOptions, argv: list[str]) -> SweepPlan:
     plan = SweepPlan(scheduler=args.scheduler, machine=machine.name, gpus_per_node=gpus_per_node,
                      per_gpu_batch=args.per_gpu_batch, steps=args.steps, warmup_steps=args.warmup_steps,
                      dataset_size=dataset_size, epochs=args.epochs or base.train.epochs,
-                     base_config=str(args.config), command=["python", "-m", "tsm_dist.scaling_sweep", *argv])
+                     base_config=str(args.config), command=["python", "-m", "tsm_dist.scaling_sweep", *argv],
+                     ranks_per_node=gpus_per_node or args.ranks_per_node or 1)
     counts = [(n, n) for n in args.nodes] + [(n, largest) for n in args.simulate_nodes]
     for model in models:
         config = args.model_configs.get(model, args.config)
@@ -227,7 +239,7 @@ def plan_sweep(args: SweepOptions, argv: list[str]) -> SweepPlan:
 
 def local_commands(job: JobSpec, plan: SweepPlan, out: Path, launcher: str, bench: bool) -> list[list[str]]:
     """Commands of one local run: training, then (multi-rank only) the allreduce microbenchmark."""
-    ranks = job.run_nodes * plan.gpus_per_node
+    ranks = job.run_nodes * plan.ranks_per_node
     workdir = out / job.workdir
     commands = [launch_prefix(launcher, ranks, core_per_rank=True) + [
         sys.executable, "-m", "tsm_dist.train", "--config", str(out / job.config), "--workdir", str(workdir)]]
@@ -249,7 +261,7 @@ def run_local(plan: SweepPlan, out: Path, launcher: str, timeout: float, bench: 
     """Run every job one after another; a failed run is recorded in the plan and the sweep goes on."""
     for job in plan.jobs:
         workdir = out / job.workdir
-        ranks = job.run_nodes * plan.gpus_per_node
+        ranks = job.run_nodes * plan.ranks_per_node
         started = time.monotonic()
         # a rerun into the same directory measures afresh; stale files would be collected as its results
         for stale in (METRICS_FILE, *BENCH_FILES.values()):
@@ -267,57 +279,37 @@ def run_local(plan: SweepPlan, out: Path, launcher: str, timeout: float, bench: 
         plan.save(out)
 
 
-def render_jobs(plan: SweepPlan, out: Path, args: SweepOptions) -> None:
-    """Write one job script per run with the jobs/ template (tsm_dist.launch.render.render_job)."""
-    from tsm_dist.launch.render import render_job
+def job_options(args: SweepOptions, plan: SweepPlan) -> JobOptions:
+    return JobOptions(scheduler=plan.scheduler, gpus_per_node=plan.gpus_per_node,
+                      ranks_per_node=args.ranks_per_node if plan.gpus_per_node == 0 else None,
+                      cpus_per_rank=args.cpus_per_rank, project=args.project, queue=args.queue, time=args.time,
+                      controller=args.controller)
 
-    for job in plan.jobs:
-        script = out / "jobs" / job.tag / f"job.{SCRIPT_SUFFIX[plan.scheduler]}"
-        workdir = out / job.workdir
-        text = render_job(plan.scheduler, job.run_nodes, plan.gpus_per_node, str(out / job.config),
-                          project=args.project, time=args.time, job_name=job.tag,  # accumulation: in the YAML
-                          workdir=str(workdir), controller=args.controller, queue=args.queue,
-                          command=shlex.join(plan.command), check_config=False,  # validated when written
-                          **microbenchmark_step(args, plan, job, workdir, out))
-        script.write_text(text)
-        script.chmod(0o755)
-        job.script = str(script.relative_to(out))
+
+def render_sweep_jobs(plan: SweepPlan, out: Path, args: SweepOptions) -> None:
+    """One job script per run (studies.jobs: jobs/job.sh.tmpl); accumulation is in each run's YAML."""
+    render_jobs(plan.jobs, out, job_options(args, plan), command=shlex.join(plan.command),
+                extra=lambda job: microbenchmark_step(args, plan, job, out / job.workdir, out))
 
 
 def microbenchmark_step(args: SweepOptions, plan: SweepPlan, job: JobSpec, workdir: Path,
                         out: Path) -> dict[str, object]:
     """render_job options that run the allreduce microbenchmark after a successful multi-rank run."""
-    if args.no_bench or job.simulated or job.run_nodes * plan.gpus_per_node <= 1:
+    if args.no_bench or job.simulated or job.run_nodes * plan.ranks_per_node <= 1:
         return {}
     return {"then_module": "tsm_dist.studies.allreduce_bench", "then_args": bench_args(job, workdir, out)[3:],
             "then_why": "allreduce latency/bandwidth of this allocation, for the projection"}
 
 
-def submit_jobs(plan: SweepPlan, out: Path) -> None:
-    tool = SUBMIT[plan.scheduler]
-    for job in plan.jobs:
-        script = out / job.script
-        # bsub takes the script on stdin so that its #BSUB lines are read
-        command = [tool] if plan.scheduler == "lsf" else [tool, str(script)]
-        stdin = open(script) if plan.scheduler == "lsf" else subprocess.DEVNULL
-        with stdin:
-            result = subprocess.run(command, stdin=stdin, capture_output=True, text=True, cwd=out)
-        if result.returncode != 0:
-            raise RuntimeError(f"{tool} {script} failed (exit {result.returncode}): {result.stderr.strip()}")
-        job.job_id = result.stdout.strip()
-        job.status = "submitted"
-        print(f"[{job.tag}] {job.job_id}", flush=True)
-        plan.save(out)
-
-
 def describe(plan: SweepPlan, out: Path, launcher: str, bench: bool) -> str:
+    unit = plan.rank_word
     lines = [f"sweep {out}: {len(plan.jobs)} run(s), scheduler {plan.scheduler}, machine {plan.machine}, "
-             f"{plan.gpus_per_node} GPU(s)/node, {plan.per_gpu_batch} clips/GPU, "
+             f"{plan.ranks_per_node} {unit}(s)/node, {plan.per_gpu_batch} clips/{unit}, "
              f"{plan.warmup_steps}+{plan.steps} steps"]
     for job in plan.jobs:
-        gpus = job.nodes * plan.gpus_per_node
+        ranks = job.nodes * plan.ranks_per_node
         sim = f" (simulated on {job.run_nodes} nodes, accumulate {job.accumulate})" if job.simulated else ""
-        lines.append(f"  {job.tag}: {job.nodes} node(s), {gpus} GPU(s), batch {gpus * plan.per_gpu_batch}{sim}")
+        lines.append(f"  {job.tag}: {job.nodes} node(s), {ranks} {unit}(s), batch {ranks * plan.per_gpu_batch}{sim}")
         if plan.scheduler == "local":
             lines += [f"    $ {shlex.join(c)}" for c in local_commands(job, plan, out, launcher, bench)]
         else:
@@ -326,15 +318,13 @@ def describe(plan: SweepPlan, out: Path, launcher: str, bench: bool) -> str:
 
 
 def run_sweep(argv: list[str]) -> int:
-    from tsm_dist.launch.render import RenderError
-
     args = parse_args(argv)
     out = args.out.resolve()
     args = replace(args, out=out)
     try:
         plan = plan_sweep(args, argv)
         if plan.scheduler != "local":
-            render_jobs(plan, out, args)
+            render_sweep_jobs(plan, out, args)
     except (ValueError, RenderError, FileNotFoundError) as err:  # ConfigError is a ValueError
         print(f"scaling_sweep: error: {err}", file=sys.stderr)
         return 2
@@ -344,8 +334,13 @@ def run_sweep(argv: list[str]) -> int:
     if args.dry_run:
         return 0
     if plan.scheduler != "local":
-        submit_jobs(plan, out)
-        print(f"submitted; when the jobs are done: python -m tsm_dist.scaling_sweep collect {out}")
+        try:
+            submit_jobs(plan.jobs, out, plan.scheduler, on_submitted=lambda job: plan.save(out))
+        except SubmitError as err:  # the jobs queued before it keep their ids in sweep.json
+            print(f"scaling_sweep: error: {err}", file=sys.stderr)
+            return 2
+        print(f"submitted; when the jobs are done: python -m tsm_dist.scaling_sweep collect {out} "
+              f"(--wait SECONDS waits for them)")
         return 0
     run_local(plan, out, args.launcher, args.timeout, not args.no_bench)
     code = collect_main([str(out)])
@@ -357,7 +352,15 @@ def collect_main(argv: list[str]) -> int:
                                      description="Tabulate and plot a finished sweep directory.")
     parser.add_argument("out", type=Path, help="the sweep's --out directory")
     parser.add_argument("--machine", help="machine profile for unmeasured links (default: the sweep's)")
+    parser.add_argument("--wait", type=float, metavar="SECONDS",
+                        help="lsf/slurm: first wait up to this long for the sweep's jobs to finish")
     args = parser.parse_args(argv)
+    if args.wait:
+        plan = SweepPlan.load(args.out)
+        try:
+            wait_for_jobs(plan.jobs, plan.scheduler, args.wait)
+        except (SubmitError, TimeoutError) as err:  # collect what is there; the table shows the rest as running
+            print(f"scaling_sweep collect: {err}", file=sys.stderr)
     outputs = collect(args.out, args.machine)
     missing = [r for r in outputs.rows if r.timed_steps == 0 or r.status != "completed"]
     print(outputs.markdown.read_text())

@@ -31,7 +31,7 @@ class JobSpec:
     config: str  # relative to the sweep directory
     script: str = ""  # job script (lsf/slurm) relative to the sweep directory, "" for local runs
     job_id: str = ""  # filled by --submit
-    status: str = "planned"  # planned | submitted | completed | failed | timeout
+    status: str = "planned"  # planned | submitted | completed | failed[: cause] | timeout | running
 
     @property
     def simulated(self) -> bool:
@@ -40,6 +40,8 @@ class JobSpec:
 
 @dataclass
 class SweepPlan:
+    """``gpus_per_node`` 0: CPU ranks, ``ranks_per_node`` of them per node (otherwise one rank per GPU)."""
+
     scheduler: str
     machine: str
     gpus_per_node: int
@@ -51,6 +53,15 @@ class SweepPlan:
     base_config: str
     command: list[str] = field(default_factory=list)
     jobs: list[JobSpec] = field(default_factory=list)
+    ranks_per_node: int = 0  # 0: gpus_per_node (plans written before CPU sweeps)
+
+    def __post_init__(self) -> None:
+        self.ranks_per_node = self.ranks_per_node or self.gpus_per_node
+
+    @property
+    def rank_word(self) -> str:
+        """What one rank holds, for tables: "GPU", or "rank" on CPU nodes."""
+        return "GPU" if self.gpus_per_node > 0 else "rank"
 
     def save(self, out_dir: Path) -> Path:
         path = Path(out_dir) / PLAN_FILE
