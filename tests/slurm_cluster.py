@@ -103,7 +103,7 @@ class SlurmCluster:
         ctld_port, slurmd_port = free_port(), free_port()
         r = self.root
         node_lines = "\n".join(
-            f"NodeName={name}" + (f" NodeHostname={name} Port={_free_port()}" if len(self.nodes) > 1 else "")
+            f"NodeName={name}" + (f" NodeHostname={name} Port={free_port()}" if len(self.nodes) > 1 else "")
             + f" NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN" for name in self.nodes)
         self.conf.write_text(f"""\
 ClusterName=tsmtest
