@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack": ("tsm_dist.data.pack.write", "pack a file list's videos into large shards + index; --verify a packed set"),
     "render-job": ("tsm_dist.launch.render", "render an LSF (jsrun) or Slurm (srun) job script"),
     "sweep": ("tsm_dist.scaling_sweep", "scaling sweep across node counts (= python -m tsm_dist.scaling_sweep)"),
+    "batch-study": ("tsm_dist.batch_study", "accuracy vs effective batch (accumulation), SGD vs LARS/LAMB: Table 12"),
     "io-study": ("tsm_dist.io_study", "data time not hidden by compute vs compute, per model and loader"),
     "check": ("tsm_dist.selfcheck", "print the stack (torch, Horovod, MPI, DALI) and run a 2-rank self-check"),
     "check-data": ("tsm_dist.check_data", "probe every video of a config's file lists and print a summary"),

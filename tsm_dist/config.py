@@ -87,6 +87,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # sgd: momentum SGD. lars / lamb: layer-wise trust ratio (You et al. 2017 / 2019) on the weights
+    # (BN and bias parameters excluded from adaptation and decay); tsm_dist/optim.py
+    name: str = field(default="sgd", metadata=_choices("sgd", "lars", "lamb"))
     base_lr: float = 0.01  # learning rate at base_batch; scaled linearly with the global batch
     base_batch: int = 64
     momentum: float = 0.9
@@ -97,6 +100,10 @@ class OptimConfig:
     decay_epochs: list[float] = field(default_factory=lambda: [40.0, 80.0])
     decay_factor: float = 0.1
     clip_grad_norm: float = 0.0  # 0: no clipping
+    trust_coefficient: float = 0.001  # LARS eta; 0.001 as You et al. 2017
+    trust_clip: bool = True  # LARS: at most the global lr per layer (LARC), so small batches stay plain SGD
+    beta2: float = 0.999  # LAMB's second-moment decay (its first is optim.momentum)
+    eps: float = 1e-6  # LAMB's epsilon
 
 
 @dataclass
@@ -234,7 +241,7 @@ def _check_ranges(cfg: Config) -> None:
                 "eval.num_clips", "eval.last_n", "engine.fusion_threshold_mb",
                 "engine.gradient_predivide_factor", "engine.timeout_s"]
     non_negative = ["optim.base_lr", "optim.weight_decay", "optim.warmup_epochs", "optim.clip_grad_norm",
-                    "optim.momentum", "train.max_steps", "train.global_batch", "data.num_samples",
+                    "optim.momentum", "optim.trust_coefficient", "optim.eps", "train.max_steps", "train.global_batch", "data.num_samples",
                     "data.val_batch_size", "train.checkpoint_every_epochs", "train.eval_every_epochs",
                     "engine.cycle_time_ms", "engine.stall_check_s", "engine.stall_shutdown_s"]
     for key in positive + non_negative:

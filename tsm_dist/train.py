@@ -39,6 +39,7 @@ from tsm_dist.errors import EXIT_CHECKPOINT, EXIT_DATA, EXIT_NONFINITE, EXIT_OK,
     CoordinatedError, run_main
 from tsm_dist.evaluate import evaluate
 from tsm_dist.memory_format import to_memory_format
+from tsm_dist.optim import build_optimizer
 from tsm_dist.progress import Progress
 from tsm_dist.run_facts import git_commit, hardware, versions
 from tsm_dist.wandb_log import WandbRun
@@ -47,17 +48,6 @@ from tsm_dist.schedule import LRSchedule
 
 
 # ------------------------------------------------------------------------------- building blocks
-def param_groups(model: nn.Module, weight_decay: float, no_bn_bias_decay: bool) -> list[dict[str, Any]]:
-    """With ``no_bn_bias_decay``, BN scales/shifts and biases (the 1-D parameters) get no weight decay."""
-    if not no_bn_bias_decay:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -196,8 +186,7 @@ class Trainer:
         model = build_model_from_config(cfg, model_builder).to(device)
         # channels-last (2D or 3D: the model's own) on every device, CPU included; the header records it
         model, self.memory_format = to_memory_format(model, cfg.train.channels_last)
-        optimizer = torch.optim.SGD(param_groups(model, cfg.optim.weight_decay, cfg.optim.no_bn_bias_decay),
-                                    lr=self.schedule(0), momentum=cfg.optim.momentum)
+        optimizer = build_optimizer(model, cfg.optim, lr=self.schedule(0))
         self.model = model
         self.amp_dtype = amp_dtype(cfg)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")

@@ -1,0 +1,112 @@
+"""The batch-size study's plan: which runs (optimizer, effective batch, seed) on how many ranks with which
+per-rank batch and accumulation, and the overrides every run shares. Written to ``plan.json`` so that
+``collect`` reads a study directory without its command line."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tsm_dist import resources
+
+OPTIMIZERS = ("sgd", "lars", "lamb")
+PLAN_FILE = "plan.json"
+# per_rank 2: batch 4 runs on 2 ranks as is, batch 8 is simulated (K = 2)
+QUICK = {"videos_per_class": 4, "frames": 8, "size": 32, "per_rank": 2, "batches": [4, 8], "epochs": 2, "seeds": 1}
+DEFAULT_BATCHES = [16, 64, 256, 1024]
+
+
+@dataclass
+class StudyOptions:
+    """What the command line asks for (``None``: the config's or the quick mode's value)."""
+
+    config: Path | None = None
+    batches: list[int] | None = None
+    nodes: list[int] | None = None
+    gpus_per_node: int = 1
+    optimizers: list[str] = field(default_factory=lambda: ["sgd"])
+    seeds: int | None = None
+    epochs: int | None = None
+    ranks: int = 2
+    launcher: str = "horovodrun"
+    data: Path | None = None
+    overrides: list[str] = field(default_factory=list)
+    quick: bool = False
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """One training run of the study."""
+
+    optimizer: str
+    batch: int  # effective (global) batch
+    seed: int
+    ranks: int
+    per_rank_batch: int
+    accumulate: int
+
+    @property
+    def simulated(self) -> bool:
+        return self.accumulate > 1
+
+    @property
+    def tag(self) -> str:
+        return f"{self.optimizer}_b{self.batch:05d}_s{self.seed}"
+
+
+def plan_runs(batches: list[int], optimizers: list[str], seeds: int, ranks: int, max_per_rank: int) -> list[StudyRun]:
+    """Per-rank batch: the config's, or less for a batch smaller than ranks x that; the rest is K."""
+    per_rank = {}
+    for batch in batches:
+        per_rank[batch] = min(max_per_rank, batch // ranks)
+        if per_rank[batch] < 1 or batch % (ranks * per_rank[batch]):
+            raise ValueError(f"batch {batch} is not a multiple of {ranks} ranks x a per-rank batch "
+                             f"<= {max_per_rank} (data.batch_size)")
+    # seed by seed: a study cut short still has whole curves for the seeds it finished
+    return [StudyRun(optimizer, batch, seed, ranks, per_rank[batch], batch // (ranks * per_rank[batch]))
+            for seed in range(seeds) for optimizer in optimizers for batch in batches]
+
+
+def _config_path(args: StudyOptions) -> Path:
+    return args.config or resources.CONFIGS / "synthetic_hard_tsm.yaml"
+
+
+def ensure_data(root: Path, quick: bool) -> None:
+    if (root / "train.txt").is_file():
+        return
+    from tsm_dist.data.synthetic import make_synthetic
+
+    sizes = {k: QUICK[k] for k in ("videos_per_class", "frames", "size")} if quick else {}
+    print(f"making the hard synthetic set in {root} ...", flush=True)
+    make_synthetic(str(root), preset="hard", **sizes)
+
+
+def plan_study(args: StudyOptions) -> dict[str, Any]:
+    """The resolved study: base config, overrides shared by every run, and the runs."""
+    from tsm_dist.config import load_config
+
+    config = _config_path(args)
+    overrides = list(args.overrides)
+    if args.quick:
+        overrides = [f"data.batch_size={QUICK['per_rank']}", f"data.crop_size={QUICK['size'] - 4}",
+                     f"data.scale_size={QUICK['size']}", *overrides]
+    cfg = load_config(config, overrides)
+    data = args.data or (Path("data/synthetic_hard_quick") if args.quick else Path(cfg.data.root))
+    epochs = args.epochs or (QUICK["epochs"] if args.quick else cfg.train.epochs)
+    if args.batches and args.nodes:
+        raise ValueError("give --batches or --nodes, not both")
+    batches = (args.batches or ([n * args.gpus_per_node * cfg.data.batch_size for n in args.nodes] if args.nodes
+                                else QUICK["batches"] if args.quick else DEFAULT_BATCHES))
+    seeds = args.seeds or (QUICK["seeds"] if args.quick else 3)
+    last_n = min(cfg.eval.last_n, epochs)
+    shared = [*overrides, f"data.root={data.resolve()}", f"train.epochs={epochs}", f"eval.last_n={last_n}",
+              f"train.keep_last={max(cfg.train.keep_last, last_n)}", "train.eval_every_epochs=1",
+              "train.checkpoint_every_epochs=1", "log.progress=false", "log.wandb=disabled"]
+    runs = plan_runs(sorted(set(batches)), args.optimizers, seeds, args.ranks, cfg.data.batch_size)
+    return {"config": str(Path(config).resolve()), "overrides": shared, "data": str(data), "epochs": epochs,
+            "last_n": last_n, "num_frames": cfg.model.num_frames, "base_batch": cfg.optim.base_batch,
+            "base_lr": cfg.optim.base_lr, "warmup_epochs": cfg.optim.warmup_epochs, "model": cfg.model.name,
+            "quick": args.quick, "launcher": args.launcher, "runs": [asdict(r) for r in runs]}
+
+

@@ -1,0 +1,207 @@
+"""The batch-size study's results: Table 12's columns (Markdown, CSV), Fig. 11 and Fig. 13 (PNG).
+
+A run's accuracy is the mean of its last ``last_n`` validation evaluations: the trainer evaluates at the
+end of every epoch and then saves that epoch's checkpoint from the same weights and rank 0's BN
+statistics, so these are the numbers ``tsm-dist eval --last-n`` gives for the study's 1 clip x 1 crop.
+A row is one (optimizer, batch): mean and standard deviation over its seeds of those run accuracies.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tsm_dist.evaluate import mean_std
+from tsm_dist.records import METRICS_FILE, MetricsError, read_records
+from tsm_dist.studies.batch_plan import PLAN_FILE, StudyRun
+from tsm_dist.studies.tables import pyplot, write_csv
+
+NAN = float("nan")
+
+
+@dataclass
+class RunResult:
+    optimizer: str
+    batch: int
+    seed: int
+    accumulate: int
+    status: str  # completed, or why not
+    top1: float = NAN  # mean of the last-n evaluations
+    top1_ckpt_std: float = NAN
+    steps: int = 0
+    wall_s: float = NAN
+    curve: list[tuple[float, float, float]] = field(default_factory=list)  # (epoch, top1, train loss)
+
+
+@dataclass
+class BatchRow:
+    """One line of the table (Table 12's columns, plus the optimizer and each row's status)."""
+
+    optimizer: str
+    gpus: int  # ranks the batch needs without accumulation (the paper's "GPUs")
+    ranks: int  # ranks it ran on
+    accumulate: int
+    simulated: bool
+    batch: int
+    frames_per_batch: int
+    top1_mean: float
+    top1_std: float  # over seeds
+    top1_ckpt_std: float  # mean over seeds of the spread of the last-n checkpoints
+    seeds_ok: int
+    seeds: int
+    steps: int
+    wall_s: float
+    status: str
+
+
+def _epoch_losses(records: list[dict[str, Any]]) -> dict[int, float]:
+    """Mean training loss of the step records of each epoch (epoch e: steps in (e-1, e])."""
+    by_epoch: dict[int, list[float]] = {}
+    for r in records:
+        if r["type"] == "step" and math.isfinite(r["loss"]):
+            by_epoch.setdefault(max(1, math.ceil(r["epoch"] - 1e-9)), []).append(r["loss"])
+    return {e: sum(v) / len(v) for e, v in by_epoch.items()}
+
+
+def read_run(workdir: Path, run: dict[str, Any], last_n: int) -> RunResult:
+    result = RunResult(run["optimizer"], run["batch"], run["seed"], run["accumulate"], "not run")
+    info_file = workdir / "study_run.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    result.wall_s = info.get("wall_s", NAN)
+    try:
+        records = read_records(workdir / METRICS_FILE)
+    except (OSError, MetricsError):
+        result.status = info.get("error") or "not run"
+        return result
+    evals = {r["epoch"]: r for r in records if r["type"] == "eval"}  # a resumed epoch's last evaluation
+    ends = [r for r in records if r["type"] == "end"]
+    result.status = info.get("error") or (ends[-1]["status"] if ends else "running or killed")
+    result.steps = max([r["step"] for r in records if r["type"] == "step"], default=0)
+    losses = _epoch_losses(records)
+    result.curve = [(e, evals[e]["top1"], losses.get(e, NAN)) for e in sorted(evals)]
+    if result.status == "completed" and evals:
+        result.top1, result.top1_ckpt_std = mean_std([evals[e]["top1"] for e in sorted(evals)[-last_n:]])
+    return result
+
+
+def read_results(out: Path) -> tuple[dict[str, Any], list[RunResult]]:
+    plan = json.loads((out / PLAN_FILE).read_text())
+    results = [read_run(out / "runs" / StudyRun(**r).tag, r, plan["last_n"]) for r in plan["runs"]]
+    return plan, results
+
+
+def build_rows(plan: dict[str, Any], results: list[RunResult]) -> list[BatchRow]:
+    rows = []
+    keys = sorted({(r.optimizer, r.batch) for r in results}, key=lambda k: (plan_order(plan, k[0]), k[1]))
+    for optimizer, batch in keys:
+        group = [r for r in results if (r.optimizer, r.batch) == (optimizer, batch)]
+        spec = next(s for s in plan["runs"] if (s["optimizer"], s["batch"]) == (optimizer, batch))
+        ok = [r for r in group if r.status == "completed" and math.isfinite(r.top1)]
+        mean, std = mean_std([r.top1 for r in ok]) if ok else (NAN, NAN)
+        failed = sorted({r.status for r in group if r not in ok})
+        rows.append(BatchRow(
+            optimizer=optimizer, gpus=batch // spec["per_rank_batch"], ranks=spec["ranks"],
+            accumulate=spec["accumulate"], simulated=spec["accumulate"] > 1, batch=batch,
+            frames_per_batch=batch * plan["num_frames"], top1_mean=mean, top1_std=std,
+            top1_ckpt_std=mean_std([r.top1_ckpt_std for r in ok])[0] if ok else NAN,
+            seeds_ok=len(ok), seeds=len(group), steps=max((r.steps for r in group), default=0),
+            wall_s=mean_std([r.wall_s for r in group if math.isfinite(r.wall_s)])[0]
+            if any(math.isfinite(r.wall_s) for r in group) else NAN,
+            status="completed" if not failed else "; ".join(failed)))
+    return rows
+
+
+def plan_order(plan: dict[str, Any], optimizer: str) -> int:
+    names = list(dict.fromkeys(r["optimizer"] for r in plan["runs"]))
+    return names.index(optimizer) if optimizer in names else len(names)
+
+
+def _cell(value: float, fmt: str) -> str:
+    return fmt.format(value) if math.isfinite(value) else "-"
+
+
+def markdown_table(plan: dict[str, Any], rows: list[BatchRow]) -> str:
+    lines = [f"Batch-size study: {plan['model']}, {plan['epochs']} epochs per run, linear LR scaling from "
+             f"{plan['base_lr']:g} at batch {plan['base_batch']}, warmup {plan['warmup_epochs']:g} epoch(s); "
+             f"top-1 = mean +- std over seeds of each run's last {plan['last_n']} checkpoints' mean.",
+             "", "| optimizer | GPUs | batch | frames/batch | top-1 (%) | ckpt std | seeds | steps | wall (s) | status |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        gpus = f"{r.gpus}*" if r.simulated else str(r.gpus)
+        lines.append(
+            f"| {r.optimizer} | {gpus} | {r.batch:,}{'*' if r.simulated else ''} | {r.frames_per_batch:,} | "
+            f"{_cell(r.top1_mean, '{:.1f}')} +- {_cell(r.top1_std, '{:.1f}')} | {_cell(r.top1_ckpt_std, '{:.1f}')} | "
+            f"{r.seeds_ok}/{r.seeds} | {r.steps:,} | {_cell(r.wall_s, '{:.0f}')} | {r.status} |")
+    lines += ["", f"`*`: simulated: {rows[0].ranks if rows else '?'} ranks with gradient accumulation (K micro-batches "
+              "per step, each with its own batch-norm statistics), as the paper's 512* and 1024* nodes."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(plan: dict[str, Any], rows: list[BatchRow], path: Path) -> None:
+    """Fig. 11: top-1 against the batch (log axis), error bars over seeds, the smallest batch's band."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    base = next((r for r in rows if math.isfinite(r.top1_mean)), None)
+    if base is not None:
+        spread = base.top1_std if math.isfinite(base.top1_std) else 0.0
+        ax.axhspan(base.top1_mean - spread, base.top1_mean + spread, color="gray", alpha=0.25,
+                   label=f"baseline ({base.optimizer}, batch {base.batch}) +- std")
+        ax.axhline(base.top1_mean - 2, color="gray", linestyle=":", label="baseline - 2 points")
+    for optimizer in dict.fromkeys(r.optimizer for r in rows):
+        mine = [r for r in rows if r.optimizer == optimizer and math.isfinite(r.top1_mean)]
+        if not mine:
+            continue
+        ax.errorbar([r.batch for r in mine], [r.top1_mean for r in mine], yerr=[r.top1_std for r in mine],
+                    marker="o", capsize=4, label=optimizer)
+        for r in mine:
+            if r.simulated:
+                ax.annotate("*", (r.batch, r.top1_mean), textcoords="offset points", xytext=(5, 5))
+    ax.set_xscale("log", base=2)
+    batches = sorted({r.batch for r in rows})
+    ax.set_xticks(batches, [f"{b:,}" for b in batches])
+    ax.set(xlabel="effective batch (* simulated by accumulation)", ylabel="validation top-1 (%)",
+           title=f"Accuracy vs batch ({plan['model']}, {plan['epochs']} epochs, linear scaling + warmup)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(plan: dict[str, Any], results: list[RunResult], path: Path) -> None:
+    """Fig. 13: validation top-1 and training loss against the epoch, one line per batch (seed means)."""
+    plt = pyplot()
+    optimizers = list(dict.fromkeys(r.optimizer for r in results))
+    fig, axes = plt.subplots(len(optimizers), 2, figsize=(11, 3.8 * len(optimizers)), squeeze=False)
+    for row, optimizer in zip(axes, optimizers):
+        for batch in sorted({r.batch for r in results}):
+            curves = [r.curve for r in results if (r.optimizer, r.batch) == (optimizer, batch) and r.curve]
+            if not curves:
+                continue
+            epochs = sorted({e for c in curves for e, _, _ in c})
+            for column, index in ((0, 1), (1, 2)):
+                values = [[p[index] for c in curves for p in c if p[0] == e] for e in epochs]
+                means = [sum(v) / len(v) if v else NAN for v in values]
+                row[column].plot(epochs, means, marker="o", markersize=3, label=f"batch {batch}")
+        row[0].set(xlabel="epoch", ylabel="validation top-1 (%)", title=f"{optimizer}: accuracy")
+        row[1].set(xlabel="epoch", ylabel="training loss", title=f"{optimizer}: loss", yscale="log")
+        for ax in row:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(out: Path) -> str:
+    """Write table.md, table.csv and both figures into ``out``; return the Markdown table."""
+    plan, results = read_results(out)
+    rows = build_rows(plan, results)
+    text = markdown_table(plan, rows)
+    (out / "table.md").write_text(text)
+    write_csv(rows, BatchRow, out / "table.csv")
+    plot_accuracy(plan, rows, out / "fig11_accuracy_vs_batch.png")
+    plot_curves(plan, results, out / "fig13_curves.png")
+    return text + f"\nfigures: {out / 'fig11_accuracy_vs_batch.png'}, {out / 'fig13_curves.png'}"

@@ -1,0 +1,138 @@
+"""The batch-size study (paper, Table 12, Fig. 11, Fig. 13): accuracy against the effective batch.
+
+One config, a list of effective batches, the same epochs for each: the learning rate follows the
+linear scaling rule from ``optim.base_batch`` with the config's warmup (:mod:`tsm_dist.schedule`), and
+a batch larger than the ranks can hold is simulated by gradient accumulation, K = batch / (ranks x
+per-rank batch), marked ``*`` as the paper's 512- and 1024-node rows. Every micro-batch is normalized
+by its own batch-norm statistics, exactly as on as many real ranks (tests/test_studies_batch_bn.py).
+Each (optimizer, batch, seed) is one training run; its accuracy is the mean of its last
+``eval.last_n`` checkpoints' validation top-1, and a row reports the mean and standard deviation of that
+over the seeds::
+
+    python -m tsm_dist.batch_study --config configs/synthetic_hard_tsm.yaml --batches 8,32,128,512 \\
+        --optimizers sgd,lars --seeds 3 --out runs/batch_study
+    python -m tsm_dist.batch_study collect runs/batch_study      # the table and figures again
+
+``--quick`` is a reduced study (tiny hard set, two batches, two epochs) for CI. Outputs in ``--out``:
+``table.md``, ``table.csv``, ``fig11_accuracy_vs_batch.png``, ``fig13_curves.png``, and one run directory
+(config.yaml, metrics.jsonl, train.log) per run; a failed run stays in the table with its status.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tsm_dist.cli_types import choice_list, count_list
+from tsm_dist.studies.batch_plan import OPTIMIZERS, PLAN_FILE, StudyOptions, StudyRun, ensure_data, plan_study
+from tsm_dist.studies.runner import LAUNCHERS, launch_prefix, run_logged, tail
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tsm_dist.batch_study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="training config (default: configs/synthetic_hard_tsm.yaml)")
+    parser.add_argument("--batches", type=count_list, help=f"effective batches (default {DEFAULT_BATCHES})")
+    parser.add_argument("--nodes", type=count_list,
+                        help="node counts as the paper counts them: batch = nodes x --gpus-per-node x data.batch_size")
+    parser.add_argument("--gpus-per-node", type=int, default=1, help="with --nodes (default 1)")
+    parser.add_argument("--optimizers", type=choice_list(OPTIMIZERS), default=["sgd"],
+                        help="comma list of sgd, lars, lamb (default sgd), compared in one table and figure")
+    parser.add_argument("--seeds", type=int, help="runs per batch and optimizer, train.seed 0..N-1 (default 3)")
+    parser.add_argument("--epochs", type=int, help="epochs of every run (default: the config's train.epochs)")
+    parser.add_argument("--ranks", type=int, default=2, help="local ranks (default 2)")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="horovodrun")
+    parser.add_argument("--data", type=Path, help="data root (default: the config's data.root; the hard set "
+                        "is made there if it is missing)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for every run")
+    parser.add_argument("--out", type=Path, default=Path("runs/batch_study"))
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per run")
+    parser.add_argument("--quick", action="store_true", help="reduced study for CI (tiny set, 2 batches, 2 epochs)")
+    return parser
+
+
+def run_overrides(run: StudyRun) -> list[str]:
+    return [f"optim.name={run.optimizer}", f"train.seed={run.seed}", f"data.batch_size={run.per_rank_batch}",
+            f"train.global_batch={run.batch}", "train.accumulate=1"]
+
+
+def run_local(plan: dict[str, Any], out: Path, timeout: float) -> None:
+    """Every run of ``plan`` with its ranks on this machine; a run that completed before is kept."""
+    from tqdm import tqdm
+
+    from tsm_dist.config import dump_config, load_config
+    from tsm_dist.records import METRICS_FILE, read_last_run
+
+    runs = [StudyRun(**r) for r in plan["runs"]]
+    bar = tqdm(runs, unit="run", file=sys.stderr, dynamic_ncols=True)
+    for run in bar:
+        bar.set_description(f"{run.optimizer} batch {run.batch}{'*' if run.simulated else ''} seed {run.seed}")
+        workdir = out / "runs" / run.tag
+        metrics = workdir / METRICS_FILE
+        if metrics.is_file() and read_last_run(metrics).status == "completed":
+            continue
+        if metrics.is_file():
+            metrics.unlink()  # a run that did not complete starts again from scratch
+        config = workdir / "run_config.yaml"
+        workdir.mkdir(parents=True, exist_ok=True)
+        dump_config(load_config(plan["config"], [*plan["overrides"], *run_overrides(run)]), config)
+        command = [*launch_prefix(plan["launcher"], run.ranks), sys.executable, "-m", "tsm_dist.train",
+                   "--config", str(config), "--workdir", str(workdir)]
+        started = time.perf_counter()
+        error = run_logged(command, run.ranks, workdir / "train.log", timeout)
+        (workdir / "study_run.json").write_text(json.dumps(
+            {"error": error, "wall_s": time.perf_counter() - started, "command": command}))
+        if error:
+            bar.write(f"{run.tag}: {error}\n{tail(workdir / 'train.log', 5)}")
+
+
+def parse_args(argv: list[str]) -> tuple[StudyOptions, Path, float]:
+    """(the study's options, the output directory, the per-run timeout)."""
+    args = build_parser().parse_args(argv)
+    options = StudyOptions(config=args.config, batches=args.batches, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                           optimizers=args.optimizers, seeds=args.seeds, epochs=args.epochs, ranks=args.ranks,
+                           launcher=args.launcher, data=args.data, overrides=args.overrides, quick=args.quick)
+    return options, args.out, args.timeout
+
+
+def run_study(argv: list[str]) -> int:
+    from tsm_dist.studies.batch_report import report
+
+    options, out, timeout = parse_args(argv)
+    try:
+        plan = plan_study(options)
+    except ValueError as exc:
+        print(f"batch-study: {exc}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PLAN_FILE).write_text(json.dumps(plan, indent=2))
+    ensure_data(Path(plan["data"]), options.quick)
+    print(f"batch study: {len(plan['runs'])} runs of {plan['epochs']} epochs on {options.ranks} local ranks "
+          f"-> {out}", flush=True)
+    run_local(plan, out, timeout)
+    print(report(out))
+    return 0
+
+
+def collect_main(argv: list[str]) -> int:
+    from tsm_dist.studies.batch_report import report
+
+    parser = argparse.ArgumentParser(prog="python -m tsm_dist.batch_study collect",
+                                     description="rebuild the table and figures of a study directory")
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    if not (args.out / PLAN_FILE).is_file():
+        print(f"batch-study collect: {args.out / PLAN_FILE} is missing (not a study directory)", file=sys.stderr)
+        return 2
+    print(report(args.out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["collect"]:
+        return collect_main(argv[1:])
+    return run_study(argv)
