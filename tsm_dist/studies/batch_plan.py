@@ -3,7 +3,6 @@ per-rank batch and accumulation, and the overrides every run shares. Written to 
 ``collect`` reads a study directory without its command line."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any

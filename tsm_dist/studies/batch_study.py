@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from tsm_dist.cli_types import choice_list, count_list
-from tsm_dist.studies.batch_plan import OPTIMIZERS, PLAN_FILE, StudyOptions, StudyRun, ensure_data, plan_study
+from tsm_dist.studies.batch_plan import (DEFAULT_BATCHES, OPTIMIZERS, PLAN_FILE, StudyOptions, StudyRun, ensure_data,
+                                         plan_study)
 from tsm_dist.studies.runner import LAUNCHERS, launch_prefix, run_logged, tail
 
 def build_parser() -> argparse.ArgumentParser:
