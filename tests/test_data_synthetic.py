@@ -84,3 +84,34 @@ def test_cli(tmp_path, capsys):
     assert "wrote 4 train and 4 val videos" in capsys.readouterr().out
     assert (out / "train.txt").exists() and (out / "val.txt").exists() and (out / "classes.txt").exists()
     assert main(["--out", str(out), "--size", "15"]) == 2
+
+
+def test_hard_preset_classes_show_the_same_frames_in_eight_orders(tmp_path):
+    from tsm_dist.data.synthetic import HARD_CLASSES, HARD_FLIP_LABEL_MAP, render_hard_scene
+
+    frames = 16
+    orders = [frame_order(label, frames) for label in range(len(HARD_CLASSES))]
+    assert len({o.tobytes() for o in orders}) == 8  # eight different orders
+    for label, order in enumerate(orders):
+        assert sorted(order.tolist()) == list(range(frames))  # each a permutation: the same frames
+        assert frame_order(HARD_FLIP_LABEL_MAP[label], frames).tolist() == (frames - 1 - order).tolist()
+    assert frame_order(4, 6).tolist() == [0, 2, 4, 5, 3, 1] and frame_order(6, 6).tolist() == [3, 4, 5, 0, 1, 2]
+    scene = render_hard_scene(np.random.default_rng(3), frames, 32)
+    assert scene.shape == (frames, 32, 32, 3)
+    # noise and the jumping blobs change every frame; the scene is not static
+    assert np.abs(np.diff(scene.astype(np.int16), axis=0)).mean(axis=(1, 2, 3)).min() > 2
+    made = make_synthetic(str(tmp_path / "hard"), preset="hard", videos_per_class=2, frames=8, size=16, seed=1)
+    assert read_class_names(made.classes_file) == list(HARD_CLASSES) and (made.num_train, made.num_val) == (8, 8)
+    again = make_synthetic(str(tmp_path / "again"), preset="hard", videos_per_class=2, frames=8, size=16, seed=1)
+    train, _ = read_file_list(made.train_list, num_classes=8)
+    assert sorted({r.label for r in train}) == list(range(8))
+    for record in train:
+        assert open(record.resolve(made.root), "rb").read() == open(record.resolve(again.root), "rb").read()
+    with pytest.raises(ValueError, match="unknown preset 'easy'"):
+        make_synthetic(str(tmp_path / "x"), preset="easy")
+
+
+def test_cli_hard_preset(tmp_path, capsys):
+    out = tmp_path / "hard_cli"
+    assert main(["--out", str(out), "--preset", "hard", "--videos-per-class", "2", "--frames", "4", "--size", "16"]) == 0
+    assert "wrote 8 train and 8 val videos of 8 classes" in capsys.readouterr().out

@@ -86,8 +86,10 @@ def read_run(workdir: Path, run: dict[str, Any], last_n: int) -> RunResult:
     return result
 
 
-def read_results(out: Path) -> tuple[dict[str, Any], list[RunResult]]:
+def read_results(out: Path, last_n: int | None = None) -> tuple[dict[str, Any], list[RunResult]]:
+    """The plan and every run's result; ``last_n`` replaces the plan's checkpoints per run."""
     plan = json.loads((out / PLAN_FILE).read_text())
+    plan["last_n"] = last_n or plan["last_n"]
     results = [read_run(out / "runs" / StudyRun(**r).tag, r, plan["last_n"]) for r in plan["runs"]]
     return plan, results
 
@@ -195,9 +197,9 @@ def plot_curves(plan: dict[str, Any], results: list[RunResult], path: Path) -> N
     plt.close(fig)
 
 
-def report(out: Path) -> str:
+def report(out: Path, last_n: int | None = None) -> str:
     """Write table.md, table.csv and both figures into ``out``; return the Markdown table."""
-    plan, results = read_results(out)
+    plan, results = read_results(out, last_n)
     rows = build_rows(plan, results)
     text = markdown_table(plan, rows)
     (out / "table.md").write_text(text)

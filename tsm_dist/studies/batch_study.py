@@ -124,11 +124,12 @@ def collect_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tsm_dist.batch_study collect",
                                      description="rebuild the table and figures of a study directory")
     parser.add_argument("out", type=Path)
+    parser.add_argument("--last-n", type=int, help="checkpoints per run to average (default: the study's eval.last_n)")
     args = parser.parse_args(argv)
     if not (args.out / PLAN_FILE).is_file():
         print(f"batch-study collect: {args.out / PLAN_FILE} is missing (not a study directory)", file=sys.stderr)
         return 2
-    print(report(args.out))
+    print(report(args.out, last_n=args.last_n))
     return 0
 
 
