@@ -25,7 +25,7 @@ def test_plan_simulates_what_the_ranks_cannot_hold():
     assert (by_batch[64].per_rank_batch, by_batch[64].accumulate, by_batch[64].simulated) == (8, 4, True)
     assert (by_batch[8].per_rank_batch, by_batch[8].accumulate) == (4, 1)  # smaller than ranks x 8
     assert [r.seed for r in runs[:6]] == [0] * 6  # seed by seed
-    with pytest.raises(ValueError, match="batch 24 is not a multiple of 2 ranks"):
+    with pytest.raises(ValueError, match=r"batch 24 is not a multiple of 1 node\(s\) x 2 ranks"):
         plan_runs([24], ["sgd"], seeds=1, ranks=2, max_per_rank=8)
     assert "batch-study" in COMMANDS
 
@@ -93,3 +93,30 @@ def test_quick_study_on_two_horovod_ranks(tmp_path):
     again = subprocess.run([sys.executable, "-m", "tsm_dist.batch_study", "collect", str(out)],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "| sgd | 4* | 8* |" in again.stdout
+
+
+def test_scheduler_study_renders_one_job_per_run_through_the_job_template(tmp_path, capsys):
+    from tsm_dist.studies.batch_study import main
+
+    out = tmp_path / "slurm"
+    assert main(["--scheduler", "slurm", "--gpus-per-node", "4", "--max-nodes", "2", "--batches", "32,256",
+                 "--optimizers", "sgd,lars", "--seeds", "1", "--data", str(tmp_path), "--out", str(out)]) == 0
+    assert "4 job scripts" in capsys.readouterr().out
+    plan = json.loads((out / PLAN_FILE).read_text())
+    assert {t: j["status"] for t, j in plan["jobs"].items()} == dict.fromkeys(
+        ["sgd_b00032_s0", "sgd_b00256_s0", "lars_b00032_s0", "lars_b00256_s0"], "planned")
+    # 256 = 2 nodes x 4 GPUs x 8 clips x K=4: simulated on the largest allocation
+    big = next(r for r in plan["runs"] if r["batch"] == 256)
+    assert (big["nodes"], big["ranks"], big["accumulate"]) == (2, 8, 4)
+    script = (out / plan["jobs"]["sgd_b00256_s0"]["script"]).read_text()
+    assert "#SBATCH --nodes=2" in script and "--ntasks-per-node=4" in script and "launch/rank.sh" in script
+    assert f"--config \"$CONFIG\"" in script and str(out / "jobs" / "sgd_b00256_s0" / "sgd_b00256_s0.yaml") in script
+    assert "python -m tsm_dist.batch_study --scheduler slurm" in script
+    assert subprocess.run(["bash", "-n", str(out / plan["jobs"]["sgd_b00256_s0"]["script"])]).returncode == 0
+    config = (out / "jobs" / "lars_b00032_s0" / "lars_b00032_s0.yaml").read_text()
+    assert "name: lars" in config and "global_batch: 32" in config
+    assert main(["collect", str(out)]) == 0 and "| planned |" in capsys.readouterr().out
+    # LSF needs the allocation to charge: one line, exit 2
+    assert main(["--scheduler", "lsf", "--gpus-per-node", "6", "--batches", "48", "--data", str(tmp_path),
+                 "--out", str(tmp_path / "lsf")]) == 2
+    assert "--project is required for LSF" in capsys.readouterr().err

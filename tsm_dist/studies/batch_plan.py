@@ -32,6 +32,10 @@ class StudyOptions:
     data: Path | None = None
     overrides: list[str] = field(default_factory=list)
     quick: bool = False
+    # scheduler runs: up to max_nodes nodes of ranks_per_node ranks; a larger batch is simulated on max_nodes
+    scheduler: str = "local"
+    max_nodes: int = 1
+    ranks_per_node: int | None = None  # default: --gpus-per-node (local: --ranks)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class StudyRun:
     ranks: int
     per_rank_batch: int
     accumulate: int
+    nodes: int = 1  # nodes the run allocates (scheduler runs)
 
     @property
     def simulated(self) -> bool:
@@ -54,17 +59,27 @@ class StudyRun:
         return f"{self.optimizer}_b{self.batch:05d}_s{self.seed}"
 
 
-def plan_runs(batches: list[int], optimizers: list[str], seeds: int, ranks: int, max_per_rank: int) -> list[StudyRun]:
-    """Per-rank batch: the config's, or less for a batch smaller than ranks x that; the rest is K."""
-    per_rank = {}
+def plan_runs(batches: list[int], optimizers: list[str], seeds: int, ranks: int, max_per_rank: int,
+              max_nodes: int = 1) -> list[StudyRun]:
+    """``ranks`` per node, at most ``max_nodes`` nodes. Per-rank batch: the config's, or less for a batch
+    smaller than ranks x that; nodes: as many as the batch fills, up to ``max_nodes``; the rest is K."""
+    layout = {}
     for batch in batches:
-        per_rank[batch] = min(max_per_rank, batch // ranks)
-        if per_rank[batch] < 1 or batch % (ranks * per_rank[batch]):
-            raise ValueError(f"batch {batch} is not a multiple of {ranks} ranks x a per-rank batch "
-                             f"<= {max_per_rank} (data.batch_size)")
+        per_rank = min(max_per_rank, batch // ranks)
+        nodes = max(1, min(max_nodes, batch // (ranks * max(per_rank, 1))))
+        if per_rank < 1 or batch % (nodes * ranks * per_rank):
+            raise ValueError(f"batch {batch} is not a multiple of {nodes} node(s) x {ranks} ranks x a per-rank "
+                             f"batch <= {max_per_rank} (data.batch_size)")
+        layout[batch] = (per_rank, nodes, batch // (nodes * ranks * per_rank))
     # seed by seed: a study cut short still has whole curves for the seeds it finished
-    return [StudyRun(optimizer, batch, seed, ranks, per_rank[batch], batch // (ranks * per_rank[batch]))
+    return [StudyRun(optimizer, batch, seed, layout[batch][1] * ranks, layout[batch][0], layout[batch][2],
+                     layout[batch][1])
             for seed in range(seeds) for optimizer in optimizers for batch in batches]
+
+
+def run_overrides(run: StudyRun) -> list[str]:
+    return [f"optim.name={run.optimizer}", f"train.seed={run.seed}", f"data.batch_size={run.per_rank_batch}",
+            f"train.global_batch={run.batch}", "train.accumulate=1"]
 
 
 def _config_path(args: StudyOptions) -> Path:
@@ -102,10 +117,13 @@ def plan_study(args: StudyOptions) -> dict[str, Any]:
     shared = [*overrides, f"data.root={data.resolve()}", f"train.epochs={epochs}", f"eval.last_n={last_n}",
               f"train.keep_last={max(cfg.train.keep_last, last_n)}", "train.eval_every_epochs=1",
               "train.checkpoint_every_epochs=1", "log.progress=false", "log.wandb=disabled"]
-    runs = plan_runs(sorted(set(batches)), args.optimizers, seeds, args.ranks, cfg.data.batch_size)
+    per_node = args.ranks if args.scheduler == "local" else (args.ranks_per_node or args.gpus_per_node)
+    runs = plan_runs(sorted(set(batches)), args.optimizers, seeds, per_node, cfg.data.batch_size,
+                     max_nodes=1 if args.scheduler == "local" else args.max_nodes)
     return {"config": str(Path(config).resolve()), "overrides": shared, "data": str(data), "epochs": epochs,
             "last_n": last_n, "num_frames": cfg.model.num_frames, "base_batch": cfg.optim.base_batch,
             "base_lr": cfg.optim.base_lr, "warmup_epochs": cfg.optim.warmup_epochs, "model": cfg.model.name,
-            "quick": args.quick, "launcher": args.launcher, "runs": [asdict(r) for r in runs]}
+            "quick": args.quick, "launcher": args.launcher, "scheduler": args.scheduler,
+            "runs": [asdict(r) for r in runs]}
 
 

@@ -32,7 +32,7 @@ class RunResult:
     top1_ckpt_std: float = NAN
     steps: int = 0
     wall_s: float = NAN
-    curve: list[tuple[float, float, float]] = field(default_factory=list)  # (epoch, top1, train loss)
+    curve: list[tuple[float, float, float, float]] = field(default_factory=list)  # (epoch, step, top1, train loss)
 
 
 @dataclass
@@ -65,22 +65,24 @@ def _epoch_losses(records: list[dict[str, Any]]) -> dict[int, float]:
     return {e: sum(v) / len(v) for e, v in by_epoch.items()}
 
 
-def read_run(workdir: Path, run: dict[str, Any], last_n: int) -> RunResult:
+def read_run(workdir: Path, run: dict[str, Any], last_n: int, job_status: str = "") -> RunResult:
+    """One run's result from its records; ``job_status``: the scheduler study's record of its job."""
     result = RunResult(run["optimizer"], run["batch"], run["seed"], run["accumulate"], "not run")
-    info_file = workdir / "study_run.json"
+    info_file = workdir / "study_run.json"  # local runs: the launcher's outcome and wall time
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    result.wall_s = info.get("wall_s", NAN)
     try:
         records = read_records(workdir / METRICS_FILE)
     except (OSError, MetricsError):
-        result.status = info.get("error") or "not run"
+        result.status = info.get("error") or job_status or "not run"
         return result
     evals = {r["epoch"]: r for r in records if r["type"] == "eval"}  # a resumed epoch's last evaluation
     ends = [r for r in records if r["type"] == "end"]
+    headers = [r for r in records if r["type"] == "header"]
+    result.wall_s = info.get("wall_s", ends[-1]["time"] - headers[0]["time"] if ends and headers else NAN)
     result.status = info.get("error") or (ends[-1]["status"] if ends else "running or killed")
     result.steps = max([r["step"] for r in records if r["type"] == "step"], default=0)
     losses = _epoch_losses(records)
-    result.curve = [(e, evals[e]["top1"], losses.get(e, NAN)) for e in sorted(evals)]
+    result.curve = [(e, evals[e]["step"], evals[e]["top1"], losses.get(e, NAN)) for e in sorted(evals)]
     if result.status == "completed" and evals:
         result.top1, result.top1_ckpt_std = mean_std([evals[e]["top1"] for e in sorted(evals)[-last_n:]])
     return result
@@ -90,7 +92,9 @@ def read_results(out: Path, last_n: int | None = None) -> tuple[dict[str, Any], 
     """The plan and every run's result; ``last_n`` replaces the plan's checkpoints per run."""
     plan = json.loads((out / PLAN_FILE).read_text())
     plan["last_n"] = last_n or plan["last_n"]
-    results = [read_run(out / "runs" / StudyRun(**r).tag, r, plan["last_n"]) for r in plan["runs"]]
+    jobs = plan.get("jobs", {})
+    results = [read_run(out / "runs" / StudyRun(**r).tag, r, plan["last_n"],
+                        jobs.get(StudyRun(**r).tag, {}).get("status", "")) for r in plan["runs"]]
     return plan, results
 
 
@@ -166,32 +170,39 @@ def plot_accuracy(plan: dict[str, Any], rows: list[BatchRow], path: Path) -> Non
     ax.set(xlabel="effective batch (* simulated by accumulation)", ylabel="validation top-1 (%)",
            title=f"Accuracy vs batch ({plan['model']}, {plan['epochs']} epochs, linear scaling + warmup)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_curves(plan: dict[str, Any], results: list[RunResult], path: Path) -> None:
-    """Fig. 13: validation top-1 and training loss against the epoch, one line per batch (seed means)."""
+    """Fig. 13: validation top-1 and training loss against the epoch, one line per batch (seed means);
+    a third panel puts the accuracy against optimizer steps, which tells a batch that learns less per
+    epoch because it takes fewer steps from one that learns less per step."""
     plt = pyplot()
     optimizers = list(dict.fromkeys(r.optimizer for r in results))
-    fig, axes = plt.subplots(len(optimizers), 2, figsize=(11, 3.8 * len(optimizers)), squeeze=False)
+    fig, axes = plt.subplots(len(optimizers), 3, figsize=(15, 3.8 * len(optimizers)), squeeze=False)
     for row, optimizer in zip(axes, optimizers):
         for batch in sorted({r.batch for r in results}):
             curves = [r.curve for r in results if (r.optimizer, r.batch) == (optimizer, batch) and r.curve]
             if not curves:
                 continue
-            epochs = sorted({e for c in curves for e, _, _ in c})
-            for column, index in ((0, 1), (1, 2)):
+            epochs = sorted({p[0] for c in curves for p in c})
+            steps = [min(p[1] for c in curves for p in c if p[0] == e) for e in epochs]
+            for column, index, x in ((0, 2, epochs), (1, 3, epochs), (2, 2, steps)):
                 values = [[p[index] for c in curves for p in c if p[0] == e] for e in epochs]
                 means = [sum(v) / len(v) if v else NAN for v in values]
-                row[column].plot(epochs, means, marker="o", markersize=3, label=f"batch {batch}")
+                row[column].plot(x, means, marker="o", markersize=3, label=f"batch {batch}")
         row[0].set(xlabel="epoch", ylabel="validation top-1 (%)", title=f"{optimizer}: accuracy")
         row[1].set(xlabel="epoch", ylabel="training loss", title=f"{optimizer}: loss", yscale="log")
+        row[2].set(xlabel="optimizer step", ylabel="validation top-1 (%)", title=f"{optimizer}: accuracy per step",
+                   xscale="log")
         for ax in row:
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:  # a study whose runs have not written anything yet has none
+                ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from tsm_dist.cli_types import choice_list, count_list
+from tsm_dist.studies.jobs import JobOptions
 from tsm_dist.studies.batch_plan import (DEFAULT_BATCHES, OPTIMIZERS, PLAN_FILE, StudyOptions, StudyRun, ensure_data,
-                                         plan_study)
+                                         plan_study, run_overrides)
 from tsm_dist.studies.runner import LAUNCHERS, launch_prefix, run_logged, tail
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,12 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs/batch_study"))
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per run")
     parser.add_argument("--quick", action="store_true", help="reduced study for CI (tiny set, 2 batches, 2 epochs)")
+    jobs = parser.add_argument_group("LSF/Slurm jobs (--scheduler lsf|slurm)")
+    jobs.add_argument("--scheduler", choices=("local", "lsf", "slurm"), default="local",
+                      help="local: ranks on this machine (default); lsf/slurm: one job per run")
+    jobs.add_argument("--max-nodes", type=int, default=1,
+                      help="nodes a job may allocate; larger batches are simulated on that many (default 1)")
+    jobs.add_argument("--ranks-per-node", type=int, help="CPU nodes (--gpus-per-node 0): ranks per node")
+    jobs.add_argument("--cpus-per-rank", type=int, help="CPU nodes: CPUs per rank")
+    jobs.add_argument("--project", help="LSF allocation to charge (#BSUB -P)")
+    jobs.add_argument("--queue", help="LSF queue / Slurm partition")
+    jobs.add_argument("--time", default="00:30", help="wall time per job, HH:MM (default 00:30)")
+    jobs.add_argument("--controller", choices=("gloo", "mpi"), help="Horovod controller in the job")
+    jobs.add_argument("--submit", action="store_true", help="submit the rendered jobs (bsub/sbatch)")
     return parser
-
-
-def run_overrides(run: StudyRun) -> list[str]:
-    return [f"optim.name={run.optimizer}", f"train.seed={run.seed}", f"data.batch_size={run.per_rank_batch}",
-            f"train.global_batch={run.batch}", "train.accumulate=1"]
 
 
 def run_local(plan: dict[str, Any], out: Path, timeout: float) -> None:
@@ -90,19 +98,30 @@ def run_local(plan: dict[str, Any], out: Path, timeout: float) -> None:
             bar.write(f"{run.tag}: {error}\n{tail(workdir / 'train.log', 5)}")
 
 
-def parse_args(argv: list[str]) -> tuple[StudyOptions, Path, float]:
-    """(the study's options, the output directory, the per-run timeout)."""
+def parse_args(argv: list[str]) -> tuple[StudyOptions, Path, float, JobOptions | None, bool]:
+    """(the study's options, the output directory, the per-run timeout, the job options of a scheduler
+    study or None, whether to submit)."""
     args = build_parser().parse_args(argv)
     options = StudyOptions(config=args.config, batches=args.batches, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                            optimizers=args.optimizers, seeds=args.seeds, epochs=args.epochs, ranks=args.ranks,
-                           launcher=args.launcher, data=args.data, overrides=args.overrides, quick=args.quick)
-    return options, args.out, args.timeout
+                           launcher=args.launcher, data=args.data, overrides=args.overrides, quick=args.quick,
+                           scheduler=args.scheduler, max_nodes=args.max_nodes, ranks_per_node=args.ranks_per_node)
+    jobs = None if args.scheduler == "local" else JobOptions(
+        scheduler=args.scheduler, gpus_per_node=args.gpus_per_node, ranks_per_node=args.ranks_per_node,
+        cpus_per_rank=args.cpus_per_rank, project=args.project, queue=args.queue, time=args.time,
+        controller=args.controller)
+    return options, args.out, args.timeout, jobs, args.submit
 
 
 def run_study(argv: list[str]) -> int:
-    from tsm_dist.studies.batch_report import report
+    import shlex
 
-    options, out, timeout = parse_args(argv)
+    from tsm_dist.launch.render import RenderError
+    from tsm_dist.studies.batch_jobs import render_and_submit
+    from tsm_dist.studies.batch_report import report
+    from tsm_dist.studies.jobs import SubmitError
+
+    options, out, timeout, jobs, submit = parse_args(argv)
     try:
         plan = plan_study(options)
     except ValueError as exc:
@@ -111,8 +130,15 @@ def run_study(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=2))
     ensure_data(Path(plan["data"]), options.quick)
-    print(f"batch study: {len(plan['runs'])} runs of {plan['epochs']} epochs on {options.ranks} local ranks "
-          f"-> {out}", flush=True)
+    where = f"{options.ranks} local ranks" if jobs is None else f"{options.scheduler} jobs"
+    print(f"batch study: {len(plan['runs'])} runs of {plan['epochs']} epochs on {where} -> {out}", flush=True)
+    if jobs is not None:
+        try:  # RenderError and SubmitError name the option or quote the scheduler: one line
+            print(render_and_submit(plan, out, jobs, "python -m tsm_dist.batch_study " + shlex.join(argv), submit))
+        except (RenderError, SubmitError) as exc:
+            print(f"batch-study: {exc}", file=sys.stderr)
+            return 2
+        return 0
     run_local(plan, out, timeout)
     print(report(out))
     return 0
@@ -125,10 +151,15 @@ def collect_main(argv: list[str]) -> int:
                                      description="rebuild the table and figures of a study directory")
     parser.add_argument("out", type=Path)
     parser.add_argument("--last-n", type=int, help="checkpoints per run to average (default: the study's eval.last_n)")
+    parser.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                        help="scheduler studies: wait up to this long for the jobs first (default: do not wait)")
     args = parser.parse_args(argv)
     if not (args.out / PLAN_FILE).is_file():
         print(f"batch-study collect: {args.out / PLAN_FILE} is missing (not a study directory)", file=sys.stderr)
         return 2
+    from tsm_dist.studies.batch_jobs import refresh
+
+    refresh(json.loads((args.out / PLAN_FILE).read_text()), args.out, args.wait)
     print(report(args.out, last_n=args.last_n))
     return 0
 
