@@ -6,12 +6,18 @@ fsynced and renamed over the final name, so a job killed mid-write never leaves 
 leaves are removed by :func:`remove_stale_temporaries` when the next run starts. ``--resume auto``
 still skips a newest checkpoint that cannot be read (a file system that lost its tail) with one
 warning and takes the one before it. A checkpoint records its model; :func:`check_model` refuses to
-load it into a differently configured model (name, classes, depth, width, frames), naming both.
+load it into a differently configured model, naming both. The identity is every resolved model option
+(name, classes, frames, depth, width, fold_div, shift_place, online, ... and any option added later)
+except the few in :data:`NOT_IDENTITY` that only change how a model starts or trains.
+
+Checkpoints are created with the permissions the umask gives new files (``mkstemp`` alone would make them
+0600, unreadable for collaborators on a shared project directory).
 """
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -19,15 +25,15 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from tsm_dist.errors import CheckpointError
+from tsm_dist.errors import CheckpointError, StorageError, storage_problem
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best.pt"
 _PATTERN = re.compile(r"^ckpt_e(\d{4,})_s(\d{8,})\.pt$")
 # what atomic_save's mkstemp names its temporary files: ".<final name>.<random>.tmp"
 _TEMPORARY = re.compile(r"^\.(?:ckpt_e\d{4,}_s\d{8,}\.pt|best\.pt)\..+\.tmp$")
-# the model settings a checkpoint must share with the config that loads it
-MODEL_KEYS = ("name", "num_classes", "depth", "width", "num_frames")
+# model options that change how a model starts (its initial weights) or trains, not what it computes
+NOT_IDENTITY = ("pretrained", "dropout")
 
 
 def checkpoint_name(epoch: int, step: int) -> str:
@@ -52,6 +58,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -62,6 +69,29 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(mask)
+    return mask
+
+
+def check_storage(workdir: str | Path, need_bytes: int = 0) -> None:
+    """Before training (rank 0): the checkpoint directory can be created and written, and holds room for
+    one more checkpoint of ``need_bytes`` (0: unknown); :class:`StorageError` naming the path otherwise."""
+    directory = Path(workdir) / CHECKPOINT_DIR
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise StorageError(storage_problem(exc, exc.filename or directory)) from None
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes:
+        raise StorageError(f"cannot write {directory}: {free / 2**20:.0f} MiB free, one checkpoint needs about "
+                           f"{need_bytes / 2**20:.0f} MiB (No space left on device)")
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -124,16 +154,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def _effective(model: Mapping[str, Any]) -> dict[str, Any]:
-    """The MODEL_KEYS of a config's model section; an unset frame count is the model's own."""
-    found = {k: model.get(k) for k in MODEL_KEYS}
-    if found["num_frames"] is None and found["name"]:
-        try:
-            from tsm_dist.models.registry import _entry
+def model_identity(model: Mapping[str, Any]) -> dict[str, Any]:
+    """What a config's ``model`` section builds: every option but :data:`NOT_IDENTITY`, those left unset
+    (None, or absent in an older checkpoint) taken as the model's own default from the registry."""
+    found = {k: v for k, v in model.items() if k not in NOT_IDENTITY}
+    try:
+        from tsm_dist.models.registry import model_defaults
 
-            found["num_frames"] = _entry(found["name"]).spec.num_frames
-        except (ImportError, ValueError):
-            pass
+        defaults = model_defaults(str(found.get("name")))
+    except (ImportError, ValueError):
+        defaults = {}
+    for key, default in defaults.items():
+        if key not in NOT_IDENTITY and found.get(key) is None:
+            found[key] = default
     return found
 
 
@@ -146,8 +179,9 @@ def check_model(state: Mapping[str, Any], model: Mapping[str, Any], path: str | 
     saved_cfg = state.get("config")
     if not isinstance(saved_cfg, Mapping) or not isinstance(saved_cfg.get("model"), Mapping):
         return
-    saved, wanted = _effective(saved_cfg["model"]), _effective(model)
-    diff = [k for k in MODEL_KEYS if saved[k] is not None and wanted[k] is not None and saved[k] != wanted[k]]
+    saved, wanted = model_identity(saved_cfg["model"]), model_identity(model)
+    diff = [k for k in dict.fromkeys([*saved, *wanted])
+            if saved.get(k) is not None and wanted.get(k) is not None and saved[k] != wanted[k]]
     if diff:
         def show(values: dict[str, Any]) -> str:
             return ", ".join(f"{k}={values[k]}" for k in diff)

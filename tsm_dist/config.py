@@ -196,12 +196,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _yaml_problem(exc: yaml.YAMLError, where: str) -> str:
+    """One line: ``file:line:column: invalid YAML: <problem>`` (PyYAML's text spans several lines and
+    names ``<unicode string>``)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+    return f"{at}: invalid YAML: {problem}" + (f" ({context})" if context else "")
+
+
 def _yaml_with_lines(text: str, path: str) -> tuple[Any, dict[str, int]]:
     """Parse YAML and remember the line of every ``section.key`` for error messages."""
     try:
         node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        raise ConfigError(_yaml_problem(exc, path)) from None
     lines: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
@@ -315,7 +325,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             value = parse_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: cannot parse the value: {exc}") from exc
+            raise ConfigError(_yaml_problem(exc, f"--set {item!r}").replace("invalid YAML", "cannot parse the value")) from None
         # a string-typed key keeps the text as written ("01" stays "01", "null" becomes None only
         # for Optional keys, where _coerce accepts it)
         if isinstance(value, (int, float, bool)) and _is_str_key(dotted.strip()):

@@ -20,12 +20,15 @@ code   meaning
 3      the loss became NaN/Inf (every rank stops after the same step)
 4      data error: file list missing or malformed, label out of range, missing/empty/corrupt video
 5      checkpoint error: ``--resume`` file missing, unreadable, or for another model than the config
+6      storage error: the workdir (or an output directory) cannot be written: permission, read-only
+       file system, full disk or quota, at start or when a checkpoint is written
 75     stopped by the time-limit warning (SIGUSR1): checkpoint written, the job script requeues
 143    stopped by SIGTERM/SIGINT (cancel, preemption, ``bkill``): checkpoint written, not requeued
 =====  ==========================================================================================
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -41,6 +44,7 @@ EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_DATA = 4
 EXIT_CHECKPOINT = 5
+EXIT_STORAGE = 6
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again" -- the job scripts requeue on it
 EXIT_TERMINATED = 128 + 15  # what a shell reports for SIGTERM: the job was cancelled or preempted
 
@@ -49,6 +53,20 @@ DEBUG_ENV = "TSM_DIST_DEBUG"
 
 class CheckpointError(Exception):
     """A checkpoint cannot be used: missing, unreadable, or made for another model."""
+
+
+class StorageError(Exception):
+    """An output cannot be written (permission, read-only file system, full disk, quota); names the path."""
+
+
+# OSErrors that say where we write is unusable, not that the program is wrong
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def storage_problem(exc: OSError, path: object = None) -> str:
+    """One line for a failed write: the path and the cause (``No space left on device``, ...)."""
+    where = path if path is not None else (exc.filename or "the workdir")
+    return f"cannot write {where}: {exc.strerror or exc}"
 
 
 class UsageError(Exception):
@@ -79,6 +97,8 @@ def exit_code(exc: BaseException) -> int:
         return EXIT_DATA
     if isinstance(exc, CheckpointError):
         return EXIT_CHECKPOINT
+    if isinstance(exc, StorageError) or (isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS):
+        return EXIT_STORAGE
     return EXIT_CRASH
 
 
@@ -114,9 +134,9 @@ def report(prog: str, exc: BaseException, *, rank: int | None = None, size: int 
     if rank is None or size is None:
         rank, size = launcher_rank()
     code = exit_code(exc)
-    if code == EXIT_CRASH and is_peer_failure(exc):
-        return EXIT_CRASH  # quiet: the rank that failed first said why
-    if code == EXIT_CRASH:
+    if (code == EXIT_CRASH and is_peer_failure(exc)) or getattr(exc, "quiet", False):
+        return code  # quiet: the rank that failed first said why
+    if code == EXIT_CRASH and not isinstance(exc, CoordinatedError):
         # a bug: the traceback is the useful part, from every rank that hits it
         prefix = f"rank {rank}: " if size > 1 else ""
         print(f"{prog}: {prefix}internal error (exit 1), traceback follows; please report it", file=sys.stderr)
@@ -126,8 +146,9 @@ def report(prog: str, exc: BaseException, *, rank: int | None = None, size: int 
     if rank == 0 or local:
         prefix = f"rank {rank}: " if local and size > 1 else ""
         kind = {EXIT_CONFIG: "config error", EXIT_DATA: "data error",
-                EXIT_CHECKPOINT: "checkpoint error"}.get(code, "error")
-        print(f"{prog}: {kind}: {prefix}{exc}", file=sys.stderr, flush=True)
+                EXIT_CHECKPOINT: "checkpoint error", EXIT_STORAGE: "storage error"}.get(code, "error")
+        text = storage_problem(exc) if isinstance(exc, OSError) else str(exc)
+        print(f"{prog}: {kind}: {prefix}{text}", file=sys.stderr, flush=True)
     return code
 
 

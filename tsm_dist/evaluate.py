@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,23 +35,27 @@ def evaluate(model: nn.Module, loader: Any, engine: "Engine", *,
     """Accuracy (percent) and loss over the whole evaluation set, identical on every rank.
 
     Multi-view batches (N, V, T, 3, H, W) are scored by averaging the V views' softmax, and the loss
-    is the negative log of that average (for V = 1 it is the usual cross-entropy).
+    is the negative log of that average (for V = 1 it is the usual cross-entropy). Non-finite logits
+    (a diverged model) make the loss NaN: its accuracy means nothing.
     """
     device = engine.device
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # valid, correct@1, correct@5, loss sum
+    totals = torch.zeros(5, dtype=torch.float64)  # valid, correct@1, correct@5, loss sum, non-finite logits
     for clips, labels in loader:
         clips, labels = clips.to(device, non_blocking=True), labels.to(device)
         views = clips.shape[1] if clips.dim() == 6 else 1
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(clips.flatten(0, 1) if views > 1 else clips)
+        totals[4] += float((~torch.isfinite(logits.float())).sum())
         probs = F.softmax(logits.float(), dim=-1).view(labels.shape[0], views, -1).mean(1)
         scores = probs.clamp_min(1e-12).log()
         valid = labels >= 0
         totals[:3] += topk_counts(scores.cpu(), labels.cpu())
         if valid.any():
             totals[3] += float(F.nll_loss(scores[valid], labels[valid], reduction="sum"))
-    n, top1, top5, loss = engine.allreduce_sum(totals).tolist()
+    n, top1, top5, loss, nonfinite = engine.allreduce_sum(totals).tolist()
+    if nonfinite:
+        loss = math.nan
     if n == 0:
         raise RuntimeError("the evaluation set is empty (no sample with a label >= 0)")
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "num_samples": int(n)}

@@ -35,8 +35,8 @@ from tsm_dist.build import (LoaderBuilder, ModelBuilder, amp_dtype, build_loader
 from tsm_dist.config import Config, ConfigError, dump_config, load_config, plan_batch
 from tsm_dist.check_data import check_file_lists, preflight
 from tsm_dist.engine import Engine, started
-from tsm_dist.errors import EXIT_CHECKPOINT, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, CheckpointError, \
-    CoordinatedError, run_main
+from tsm_dist.errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, EXIT_STORAGE, \
+    CheckpointError, CoordinatedError, StorageError, run_main, storage_problem
 from tsm_dist.evaluate import evaluate
 from tsm_dist.memory_format import to_memory_format
 from tsm_dist.optim import build_optimizer
@@ -44,6 +44,9 @@ from tsm_dist.progress import Progress
 from tsm_dist.run_facts import git_commit, hardware, versions
 from tsm_dist.wandb_log import WandbRun
 from tsm_dist.preemption import StopSignals, exit_code_for, stop_message
+from tsm_dist.resume_plan import Plan, continue_under
+from tsm_dist.run_failure import clear_notes, record_failure
+from tsm_dist.run_identity import START_OVER_FLAG, WorkdirInUse, claim_workdir, new_run_id
 from tsm_dist.schedule import LRSchedule
 
 
@@ -84,6 +87,15 @@ def evaluate_and_share(model: nn.Module, loader: Any, engine: Engine, amp: torch
     return evaluate(model, loader, engine, amp_dtype=amp)
 
 
+class Diverged(Exception):
+    """The model's weights or its validation loss are not finite: no checkpoint, no ``best.pt``, exit 3."""
+
+
+def _finite(module: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in [*module.parameters(), *module.buffers()]
+               if t.is_floating_point())
+
+
 @dataclass
 class Position:
     """Where the loop stands; saved in checkpoints and broadcast on resume."""
@@ -107,7 +119,7 @@ class StepTimes:
 
 
 # ---------------------------------------------------------------------------------- the recipe
-def train(cfg: Config, workdir: str | Path, *, resume: str | None = None,
+def train(cfg: Config, workdir: str | Path, *, resume: str | None = None, start_over: bool = False,
           model_builder: ModelBuilder | None = None, loader_builder: LoaderBuilder | None = None) -> int:
     """Train on every rank of the launched job; returns the process exit code.
 
@@ -118,16 +130,37 @@ def train(cfg: Config, workdir: str | Path, *, resume: str | None = None,
     with StopSignals() as stop, started(cfg.engine) as engine:  # 1. one process per GPU; shut down on any exit
         trainer = Trainer(cfg, engine, Path(workdir), model_builder, loader_builder)
         try:
-            trainer.resume(resume)
+            trainer.resume(resume, start_over=start_over)
             trainer.open_logs()
             status, code = trainer.loop(stop)
             return trainer.finish(status, code, stop)
+        except (Exception, KeyboardInterrupt) as exc:
+            stopped = record_failure(trainer.log, exc, trainer.pos, workdir=trainer.workdir, rank=engine.rank,
+                                     size=engine.size)
+            if stopped is exc:
+                raise
+            raise stopped from None
         finally:
             trainer.release()  # before the engine shuts down
 
 
 # what a checkpoint must hold to continue the loop where it stopped
 POSITION_KEYS = ("epoch", "step", "batch_in_epoch", "best_top1", "rng", "scaler", "world_size")
+# what it may hold besides (older checkpoints: derived, see tsm_dist.resume_plan)
+PLAN_KEYS = ("epoch_end_pending", "per_gpu_batch", "accumulate", "global_batch", "run_id")
+
+
+def _checkpoint_bytes(model: nn.Module, resume: str | None, workdir: Path) -> int:
+    """About one checkpoint's size: the one resumed from, else weights and buffers plus the momentum."""
+    path = ckpt.resolve_resume(resume, workdir) if resume else None
+    if path is not None and path.is_file():
+        return path.stat().st_size
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.parameters(), *model.buffers()])
+
+
+def _ordered_prefix(loader: Any) -> bool:
+    """Whether the loader takes an epoch's clips in one global order whatever the number of ranks."""
+    return not getattr(getattr(loader, "planner", None), "contiguous", False)
 
 
 class Trainer:
@@ -144,6 +177,7 @@ class Trainer:
         self.K = self.plan.accumulate
         self.pos = Position()
         self.resume_path: Path | None = None
+        self.run_id = new_run_id()  # rank 0's is the run's; a resumed run keeps its checkpoint's
         self.log: records.MetricsLog | None = None  # rank 0 only, like wandb and progress
         self.wandb: WandbRun | None = None
         self.progress: Progress | None = None
@@ -195,9 +229,16 @@ class Trainer:
         # Horovod's wrapper is a new optimizer over the same parameter groups, without their state
         self.train_model, self.optimizer = self.engine.distribute(model, optimizer, accumulate=self.K)
 
-    def _load_resume(self, resume: str | None) -> dict[str, Any] | None:
-        """Rank 0: clean up after killed writes, load the checkpoint to resume (None: a fresh run)."""
+    def _load_resume(self, resume: str | None, start_over: bool) -> dict[str, Any] | None:
+        """Rank 0: clean up after killed writes, load the checkpoint to resume (None: a fresh run, which
+        must not take over another run's workdir)."""
         directory = self.workdir / ckpt.CHECKPOINT_DIR
+        clear_notes(self.workdir)  # before any rank can fail on its own: the broadcast below waits for it
+        if not resume:
+            moved = claim_workdir(self.workdir, start_over=start_over)
+            if moved:
+                print(f"tsm-dist train: {moved}", file=sys.stderr)
+        ckpt.check_storage(self.workdir, _checkpoint_bytes(self.model, resume, self.workdir))
         removed = ckpt.remove_stale_temporaries(directory)
         if removed:
             print(f"tsm-dist train: removed {len(removed)} temporary file(s) of interrupted checkpoint writes "
@@ -206,6 +247,7 @@ class Trainer:
                                                    warn=lambda text: print(f"tsm-dist train: {text}", file=sys.stderr))
         if state is None:
             return None
+        self.run_id = str(state.get("run_id") or self.run_id)
         ckpt.check_model(state, self.cfg.to_dict()["model"], self.resume_path)
         missing = [key for key in POSITION_KEYS if key not in state]
         if missing:
@@ -218,36 +260,49 @@ class Trainer:
             raise CheckpointError(f"checkpoint {self.resume_path}: its optimizer state does not fit ({exc})") from None
         return state
 
-    def resume(self, resume: str | None) -> None:
+    def resume(self, resume: str | None, start_over: bool = False) -> None:
         """5. resume on rank 0, then broadcast parameters, optimizer state and the loop position."""
         engine = self.engine
         state, error = None, None
         if self.root:
             try:
-                state = self._load_resume(resume)
+                state = self._load_resume(resume, start_over)
             except CheckpointError as exc:
-                error = str(exc)
+                error = (str(exc), EXIT_CHECKPOINT)
+            except WorkdirInUse as exc:
+                error = (str(exc), EXIT_CONFIG)
+            except StorageError as exc:
+                error = (str(exc), EXIT_STORAGE)
         error = engine.broadcast_object(error)  # every rank stops on a bad checkpoint; rank 0 says why
         if error:
-            raise CoordinatedError(error, EXIT_CHECKPOINT)
+            raise CoordinatedError(*error)
         position = engine.broadcast_object({**{key: state[key] for key in POSITION_KEYS},
-                                            "epoch_end_pending": state.get("epoch_end_pending", False)}
-                                           if state is not None else None)
+                                            **{key: state[key] for key in PLAN_KEYS if key in state},
+                                            "path": str(self.resume_path)} if state is not None else None)
         engine.broadcast_state(self.model, self.optimizer)
         _seed(self.cfg.train.seed * 1000003 + engine.rank)  # dropout and augmentation differ between ranks
-        if position is None:
-            return
-        self.pos = Position(position["epoch"], position["step"], position["batch_in_epoch"], position["best_top1"],
-                            position["epoch_end_pending"])
+        if position is not None:
+            self._continue_from(position)
+
+    def _continue_from(self, position: dict[str, Any]) -> None:
+        """Every rank: the loop position of the checkpoint, under this run's batch plan."""
+        engine = self.engine
+        try:
+            where = continue_under(position, Plan(engine.size, self.plan.per_gpu_batch, self.K),
+                                   self.steps_per_epoch, ordered_prefix=_ordered_prefix(self.train_loader),
+                                   path=position["path"])
+        except CheckpointError as exc:
+            raise CoordinatedError(str(exc), EXIT_CHECKPOINT) from None
+        self.pos = Position(where.epoch, where.step, where.batch_in_epoch, position["best_top1"],
+                            where.epoch_end_pending)
         if self.root:
-            print(f"tsm-dist train: resumed from {self.resume_path} (epoch {self.pos.epoch}, step {self.pos.step})",
+            print(f"tsm-dist train: resumed from {position['path']} (epoch {self.pos.epoch}, step {self.pos.step})",
                   file=sys.stderr)
+            if where.note:
+                print(f"tsm-dist train: {where.note}", file=sys.stderr)
         self.scaler.load_state_dict(position["scaler"])
         if position["world_size"] == engine.size:
             _set_rng_state(position["rng"][engine.rank])
-        elif self.root:
-            print(f"tsm-dist train: resuming a {position['world_size']}-rank checkpoint on {engine.size} ranks: "
-                  "data order and random state differ from the original run", file=sys.stderr)
 
     def open_logs(self) -> None:
         """Rank 0: the resolved config, wandb, ``metrics.jsonl`` with its header record, the progress line."""
@@ -261,7 +316,7 @@ class Trainer:
         self.log.write(records.header_record(
             config=cfg.to_dict(), git_commit=git_commit(), engine=engine.name, world_size=engine.size,
             local_size=engine.local_size, device=str(self.device), memory_format=self.memory_format,
-            engine_settings=engine.settings, model=cfg.model.name,
+            engine_settings=engine.settings, model=cfg.model.name, run_id=self.run_id,
             num_frames=cfg.model.num_frames, per_gpu_batch=plan.per_gpu_batch, accumulate=self.K,
             global_batch=plan.global_batch, steps_per_epoch=self.steps_per_epoch, peak_lr=self.schedule.peak_lr,
             params=sum(p.numel() for p in self.model.parameters()),
@@ -272,6 +327,15 @@ class Trainer:
     # ------------------------------------------------------------------------------ the loop
     def loop(self, stop: StopSignals) -> tuple[str, int]:
         """6. epochs of optimizer steps until done, stopped by a signal or diverged: (status, exit code)."""
+        try:
+            return self._epochs(stop)
+        except Diverged as exc:  # every rank raises it at the same point
+            if self.root:
+                print(f"tsm-dist train: {exc} at optimizer step {self.pos.step} (epoch {self.pos.epoch}); "
+                      "training stopped, no checkpoint written from it", file=sys.stderr)
+            return "failed", EXIT_NONFINITE
+
+    def _epochs(self, stop: StopSignals) -> tuple[str, int]:
         cfg, pos = self.cfg, self.pos
         if pos.epoch_end_pending:  # the previous run stopped between an epoch's last step and its evaluation
             pos.epoch_end_pending = False
@@ -407,6 +471,10 @@ class Trainer:
         is_best = False
         if self.val_loader is not None and (pos.epoch % cfg.train.eval_every_epochs == 0 or last):
             result = evaluate_and_share(self.model, self.val_loader, self.engine, self.amp_dtype)
+            if not math.isfinite(result["loss"]):
+                if self.log is not None:
+                    self.log.write(records.eval_record(epoch=pos.epoch, step=pos.step, **result))
+                raise Diverged("the validation loss is NaN or Inf (the model diverged)")
             is_best = result["top1"] > pos.best_top1
             pos.best_top1 = max(pos.best_top1, result["top1"])
             if self.log is not None and self.wandb is not None:
@@ -419,9 +487,21 @@ class Trainer:
     # ------------------------------------------------------------------------------ state out
     def save(self, is_best: bool = False) -> None:
         """Every rank contributes its random state; rank 0 writes the checkpoint."""
-        rngs = self.engine.allgather_object(_rng_state())
-        if not self.root:
-            return
+        shared = self.engine.allgather_object((_rng_state(), _finite(self.model)))
+        if not all(finite for _, finite in shared):
+            raise Diverged("the model's weights are NaN or Inf")
+        rngs = [rng for rng, _ in shared]
+        error = None
+        if self.root:
+            try:
+                self._write_checkpoint(rngs, is_best)
+            except OSError as exc:
+                error = f"{storage_problem(exc)}; training stopped, the previous checkpoint is kept"
+        error = self.engine.broadcast_object(error)  # every rank stops with the same code
+        if error:
+            raise CoordinatedError(error, EXIT_STORAGE)
+
+    def _write_checkpoint(self, rngs: list[dict[str, Any]], is_best: bool) -> None:
         pos = self.pos
         ckpt.save_checkpoint(self.workdir / ckpt.CHECKPOINT_DIR, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -429,7 +509,8 @@ class Trainer:
             "batch_in_epoch": pos.batch_in_epoch, "best_top1": pos.best_top1, "rng": rngs,
             "epoch_end_pending": pos.epoch_end_pending,
             "config": self.cfg.to_dict(), "engine": self.engine.name, "world_size": self.engine.size,
-            "global_batch": self.plan.global_batch, "accumulate": self.K},
+            "global_batch": self.plan.global_batch, "accumulate": self.K, "per_gpu_batch": self.plan.per_gpu_batch,
+            "run_id": self.run_id},
             epoch=pos.epoch, step=pos.step, keep_last=self.cfg.train.keep_last, is_best=is_best)
 
     def release(self) -> None:
@@ -474,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config value (repeatable)")
     parser.add_argument("--workdir", help="run directory (default: runs/<config name>)")
     parser.add_argument("--resume", help="'auto' (newest checkpoint in the workdir, if any) or a checkpoint path")
+    parser.add_argument(START_OVER_FLAG, dest="start_over", action="store_true",
+                        help="start a new run in a workdir that holds another run's checkpoints: that run's "
+                        "checkpoints and records move into <workdir>/previous/<its run id>/")
     parser.add_argument("--accumulate", type=int, help="gradient accumulation steps (overrides train.accumulate)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors on every rank "
                         "(or TSM_DIST_DEBUG=1); exit codes: README 'When things go wrong'")
@@ -499,7 +583,7 @@ def _main(argv: list[str]) -> int:
         overrides.append(f"train.accumulate={args.accumulate}")
     cfg = load_config(args.config, overrides)  # every rank fails the same way; rank 0 says why
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
-    return train(cfg, workdir, resume=args.resume)
+    return train(cfg, workdir, resume=args.resume, start_over=args.start_over)
 
 
 if __name__ == "__main__":
