@@ -18,11 +18,12 @@ import torch
 
 from conftest import PYTHON, REPO as ROOT, horovodrun, launcher_env, run_bounded, video_loader
 from tsm_dist.data.encode import write_video
-from tsm_dist.data.errors import VideoError
+from tsm_dist.data.errors import DataError, VideoError
 from tsm_dist.data.feed import Feeder
 from tsm_dist.data.pack.write import main as pack_main
 from tsm_dist.data.pack.format import load_packed, shard_name
 from tsm_dist.data.sharding import shard_slots
+from tsm_dist.errors import EXIT_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ["dali", "pyav"]
@@ -171,7 +172,7 @@ def test_verify_and_a_damaged_shard(synthetic, packed, tmp_path, capsys):
     shard = bytearray(Path(victim.shard).read_bytes())
     shard[victim.offset + 100] ^= 0xFF
     Path(victim.shard).write_bytes(bytes(shard))
-    assert pack_main(["--verify", str(out), "--no-progress"]) == 1
+    assert pack_main(["--verify", str(out), "--no-progress"]) == EXIT_DATA
     err = capsys.readouterr().err
     assert f"{victim.shard} at offset {victim.offset}" in err and "checksum mismatch" in err
     for backend in BACKENDS:
@@ -189,9 +190,12 @@ def test_truncated_shard_names_shard_and_offset(packed, tmp_path):
     shutil.copytree(packed, out)
     last = load_packed(str(out)).locations[-1]
     with open(last.shard, "r+b") as f:
+        loader = _loader(str(out), None, backend="pyav", train=False)  # cut after the start-up check
         f.truncate(last.offset + 10)
     with pytest.raises(VideoError, match=f"{re.escape(last.shard)} at offset {last.offset}.*ends after 10 of"):
-        list(_loader(str(out), None, backend="pyav", train=False))
+        list(loader)
+    with pytest.raises(DataError, match=f"{re.escape(last.shard)}: {last.offset + 10} bytes, pack.json records"):
+        _loader(str(out), None, backend="pyav", train=False)  # found at start, before any read
 
 
 def test_bad_videos_are_skipped_and_reported(synthetic, tmp_path, capsys):
@@ -451,3 +455,72 @@ def test_two_horovod_ranks_train_and_evaluate_on_packed_directories(synthetic, p
     evals = [r for r in records if r["type"] == "eval"]
     assert evals and evals[-1]["num_samples"] == 4  # the 4 packed val videos, 2 per rank, none twice
     assert records[-1]["status"] == "completed"
+
+
+# ------------------------------------------------------------------- packing never touches foreign files
+def test_pack_refuses_a_directory_of_foreign_files_and_touches_none(synthetic, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / shard_name(0)).write_bytes(b"a user's own shard")
+    (out / "index.jsonl").write_text('{"theirs": 1}\n')
+    before = _pack_files(str(out))
+    assert pack_main(["--list", synthetic.train_list, "--root", synthetic.root, "--out", str(out),
+                      "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not empty and holds no pack" in err[0] and shard_name(0) in err[0]
+    assert _pack_files(str(out)) == before
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda line: json.dumps({k: v for k, v in json.loads(line).items() if k != "offset"}), "malformed index entry"),
+    (lambda line: json.dumps({**json.loads(line), "shard": "zero"}), "malformed index entry"),
+    (lambda line: "{not json", "not a JSON index entry"),
+])
+def test_verify_gives_one_line_and_the_data_code_for_every_index_problem(packed, tmp_path, capsys, damage, expected):
+    out = tmp_path / "bad_index"
+    shutil.copytree(packed, out)
+    lines = (out / "index.jsonl").read_text().splitlines()
+    lines[2] = damage(lines[2])
+    (out / "index.jsonl").write_text("\n".join(lines) + "\n")
+    assert pack_main(["--verify", str(out), "--no-progress"]) == EXIT_DATA
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and expected in err[0] and "index.jsonl:3" in err[0] and "1 problem" in err[1], err
+
+
+def test_killing_pack_leaves_no_worker_processes(synthetic, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "tsm_dist.data.pack.write", "--list", synthetic.train_list,
+                             "--root", synthetic.root, "--out", str(out), "--transcode", "vp9", "--workers", "2",
+                             "--no-progress"], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _children(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)  # the main process only, as `kill PID` does
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143 and "interrupted" in err, err
+    time.sleep(0.5)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]], workers
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found

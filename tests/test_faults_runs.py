@@ -16,7 +16,8 @@ import torch
 
 from conftest import PYTHON, REPO, horovodrun, launcher_env, run_bounded
 from tsm_dist import checkpoint as ckpt
-from tsm_dist.errors import CheckpointError, EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_NONFINITE
+from tsm_dist.errors import CheckpointError, EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_NONFINITE, EXIT_STORAGE, \
+    StorageError
 from tsm_dist.records import read_records
 from tsm_dist.resume_plan import Plan, continue_under
 
@@ -208,3 +209,41 @@ def test_yaml_syntax_error_is_one_line_with_file_and_line(tmp_path, text, where)
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert result.returncode == EXIT_CONFIG and len(lines) == 1, result.stdout
     assert f"{path}{where}" in lines[0] and "invalid YAML" in lines[0] and "<unicode string>" not in lines[0]
+
+
+# ------------------------------------------------------------------- 3. unwritable workdir, full disk, quota
+def test_an_unwritable_workdir_is_one_line_with_code_6_before_training(tmp_path):
+    workdir = Path("/sys/tsm_dist_cannot_be_here")  # refused even to root (EPERM)
+    result = _train(workdir)
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert result.returncode == EXIT_STORAGE and len(lines) == 1, result.stdout[-3000:]
+    assert "storage error: cannot write /sys/tsm_dist_cannot_be_here" in lines[0] and "not permitted" in lines[0]
+
+
+def test_too_little_free_space_for_one_checkpoint_is_refused(tmp_path):
+    with pytest.raises(StorageError, match=r"MiB free, one checkpoint needs about \d+ MiB"):
+        ckpt.check_storage(tmp_path, need_bytes=1 << 62)
+    ckpt.check_storage(tmp_path, need_bytes=1 << 10)
+
+
+def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_records_the_end(tmp_path):
+    """A file-size quota (``ulimit -f``, as a full quota reports it: EFBIG) hit by the epoch-2 checkpoint:
+    exit 6 in one line naming the directory, the epoch-1 checkpoint intact, no temporary left, the ``end``
+    record ``failed`` with the cause; resumed without the quota, the run completes."""
+    workdir = tmp_path / "w"
+    assert _train(workdir, "train.epochs=1").returncode == 0
+    first = sorted((workdir / "checkpoints").iterdir())
+    args = ["--config", CONFIG, "--workdir", str(workdir), "--resume", "auto"]
+    args += [a for s in [*TINY, "train.epochs=2"] for a in ("--set", s)]
+    quota = "trap '' XFSZ; ulimit -f 1024; exec \"$@\""  # 1 MiB per file; metrics and config fit, a checkpoint not
+    result = run_bounded(["bash", "-c", quota, "bash", PYTHON, "-m", "tsm_dist.train", *args], timeout=240,
+                         env=launcher_env(PYTHONPATH=str(REPO)), cwd=REPO)
+    lines = [line for line in result.stdout.splitlines() if "storage error:" in line]
+    assert result.returncode == EXIT_STORAGE and len(lines) == 1, result.stdout[-3000:]
+    assert str(workdir / "checkpoints") in lines[0] and "File too large" in lines[0]
+    assert "Traceback" not in result.stdout
+    assert sorted((workdir / "checkpoints").iterdir()) == first  # the previous checkpoint, nothing half-written
+    ckpt.load_checkpoint(first[-1])
+    end = _records(workdir, "end")[-1]
+    assert (end["status"], end["exit_code"]) == ("failed", EXIT_STORAGE) and "File too large" in end["cause"]
+    assert _train(workdir, "train.epochs=2", extra=("--resume", "auto")).returncode == 0

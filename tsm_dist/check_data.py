@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -126,10 +127,17 @@ def check_list(cfg: Config, key: str, threads: int = 8) -> tuple[int, list[tuple
     videos = read_videos(list_path, d.root or None, cfg.model.num_classes, skip_corrupt=True)
     records, skipped_lines = videos.records, videos.skipped
     bad: list[tuple[str, str]] = [(text, reason) for text, reason in skipped_lines]
+    damaged: set[str] = set()  # packed videos whose checksum failed: counted once, not again by the probe
     if videos.packed:  # a tsm-dist pack directory: its shards' checksums, then the index's facts below
         from tsm_dist.data.pack.write import verify
 
-        bad += [(list_path, problem) for problem in verify(list_path, sys.stderr.isatty())]
+        for problem in verify(list_path, sys.stderr.isatty()):
+            video = re.search(r"\(([^,()]+), (\S+:\d+)\)", problem)  # "(<video>, <index>:<line>)": one video's
+            if video:
+                damaged.add(video.group(2))
+                bad.append((f"{video.group(1)} (listed at {video.group(2)})", problem))
+            else:
+                bad.append((list_path, problem))
     options = ClipOptions(num_frames=cfg.model.num_frames, sampling=d.sampling, stride=d.stride,
                           crop_size=d.crop_size, train=False, short_videos=d.short_videos)
     planner = ClipPlanner(records, videos.root, options, batch_size=1,  # one shard: every video
@@ -139,7 +147,7 @@ def check_list(cfg: Config, key: str, threads: int = 8) -> tuple[int, list[tuple
     with ThreadPoolExecutor(threads) as pool:
         reasons = pool.map(lambda i: _probe_one(planner, i), range(len(records)))
         for i, reason in enumerate(_progress(reasons, len(records), f"data.{key}")):
-            if reason:
+            if reason and records[i].where not in damaged:
                 r = records[i]
                 bad.append((f"{r.resolve(videos.root)} (listed at {r.where})", reason))
     return len(records) + len(skipped_lines), bad
@@ -177,10 +185,12 @@ def _main(argv: list[str]) -> int:
     for key in keys:
         total, bad = check_list(cfg, key, threads=args.threads)
         failed += len(bad)
-        counts = Counter(_category(reason) for _, reason in bad)
+        layout = [reason for culprit, reason in bad if culprit == resolve_list(cfg, key)]  # a pack's, not a video's
+        videos = [(culprit, reason) for culprit, reason in bad if culprit != resolve_list(cfg, key)]
+        counts = Counter(_category(reason) for _, reason in videos)
         summary = ", ".join(f"{n} {c}" for c, n in counts.most_common()) or "none"
-        print(f"data.{key} ({resolve_list(cfg, key)}): {total} entries, {total - len(bad)} usable, "
-              f"{len(bad)} bad ({summary})")
+        print(f"data.{key} ({resolve_list(cfg, key)}): {total} entries, {total - len(videos)} usable, "
+              f"{len(videos)} bad ({summary})" + (f"; {len(layout)} pack layout problem(s)" if layout else ""))
         for culprit, reason in bad:
             print(f"  {culprit}: {reason}")
     if failed:

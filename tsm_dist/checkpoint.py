@@ -53,6 +53,34 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class _WriteErrors:
+    """A file whose first failed write (full disk, quota) is kept: ``torch.save`` swallows it and raises
+    ``RuntimeError: ... unexpected pos`` instead, which names neither the file nor the cause."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save(obj: Any, file: Any) -> None:
+    recorder = _WriteErrors(file)
+    try:
+        torch.save(obj, recorder)
+    except Exception:
+        if recorder.error is not None:
+            raise recorder.error from None
+        raise
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +88,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            _save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -60,7 +60,7 @@ class StorageError(Exception):
 
 
 # OSErrors that say where we write is unusable, not that the program is wrong
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def storage_problem(exc: OSError, path: object = None) -> str:
@@ -148,6 +148,8 @@ def report(prog: str, exc: BaseException, *, rank: int | None = None, size: int 
         kind = {EXIT_CONFIG: "config error", EXIT_DATA: "data error",
                 EXIT_CHECKPOINT: "checkpoint error", EXIT_STORAGE: "storage error"}.get(code, "error")
         text = storage_problem(exc) if isinstance(exc, OSError) else str(exc)
+        if isinstance(exc, VideoError) and "skip_corrupt" not in text:
+            text += "; data.skip_corrupt=true skips bad videos"
         print(f"{prog}: {kind}: {prefix}{text}", file=sys.stderr, flush=True)
     return code
 

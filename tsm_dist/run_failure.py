@@ -43,9 +43,10 @@ def describe(exc: BaseException) -> str:
         return "interrupted (Ctrl-C twice)"
     if isinstance(exc, OSError) and exc.filename:
         return storage_problem(exc)
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if exit_code(exc) == EXIT_CRASH and text else (text[0] if text else
-                                                                                          type(exc).__name__)
+    text = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, CoordinatedError) or exit_code(exc) != EXIT_CRASH:
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text.split('. ')[0]}"  # a library's first sentence says what failed
 
 
 def clear_notes(workdir: Path) -> None:

@@ -496,7 +496,8 @@ class Trainer:
             try:
                 self._write_checkpoint(rngs, is_best)
             except OSError as exc:
-                error = f"{storage_problem(exc)}; training stopped, the previous checkpoint is kept"
+                error = (f"{storage_problem(exc, exc.filename or self.workdir / ckpt.CHECKPOINT_DIR)}; training "
+                         "stopped, the previous checkpoint is kept")
         error = self.engine.broadcast_object(error)  # every rank stops with the same code
         if error:
             raise CoordinatedError(error, EXIT_STORAGE)

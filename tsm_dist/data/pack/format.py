@@ -126,6 +126,21 @@ def encoded_file(data: np.ndarray) -> io.BytesIO:
     return io.BytesIO(data.base if isinstance(data.base, bytes) else data.tobytes())
 
 
+def check_shard_sizes(out: str, meta: dict[str, Any]) -> None:
+    """Before training: every shard exists with the size ``pack.json`` records (a stat each), so a pack
+    copied in part or damaged is one line at start, not a read error hours later."""
+    for shard in meta.get("shards", []):
+        path = os.path.join(out, shard["file"])
+        try:
+            size = os.path.getsize(path)
+        except OSError as err:
+            raise DataError(f"{path}: shard of the packed set cannot be read ({err.strerror}); "
+                            f"check it with 'tsm-dist pack --verify {out}'") from None
+        if size != shard["bytes"]:
+            raise DataError(f"{path}: {size} bytes, pack.json records {shard['bytes']}; the pack is damaged or "
+                            f"was copied in part: check it with 'tsm-dist pack --verify {out}'")
+
+
 def load_packed(out: str, *, require_complete: bool = True) -> PackedSet:
     """Read ``out``'s index for training (no video is opened)."""
     out = os.path.abspath(out)
@@ -134,6 +149,8 @@ def load_packed(out: str, *, require_complete: bool = True) -> PackedSet:
         raise DataError(f"{out}: packing did not finish; re-run the same 'tsm-dist pack' command to complete it")
     index_path = os.path.join(out, INDEX)
     shards = [os.path.join(out, s["file"]) for s in meta["shards"]]
+    if require_complete:
+        check_shard_sizes(out, meta)
     entries = read_index(out)
     records = []
     for number, e in enumerate(entries, start=1):

@@ -17,6 +17,7 @@ import argparse
 import fcntl
 import json
 import os
+import signal
 import sys
 import zlib
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -29,10 +30,11 @@ import numpy as np
 
 from tsm_dist.data.errors import DataError, VideoError
 from tsm_dist.data.filelist import VideoRecord, read_file_list
-from tsm_dist.data.pack.format import FORMAT, INDEX, META, SKIPPED, VERSION, read_index, read_meta, shard_name
+from tsm_dist.data.pack.format import FORMAT, INDEX, META, SKIPPED, VERSION, load_packed, read_index, read_meta, \
+    shard_name
 from tsm_dist.data.pack.transcode import TRANSCODES
 
-EXIT_USAGE, EXIT_BAD = 2, 1
+EXIT_USAGE, EXIT_BAD = 2, 4  # 4: the data code (tsm_dist.errors.EXIT_DATA), for every damaged pack
 CHUNK = 1 << 24  # bytes read at a time when checking a shard
 
 
@@ -185,6 +187,10 @@ def check_shard(out: str, shard: int, entries: Iterable[dict[str, Any]], expecte
 def verify(out: str, show_progress: bool = True) -> list[str]:
     """``tsm-dist pack --verify``: the layout and every video's checksum; returns the problems found."""
     meta = read_meta(out)
+    try:
+        load_packed(out, require_complete=False)  # every index entry has every key, with a usable value
+    except DataError as err:
+        return [str(err)]
     entries = read_index(out)
     problems = [] if meta.get("complete") else [f"{out}: packing did not finish (re-run the pack command)"]
     if meta.get("complete") and len(entries) != meta.get("videos"):
@@ -252,8 +258,25 @@ def _read_skipped(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in whole.decode("utf-8").splitlines()]
 
 
+# what a pack directory may hold before its pack.json is written
+_OWN_BEFORE_META = {".lock", ".transcode"}
+
+
+def foreign_files(out: str) -> list[str]:
+    """Files in ``out`` that no ``tsm-dist pack`` wrote: all of them when ``out`` holds no pack.json."""
+    if not os.path.isdir(out) or os.path.exists(os.path.join(out, META)):
+        return []
+    return sorted(set(os.listdir(out)) - _OWN_BEFORE_META)
+
+
 def pack(args: PackOptions) -> int:
     records, bad_lines = read_file_list(args.list, skip_invalid=True)
+    foreign = foreign_files(args.out)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        print(f"tsm-dist pack: {args.out} is not empty and holds no pack ({shown}); packing never touches files "
+              "it did not write: use an empty or new --out", file=sys.stderr)
+        return EXIT_USAGE
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, ".lock"), "w") as lock:
         try:
@@ -310,7 +333,7 @@ def _pack_locked(args: PackOptions, records: list[VideoRecord], bad_lines: list[
                 bar.update(1)
     finally:
         if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+            _stop_workers(executor, interrupted=sys.exc_info()[0] is not None)
     shards = writer.close()
     os.rmdir(tmpdir)
     _write_meta(out, settings, True, entries, shards, len(skipped))
@@ -319,6 +342,23 @@ def _pack_locked(args: PackOptions, records: list[VideoRecord], bad_lines: list[
           f"every shard read back and checked")
     _report_skipped(out, skipped, bad_lines)
     return 0
+
+
+def _stop_workers(executor: ProcessPoolExecutor, interrupted: bool) -> None:
+    """No worker outlives the command: after an interrupt the running ones (a transcode can take minutes)
+    are terminated rather than waited for; a re-run redoes their videos."""
+    if interrupted:
+        for process in list((getattr(executor, "_processes", None) or {}).values()):
+            process.terminate()
+    executor.shutdown(wait=True, cancel_futures=True)
+
+
+class Stopped(Exception):
+    """SIGTERM (a cancelled job, ``kill``) while packing."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Stopped()
 
 
 def _report_skipped(out: str, skipped: list[dict[str, Any]], bad_lines: list[tuple[str, str]]) -> None:
@@ -357,25 +397,42 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.verify:
-            problems = verify(args.verify, not args.no_progress)
-            for line in problems:
-                print(line, file=sys.stderr)
-            if problems:
-                print(f"{args.verify}: {len(problems)} problem(s)", file=sys.stderr)
-                return EXIT_BAD
-            meta = read_meta(args.verify)
-            print(f"{args.verify}: OK, {meta['videos']} videos in {len(meta['shards'])} shard(s), checksums match")
-            return 0
+    options = None
+    if not args.verify:
         if not args.list or not args.out:
             parser.error("--list and --out are required (or --verify OUT)")
         if args.shard_mb <= 0 or args.workers < 1 or args.gop < 1:
             parser.error("--shard-mb must be > 0, --workers and --gop >= 1")
-        return pack(PackOptions(**{f.name: getattr(args, f.name) for f in fields(PackOptions)}))
+        options = PackOptions(**{f.name: getattr(args, f.name) for f in fields(PackOptions)})
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(args.verify, not args.no_progress, options)
+    except (KeyboardInterrupt, Stopped) as stop:
+        print("tsm-dist pack: interrupted; its workers are stopped, re-run the same command to resume",
+              file=sys.stderr)
+        return 143 if isinstance(stop, Stopped) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(verify_dir: str | None, show_progress: bool, options: PackOptions | None) -> int:
+    """``--verify verify_dir``, or pack with ``options``; a data error is one line and the data code."""
+    try:
+        if verify_dir:
+            problems = verify(verify_dir, show_progress)
+            for line in problems:
+                print(line, file=sys.stderr)
+            if problems:
+                print(f"{verify_dir}: {len(problems)} problem(s)", file=sys.stderr)
+                return EXIT_BAD
+            meta = read_meta(verify_dir)
+            print(f"{verify_dir}: OK, {meta['videos']} videos in {len(meta['shards'])} shard(s), checksums match")
+            return 0
+        assert options is not None
+        return pack(options)
     except DataError as err:
-        print(f"tsm-dist pack: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"tsm-dist pack: data error: {err}", file=sys.stderr)
+        return EXIT_BAD
 
 
 if __name__ == "__main__":
