@@ -106,9 +106,12 @@ def _umask() -> int:
 
 
 def check_storage(workdir: str | Path, need_bytes: int = 0) -> None:
-    """Before training (rank 0): the checkpoint directory can be created and written, and holds room for
-    one more checkpoint of ``need_bytes`` (0: unknown); :class:`StorageError` naming the path otherwise."""
+    """Before training (rank 0): the workdir (or its checkpoint directory, when there is one) can be created
+    and written, and holds room for one more checkpoint of ``need_bytes`` (0: unknown); :class:`StorageError`
+    naming the path otherwise."""
     directory = Path(workdir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        directory = Path(workdir)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=directory)
