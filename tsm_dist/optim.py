@@ -46,6 +46,14 @@ def _norm(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t.detach().float() if t.dtype in (torch.float16, torch.bfloat16) else t.detach())
 
 
+def _closure_loss(closure: Optional[Callable[[], float]]) -> Optional[float]:
+    """torch's optimizer protocol: re-evaluate the loss with gradients enabled when a closure is given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _norms(p: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _norm(p), _norm(update)
 
@@ -77,10 +85,7 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -113,10 +118,7 @@ class LAMB(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             beta1, beta2 = group["momentum"], group["beta2"]
             for p in group["params"]:

@@ -74,19 +74,27 @@ def frame_order(label: int, num_frames: int) -> np.ndarray:
     return orders[label]
 
 
-def render_scene(rng: np.random.Generator, num_frames: int, size: int) -> np.ndarray:
-    """(F, size, size, 3) uint8 frames; frame k has the object at the k-th point from the left."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    # Background: a gradient between two random colors plus static rectangles (distractors).
+def _background(rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, *, low: tuple[int, int],
+                high: tuple[int, int], rectangles: tuple[int, int], side: int, fill: tuple[int, int]) -> np.ndarray:
+    """A gradient between two random colors (channel values drawn from ``low`` and ``high``) plus static
+    rectangles (distractors; count in ``rectangles``, sides up to size // ``side``, colors from ``fill``)."""
+    size = xx.shape[0]
     angle = rng.uniform(0, 2 * np.pi)
     ramp = (np.cos(angle) * xx + np.sin(angle) * yy) / size
     ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
-    low, high = rng.uniform(20, 120, 3), rng.uniform(60, 170, 3)
-    background = low + ramp[..., None] * (high - low)
-    for _ in range(rng.integers(1, 4)):
+    start, end = rng.uniform(*low, 3), rng.uniform(*high, 3)
+    background = start + ramp[..., None] * (end - start)
+    for _ in range(rng.integers(*rectangles)):
         x0, y0 = rng.integers(0, size - 4, 2)
-        w, h = rng.integers(3, max(4, size // 4), 2)
-        background[y0 : y0 + h, x0 : x0 + w] = rng.uniform(20, 170, 3)
+        w, h = rng.integers(3, max(4, size // side), 2)
+        background[y0 : y0 + h, x0 : x0 + w] = rng.uniform(*fill, 3)
+    return background
+
+
+def render_scene(rng: np.random.Generator, num_frames: int, size: int) -> np.ndarray:
+    """(F, size, size, 3) uint8 frames; frame k has the object at the k-th point from the left."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    background = _background(rng, xx, yy, low=(20, 120), high=(60, 170), rectangles=(1, 4), side=4, fill=(20, 170))
     # Object: bright, radius 9-14 % of the frame, moving between two random points.
     radius = rng.uniform(0.09, 0.14) * size
     color = rng.uniform(190, 255, 3)
@@ -114,15 +122,7 @@ def render_hard_scene(rng: np.random.Generator, num_frames: int, size: int) -> n
     of half its radius jump to new random places in every frame, and every frame has its own pixel noise.
     """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    angle = rng.uniform(0, 2 * np.pi)
-    ramp = (np.cos(angle) * xx + np.sin(angle) * yy) / size
-    ramp = (ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6)
-    low, high = rng.uniform(40, 130, 3), rng.uniform(80, 180, 3)
-    background = low + ramp[..., None] * (high - low)
-    for _ in range(rng.integers(2, 5)):
-        x0, y0 = rng.integers(0, size - 4, 2)
-        w, h = rng.integers(3, max(4, size // 3), 2)
-        background[y0 : y0 + h, x0 : x0 + w] = rng.uniform(40, 200, 3)
+    background = _background(rng, xx, yy, low=(40, 130), high=(80, 180), rectangles=(2, 5), side=3, fill=(40, 200))
     radius = rng.uniform(0.09, 0.13) * size
     color = background.mean(axis=(0, 1)) + rng.choice([-1, 1]) * rng.uniform(60, 90, 3)  # lower contrast
     margin = radius + 1
