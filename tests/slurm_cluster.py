@@ -31,6 +31,7 @@ NODE = "localhost"  # resolvable everywhere, so ranks can reach the rendezvous o
 # the jobs get the rendezvous address instead, as on a site whose node names do not resolve)
 EMULATED_NODE = "tsmnode{}"
 PARTITION = "debug"
+URGENT = "urgent"  # with preempt_requeue: a higher-priority partition on the same nodes
 # job states after which a job will not run again by itself
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
@@ -73,8 +74,9 @@ class SlurmCluster:
     ``nodes`` > 1: that many nodes of ``cpus`` CPUs each, every one a slurmd on this host (their CPUs are
     declared, not real: the jobs of the tests are small)."""
 
-    def __init__(self, root: Path, cpus: int = 2, nodes: int = 1) -> None:
+    def __init__(self, root: Path, cpus: int = 2, nodes: int = 1, preempt_requeue: bool = False) -> None:
         self.root = Path(root)
+        self.preempt_requeue = preempt_requeue
         self.cpus = cpus
         self.nodes = [NODE] if nodes == 1 else [EMULATED_NODE.format(i) for i in range(nodes)]
         self.conf = self.root / "slurm.conf"
@@ -102,6 +104,9 @@ class SlurmCluster:
         key.chmod(0o400)
         ctld_port, slurmd_port = free_port(), free_port()
         r = self.root
+        # a preempted job gets SIGTERM and GraceTime before SIGKILL (without it, Slurm kills the batch
+        # script along with the ranks within KillWait, before the script can say anything)
+        grace = " GraceTime=30" if self.preempt_requeue else ""
         node_lines = "\n".join(
             f"NodeName={name}" + (f" NodeHostname={name} Port={free_port()}" if len(self.nodes) > 1 else "")
             + f" NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN" for name in self.nodes)
@@ -143,8 +148,13 @@ KillWait=10
 InactiveLimit=0
 SlurmdTimeout=60
 {node_lines}
-PartitionName={PARTITION} Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
+PartitionName={PARTITION} Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP{grace}
 """)
+        if self.preempt_requeue:  # a job in URGENT preempts the debug partition's jobs, which Slurm requeues
+            nodes = ",".join(self.nodes)
+            with self.conf.open("a") as conf:
+                conf.write(f"PreemptType=preempt/partition_prio\nPreemptMode=REQUEUE\n"
+                           f"PartitionName={URGENT} Nodes={nodes} PriorityTier=2 MaxTime=INFINITE State=UP\n")
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.out", "ab")

@@ -296,11 +296,12 @@ def test_the_last_line_after_a_preemption_says_who_requeues(tmp_path: Path, mode
     proc = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == TERMINATED_EXIT_CODE
     last = proc.stdout.strip().splitlines()[-1]
-    if requeued:  # Slurm has requeued it already: telling the user to resubmit would start a second copy
-        assert "Slurm requeues job 4242 itself" in last and "resubmit" not in last, proc.stdout
+    calls = (tmp_path / "calls").read_text()
+    if requeued:  # back in the queue: telling the user to resubmit would start a second copy
+        assert "preempted by Slurm (PreemptMode=REQUEUE): checkpoint written; requeueing job 4242" in last
+        assert "resubmit" not in last and "scontrol requeue 4242" in calls, proc.stdout
     else:
-        assert "resubmit to resume from" in last, proc.stdout
-    assert "scontrol requeue" not in (tmp_path / "calls").read_text()
+        assert "resubmit to resume from" in last and "scontrol requeue" not in calls, proc.stdout
 
 
 @pytest.mark.parametrize("requeue, extra, plan", [(True, {}, "requeue"),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, ensure_installed
+from slurm_cluster import URGENT, SlurmCluster, ensure_installed
 from tsm_dist.launch.render import render_job
 from tsm_dist.records import read_records
 
@@ -173,3 +173,31 @@ def test_mpi_job_trains_on_two_srun_ranks(cluster: SlurmCluster, tmp_path: Path)
     log = _assert_completed(cluster, tmp_path, job_id, workdir, steps=2)
     assert "controller mpi" in log, log
     assert "--mpi=pmix" in (tmp_path / "job.sh").read_text()
+
+
+def test_a_job_preempted_under_preemptmode_requeue_is_not_sent_to_be_resubmitted(
+        cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """A job preempted under PreemptMode=REQUEUE goes back to the queue and its log does not ask the user to
+    resubmit it (a second copy would train into the same workdir). With the partition's GraceTime the ranks
+    checkpoint and the job ends before Slurm kills it, and Slurm then ends it FAILED instead of requeueing
+    it (found here): the script requeues it."""
+    with SlurmCluster(tmp_path_factory.mktemp("slurm_preempt"), preempt_requeue=True) as preempting:
+        job_id, workdir = _submit(preempting, tmp_path, LONG)
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not any(r["step"] >= 3 for r in _records(workdir, "step")):
+            assert time.monotonic() < deadline, f"no training steps\n{_job_log(tmp_path, job_id)}"
+            time.sleep(0.2)
+        urgent = tmp_path / "urgent.sh"  # needs the node's 2 CPUs, in the higher-priority partition
+        urgent.write_text(f"#!/bin/bash\n#SBATCH --partition={URGENT}\n#SBATCH --ntasks=2\n"
+                          f"#SBATCH --output=urgent-%j.out\nsleep 1\n")
+        preempting.sbatch(urgent, cwd=tmp_path)
+        preempting.wait(job_id, lambda f: int(f.get("Restarts", 0)) >= 1, JOB_TIMEOUT_S)
+        deadline = time.monotonic() + 30
+        while "ranks exited with status" not in _job_log(tmp_path, job_id) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(3)  # the script's last lines after the ranks
+        log = _job_log(tmp_path, job_id)
+    assert [e["status"] for e in _records(workdir, "end")][:1] == ["terminated"], log
+    assert "ranks exited with status 143" in log, log
+    assert "preempted by Slurm (PreemptMode=REQUEUE): checkpoint written; requeueing job" in log, log
+    assert "resubmit" not in log.split("ranks exited with status 143")[1], log

@@ -109,3 +109,9 @@ def test_cpu_sweep_dry_run_for_slurm_and_lsf(tmp_path, capsys):
     assert "disable_gpu_hooks" not in lsf
     for path in (tmp_path / "l").glob("jobs/*/job.lsf"):
         subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_collect_without_a_sweep_is_one_line(tmp_path, capsys):
+    assert sweep_main(["collect", str(tmp_path / "none"), "--wait", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sweep.json: no sweep plan here" in err

@@ -143,3 +143,5 @@ def test_a_run_whose_ranks_are_killed_is_failed_with_its_exit_code(cluster: Slur
     assert row["status"].startswith("failed: job ") and "ranks exited with status" in row["status"], row
     assert "run record:" in log and ": failed (job " in log, log
     assert collected.returncode in (0, 1), collected.stderr
+    fields = cluster.job(int(job["job_id"]))  # what scontrol/sacct show of it (docs/launch.md's table)
+    assert (fields["JobState"], fields["ExitCode"]) == ("FAILED", "137:0"), fields

@@ -12,6 +12,8 @@ One JSON object per line, each with a ``type``:
   -- SIGTERM --, failed) and the videos it skipped.
 
 The file is appended to across restarts; :func:`read_last_run` returns the records after the last header.
+A run whose ranks died before any of them wrote its ``end`` record gets one from its job script
+(``python -m tsm_dist.records finish``: :func:`close_run`), ``failed`` with the ranks' exit code as cause.
 The trainer writes through :class:`MetricsLog`; the scaling sweep's collector, the allreduce benchmark and
 the demo read through :func:`read_records` / :func:`read_last_run`.
 """
@@ -125,7 +127,8 @@ class RunRecords:
     header: dict[str, Any]
     steps: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
-    end: dict[str, Any] | None = None  # None: still running, or killed without a word
+    # None: still running, or killed without a word (the job scripts then append a failed one: close_run)
+    end: dict[str, Any] | None = None
 
     @property
     def status(self) -> str:

@@ -48,7 +48,9 @@ class WandbRun:
 
     def _give_up(self, where: str, exc: BaseException) -> None:
         self.failure = f"{type(exc).__name__}: {exc}".strip()
-        self._warn(f"warning: wandb failed in {where} ({self.failure}); training continues without wandb, "
+        # no "training continues": a failure in finish, or in log after SIGTERM killed wandb's service, comes
+        # while the run stops
+        self._warn(f"warning: wandb failed in {where} ({self.failure}); wandb is off for the rest of this run, "
                    f"metrics.jsonl keeps every record")
         self._run = None
         self._disarm()

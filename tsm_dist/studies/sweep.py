@@ -33,7 +33,7 @@ from tsm_dist.studies.collect import BENCH_FILES, collect
 from tsm_dist.studies.jobs import JobOptions, SubmitError, render_jobs, submit_jobs, wait_for_jobs
 from tsm_dist.studies.machines import SCHEDULERS, load_machine
 from tsm_dist.studies.runconfig import measurement_overrides, model_config_item, write_run_config
-from tsm_dist.studies.sweep_plan import JobSpec, SweepPlan
+from tsm_dist.studies.sweep_plan import PLAN_FILE, JobSpec, SweepPlan
 from tsm_dist.studies.runner import LAUNCHERS, launch_prefix, run_logged, tail
 
 if TYPE_CHECKING:
@@ -355,13 +355,17 @@ def collect_main(argv: list[str]) -> int:
     parser.add_argument("--wait", type=float, metavar="SECONDS",
                         help="lsf/slurm: first wait up to this long for the sweep's jobs to finish")
     args = parser.parse_args(argv)
-    if args.wait:
+    if args.wait and (args.out / PLAN_FILE).is_file():
         plan = SweepPlan.load(args.out)
         try:
             wait_for_jobs(plan.jobs, plan.scheduler, args.wait)
         except (SubmitError, TimeoutError) as err:  # collect what is there; the table shows the rest as running
             print(f"scaling_sweep collect: {err}", file=sys.stderr)
-    outputs = collect(args.out, args.machine)
+    try:
+        outputs = collect(args.out, args.machine)
+    except (FileNotFoundError, ValueError) as err:  # no plan, a bad profile; MetricsError is a ValueError
+        print(f"scaling_sweep collect: error: {err}", file=sys.stderr)
+        return 2
     missing = [r for r in outputs.rows if r.timed_steps == 0 or r.status != "completed"]
     print(outputs.markdown.read_text())
     for path in (outputs.csv, outputs.speed_png, outputs.scalability_png):
