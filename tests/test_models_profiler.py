@@ -47,8 +47,9 @@ def test_table11_temporal_resolution(full_size) -> None:
 def test_profile_json_without_throughput(capsys) -> None:
     assert main(["--no-throughput", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["name"] for r in rows] == ["i3d3x3x3_r50", "i3d3x1x1_r50", "tsm8f_r50"]
+    assert [r["name"] for r in rows] == ["i3d3x3x3_r50", "i3d3x1x1_r50", "tsm8f_r50", "tsm8f_mbv2"]
     assert all(r["clips_per_s"] is None for r in rows)
+    assert [r["online_cache_bytes"] for r in rows] == [None, None, 2_809_856, 108_192]
 
 
 @pytest.mark.parametrize("mode", [[], ["--train"]])
@@ -73,3 +74,14 @@ def test_profile_runs_as_a_module() -> None:
     proc = subprocess.run([sys.executable, "-m", "tsm_dist.models.profiler", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--no-throughput" in proc.stdout
+
+
+def test_online_cache_bytes_beside_resnet50() -> None:
+    from tsm_dist.models.profiler import format_tables, model_stats, online_cache_bytes
+
+    assert online_cache_bytes("tsm8f_r50") == 2_809_856  # 1/8 of all 16 block inputs at 224 (docs/models.md)
+    # the official MobileNetV2 online demo's ten buffers: 27,048 float32 values
+    assert online_cache_bytes("tsm8f_mbv2") == 4 * 27_048
+    assert online_cache_bytes("tsn8f_r50") is None and online_cache_bytes("i3d3x1x1_r50") is None
+    text = format_tables([model_stats("tsm8f_r50"), model_stats("tsm8f_mbv2")])
+    assert "tsm8f_mbv2         0.30 G     " in text and "2.810 MB   0.9 MB cache" in text

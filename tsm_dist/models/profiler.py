@@ -17,9 +17,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tsm_dist.cli_types import name_list
-from tsm_dist.models.registry import build_model, describe_model, list_models
+from tsm_dist.models.registry import build_model, describe_model, list_models, model_defaults
 
 TABLE10_MODELS = ("i3d3x3x3_r50", "i3d3x1x1_r50", "tsm8f_r50")
+# profiled by default: Table 10's models and the online/edge model of Section 4
+DEFAULT_MODELS = (*TABLE10_MODELS, "tsm8f_mbv2")
+# Section 4: "For ResNet-50, we only need 0.9MB memory cache" (our figure and why it differs: docs/models.md)
+PAPER_CACHE_MB = {"tsm8f_r50": 0.9}
 
 # What the paper states (Table 10 and Section 7 text; 224x224, 400 classes, P100, batch 16), printed
 # beside our numbers for comparison. MACs/params it gives only for TSM8f and as ratios.
@@ -42,11 +46,16 @@ class ModelStats:
     temporal_resolution: list[tuple[str, int]]
     clips_per_s: float | None = None
     throughput_setup: dict[str, object] = field(default_factory=dict)
+    # bytes an online (uni-directional) build keeps between frames, per stream, float32; None: cannot stream
+    online_cache_bytes: int | None = None
 
 
 def _build(name: str, num_classes: int, num_frames: int | None, depth: int | None,
-           width: int | None) -> torch.nn.Module:
-    return build_model(name, num_classes=num_classes, num_frames=num_frames, depth=depth, width=width)
+           width: int | None, online: bool = False) -> torch.nn.Module:
+    # --depth is a ResNet option: a model without depth (MobileNetV2) keeps its own
+    depth = None if model_defaults(name)["depth"] is None else depth
+    return build_model(name, num_classes=num_classes, num_frames=num_frames, depth=depth, width=width,
+                       online=online)
 
 
 def model_stats(name: str, *, num_classes: int = 400, size: int = 224, num_frames: int | None = None,
@@ -63,7 +72,23 @@ def model_stats(name: str, *, num_classes: int = 400, size: int = 224, num_frame
     return ModelStats(
         name=name, frames=model.num_frames, input_shape=tuple(clip.shape[1:]), input_values=values,
         macs=macs, params=sum(p.numel() for p in model.parameters()), compute_io=macs / values,
-        temporal_resolution=model.temporal_resolution(clip))
+        temporal_resolution=model.temporal_resolution(clip),
+        online_cache_bytes=online_cache_bytes(name, num_classes=num_classes, size=size, depth=depth, width=width))
+
+
+def online_cache_bytes(name: str, *, num_classes: int = 400, size: int = 224, depth: int | None = None,
+                       width: int | None = None) -> int | None:
+    """Shift-cache bytes per stream of ``name`` built online (one frame streamed on the meta device);
+    None for a model without a shift (nothing to cache) or a 3D model (cannot stream)."""
+    from tsm_dist.models.online import OnlineTSM
+
+    with torch.device("meta"):
+        model = _build(name, num_classes, None, depth, width)
+        if model.conv3d or not model.shift_modules():
+            return None
+        online = OnlineTSM(_build(name, num_classes, None, depth, width, online=True).eval())
+        online(torch.empty(1, 3, size, size))
+    return online.cache_nbytes()
 
 
 def _sync(device: torch.device) -> None:
@@ -136,6 +161,7 @@ def format_tables(stats: list[ModelStats]) -> str:
             if stage not in stages:
                 stages.insert(at, stage)
             at = stages.index(stage) + 1
+    lines += _online_table(stats)
     lines += ["", "Table 11: temporal resolution of the output of each stage",
               f"{'stage':<12}" + "".join(f"{s.name:>15}" for s in stats)]
     for stage in stages:
@@ -144,10 +170,24 @@ def format_tables(stats: list[ModelStats]) -> str:
     return "\n".join(lines)
 
 
+def _online_table(stats: list[ModelStats]) -> list[str]:
+    """Section 4: what an online (uni-directional) model costs per frame, and the cache it keeps."""
+    rows = [s for s in stats if s.online_cache_bytes is not None]
+    if not rows:
+        return []
+    lines = ["", "Online models (Section 4): per frame, batch 1, float32 shift cache per stream",
+             f"{'model':<14} {'MACs/frame':>10} {'params':>10} {'cache':>10}   paper"]
+    for s in rows:
+        paper = PAPER_CACHE_MB.get(s.name)
+        lines.append(f"{s.name:<14} {_fmt_count(s.macs / s.frames, 'G'):>10} {_fmt_count(s.params, 'M'):>10} "
+                     f"{s.online_cache_bytes / 1e6:>7.3f} MB   {f'{paper} MB cache' if paper else '-'}")
+    return lines
+
+
 def _parser() -> argparse.ArgumentParser:
     known = "; ".join(f"{n}: {describe_model(n)}" for n in list_models())
     p = argparse.ArgumentParser(prog="tsm-dist profile", description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(TABLE10_MODELS), help=f"comma-separated. {known}")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated. {known}")
     p.add_argument("--size", type=int, default=224, help="input height = width")
     p.add_argument("--num-classes", type=int, default=400)
     p.add_argument("--num-frames", type=int, default=None, help="override every model's clip length")
