@@ -80,3 +80,15 @@ def test_torchvision_names_load_as_pretrained(tmp_path) -> None:
     torch.save(state, tmp_path / "mbv2.pth")
     report = load_pretrained(build_model("tsm8f_mbv2", 4, width=16), tmp_path / "mbv2.pth")
     assert report.skipped == ["fc.weight", "fc.bias"] and "features.0.0.weight" in report.loaded
+
+
+def test_a_sweep_run_config_of_a_resnet_base_trains_online_mobilenet(tmp_path) -> None:
+    from pathlib import Path
+
+    from tsm_dist.studies.runconfig import write_run_config
+
+    base = Path(__file__).parents[1] / "configs" / "synthetic_tsm.yaml"  # a ResNet-18 config (depth 18)
+    cfg = write_run_config(base, "tsm8f_mbv2", ["model.online=true"], tmp_path / "run.yaml")
+    assert (cfg.model.name, cfg.model.depth, cfg.model.online, cfg.model.width) == ("tsm8f_mbv2", None, True, 16)
+    written = (tmp_path / "run.yaml").read_text()
+    assert "online: true" in written

@@ -41,8 +41,12 @@ def model_frame_overrides(base: Path, model: str) -> tuple[str, ...]:
 
     if load_config(base).model.name == model:
         return ()
+    from tsm_dist.models import model_defaults
+
     frames, sampling, stride = model_input(model)
-    return (f"model.num_frames={frames}", f"data.sampling={sampling}", f"data.stride={stride}")
+    # a ResNet config's depth means nothing to a model without one (MobileNetV2): back to its default
+    no_depth = ("model.depth=null",) if model_defaults(model)["depth"] is None else ()
+    return (f"model.num_frames={frames}", f"data.sampling={sampling}", f"data.stride={stride}", *no_depth)
 
 
 def write_run_config(base: Path, model: str, overrides: list[str], path: Path) -> "Config":
