@@ -81,3 +81,8 @@ def test_a_fit_that_contradicts_its_own_timings_is_rejected():
     assert bad["rejected_fit"]["bandwidth_bytes_per_s"] == pytest.approx(26.2e9, rel=0.01)
     assert bad["fit_error"].startswith("fit rejected: alpha 3100.0 us, B 26.200 GB/s: its latency alone (6.20 ms")
     assert "ran at 0.440 GB/s" in bad["fit_error"]
+    # latency-bound timings that scatter around their intercept (each a median of its own) are not a contradiction
+    sizes = message_sizes(95_000_000, 4096, 8)
+    scatter = [1.3, 0.8, 1.1, 0.9, 1.0, 1.0, 1.0, 1.0]
+    noisy = result_record("horovod", 2, 2, sizes, [f * 2 * 50e-6 + n / 1e9 for f, n in zip(scatter, sizes)])
+    assert noisy["fit_error"] == "" and noisy["alpha_s"] > 0
