@@ -13,7 +13,9 @@ the real trainer runs on 2 Horovod ranks:
 - a plain ``scancel`` (SIGTERM to every process of the job, wandb's service process included, with
   ``log.wandb=offline``): the trainer checkpoints, writes its ``end`` record and exits 143, and the
   script does not requeue: the cancel sticks;
-- MPI controller (srun --mpi=pmix, OpenMPI direct launch): trains to the end.
+- MPI controller (srun --mpi=pmix, OpenMPI direct launch): trains to the end;
+- preempted by a higher-priority partition's job under PreemptMode=REQUEUE (its own cluster): the
+  script requeues it and does not ask the user to resubmit.
 """
 from __future__ import annotations
 
