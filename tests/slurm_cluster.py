@@ -288,3 +288,15 @@ PartitionName={PARTITION} Nodes={",".join(self.nodes)} Default=YES MaxTime=INFIN
             text = path.read_text(errors="replace")[-tail_chars:]
             parts.append(f"--- {path.name} ---\n{text}")
         return "\n".join(parts)
+
+
+def trainer_cluster(root: Path, **options) -> SlurmCluster:
+    """A cluster for jobs that run the trainer: skips the test where Slurm cannot be provisioned or Horovod
+    is not installed. Use as ``with trainer_cluster(root, nodes=2) as cluster: ...``."""
+    import pytest
+
+    reason = ensure_installed()
+    if reason:
+        pytest.skip(f"no local Slurm cluster: {reason}")
+    pytest.importorskip("horovod.torch", reason="the trainer's Horovod engine is not installed")
+    return SlurmCluster(root, **options)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import URGENT, SlurmCluster, ensure_installed
+from slurm_cluster import URGENT, SlurmCluster, trainer_cluster
 from tsm_dist.launch.render import render_job
 from tsm_dist.records import read_records
 
@@ -42,11 +42,7 @@ JOB_TIMEOUT_S = 150
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    reason = ensure_installed()
-    if reason:
-        pytest.skip(f"no local Slurm cluster: {reason}")
-    pytest.importorskip("horovod.torch", reason="the trainer's Horovod engine is not installed")
-    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
+    with trainer_cluster(tmp_path_factory.mktemp("slurm")) as c:
         yield c
 
 

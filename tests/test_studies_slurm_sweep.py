@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, ensure_installed
+from slurm_cluster import SlurmCluster, trainer_cluster
 from tsm_dist.records import read_last_run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -35,11 +35,7 @@ JOB_TIMEOUT_S = 300
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    reason = ensure_installed()
-    if reason:
-        pytest.skip(f"no local Slurm cluster: {reason}")
-    pytest.importorskip("horovod.torch", reason="the trainer's Horovod engine is not installed")
-    with SlurmCluster(tmp_path_factory.mktemp("slurm2"), cpus=1, nodes=2) as c:
+    with trainer_cluster(tmp_path_factory.mktemp("slurm2"), cpus=1, nodes=2) as c:
         yield c
 
 
