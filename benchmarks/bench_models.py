@@ -1,15 +1,18 @@
 """Model benchmarks: the cost of the temporal shift, and the three models' throughput ratios.
 
     python benchmarks/bench_models.py shift       # TSM8f vs TSN training step, 224x224, same run
+    python benchmarks/bench_models.py ops         # dispatched aten ops per training step, two batch sizes
     python benchmarks/bench_models.py throughput  # TSM8f : I3D3x3x3 : I3D3x1x1 inference clips/s
-    python benchmarks/bench_models.py all
+    python benchmarks/bench_models.py all         # shift and throughput
 
 Timings are interleaved (the order of the models alternates every round) so that drift and other
 processes on a shared machine hit every model alike; each round gives a paired ratio and we print
 the median and the spread of those ratios. With ``--compare`` two other shift implementations are
 timed beside ours for scale: a plain out-of-place copy (every channel written once, opposite shift
 in backward) and the reference implementation's (zero tensor, then slices assigned). The in-place
-moves are also timed inside real TSM steps.
+moves are also timed inside real TSM steps. ``ops`` counts the aten ops a training step dispatches
+(views included; on a GPU each non-view op is a kernel launch) for TSN, our TSM8f and TSM8f with
+the reference shift, at two batch sizes.
 """
 from __future__ import annotations
 
@@ -21,23 +24,18 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import tsm_dist.models.temporal_shift as ts
+import tsm_dist.models.shift_kernels as sk
 from tsm_dist.models import build_model
+from tsm_dist.models.temporal_shift import shift_groups, temporal_shift
 
 PAPER_P100 = {"tsm8f_r50": 84.8, "i3d3x3x3_r50": 63.1, "i3d3x1x1_r50": 41.9}
 
 
-def reference_shift(x: torch.Tensor, num_frames: int, fold_div: int) -> torch.Tensor:
-    """The reference implementation's shift, for comparison: a zero tensor, then every channel copied."""
-    nt, c, h, w = x.shape
-    x5 = x.view(nt // num_frames, num_frames, c, h, w)
-    fold = c // fold_div
-    out = torch.zeros_like(x5)
-    out[:, :-1, :fold] = x5[:, 1:, :fold]
-    out[:, 1:, fold:2 * fold] = x5[:, :-1, fold:2 * fold]
-    out[:, :, 2 * fold:] = x5[:, :, 2 * fold:]
-    return out.view(nt, c, h, w)
+def plain_copy_shift(x: torch.Tensor, num_frames: int, fold_div: int) -> torch.Tensor:
+    """Out-of-place shift, every element written once, the opposite shift in backward."""
+    return sk.shift_copy(x, num_frames, shift_groups(x.shape[1], fold_div))
 
 
 def _use_shift(model: torch.nn.Module, shift_fn: Callable[[torch.Tensor, int, int], torch.Tensor]) -> None:
@@ -88,7 +86,7 @@ class _ShiftTimer:
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._originals = {name: getattr(ts, name) for name in self._NAMES}
+        self._originals = {name: getattr(sk, name) for name in self._NAMES}
 
     def _timed(self, fn: Callable) -> Callable:
         def wrapper(*args):
@@ -100,12 +98,12 @@ class _ShiftTimer:
 
     def __enter__(self) -> "_ShiftTimer":
         for name, fn in self._originals.items():
-            setattr(ts, name, self._timed(fn))
+            setattr(sk, name, self._timed(fn))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for name, fn in self._originals.items():
-            setattr(ts, name, fn)
+            setattr(sk, name, fn)
 
 
 def bench_shift(args: argparse.Namespace) -> None:
@@ -114,9 +112,9 @@ def bench_shift(args: argparse.Namespace) -> None:
     models = {"TSN": tsn, "TSM8f": build_model("tsm8f_r50", 400)}
     if args.compare:
         models["TSM8f, plain copy shift"] = build_model("tsm8f_r50", 400)
-        _use_shift(models["TSM8f, plain copy shift"], ts.temporal_shift)
+        _use_shift(models["TSM8f, plain copy shift"], plain_copy_shift)
         models["TSM8f, reference shift"] = build_model("tsm8f_r50", 400)
-        _use_shift(models["TSM8f, reference shift"], reference_shift)
+        _use_shift(models["TSM8f, reference shift"], temporal_shift)
     for model in models.values():
         model.load_state_dict(tsn.state_dict())  # same weights: the shift is the only difference
     clips = torch.randn(args.batch, 8, 3, args.size, args.size)
@@ -140,6 +138,43 @@ def bench_shift(args: argparse.Namespace) -> None:
     shift_s = statistics.median(per_step)
     print(f"in-place moves (shift + undo) inside a TSM8f step: {shift_s * 1e3:.1f} ms = "
           f"{shift_s / statistics.median(base):.2%} of the median TSN step")
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_ops(model: torch.nn.Module, batch: int, size: int) -> int:
+    """Aten ops one training step (forward, loss, backward, SGD) of ``model`` dispatches."""
+    clips = torch.randn(batch, model.num_frames, 3, size, size)
+    labels = torch.randint(0, 5, (batch,))
+    step = _train_step(model, clips, labels)
+    step()  # the optimizer's state exists from the second step on
+    with _OpCounter() as counter:
+        step()
+    return counter.ops
+
+
+def bench_ops(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    width = dict(depth=50, width=args.ops_width, dropout=0.0)
+    models = {"TSN": build_model("tsn8f_r50", 5, **width), "TSM8f": build_model("tsm8f_r50", 5, **width),
+              "TSM8f, reference shift": build_model("tsm8f_r50", 5, **width)}
+    _use_shift(models["TSM8f, reference shift"], temporal_shift)
+    shifted = len(list(models["TSM8f"].shift_modules()))
+    print(f"# dispatched aten ops per training step (views included), R50 width {args.ops_width}, "
+          f"{args.ops_size}^2 crops, 8 frames, {shifted} shifted layers")
+    counts = {name: [step_ops(m, b, args.ops_size) for b in args.ops_batches] for name, m in models.items()}
+    print(f"{'model':<24}" + "".join(f"{f'batch {b}':>10}" for b in args.ops_batches) + "   per shifted layer vs TSN")
+    for name, ops in counts.items():
+        extra = "" if name == "TSN" else "  ".join(f"{(o - t) / shifted:.1f}" for o, t in zip(ops, counts["TSN"]))
+        print(f"{name:<24}" + "".join(f"{o:>10}" for o in ops) + f"   {extra}")
 
 
 def bench_throughput(args: argparse.Namespace) -> None:
@@ -167,7 +202,7 @@ def bench_throughput(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["shift", "throughput", "all"], nargs="?", default="all")
+    p.add_argument("what", choices=["shift", "ops", "throughput", "all"], nargs="?", default="all")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=1, help="clips per training step (shift benchmark)")
     p.add_argument("--rounds", type=int, default=30)
@@ -176,12 +211,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time the plain-copy and the reference shift (4 models in memory: noisier)")
     p.add_argument("--tp-batch", type=int, default=2, help="clips per inference batch (throughput)")
     p.add_argument("--tp-rounds", type=int, default=5)
+    p.add_argument("--ops-batches", type=int, nargs="+", default=[2, 8], help="batch sizes (ops)")
+    p.add_argument("--ops-width", type=int, default=16, help="ResNet base width (ops)")
+    p.add_argument("--ops-size", type=int, default=32, help="crop size (ops)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what in ("shift", "all"):
         bench_shift(args)
+    if args.what == "ops":
+        bench_ops(args)
     if args.what in ("throughput", "all"):
         bench_throughput(args)
     return 0

@@ -199,12 +199,12 @@ def check_shift_gradients_amp(s: Settings) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     ok = True
     for dtype, bound in ((None, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
-        name = str(dtype).split(".")[-1] if dtype else "fp32 (weight gradient by frame matmuls)"
+        name = str(dtype).split(".")[-1] if dtype else "fp32"
         if dtype == torch.float16 and not s.cuda:
             figures[name] = "skipped: fp16 autocast is a GPU mode"
             continue
         torch.manual_seed(0)
-        bottleneck = {} if s.cuda else {"depth": 26}  # 1x1 shifted convs: the frame-matmul weight gradient
+        bottleneck = {} if s.cuda else {"depth": 26}  # bottlenecks: the shift fused with a 1x1 conv
         fused = _model("tsm8f_r50", s, **bottleneck).to(memory_format=torch.channels_last)
         plain = _model("tsm8f_r50", s, **bottleneck).to(memory_format=torch.channels_last)
         plain.load_state_dict(fused.state_dict())
@@ -212,7 +212,7 @@ def check_shift_gradients_amp(s: Settings) -> dict[str, Any]:
         clips = torch.randn(2, 8, 3, s.size, s.size, device=s.device)
         results = []
         for model in (fused, plain):
-            # fp32 means fp32: cuDNN's default TF32 convolutions would differ from the matmul path by ~1e-3
+            # fp32 means fp32: cuDNN's default TF32 convolutions would make the two models differ by ~1e-3
             with _no_tf32(), torch.autocast(s.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out = model(clips)
                 out.float().square().mean().backward()
@@ -241,7 +241,7 @@ def check_shift_overhead(s: Settings) -> dict[str, Any]:
     torch.manual_seed(0)
     tsn = _model("tsn8f_r50", s)
     models = {"TSN": tsn, "TSM8f": _model("tsm8f_r50", s), "TSM8f reference shift": _model("tsm8f_r50", s)}
-    bench_models._use_shift(models["TSM8f reference shift"], bench_models.reference_shift)
+    bench_models._use_shift(models["TSM8f reference shift"], bench_models.temporal_shift)
     for model in models.values():
         model.load_state_dict(tsn.state_dict())
         model.to(memory_format=torch.channels_last)

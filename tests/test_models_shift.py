@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 from torch.autograd import gradcheck
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tsm_dist.models import build_model
-from tsm_dist.models.temporal_shift import (TemporalShift, shift_groups, shifted_conv, shifted_conv2d,
-                                            shifted_conv2d_and_identity, temporal_shift)
+from tsm_dist.models.shift_kernels import shift_copy, shifted_conv2d, shifted_conv2d_and_identity
+from tsm_dist.models.temporal_shift import TemporalShift, shift_groups, shifted_conv, temporal_shift
 
 
 def _clip(n: int, t: int, c: int, hw: int = 1, dtype=torch.float64) -> torch.Tensor:
@@ -203,3 +204,59 @@ def test_fused_shift_weight_gradient_is_channels_last_for_a_channels_last_weight
     ref = nn.functional.conv2d(temporal_shift(x.detach(), 4, 8), weight)
     (want,) = torch.autograd.grad(ref.square().sum(), [weight])
     assert torch.allclose(conv.weight.grad, want, atol=1e-5)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it (views included; on a GPU every other op is a kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _layer_ops(shift: str, clips: int, frames: int, memory_format, direction: str = "bi") -> list[str]:
+    """Ops of one shifted 1x1 conv with its identity path, forward and backward."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 1, bias=False).to(memory_format=memory_format)
+    x = torch.randn(clips * frames, 16, 5, 5).to(memory_format=memory_format).requires_grad_()
+    with _OpCounter() as counter:
+        if shift == "fused":
+            y, identity = shifted_conv(x, conv, frames, shift_groups(16, 8, direction))
+        elif shift == "reference":
+            y, identity = conv(temporal_shift(x, frames, 8, direction)), x
+        else:
+            y, identity = conv(x), x
+        (y.sum() + identity.sum()).backward()
+    return counter.ops
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("direction", ["bi", "uni"])
+def test_fused_shift_dispatches_the_same_ops_for_any_batch_and_clip_length(memory_format, direction) -> None:
+    """A GPU launches a kernel per op: the fused shift's count must not grow with N or T (it issued one
+    copy per frame and one matmul per clip before) and must stay below the reference (bi-directional,
+    offline) shift's; the uni-directional reference is two copies, which the fused kernels do not beat."""
+    runs = {(n, t): _layer_ops("fused", n, t, memory_format, direction) for n, t in [(1, 4), (3, 4), (2, 8)]}
+    assert len({tuple(ops) for ops in runs.values()}) == 1, {k: len(v) for k, v in runs.items()}
+    plain = len(_layer_ops("none", 3, 4, memory_format))
+    fused = len(runs[(3, 4)]) - plain
+    reference = len(_layer_ops("reference", 3, 4, memory_format)) - plain
+    assert 0 < fused <= reference, (fused, reference)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("direction", ["bi", "uni"])
+def test_every_shift_kernel_equals_the_reference_bit_for_bit(memory_format, direction) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3 * 5, 16, 4, 3).to(memory_format=memory_format)
+    groups, ref = shift_groups(16, 8, direction), temporal_shift(x, 5, 8, direction)
+    assert torch.equal(shift_copy(x, 5, groups), ref)
+    before = x.clone()
+    weight = torch.eye(16).view(16, 16, 1, 1)  # the identity conv shows the shifted input itself
+    with torch.no_grad():
+        assert torch.equal(shifted_conv2d(x, weight, None, 5, groups), nn.functional.conv2d(ref, weight))
+    assert torch.equal(x, before)

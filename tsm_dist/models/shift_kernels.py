@@ -1,0 +1,283 @@
+"""Fused temporal-shift kernels: the shift of :mod:`tsm_dist.models.temporal_shift`, made cheap.
+
+The reference shift allocates a zero tensor and copies every channel, which costs about as much
+memory traffic as the 1x1 convolution that follows. Here the residual shift is fused with that
+convolution (:func:`shifted_conv2d_and_identity`) and only the moved 2/d of the channels are touched:
+
+* forward: the moved channels of the block input are set aside (one copy into a buffer that has a
+  zero frame beside each group), shifted in place (one copy from a strided view of that buffer), the
+  conv runs, and they are copied back bit-exactly, because the identity path and the previous ReLU's
+  backward still need the original input;
+* backward: the weight gradient needs shift(x) again, so the same three copies run around
+  ``convolution_backward``; the input gradient is moved back inside the sum with the identity
+  path's gradient, which autograd would compute anyway (one add for the moved channels, one for
+  the rest).
+
+Every kernel moves whole (clip, frame, group) ranges through ``as_strided`` views, so a shifted
+layer dispatches the same ops for any batch and clip length, fewer than the reference shift's (a GPU
+launches no more kernels for a larger batch; ``tests/test_models_shift.py`` counts them). The only
+temporary is the moved channels (2/d of the activation, plus one frame), freed when the layer
+returns; the input is bit-identical whenever a kernel returns.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+# (first channel, end channel, offset): frame t of those channels takes frame t + offset. The groups of
+# one shift are adjacent and start at channel 0 (see temporal_shift.shift_groups).
+Group = tuple[int, int, int]
+
+
+def check_frames(x: Tensor, num_frames: int) -> None:
+    """``x`` must be ``(N*T, C, ...)``: whole clips of ``num_frames`` frames folded into the batch."""
+    if x.shape[0] % num_frames:
+        raise ValueError(f"batch dim {x.shape[0]} is not a multiple of num_frames={num_frames}")
+
+
+def _opposite(groups: Sequence[Group]) -> tuple[Group, ...]:
+    return tuple((c0, c1, -off) for c0, c1, off in groups)
+
+
+def _moved_end(groups: Sequence[Group]) -> int:
+    return groups[-1][1]
+
+
+def _fold(groups: Sequence[Group]) -> int:
+    """The channels per group; the kernels take adjacent, equal groups from channel 0 (at most two)."""
+    fold = groups[0][1]
+    if len(groups) > 2 or any((c0, c1) != (g * fold, (g + 1) * fold) for g, (c0, c1, _) in enumerate(groups)):
+        raise ValueError(f"shift groups {groups} are not adjacent equal groups from channel 0")
+    return fold
+
+
+def _frames_slice(x: Tensor, num_frames: int, frames: tuple[int, int], channels: tuple[int, int]) -> Tensor:
+    """``x5[:, t0:t1, c0:c1]`` of ``x`` (N*T, C, ...) as one view op (index chains dispatch one per dim)."""
+    (t0, t1), (c0, c1) = frames, channels
+    s = x.stride()
+    return x.as_strided((x.shape[0] // num_frames, t1 - t0, c1 - c0, *x.shape[2:]), (num_frames * s[0], *s),
+                        x.storage_offset() + t0 * s[0] + c0 * s[1])
+
+
+def _moved_view(x: Tensor, num_frames: int, groups: Sequence[Group]) -> Tensor:
+    """The moved channels of ``x`` (N*T, C, ...) as (N, T, G, fold, ...), one view op."""
+    fold, s = _fold(groups), x.stride()
+    return x.as_strided((x.shape[0] // num_frames, num_frames, len(groups), fold, *x.shape[2:]),
+                        (num_frames * s[0], s[0], fold * s[1], *s[1:]), x.storage_offset())
+
+
+class _PaddedMoved:
+    """The moved channels of a tensor kept aside, each group with a zero frame where it shifts in from.
+
+    Buffer (G, N, T+1, fold, ...), inner dims in the tensor's memory order (a channels-last tensor is
+    kept channels-last, so copies run at memory speed). A group that takes frame t+1 stores frames
+    0..T-1 and a zero at T; one that takes t-1 a zero at 0 and frames 0..T-1 after it. Then
+    ``shifted()`` is one strided view of the buffer for every group and clip: the shift, its vacated
+    frames included, is a single copy, and the original values stay here for the way back.
+    """
+
+    def __init__(self, x: Tensor, num_frames: int, groups: Sequence[Group]) -> None:
+        t, self.offsets, self.stored_frames = num_frames, [off for _, _, off in groups], num_frames
+        inner = sorted(range(1, x.dim()), key=lambda d: -x.stride(d))
+        self.inner_shape = (_fold(groups), *x.shape[2:])
+        stride, step = {}, 1
+        for d in reversed(inner):
+            stride[d], step = step, step * self.inner_shape[d - 1]
+        self.inner_stride = tuple(stride[d] for d in range(1, x.dim()))
+        self.frame, self.clips = step, x.shape[0] // t
+        self.buffer = x.new_empty(len(groups) * self.clips * (t + 1) * step)
+        self._view([t if off > 0 else 0 for off in self.offsets], None).zero_()
+        self.stored = self._view([0 if off > 0 else 1 for off in self.offsets], t)
+        self.stored.copy_(_moved_view(x, t, groups))
+
+    def _view(self, starts: list[int], frames: int | None) -> Tensor:
+        """(N, frames, G, fold, ...) from buffer frame ``starts[g]`` of group g; without ``frames``,
+        the single frame ``starts[g]`` as (N, G, fold, ...)."""
+        clip = (self.stored_frames + 1) * self.frame
+        group = self.clips * clip + (starts[-1] - starts[0]) * self.frame
+        lead, lead_stride = ((), ()) if frames is None else ((frames,), (self.frame,))
+        return self.buffer.as_strided((self.clips, *lead, len(starts), *self.inner_shape),
+                                      (clip, *lead_stride, group, *self.inner_stride), starts[0] * self.frame)
+
+    def shifted(self) -> Tensor:
+        """(N, T, G, fold, ...): frame t of group g is the original frame t + offset (zero outside)."""
+        return self._view([1 if off > 0 else 0 for off in self.offsets], self.stored_frames)
+
+
+def _shift_into(out: Tensor, x: Tensor, num_frames: int, groups: Sequence[Group]) -> None:
+    """Write shift(x) into out (both (N*T, C, ...)), every element once: a copy per group into the
+    frames it fills, a zero fill of the frame it vacates, and one copy of the channels that stay."""
+    t, moved_end = num_frames, _moved_end(groups)
+    out.narrow(1, moved_end, x.shape[1] - moved_end).copy_(x.narrow(1, moved_end, x.shape[1] - moved_end))
+    for c0, c1, off in groups:
+        src, dst = ((1, t), (0, t - 1)) if off > 0 else ((0, t - 1), (1, t))
+        _frames_slice(out, t, dst, (c0, c1)).copy_(_frames_slice(x, t, src, (c0, c1)))
+        vacated = t - 1 if off > 0 else 0
+        _frames_slice(out, t, (vacated, vacated + 1), (c0, c1)).zero_()
+
+
+def _shift_inplace(x: Tensor, num_frames: int, groups: Sequence[Group]) -> _PaddedMoved:
+    """Shift ``x`` (N*T, C, ...) in place; returns what :func:`_unshift_inplace` needs to undo it."""
+    moved = _PaddedMoved(x, num_frames, groups)
+    _moved_view(x, num_frames, groups).copy_(moved.shifted())
+    return moved
+
+
+def _unshift_inplace(x: Tensor, moved: _PaddedMoved, groups: Sequence[Group]) -> None:
+    """Undo :func:`_shift_inplace` exactly (a pure copy, so bit-exact)."""
+    _moved_view(x, moved.stored_frames, groups).copy_(moved.stored)
+
+
+class _ShiftFn(torch.autograd.Function):
+    """Out-of-place shift; its backward is the opposite shift."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, num_frames: int, groups: tuple[Group, ...]) -> Tensor:  # type: ignore[override]
+        ctx.num_frames, ctx.groups = num_frames, groups
+        check_frames(x, num_frames)
+        out = torch.empty_like(x)
+        _shift_into(out, x, num_frames, groups)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        out = torch.empty_like(grad)
+        _shift_into(out, grad, ctx.num_frames, _opposite(ctx.groups))
+        return out, None, None
+
+
+def shift_copy(x: Tensor, num_frames: int, groups: tuple[Group, ...]) -> Tensor:
+    """Shifted copy of ``x`` (N*T, C, ...), every element written once; differentiable."""
+    return _ShiftFn.apply(x, num_frames, groups)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _shift_back_add_(grad: Tensor, direct: Tensor | None, num_frames: int, groups: Sequence[Group]) -> Tensor:
+    """``grad <- shift^T(grad) + direct`` in place (``grad`` (N*T, C, ...) must be ours).
+
+    ``grad`` is the gradient of ``shift(x)``, ``direct`` the gradient x received on its identity
+    path; their sum is x's gradient. Autograd would add the two anyway, so the move back rides
+    along inside that sum: one add for the moved channels, one for the others.
+    """
+    back = _opposite(groups)
+    if direct is None:
+        _shift_inplace(grad, num_frames, back)
+        return grad
+    moved = _PaddedMoved(grad, num_frames, back)
+    torch.add(moved.shifted(), _moved_view(direct, num_frames, back), out=_moved_view(grad, num_frames, back))
+    rest, end = grad.shape[1] - _moved_end(groups), _moved_end(groups)
+    grad.narrow(1, end, rest).add_(direct.narrow(1, end, rest))
+    return grad
+
+
+class _ShiftedConvFn(torch.autograd.Function):
+    """``(conv(shift(x)), x)``: the shifted conv, and x itself for the identity path, so that x's
+    gradient from both is summed in the backward's move-back pass. See the module docstring.
+
+    ``x`` is moved through ``x.data``, so its autograd version does not change: the previous ReLU's
+    saved output is bit-identical again before anyone reads it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple,  # type: ignore[override]
+                num_frames: int, groups: tuple[Group, ...]) -> tuple[Tensor, Tensor]:
+        stride, padding, dilation, conv_groups = conv
+        dtype = _compute_dtype(x)
+        w = weight.to(dtype)  # no grad inside forward: no detach needed
+        b = None if bias is None else bias.to(dtype)
+        # Under autocast the conv may run in another dtype than x: the cast is a copy anyway, so
+        # shift while casting and keep that copy (x is then never touched).
+        private = x.dtype != dtype
+        if private:
+            xs = torch.empty_like(x, dtype=dtype)
+            _shift_into(xs, x, num_frames, groups)
+        else:
+            xs = x.data
+            moved = _shift_inplace(xs, num_frames, groups)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.conv2d(xs, w, b, stride, padding, dilation, conv_groups)
+        if not private:
+            _unshift_inplace(xs, moved, groups)
+        ctx.conv, ctx.num_frames, ctx.groups, ctx.private = conv, num_frames, groups, private
+        ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x.dtype, weight.dtype, bias is not None
+        ctx.w_stride = weight.stride()
+        ctx.save_for_backward(xs if private else x, w)
+        return y, x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor, grad_identity: Tensor | None):  # type: ignore[override]
+        saved, w = ctx.saved_tensors
+        stride, padding, dilation, conv_groups = ctx.conv
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_y = grad_y.to(w.dtype)
+        xs = saved if ctx.private else saved.data
+        conv_backward = (grad_y, xs, w, None, list(stride), list(padding), list(dilation), False, [0, 0],
+                         conv_groups)
+        # The weight gradient needs shift(x) itself: shift x again and undo it (x may be shared).
+        moved = None if ctx.private or not need_w else _shift_inplace(xs, ctx.num_frames, ctx.groups)
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(*conv_backward, [need_x, need_w, False])
+        if moved is not None:
+            _unshift_inplace(xs, moved, ctx.groups)
+        if grad_x is not None:
+            # convolution_backward's result is fresh: ours to move and add into.
+            grad_x = _shift_back_add_(grad_x.to(ctx.x_dtype), grad_identity, ctx.num_frames, ctx.groups)
+        elif grad_identity is not None:
+            grad_x = grad_identity
+        grad_b = grad_y.sum((0, 2, 3)).to(ctx.w_dtype) if need_b and ctx.has_bias else None
+        grad_w = None if grad_w is None else _with_strides(grad_w, ctx.w_dtype, ctx.w_stride)
+        return (grad_x, grad_w, grad_b, None, None, None)
+
+
+def _with_strides(grad: Tensor, dtype: torch.dtype, stride: Sequence[int]) -> Tensor:
+    """``grad`` in ``dtype`` with exactly ``stride`` (the parameter's): a channels-last weight must get a
+    channels-last gradient (DDP warns "Grad strides do not match bucket view strides" and copies otherwise;
+    a 1x1 weight's strides differ between layouts only in its size-1 dims, which autograd ignores)."""
+    if grad.dtype == dtype and grad.stride() == tuple(stride):
+        return grad
+    return torch.empty_strided(grad.shape, tuple(stride), dtype=dtype, device=grad.device).copy_(grad)
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def shifted_conv2d_and_identity(x: Tensor, weight: Tensor, bias: Tensor | None, num_frames: int,
+                                groups: tuple[Group, ...], stride: int | Sequence[int] = 1,
+                                padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+                                conv_groups: int = 1) -> tuple[Tensor, Tensor]:
+    """``(conv2d(shift(x), weight, bias, ...), x)``, moving only the shifted channels of ``x``.
+
+    ``x`` is left bit-identical. Use the returned ``x`` for the residual identity path: its
+    gradient is then summed with the shifted path's in the same pass that moves the latter back.
+    """
+    conv = (_pair(stride), _pair(padding), _pair(dilation), conv_groups)
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _ShiftedConvFn.apply(x, weight, bias, conv, num_frames, groups)
+    check_frames(x, num_frames)
+    moved = _shift_inplace(x.data, num_frames, groups)
+    try:
+        return F.conv2d(x, weight, bias, *conv), x
+    finally:
+        _unshift_inplace(x.data, moved, groups)
+
+
+def shifted_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, num_frames: int,
+                   groups: tuple[Group, ...], stride: int | Sequence[int] = 1,
+                   padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+                   conv_groups: int = 1) -> Tensor:
+    """``conv2d(shift(x), weight, bias, ...)``; see :func:`shifted_conv2d_and_identity`."""
+    return shifted_conv2d_and_identity(x, weight, bias, num_frames, groups, stride, padding, dilation,
+                                       conv_groups)[0]
