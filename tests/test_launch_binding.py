@@ -105,3 +105,15 @@ def test_gloo_without_rendezvous_is_refused() -> None:
     env = load_env("slurm_none_1")
     with pytest.raises(ValueError, match="rendezvous"):
         comm_env(detect_layout(env), env, "gloo")
+
+
+def test_jsrun_resource_set_per_socket_is_accepted() -> None:
+    # 'jsrun --rs_per_host 2 --tasks_per_rs 3 --gpu_per_rs 3' on a 6-GPU node: local rank 4 is the second
+    # task of the second set, which sees GPUs 3,4,5
+    env = load_env("jsrun_per_node_9", JSM_NAMESPACE_LOCAL_RANK="4", OMPI_COMM_WORLD_LOCAL_RANK="4",
+                   CUDA_VISIBLE_DEVICES="3,4,5")
+    gpu = bind_gpu(detect_layout(env), env, node_gpus=6)
+    assert gpu.device == "4" and gpu.env == {"CUDA_VISIBLE_DEVICES": "4"}
+    # the same sets on a node with only 3 GPUs would put two ranks on each: refused
+    with pytest.raises(LayoutError, match=r"6 ranks .* only 3 GPU\(s\)"):
+        bind_gpu(detect_layout(env), env, node_gpus=3)

@@ -103,3 +103,26 @@ def test_optimizer_state_travels_as_bytes_loaded_onto_the_receivers_device():
     # what a receiving rank loads: on its own device (here the meta device stands in for cuda:N)
     received = _state_from_bytes(payload, torch.device("meta"))["state"][0]["momentum_buffer"]
     assert received.device.type == "meta" and received.shape == momentum.shape
+
+
+@pytest.mark.multirank
+def test_a_gradient_missing_on_one_rank_is_summed_in_the_parameters_order(tmp_path):
+    """Horovod zero-fills a missing gradient as a contiguous tensor while the other rank sends its
+    channels-last order: the engine's optimizer makes both ranks send the parameter's order. The same
+    worker with Horovod's own optimizer shows the scramble, so the check can fail."""
+    from conftest import PYTHON, REPO, horovodrun, run_bounded
+
+    worker = str(REPO / "tests" / "workers" / "missing_grad_worker.py")
+    ours = run_bounded(horovodrun(2, PYTHON, worker), timeout=180, cwd=tmp_path)
+    assert "RANKS_AGREE=True STRIDES_KEPT=True" in ours.stdout, ours.stdout[-3000:]
+    raw = run_bounded(horovodrun(2, PYTHON, worker, "--raw-horovod"), timeout=180, cwd=tmp_path)
+    assert "RANKS_AGREE=False" in raw.stdout, raw.stdout[-3000:]
+
+
+def test_element_order_ignores_size_one_dims():
+    from tsm_dist.memory_format import element_order
+
+    weight = torch.randn(8, 16, 1, 1)
+    assert element_order(weight) == element_order(weight.to(memory_format=torch.channels_last)) == (0, 1)
+    conv = torch.randn(8, 16, 3, 3)
+    assert element_order(conv) == (0, 1, 2, 3) and element_order(conv.to(memory_format=torch.channels_last)) == (0, 2, 3, 1)

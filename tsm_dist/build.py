@@ -27,11 +27,20 @@ LoaderBuilder = Callable[..., Any]
 AMP_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16"}  # train.amp -> torch dtype
 
 
-def amp_dtype(cfg: Config) -> "torch.dtype | None":
-    """The autocast dtype of ``train.amp``; None when AMP is off."""
+def amp_dtype(cfg: Config, device: "torch.device | None" = None,
+              capability: "Callable[[Any], tuple[int, int]] | None" = None) -> "torch.dtype | None":
+    """The autocast dtype of ``train.amp``; None when AMP is off. bf16 on a GPU of compute capability
+    below 8.0 (V100, P100) is refused: cuDNN has no bf16 convolutions there, every conv would silently
+    take a slow fallback path."""
     import torch
 
     name = AMP_DTYPE_NAMES.get(cfg.train.amp)
+    if name == "bfloat16" and device is not None and device.type == "cuda":
+        major, minor = (capability or torch.cuda.get_device_capability)(device)
+        if major < 8:
+            raise ConfigError(f"train.amp: bf16 needs a GPU of compute capability >= 8.0, {device} is {major}.{minor} "
+                              "(no bf16 convolutions in cuDNN: every conv would run on a slow path); "
+                              "use train.amp=fp16 or none")
     return getattr(torch, name) if name else None
 
 

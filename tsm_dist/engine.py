@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from tsm_dist.config import EngineConfig
+from tsm_dist.errors import EXIT_CONFIG, CoordinatedError
 from tsm_dist.launch.cpu_policy import CPU_CYCLE_TIME_MS, compute_threads, cpu_mpi_env
 from tsm_dist.launch.layout import launcher_layout
-from tsm_dist.memory_format import DenseViewCompressor, dense_view
+from tsm_dist.memory_format import DenseViewCompressor, dense_view, send_gradients_in_parameter_order
 
 
 def horovod_env(cfg: EngineConfig, on_gpu: bool, env: Mapping[str, str]) -> dict[str, str]:
@@ -52,6 +53,19 @@ def horovod_env(cfg: EngineConfig, on_gpu: bool, env: Mapping[str, str]) -> dict
     return knobs
 
 
+def shared_gpus(pinned: list[tuple[str, str, int]]) -> str:
+    """One line naming the ranks that pinned the same GPU of the same node, from every rank's (node, GPU
+    UUID, rank); empty when each rank has its own GPU."""
+    owners: dict[tuple[str, str], list[int]] = {}
+    for node, gpu, rank in pinned:
+        owners.setdefault((node, gpu), []).append(rank)
+    for (node, gpu), ranks in owners.items():
+        if len(ranks) > 1:
+            return (f"ranks {', '.join(map(str, sorted(ranks)))} share GPU {gpu} on {node}: fewer GPUs are visible "
+                    f"to them than ranks run there; start one rank per GPU (the launch/ wrappers bind one each)")
+    return ""
+
+
 class Engine:
     """Rank layout, collectives and the distributed optimizer for one engine."""
 
@@ -73,6 +87,7 @@ class Engine:
         else:
             self._init_torch()
         self._pin_device()
+        self._refuse_shared_gpu()
         if self.device.type != "cuda":
             torch.set_num_threads(compute_threads())
             self.settings["compute_threads"] = str(torch.get_num_threads())
@@ -82,10 +97,21 @@ class Engine:
         """This rank's GPU by local rank. The torch engine calls it before creating a NCCL process group,
         which binds its communicators to the current device."""
         if torch.cuda.is_available():
-            # jsrun may show each rank only its own GPU: local_rank then exceeds device_count
+            # A launcher may show each rank only its own GPU (srun --gpus-per-task, jsrun -g1) or its resource
+            # set's (jsrun per socket): local_rank then exceeds device_count. _refuse_shared_gpu checks the result.
             index = self.local_rank % torch.cuda.device_count()
             torch.cuda.set_device(index)
             self.device = torch.device("cuda", index)
+
+    def _refuse_shared_gpu(self) -> None:
+        """Two ranks on one GPU would run (slowly, or out of memory) without a word: every rank tells the
+        others which physical GPU it pinned, and all stop with one line if two share one."""
+        if self.device.type != "cuda" or self.size == 1:
+            return
+        uuid = str(getattr(torch.cuda.get_device_properties(self.device), "uuid", self.device))
+        shared = shared_gpus(self.allgather_object((os.uname().nodename, uuid, self.rank)))
+        if shared:
+            raise CoordinatedError(shared, EXIT_CONFIG)
 
     def _init_horovod(self) -> None:
         # Horovod (and MPI, which its background thread initializes) read their knobs at init
@@ -263,6 +289,7 @@ class Engine:
                 optimizer, named_parameters=model.named_parameters(), compression=compression,
                 backward_passes_per_step=accumulate, op=hvd.Average,
                 gradient_predivide_factor=self.cfg.gradient_predivide_factor)
+            send_gradients_in_parameter_order(optimizer)
             return model, optimizer
         if self.size == 1:
             return model, optimizer

@@ -68,6 +68,35 @@ class DenseViewCompressor:
         return out if order is None else out.permute(inverse(order))
 
 
+def element_order(tensor: Tensor) -> tuple[int, ...]:
+    """The dims of ``tensor`` from outermost to innermost in memory, size-1 dims left out (their strides
+    do not change where any element is): two dense tensors of one shape with the same order hold their
+    elements in the same sequence, which is what a collective on their :func:`dense_view` sends."""
+    return tuple(sorted((d for d in range(tensor.dim()) if tensor.shape[d] != 1), key=lambda d: -tensor.stride(d)))
+
+
+def send_gradients_in_parameter_order(optimizer: Any) -> None:
+    """Make Horovod's ``DistributedOptimizer`` allreduce every gradient in its parameter's element order.
+
+    The allreduce adds the ranks' buffers element by element, so every rank must send one gradient in one
+    order. Horovod fills a parameter that got no gradient on a rank (a branch that rank did not use) with
+    a *contiguous* zero tensor while the other ranks send their channels-last gradient's order: the sum
+    would be scrambled. Every gradient Horovod sends passes through ``_allreduce_grad_async`` (from the
+    backward hooks and for the missing ones in ``synchronize``); this wraps it so that a missing gradient
+    becomes zeros in the parameter's layout and a gradient in another order is copied into it first.
+    """
+    send = optimizer._allreduce_grad_async
+
+    def send_in_parameter_order(p: Tensor) -> Any:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # preserve_format: the parameter's strides
+        elif element_order(p.grad) != element_order(p):
+            p.grad = torch.empty_like(p).copy_(p.grad)
+        return send(p)
+
+    optimizer._allreduce_grad_async = send_in_parameter_order
+
+
 def model_memory_format(model: nn.Module) -> str:
     """How the model's convolution weights are stored: "channels_last", "channels_last_3d" or
     "contiguous" (also for a model without 4D/5D weights)."""

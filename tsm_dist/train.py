@@ -218,11 +218,12 @@ class Trainer:
         cfg, device = self.cfg, self.device
         _seed(cfg.train.seed)
         model = build_model_from_config(cfg, model_builder).to(device)
+        torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed-size clips: autotune each conv once
         # channels-last (2D or 3D: the model's own) on every device, CPU included; the header records it
         model, self.memory_format = to_memory_format(model, cfg.train.channels_last)
         optimizer = build_optimizer(model, cfg.optim, lr=self.schedule(0))
         self.model = model
-        self.amp_dtype = amp_dtype(cfg)
+        self.amp_dtype = amp_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
         self.criterion = nn.CrossEntropyLoss(ignore_index=-1)
         # 4. distributed optimizer: K backward passes, then one allreduce. Before loading a checkpoint:

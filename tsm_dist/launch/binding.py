@@ -51,6 +51,10 @@ def bind_gpu(layout: RankLayout, env: Mapping[str, str], mode: str = "auto",
         return GpuBinding(None, visible, False, {})
     if len(visible) == 1:
         return GpuBinding(visible[0], visible, raw is not None, {"CUDA_VISIBLE_DEVICES": visible[0]})
+    if layout.local_size > len(visible) and _per_resource_set(layout, raw, len(visible), node_gpus):
+        # jsrun with one resource set per socket: each set's ranks see its GPUs, ranks packed in order
+        device = visible[layout.local_rank % len(visible)]
+        return GpuBinding(device, visible, True, {"CUDA_VISIBLE_DEVICES": device})
     if layout.local_size > len(visible):
         shown = raw if raw is not None else f"{len(visible)} GPU(s) found by the driver"
         raise LayoutError(
@@ -59,6 +63,15 @@ def bind_gpu(layout: RankLayout, env: Mapping[str, str], mode: str = "auto",
             f"or pass --gpus none for a CPU run")
     device = visible[layout.local_rank]
     return GpuBinding(device, visible, False, {"CUDA_VISIBLE_DEVICES": device})
+
+
+def _per_resource_set(layout: RankLayout, raw: str | None, visible: int, node_gpus: int | None) -> bool:
+    """A jsrun layout with several resource sets per node (e.g. ``-n2 -a3 -g3`` per socket on a 6-GPU
+    node): the ranks of a node are whole sets of ``visible`` ranks, and the node has a GPU for each. A set
+    given more ranks than GPUs would pass here too; the engine's shared-GPU check stops that one."""
+    node = count_node_gpus() if node_gpus is None else node_gpus
+    return (layout.launcher == "jsrun" and raw is not None and layout.local_size % visible == 0
+            and node >= layout.local_size)
 
 
 def threads_per_rank(layout: RankLayout, env: Mapping[str, str], cpus_per_rank: int | None = None,
