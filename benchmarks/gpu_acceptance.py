@@ -1,29 +1,40 @@
 """One command that proves the GPU paths on a GPU machine (and keeps working on CPU in CI).
 
-    python benchmarks/gpu_acceptance.py --device cuda --out runs/gpu_acceptance   # <= 6 min on one GPU
+    python benchmarks/gpu_acceptance.py --device cuda --out runs/gpu_acceptance   # <= 7 min on one GPU (estimate)
     python benchmarks/gpu_acceptance.py --device cpu  --out runs/cpu_acceptance   # <= 4 min, what CI runs
 
 Writes ``OUT/acceptance.json`` (one entry per check: name, ok, skipped, figures, error, seconds) and
 ``OUT/acceptance.md`` (the same as a table). Exit code 0 when no check failed (skipped ones do not
 fail), 1 otherwise. The checks:
 
-1. ``stack``: torch and its CUDA, Horovod built with NCCL, DALI, NVDEC's library (libnvcuvid).
+1. ``stack``: torch and its CUDA, Horovod built with NCCL, DALI, NVDEC's library (libnvcuvid), the
+   unversioned ``libcuda.so`` Horovod's GPU allreduce opens; each reported on its own (a missing Horovod
+   does not hide DALI's status).
 2. ``dali_decode_vp9``, ``dali_decode_h264``: files made on the spot whose frame k is gray level
    16 + 9k, decoded by DALI (NVDEC on cuda, DALI's CPU decoder on cpu; H.264 is NVDEC only) at
    unsorted, repeated frame numbers, against PyAV's frames: mean absolute difference and the frame
    numbers recovered from the gray levels. Frame sizes meet NVDEC's minimums (VP9: 128x128).
 3. ``shift_gradients_amp``: the fused shift vs the plain shift-then-conv, channels-last, under bf16 and
    fp16 autocast: outputs, every gradient, and gradient strides equal to parameter strides.
-4. ``shift_overhead``: TSN vs TSM8f training-step time (the paper's P1: the shift should be nearly
-   free), with the reference implementation's shift beside it; interleaved rounds, median ratios.
+4. ``shift_overhead``: TSN vs TSM8f training-step time (the paper's P1), with the reference shift beside
+   it; interleaved rounds, median ratios. On cuda it fails above +5 % (goal: +2 %).
 5. ``table10_throughput``: inference clips/s of TSM8f, I3D3x3x3 and I3D3x1x1 (R50), as ratios to
-   I3D3x1x1 beside the paper's 2.0 : 1.5 : 1.0 (84.8 : 63.1 : 41.9 clips/s on a P100).
-6. ``amp_channels_last``: TSM8f training clips/s with AMP off/bf16/fp16 and channels-last off/on.
+   I3D3x1x1 beside the paper's 2.0 : 1.5 : 1.0; on cuda it fails unless the paper's order holds.
+6. ``amp_channels_last``: TSM8f training clips/s with AMP off/bf16/fp16 and channels-last off/on; on
+   cuda it fails unless fp16 AMP is faster than fp32 (channels-last).
 7. ``train_synthetic_dali``: a short 1-GPU training on the synthetic set with DALI decoding on the
    device: the trainer's own data_time / step_time records.
-8. ``engine_step_channels_last``: one Horovod step (NCCL on cuda, Gloo on cpu) and one DDP step on a
-   channels-last TSM: gradients allreduced through the engine, strides kept, no DDP stride warning.
+8. ``engine_step_channels_last``: one Horovod step (size 1: no collective runs) and one DDP step (NCCL on
+   cuda, Gloo on cpu; DDP's reducer allreduces at size 1 too) on a channels-last TSM: strides kept, no
+   DDP stride warning.
+9. ``horovod_allreduce_hooks``: Horovod's gradient hooks registered at size 1 (Horovod registers none
+   there), so every gradient goes through a real allreduce (NCCL on cuda) via the engine's contiguous
+   views, with K = 2 accumulation and, on cuda, fp16 AMP with GradScaler; equal to the local gradient.
+10. ``optimizer_state_broadcast``: momentum buffers through Horovod's broadcast as bytes, loaded onto
+   this rank's device (the path ``broadcast_state`` skips at size 1).
 
+Without DALI the DALI checks say "skipped: DALI not installed", without Horovod the Horovod ones
+"skipped: Horovod not installed"; every other check runs. A failed check names why in ``acceptance.md``.
 With ``--device cpu`` the device-only checks (H.264 on NVDEC, fp16 autocast, NCCL) are reported as
 skipped, the rest run on small models. Figures are measurements, not assertions, except where a
 check states a bound.
@@ -47,12 +58,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_models, beside this file
+# bench_models beside this file, and tsm_dist from this checkout when it is not installed (a node where
+# the offline install stopped early): runs from the repository root without PYTHONPATH
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 PAPER_RATIOS = {"tsm8f_r50": 84.8 / 41.9, "i3d3x3x3_r50": 63.1 / 41.9, "i3d3x1x1_r50": 1.0}
 GRAY0, GRAY_STEP, DECODE_FRAMES = 16, 9, 24
 DECODE_PICK = [0, 7, 3, 23, 12, 12, 1]  # unsorted, repeated, first and last frame
 DECODE_MAD_BOUND = 3.0  # mean |DALI - PyAV| in 0..255 levels
+SHIFT_GOAL, SHIFT_FAIL = 0.02, 0.05  # TSM8f step over TSN's on a GPU: the goal, and where the check fails
 
 
 class Skipped(Exception):
@@ -90,8 +104,43 @@ def _model(name: str, s: Settings, **kw: Any) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------------ checks
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+def _need_dali() -> None:
+    if not _installed("nvidia.dali"):
+        raise Skipped("DALI not installed")
+
+
+def _need_horovod() -> None:
+    if not _installed("horovod.torch"):
+        raise Skipped("Horovod not installed")
+
+
+_HOROVOD: list[Any] = []  # one Horovod engine for every check: MPI cannot start again after it finalized
+
+
+def _horovod_engine() -> Any:
+    _need_horovod()
+    if not _HOROVOD:
+        from tsm_dist.config import EngineConfig
+        from tsm_dist.engine import Engine
+
+        _HOROVOD.append(Engine(EngineConfig(name="horovod")).init())
+    return _HOROVOD[0]
+
+
 def check_stack(s: Settings) -> dict[str, Any]:
+    """Each component on its own, so that a missing Horovod does not hide DALI's or NVDEC's status."""
     import ctypes
+
+    from tsm_dist.selfcheck import libcuda_problem
 
     figures: dict[str, Any] = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
                                "cuda_available": torch.cuda.is_available()}
@@ -99,22 +148,25 @@ def check_stack(s: Settings) -> dict[str, Any]:
         figures["gpu"] = torch.cuda.get_device_name(0)
         figures["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
         figures["gpus_visible"] = torch.cuda.device_count()
-    import horovod.torch as hvd
+    figures["horovod"] = "not installed"
+    if _installed("horovod.torch"):
+        import horovod.torch as hvd
 
-    figures.update(horovod=getattr(__import__("horovod"), "__version__", "?"), horovod_nccl=hvd.nccl_built(),
-                   horovod_gloo=hvd.gloo_built(), horovod_mpi=hvd.mpi_built())
-    import nvidia.dali as dali
-
-    figures["dali"] = dali.__version__
+        figures.update(horovod=getattr(__import__("horovod"), "__version__", "?"), horovod_nccl=hvd.nccl_built(),
+                       horovod_gloo=hvd.gloo_built(), horovod_mpi=hvd.mpi_built())
+    figures["dali"] = __import__("nvidia.dali").dali.__version__ if _installed("nvidia.dali") else "not installed"
     try:
         ctypes.CDLL("libnvcuvid.so.1")
         figures["nvcuvid"] = True
     except OSError:
         figures["nvcuvid"] = False
+    figures["libcuda_so"] = libcuda_problem() or "ok"
     problems = []
     if s.cuda:
         problems += [what for what, good in (("torch has no CUDA device", torch.cuda.is_available()),
-                                             ("Horovod is built without NCCL", bool(figures["horovod_nccl"])),
+                                             ("Horovod not installed", figures["horovod"] != "not installed"),
+                                             ("Horovod is built without NCCL", bool(figures.get("horovod_nccl"))),
+                                             ("libcuda.so missing", figures["libcuda_so"] == "ok"),
                                              ("libnvcuvid.so.1 (NVDEC) not found", figures["nvcuvid"])) if not good]
     figures["problems"] = problems
     return {"ok": not problems, "figures": figures}
@@ -158,6 +210,7 @@ def _pyav_frames(path: Path) -> np.ndarray:
 
 
 def _decode_check(codec: str, s: Settings) -> dict[str, Any]:
+    _need_dali()
     suffix = {"libvpx-vp9": "webm", "libx264": "mp4"}[codec]
     path = s.out / f"gray_{codec}.{suffix}"
     _gray_video(path, codec)
@@ -254,7 +307,13 @@ def check_shift_overhead(s: Settings) -> dict[str, Any]:
         figures[f"{name} overhead vs TSN (median)"] = statistics.median(
             t / b - 1 for t, b in zip(times[name], times["TSN"]))
     figures["setup"] = f"batch {s.batch} x 8 frames x {s.size}^2, channels-last, {s.rounds} interleaved rounds"
-    return {"ok": True, "figures": figures}
+    overhead = figures["TSM8f overhead vs TSN (median)"]
+    figures.update(goal=SHIFT_GOAL, fail_above=SHIFT_FAIL, goal_met=overhead <= SHIFT_GOAL)
+    if not s.cuda:  # a tiny network on a shared CPU: the step is bookkeeping, not what the goal is about
+        figures["bound"] = "applies on cuda only"
+        return {"ok": True, "figures": figures}
+    why = None if overhead <= SHIFT_FAIL else f"TSM8f step {overhead:+.1%} over TSN, fail above {SHIFT_FAIL:.0%}"
+    return {"ok": why is None, "figures": figures, "why": why}
 
 
 def check_table10_throughput(s: Settings) -> dict[str, Any]:
@@ -272,7 +331,10 @@ def check_table10_throughput(s: Settings) -> dict[str, Any]:
     figures = {"clips_per_s": clips_s, "ratio_to_i3d3x1x1": ratios, "paper_ratio": PAPER_RATIOS,
                "ours_over_paper": {n: ratios[n] / PAPER_RATIOS[n] for n in ratios},
                "setup": f"inference, batch {s.infer_batch}, {s.size}^2, channels-last, fp32"}
-    return {"ok": all(v > 0 for v in clips_s.values()), "figures": figures}
+    # The paper's order (TSM8f > I3D3x3x3 > I3D3x1x1 in clips/s is 2.0 : 1.5 : 1.0) must hold on a GPU
+    order = ratios["tsm8f_r50"] > ratios["i3d3x3x3_r50"] > 1.0
+    why = None if order or not s.cuda else "clips/s not in the paper's order TSM8f > I3D3x3x3 > I3D3x1x1"
+    return {"ok": all(v > 0 for v in clips_s.values()) and why is None, "figures": figures, "why": why}
 
 
 def check_amp_channels_last(s: Settings) -> dict[str, Any]:
@@ -299,7 +361,10 @@ def check_amp_channels_last(s: Settings) -> dict[str, Any]:
         figures[f"{name} clips/s"] = s.batch / statistics.median(t)
     if not s.cuda:
         figures["fp16"] = "skipped: fp16 autocast is a GPU mode"
-    return {"ok": True, "figures": figures}
+        return {"ok": True, "figures": figures}
+    fp32, fp16 = figures["fp32 channels_last clips/s"], figures["fp16 channels_last clips/s"]
+    why = None if fp16 > fp32 else f"fp16 AMP {fp16:.2f} clips/s is not faster than fp32 {fp32:.2f}"
+    return {"ok": why is None, "figures": figures, "why": why}
 
 
 def check_train_synthetic_dali(s: Settings) -> dict[str, Any]:
@@ -308,6 +373,7 @@ def check_train_synthetic_dali(s: Settings) -> dict[str, Any]:
     from tsm_dist.records import read_records
     from tsm_dist.train import train
 
+    _need_dali()
     root = s.out / "synthetic"
     if not (root / "train.txt").exists():
         make_synthetic(str(root), videos_per_class=s.train_videos, frames=16, size=s.train_size, seed=0)
@@ -336,6 +402,78 @@ def check_train_synthetic_dali(s: Settings) -> dict[str, Any]:
     return {"ok": code == 0 and bool(steps) and all(np.isfinite(r["loss"]) for r in steps), "figures": figures}
 
 
+def _micro_batches(s: Settings) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(2, 8, 3, s.size, s.size, generator=g).to(s.device),
+             torch.randint(0, 10, (2,), generator=g).to(s.device)) for _ in range(2)]
+
+
+def _accumulated_grads(model: torch.nn.Module, batches: list, dtype: torch.dtype | None,
+                       scaler: torch.amp.GradScaler) -> None:
+    for clips, labels in batches:  # K = 2 backward passes, loss / K as the trainer does
+        with torch.autocast(clips.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(clips), labels) / len(batches)
+        scaler.scale(loss).backward()
+
+
+def check_horovod_allreduce_hooks(s: Settings) -> dict[str, Any]:
+    """Horovod's gradient hooks at size 1 (where Horovod registers none): every gradient of a channels-last
+    TSM goes through a real allreduce (NCCL on a GPU) via the engine's contiguous views, with K = 2
+    accumulation and fp16 AMP + GradScaler on a GPU; the result must equal the local accumulated gradient."""
+    engine = _horovod_engine()
+    dtype = torch.float16 if s.cuda else None
+    batches = _micro_batches(s)
+    torch.manual_seed(0)
+    reference = _model("tsm8f_r50", s).to(memory_format=torch.channels_last)
+    _accumulated_grads(reference, batches, dtype, torch.amp.GradScaler(s.device.type, enabled=s.cuda))
+    torch.manual_seed(0)
+    model = _model("tsm8f_r50", s).to(memory_format=torch.channels_last)
+    _, opt = engine.distribute(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), accumulate=2)
+    if engine.size == 1:
+        opt._register_hooks()  # what Horovod does at size > 1
+    scaler = torch.amp.GradScaler(s.device.type, enabled=s.cuda)
+    _accumulated_grads(model, batches, dtype, scaler)
+    launched = len(opt._handles)
+    engine.synchronize(opt)
+    want = dict(reference.named_parameters())  # both still scaled by the same initial loss scale
+    worst = max(float((p.grad.float() - want[n].grad.float()).norm() / want[n].grad.float().norm().clamp_min(1e-12))
+                for n, p in model.named_parameters())
+    with opt.skip_synchronize():
+        scaler.step(opt)  # unscales, skips the step on inf/NaN: the fp16 path the trainer takes
+    scaler.update()
+    import horovod.torch as hvd
+
+    figures = {"ops": "NCCL" if s.cuda and hvd.nccl_built() else "Gloo/MPI (CPU)", "size": engine.size,
+               "allreduces_launched_by_hooks": launched, "parameters": len(want), "amp": str(dtype),
+               "worst_grad_rel_err_vs_local": worst, "bound": 1e-3 if s.cuda else 1e-5,
+               "grads_with_other_strides": [n for n, p in model.named_parameters() if p.grad.stride() != p.stride()]}
+    ok = launched == len(want) and worst < figures["bound"] and not figures["grads_with_other_strides"]
+    return {"ok": ok, "figures": figures}
+
+
+def check_optimizer_state_broadcast(s: Settings) -> dict[str, Any]:
+    """The optimizer-state path of ``broadcast_state`` (which returns early at size 1), run explicitly:
+    momentum buffers as bytes through Horovod's broadcast, loaded onto this rank's device."""
+    _horovod_engine()
+    import horovod.torch as hvd
+
+    from tsm_dist.engine import _state_bytes, _state_from_bytes
+
+    torch.manual_seed(0)
+    model = _model("tsn8f_r50", s).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    clips, labels = _micro_batches(s)[0]
+    torch.nn.functional.cross_entropy(model(clips), labels).backward()
+    opt.step()
+    payload = hvd.broadcast_object(_state_bytes(opt.state_dict()), root_rank=0, name="acceptance.opt_state")
+    state = _state_from_bytes(payload, s.device)
+    sent = opt.state_dict()["state"]
+    devices = sorted({str(v["momentum_buffer"].device) for v in state["state"].values()})
+    equal = all(torch.equal(state["state"][k]["momentum_buffer"], v["momentum_buffer"]) for k, v in sent.items())
+    return {"ok": equal and devices == [str(s.device)],
+            "figures": {"buffers": len(sent), "devices": devices, "bit_equal": equal}}
+
+
 def check_engine_step_channels_last(s: Settings) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -352,9 +490,10 @@ def check_engine_step_channels_last(s: Settings) -> dict[str, Any]:
         model = _model("tsm8f_r50", s).to(memory_format=torch.channels_last)
         return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-    # Horovod through our engine (1 rank: the collectives still run)
-    engine = Engine(EngineConfig(name="horovod")).init()
-    try:
+    # Horovod through our engine, 1 rank without hooks (horovod_allreduce_hooks runs the collectives)
+    figures["horovod"] = {"skipped": "Horovod not installed", "grads_with_other_strides": []}
+    if _installed("horovod.torch"):
+        engine = _horovod_engine()
         model, opt = fresh()
         engine.broadcast_state(model, opt)
         _, opt = engine.distribute(model, opt, accumulate=1)
@@ -362,13 +501,8 @@ def check_engine_step_channels_last(s: Settings) -> dict[str, Any]:
         engine.synchronize(opt)
         with opt.skip_synchronize():
             opt.step()
-        import horovod.torch as hvd
-
-        figures["horovod"] = {"ops": "NCCL" if s.cuda and hvd.nccl_built() else "Gloo/MPI (CPU)",
-                              "grads_with_other_strides": [n for n, p in model.named_parameters()
+        figures["horovod"] = {"grads_with_other_strides": [n for n, p in model.named_parameters()
                                                            if p.grad.stride() != p.stride()]}
-    finally:
-        engine.shutdown()
     # DDP, 1 rank
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("nccl" if s.cuda else "gloo", init_method=f"file://{tmp}/store", rank=0,
@@ -402,6 +536,8 @@ CHECKS: list[tuple[str, Callable[[Settings], dict[str, Any]]]] = [
     ("amp_channels_last", check_amp_channels_last),
     ("train_synthetic_dali", check_train_synthetic_dali),
     ("engine_step_channels_last", check_engine_step_channels_last),
+    ("horovod_allreduce_hooks", check_horovod_allreduce_hooks),
+    ("optimizer_state_broadcast", check_optimizer_state_broadcast),
 ]
 
 
@@ -416,7 +552,7 @@ def _alarm(signum: int, frame: Any) -> None:
 
 def run_check(name: str, fn: Callable[[Settings], dict[str, Any]], s: Settings, limit_s: int) -> dict[str, Any]:
     start = time.perf_counter()
-    entry: dict[str, Any] = {"name": name, "ok": False, "skipped": None, "figures": {}, "error": None}
+    entry: dict[str, Any] = {"name": name, "ok": False, "skipped": None, "figures": {}, "error": None, "why": None}
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(limit_s)
     try:
@@ -448,7 +584,8 @@ def markdown(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
              "| check | result | seconds | figures / error |", "| --- | --- | --- | --- |"]
     for r in results:
         status = "skipped" if r["skipped"] else ("ok" if r["ok"] else "FAILED")
-        detail = r["skipped"] or (r["error"].splitlines()[0] if r["error"] else _short(r["figures"]))
+        why = r.get("why") or (r["error"].splitlines()[0] if r["error"] else "")
+        detail = r["skipped"] or (f"{why}; " if why else "") + _short(r["figures"])
         lines.append(f"| {r['name']} | {status} | {r['seconds']} | {detail.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
@@ -481,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         status = "skipped" if result["skipped"] else ("ok" if result["ok"] else "FAILED")
         print(f"{name:<28} {status:<8} {result['seconds']:>7.1f} s", flush=True)
         results.append(result)
+    for engine in _HOROVOD:
+        engine.shutdown()
     header = {"device": args.device, "when": time.strftime("%Y-%m-%d %H:%M:%S"), "host": os.uname().nodename,
               "load": os.getloadavg()[0], "seconds": time.perf_counter() - start}
     (out / "acceptance.json").write_text(json.dumps({**header, "checks": results}, indent=2, default=str))

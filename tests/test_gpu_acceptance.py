@@ -8,7 +8,8 @@ from pathlib import Path
 from conftest import PYTHON, REPO, run_bounded
 
 CHECKS = ["stack", "dali_decode_vp9", "dali_decode_h264", "shift_gradients_amp", "shift_overhead",
-          "table10_throughput", "amp_channels_last", "train_synthetic_dali", "engine_step_channels_last"]
+          "table10_throughput", "amp_channels_last", "train_synthetic_dali", "engine_step_channels_last",
+          "horovod_allreduce_hooks", "optimizer_state_broadcast"]
 
 
 def test_gpu_acceptance_runs_on_cpu(tmp_path: Path) -> None:
@@ -27,5 +28,8 @@ def test_gpu_acceptance_runs_on_cpu(tmp_path: Path) -> None:
     assert decode["recovered"] == decode["requested"] and decode["mean_abs_diff_vs_pyav"] < decode["bound"]
     assert checks["train_synthetic_dali"]["figures"]["memory_format"] == "channels_last"
     assert "skipped" in checks["shift_gradients_amp"]["figures"]["float16"]  # fp16 autocast: device only
+    hooks = checks["horovod_allreduce_hooks"]["figures"]  # a real allreduce per gradient at size 1
+    assert hooks["allreduces_launched_by_hooks"] == hooks["parameters"] > 0
+    assert checks["optimizer_state_broadcast"]["figures"]["bit_equal"] is True
     summary = (out / "acceptance.md").read_text()
     assert summary.count("| ok |") == len(CHECKS) - 1 and "| skipped |" in summary

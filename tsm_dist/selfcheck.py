@@ -8,6 +8,7 @@ import argparse
 import os
 import subprocess
 import sys
+from typing import Callable
 
 from tsm_dist.procs import find_tool
 
@@ -20,23 +21,66 @@ def mpi_flavour() -> str:
         return "no mpirun on PATH"
 
 
+def _horovod() -> str:
+    try:
+        import horovod
+        import horovod.torch as hvd
+    except ImportError as err:
+        return f"horovod not installed ({err})"
+    controllers = [n for n, ok in (("MPI", hvd.mpi_built()), ("Gloo", hvd.gloo_built())) if ok]
+    ops = [n for n, ok in (("NCCL", hvd.nccl_built()), ("MPI", hvd.mpi_built()), ("Gloo", hvd.gloo_built())) if ok]
+    return f"horovod {horovod.__version__} controllers={'+'.join(controllers)} ops={'+'.join(ops)}"
+
+
+def _mpi() -> str:
+    try:
+        import mpi4py
+        from mpi4py import MPI
+    except ImportError:
+        return f"MPI: {mpi_flavour()} (no mpi4py)"
+    major, minor = MPI.Get_version()
+    return f"MPI: {mpi_flavour()} (MPI-{major}.{minor}, mpi4py {mpi4py.__version__})"
+
+
+def _dali() -> str:
+    try:
+        import nvidia.dali as dali
+    except ImportError:
+        return "DALI not installed"
+    return f"DALI {dali.__version__}"
+
+
+def libcuda_problem(load: "Callable[[str], object] | None" = None) -> str:
+    """One line when a CUDA torch cannot use Horovod's GPU allreduce for lack of the *unversioned*
+    ``libcuda.so`` (its fused-buffer kernels open the driver by that name; a node often has only the
+    ``libcuda.so.1`` the driver installs); empty when fine or when there is no driver at all."""
+    import ctypes
+
+    load = load or ctypes.CDLL
+    try:
+        load("libcuda.so")
+        return ""
+    except OSError:
+        pass
+    try:
+        load("libcuda.so.1")
+    except OSError:
+        return ""  # no NVIDIA driver here (a CPU node): nothing a GPU collective could use anyway
+    return ("libcuda.so (unversioned) not found, only libcuda.so.1: Horovod's fused GPU allreduce loads it by "
+            "that name; make a link named libcuda.so to libcuda.so.1 in a directory on LD_LIBRARY_PATH")
+
+
 def stack_summary() -> str:
-    import horovod
-    import horovod.torch as hvd
-    import nvidia.dali as dali
+    """Every component on its own: a missing one is named, the others are still reported."""
     import torch
-    from mpi4py import MPI
 
     if torch.version.cuda:
         device = f"cuda {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)"
+        problem = libcuda_problem()
+        device += f"; {problem}" if problem else ""
     else:
         device = "cpu"
-    controllers = [n for n, ok in (("MPI", hvd.mpi_built()), ("Gloo", hvd.gloo_built())) if ok]
-    ops = [n for n, ok in (("NCCL", hvd.nccl_built()), ("MPI", hvd.mpi_built()), ("Gloo", hvd.gloo_built())) if ok]
-    major, minor = MPI.Get_version()
-    return (f"tsm_dist stack: torch {torch.__version__} ({device}) | horovod {horovod.__version__} "
-            f"controllers={'+'.join(controllers)} ops={'+'.join(ops)} | MPI: {mpi_flavour()} "
-            f"(MPI-{major}.{minor}, mpi4py {__import__('mpi4py').__version__}) | DALI {dali.__version__}")
+    return f"tsm_dist stack: torch {torch.__version__} ({device}) | {_horovod()} | {_mpi()} | {_dali()}"
 
 
 def _worker() -> int:
