@@ -211,14 +211,45 @@ def _install_sh(fake: Path, path_dirs: list[Path]) -> subprocess.CompletedProces
     return subprocess.run(["bash", str(REPO / "install.sh")], env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.skipif(shutil.which("mpicc", path="/usr/bin:/bin") is None, reason="install.sh needs an MPI (mpicc)")
-def test_install_sh_with_cuda_torch_and_no_nvcc_stops_before_building(fake):
-    out = _install_sh(fake, [])
-    assert out.returncode == 1
-    assert "keeping torch 2.5.1+cu124" in out.stdout and "building wheel" not in out.stdout
-    errors = [line for line in out.stderr.splitlines() if "ERROR" in line]
-    assert "nvcc is not on PATH and CUDA_HOME is not set" in errors[0] and "module load cuda/12.4" in errors[0]
-    assert errors[-1] == "[install] ERROR: cannot build Horovod's GPU operations (see the line above)"
+def _recording_venv(tmp: Path) -> tuple[Path, Path, Path]:
+    """A venv whose python runs without site-packages (only the fake CUDA torch and this checkout import)
+    and whose pip only records its arguments and the index settings it was given, then succeeds."""
+    venv, torch_site = _fake_cuda_venv(tmp)
+    log = tmp / "pip.log"
+    _script(venv / "bin" / "python",
+            f'case "$*" in *"-m pip"*) echo "no_index=$PIP_NO_INDEX find_links=$PIP_FIND_LINKS args=$*" >> {log}; '
+            f'exit 0;; esac\nexec {sys.executable} -S "$@"\n')
+    (torch_site / "torch" / "__init__.py").write_text(
+        (torch_site / "torch" / "__init__.py").read_text() + "    device_count = staticmethod(lambda: 0)\n")
+    return venv, torch_site, log
+
+
+def test_offline_install_with_cuda_torch_and_no_nvcc_installs_the_rest(fake, tmp_path):
+    """An air-gapped node: CUDA torch, no nvcc, no MPI, a wheelhouse without DALI. Horovod is skipped with the
+    one line its GPU build needs; tsm_dist and its plain dependencies are installed from the wheelhouse only."""
+    venv, torch_site, log = _recording_venv(fake)
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    env = _env(fake, [], TSM_DIST_VENV=str(venv), TSM_DIST_CACHE=str(fake / "cache"), TSM_DIST_NO_MPI="1",
+               PYTHONPATH=f"{torch_site}{os.pathsep}{REPO}")
+    out = subprocess.run(["bash", str(REPO / "install.sh"), "--offline", str(wheelhouse)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "nvcc is not on PATH and CUDA_HOME is not set" in out.stderr and "module load cuda/12.4" in out.stderr
+    assert "Horovod skipped" in out.stdout and "building wheel" not in out.stdout
+    assert f"DALI skipped: no nvidia-dali-cuda120 wheel in {wheelhouse}" in out.stdout
+    calls = log.read_text().splitlines()
+    assert calls and all(c.startswith(f"no_index=1 find_links={wheelhouse} ") for c in calls)
+    assert any("--no-deps -e" in c for c in calls)
+    deps = next(c for c in calls if "wandb" in c)
+    assert "horovod" not in deps and "mpi4py" not in deps and "torch" not in deps
+    assert "tsm_dist stack: torch 2.5.1+cu124" in out.stdout and "horovod not installed" in out.stdout
+
+
+def test_plain_dependencies_leave_out_what_the_node_builds():
+    deps = install_gpu.plain_dependencies(str(REPO / "setup.cfg"))
+    assert "wandb" in deps and any(d.startswith("pytest") for d in deps)
+    assert not [d for d in deps if d.split(">")[0].split("=")[0] in ("torch", "horovod", "mpi4py")]
 
 
 @pytest.mark.skipif(shutil.which("mpicc", path="/usr/bin:/bin") is None, reason="install.sh needs an MPI (mpicc)")

@@ -2,6 +2,8 @@
 
     python tools/install_gpu.py horovod-env --torch-cuda 12.4 --work DIR   # prints `export K=V` lines
     python tools/install_gpu.py patch-horovod SRC                           # C++17 / CUDA 17 source patches
+    python tools/install_gpu.py deps --setup-cfg setup.cfg                  # what pip installs besides
+                                                                            # torch, Horovod and mpi4py
 
 ``horovod-env`` (only when torch has CUDA) decides, or stops with one clear line on stderr (exit 1):
 
@@ -225,6 +227,24 @@ def patch_horovod(src: str) -> list[str]:
     return done
 
 
+# --------------------------------------------------------------------------------------------- dependencies
+BUILT_ON_THE_NODE = ("torch", "horovod", "mpi4py")  # the node's own torch; the other two are built against it
+
+
+def plain_dependencies(setup_cfg: str) -> list[str]:
+    """tsm_dist's requirements (``install_requires`` and the ``test`` extra) without :data:`BUILT_ON_THE_NODE`:
+    what an offline wheelhouse carries and what an install without Horovod or MPI gives pip."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(setup_cfg)
+    lines = cfg.get("options", "install_requires").splitlines()
+    if cfg.has_option("options.extras_require", "test"):
+        lines += cfg.get("options.extras_require", "test").splitlines()
+    reqs = [line.split("#")[0].strip() for line in lines]
+    return [r for r in reqs if r and re.split(r"[<>=!~\[ ;]", r)[0].lower() not in BUILT_ON_THE_NODE]
+
+
 # -------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="install_gpu.py", description=__doc__.split("\n\n")[0])
@@ -234,7 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     env_cmd.add_argument("--work", required=True, help="directory for the libnccl.so link")
     patch_cmd = sub.add_parser("patch-horovod", help="patch Horovod's sources to C++17 / CUDA C++17")
     patch_cmd.add_argument("src")
+    deps_cmd = sub.add_parser("deps", help="print tsm_dist's requirements other than torch, Horovod and mpi4py")
+    deps_cmd.add_argument("--setup-cfg", required=True)
     args = parser.parse_args(argv)
+    if args.command == "deps":
+        print("\n".join(plain_dependencies(args.setup_cfg)))
+        return 0
     try:
         if args.command == "patch-horovod":
             for line in patch_horovod(args.src):
