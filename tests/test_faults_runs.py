@@ -247,3 +247,29 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_records_the_en
     end = _records(workdir, "end")[-1]
     assert (end["status"], end["exit_code"]) == ("failed", EXIT_STORAGE) and "File too large" in end["cause"]
     assert _train(workdir, "train.epochs=2", extra=("--resume", "auto")).returncode == 0
+
+
+def test_a_crop_larger_than_the_video_is_warned_once(capsys, monkeypatch):
+    from tsm_dist.data import augment
+
+    monkeypatch.setattr(augment, "_warned_small", [])
+    assert not augment.warn_if_upsampled("big.webm", 256, 340, 224)
+    assert augment.warn_if_upsampled("small.webm", 128, 170, 224)
+    assert not augment.warn_if_upsampled("small2.webm", 128, 170, 224)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "small.webm is 170x128, smaller than data.crop_size=224" in err[0]
+
+
+def test_ctrl_c_while_a_command_imports_is_one_line():
+    """The first second of ``python -m tsm_dist.train`` is spent importing torch, before any handler of ours;
+    a Ctrl-C there is one line (argv[0] is "-m" while the package is imported, as under ``python -m``)."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.argv[0] = '-m'; import tsm_dist; raise KeyboardInterrupt"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env=launcher_env(PYTHONPATH=str(REPO)))
+    assert result.stderr.strip() == "tsm-dist: interrupted" and result.returncode != 0, result.stderr
+    library = subprocess.run([sys.executable, "-c", "import tsm_dist; raise KeyboardInterrupt"], capture_output=True,
+                             text=True, timeout=60, env=launcher_env(PYTHONPATH=str(REPO)))
+    assert "Traceback" in library.stderr  # a program that imports tsm_dist keeps Python's own handling

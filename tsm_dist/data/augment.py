@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -20,6 +21,20 @@ TRAIN_CROPS = ("multiscale", "random_resized")
 # ImageNet statistics, in [0, 1] units; the pretrained ResNet-50 expects them.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+
+
+_warned_small: list[str] = []  # once per process: a data set of small videos would repeat it per clip
+
+
+def warn_if_upsampled(path: str, height: int, width: int, crop_size: int) -> bool:
+    """A video whose shorter side is below ``crop_size`` has every crop upsampled: say so once (True when
+    this call printed). Not an error: small sets (the synthetic one) do it on purpose."""
+    if min(height, width) >= crop_size or _warned_small:
+        return False
+    _warned_small.append(path)
+    print(f"tsm-dist: warning: {path} is {width}x{height}, smaller than data.crop_size={crop_size}: its crops are "
+          "upsampled (blurred); lower data.crop_size or use larger videos (warned once)", file=sys.stderr, flush=True)
+    return True
 
 
 def default_scale_size(crop_size: int) -> int:

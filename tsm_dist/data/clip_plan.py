@@ -19,7 +19,8 @@ from typing import Collection, Mapping, Sequence
 
 import numpy as np
 
-from tsm_dist.data.augment import TRAIN_CROPS, Box, default_scale_size, eval_crop_boxes, flipped_label, train_crop_box
+from tsm_dist.data.augment import TRAIN_CROPS, Box, default_scale_size, eval_crop_boxes, flipped_label, train_crop_box, \
+    warn_if_upsampled
 from tsm_dist.data.errors import DataError, VideoError
 from tsm_dist.data.filelist import VideoRecord
 from tsm_dist.data.pack.format import Location
@@ -287,6 +288,8 @@ class ClipPlanner:
         else:
             boxes = tuple(eval_crop_boxes(info.height, info.width, o.crop_size, o.test_scale, o.num_crops))
             flip = False
+        if self.shard_id == 0:  # one rank warns
+            warn_if_upsampled(record.path, info.height, info.width, o.crop_size)
         label = flipped_label(record.label, o.flip_label_map) if flip else record.label
         location = self.locations[i] if self.locations is not None else None
         return ClipSpec(record.resolve(self.root), record.where, label, frames.astype(np.int32), boxes, flip, location)
