@@ -537,7 +537,7 @@ class Trainer:
                 print(f"tsm-dist train: {len(skipped)} video(s) skipped as unreadable, e.g. {skipped[0][0]}: "
                       f"{skipped[0][1]} (all in {self.workdir / records.METRICS_FILE})", file=sys.stderr)
             self.log.write(records.end_record(status=status, step=self.pos.step, epoch=self.pos.epoch,
-                                              skipped=[list(s) for s in skipped]))
+                                              skipped=[list(s) for s in skipped], exit_code=code))
             self.log.close()
         if self.progress is not None:
             self.progress.close()
