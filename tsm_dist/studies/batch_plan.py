@@ -118,6 +118,9 @@ def plan_study(args: StudyOptions) -> dict[str, Any]:
               f"train.keep_last={max(cfg.train.keep_last, last_n)}", "train.eval_every_epochs=1",
               "train.checkpoint_every_epochs=1", "log.progress=false", "log.wandb=disabled"]
     per_node = args.ranks if args.scheduler == "local" else (args.ranks_per_node or args.gpus_per_node)
+    if per_node < 1:
+        raise ValueError("CPU nodes (--gpus-per-node 0) need --ranks-per-node" if args.scheduler != "local"
+                         else f"--ranks must be >= 1, got {per_node}")
     runs = plan_runs(sorted(set(batches)), args.optimizers, seeds, per_node, cfg.data.batch_size,
                      max_nodes=1 if args.scheduler == "local" else args.max_nodes)
     return {"config": str(Path(config).resolve()), "overrides": shared, "data": str(data), "epochs": epochs,
