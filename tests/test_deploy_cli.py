@@ -107,3 +107,15 @@ def test_stream_refuses_an_offline_export_in_one_line(tmp_path, capsys) -> None:
     assert cli(["stream", "--model", str(tmp_path / "c.onnx"), "--video", "synthetic:0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "offline onnx export" in err[0]
+
+
+def test_an_online_checkpoint_is_refused_for_an_offline_config(trained, synthetic, tmp_path, capsys) -> None:
+    """model.online is part of the checkpoint's model identity: exporting with a config that builds the
+    bi-directional model is refused (exit 5), naming the option."""
+    config = Path(__file__).parents[1] / "configs" / "synthetic_tsm_mbv2.yaml"
+    argv = ["export", "--checkpoint", str(trained), "--config", str(config), "--out", str(tmp_path / "x.onnx"),
+            "--set", f"data.root={synthetic.root}", "--set", "model.num_frames=4", "--set", "model.width=8"]
+    assert cli([*argv, "--set", "model.online=false"]) == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "online=True" in err[0] and "online=False" in err[0]
+    assert cli(argv) == 0  # the config it was trained with

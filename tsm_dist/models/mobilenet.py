@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from tsm_dist.models.resnet import VideoResNet, VideoSpec
 from tsm_dist.models.temporal_shift import Direction, TemporalShift
 
 # (expand ratio t, output channels c, blocks n, stride of the first block s): MobileNetV2's Table 2
@@ -69,10 +70,21 @@ class VideoMobileNetV2(nn.Module):
 
     conv3d = False
     memory_format = torch.channels_last
+    # Clip checks and stream control are the ResNet's, read from the same attributes (spec, num_frames,
+    # _shifts): one definition of what a streaming 2D model accepts.
+    _check_input = VideoResNet._check_input
+    shift_modules = VideoResNet.shift_modules
+    streaming = VideoResNet.streaming
+    start_stream = VideoResNet.start_stream
+    stop_stream = VideoResNet.stop_stream
+    stream_cache_nbytes = VideoResNet.stream_cache_nbytes
 
-    def __init__(self, *, num_classes: int, num_frames: int, width: int = STEM, dropout: float = 0.5,
-                 fold_div: int = 8, shift: bool = True, direction: Direction = "bi") -> None:
+    def __init__(self, spec: VideoSpec, *, num_classes: int, num_frames: int, width: int = STEM,
+                 dropout: float = 0.5, fold_div: int = 8, direction: Direction = "bi") -> None:
         super().__init__()
+        if spec.conv3d:
+            raise ValueError("MobileNetV2 is a 2D network")
+        self.spec = spec
         self.num_frames = num_frames
         self.num_classes = num_classes
         mult = width / STEM
@@ -82,7 +94,7 @@ class VideoMobileNetV2(nn.Module):
             cout = make_divisible(c * mult)
             for i in range(n):
                 stride = s if i == 0 else 1
-                shifted = shift and t != 1 and stride == 1 and cin == cout
+                shifted = spec.shift and t != 1 and stride == 1 and cin == cout
                 block_shift = TemporalShift(num_frames, fold_div, direction) if shifted else None
                 features.append(InvertedResidual(cin, cout, stride, t, block_shift))
                 cin = cout
@@ -105,17 +117,6 @@ class VideoMobileNetV2(nn.Module):
         nn.init.normal_(self.fc.weight, 0.0, 0.001)
         nn.init.zeros_(self.fc.bias)
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 5 or x.shape[2] != 3:
-            raise ValueError(f"expected clips shaped (N, T, 3, H, W), got {tuple(x.shape)}")
-        if self.streaming:
-            if x.shape[1] != 1:
-                raise ValueError("the model is streaming (OnlineTSM): one frame per call; "
-                                 "stop_stream() to run whole clips again")
-        elif self._shifts and x.shape[1] != self.num_frames:
-            raise ValueError(f"this TSM model shifts over num_frames={self.num_frames}, "
-                             f"got clips of {x.shape[1]} frames")
-
     def frame_logits(self, clips: Tensor) -> Tensor:
         """Per-frame logits ``(N, T, num_classes)``."""
         self._check_input(clips)
@@ -129,22 +130,3 @@ class VideoMobileNetV2(nn.Module):
         """A 2D network keeps every frame to the end (the paper's Table 11 row for TSM)."""
         t = clips.shape[1]
         return [("input", t), ("features", t), ("global pool", 1)]
-
-    def shift_modules(self) -> tuple[TemporalShift, ...]:
-        return self._shifts
-
-    # -- streaming (used by OnlineTSM) -------------------------------------------------------------
-    @property
-    def streaming(self) -> bool:
-        return any(s.streaming for s in self._shifts)
-
-    def start_stream(self) -> None:
-        for s in self._shifts:
-            s.start_stream()
-
-    def stop_stream(self) -> None:
-        for s in self._shifts:
-            s.stop_stream()
-
-    def stream_cache_nbytes(self) -> int:
-        return sum(s.cache_nbytes() for s in self._shifts)

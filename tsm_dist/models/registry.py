@@ -115,8 +115,8 @@ def build_model(name: str, num_classes: int, **options: Any) -> VideoResNet | Vi
     model: VideoResNet | VideoMobileNetV2
     if entry.backbone == "mobilenet_v2":
         model = VideoMobileNetV2(
-            num_classes=num_classes, num_frames=int(opts["num_frames"]), width=opts["width"],
-            dropout=float(opts["dropout"]), fold_div=opts["fold_div"], shift=spec.shift,
+            spec, num_classes=num_classes, num_frames=int(opts["num_frames"]), width=opts["width"],
+            dropout=float(opts["dropout"]), fold_div=opts["fold_div"],
             direction="uni" if opts["online"] else "bi")
     else:
         model = VideoResNet(
