@@ -16,7 +16,7 @@ from pathlib import Path
 
 from conftest import PYTHON, REPO, horovodrun, launcher_env, run_bounded
 from tsm_dist.data.synthetic import make_synthetic
-from tsm_dist.errors import EXIT_DATA
+from tsm_dist.errors import EXIT_DATA, EXIT_STORAGE
 from tsm_dist.records import read_records
 
 CONFIG = str(REPO / "configs" / "synthetic_tsm.yaml")
@@ -107,3 +107,20 @@ def _environ(pid: int) -> dict[str, str]:
     except OSError:
         return {}
     return dict(item.decode(errors="replace").partition("=")[::2] for item in raw.split(b"\0") if b"=" in item)
+
+
+def test_a_failed_checkpoint_write_stops_every_rank_with_6(tmp_path):
+    """Rank 0's checkpoint write hits a file-size quota (``ulimit -f``: EFBIG): one line, both ranks 6, the
+    ``end`` record says why."""
+    out, workdir = tmp_path / "rc", tmp_path / "w"
+    out.mkdir()
+    cmd = _command(out, workdir, "data.backend=random", "data.num_samples=16", "model.num_frames=2",
+                   "train.epochs=1")
+    at = cmd.index("bash")
+    cmd[at + 2] = "trap '' XFSZ; ulimit -f 1024; " + cmd[at + 2]  # 1 MiB per file: records fit, a checkpoint not
+    result = run_bounded(cmd, timeout=240, env=launcher_env(PYTHONPATH=str(REPO)), cwd=REPO)
+    lines = [line for line in result.stdout.splitlines() if "storage error:" in line]
+    assert len(lines) == 1 and "File too large" in lines[0], result.stdout[-3000:]
+    assert _codes(out) == [str(EXIT_STORAGE)] * 2, result.stdout[-3000:]
+    end = [r for r in read_records(workdir / "metrics.jsonl") if r["type"] == "end"]
+    assert len(end) == 1 and (end[0]["status"], end[0]["exit_code"]) == ("failed", EXIT_STORAGE)

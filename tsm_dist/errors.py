@@ -16,7 +16,8 @@ code   meaning
 =====  ==========================================================================================
 0      done
 1      crash (a bug: traceback printed), or this rank stopped because another rank failed
-2      configuration or usage error (config key, value, model name, option)
+2      configuration or usage error (config key, value, model name, option; a fresh run in a workdir
+       that holds another run's checkpoints)
 3      the loss became NaN/Inf (every rank stops after the same step)
 4      data error: file list missing or malformed, label out of range, missing/empty/corrupt video
 5      checkpoint error: ``--resume`` file missing, unreadable, or for another model than the config
