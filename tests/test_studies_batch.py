@@ -34,6 +34,7 @@ def test_nodes_count_as_the_paper_and_runs_share_the_epochs(tmp_path):
     plan = plan_study(StudyOptions(nodes=[1, 4], gpus_per_node=2, data=tmp_path, epochs=3, seeds=1))
     assert [r["batch"] for r in plan["runs"]] == [16, 64]  # nodes x 2 GPUs x data.batch_size 8
     assert "train.epochs=3" in plan["overrides"] and "eval.last_n=3" in plan["overrides"]
+    assert "log.interval=1" in plan["overrides"]
     with pytest.raises(ValueError, match="not both"):
         plan_study(StudyOptions(nodes=[1], batches=[16], data=tmp_path))
 

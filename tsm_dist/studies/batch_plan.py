@@ -116,7 +116,8 @@ def plan_study(args: StudyOptions) -> dict[str, Any]:
     last_n = min(cfg.eval.last_n, epochs)
     shared = [*overrides, f"data.root={data.resolve()}", f"train.epochs={epochs}", f"eval.last_n={last_n}",
               f"train.keep_last={max(cfg.train.keep_last, last_n)}", "train.eval_every_epochs=1",
-              "train.checkpoint_every_epochs=1", "log.progress=false", "log.wandb=disabled"]
+              "train.checkpoint_every_epochs=1", "log.progress=false", "log.wandb=disabled",
+              "log.interval=1"]  # a loss point per step: a large batch has only a few steps per epoch
     per_node = args.ranks if args.scheduler == "local" else (args.ranks_per_node or args.gpus_per_node)
     if per_node < 1:
         raise ValueError("CPU nodes (--gpus-per-node 0) need --ranks-per-node" if args.scheduler != "local"
