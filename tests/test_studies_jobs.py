@@ -55,7 +55,7 @@ def test_the_job_script_records_failed_only_when_no_rank_did(tmp_path):
     assert close_run(path, 0) is None and read_last_run(path).end is None  # exit 0: nothing to add
     record = close_run(path, 137, job_id="99")
     end = read_last_run(path).end
-    assert end == record and end["status"] == "failed" and end["step"] == 5
+    assert end == record and end["status"] == "failed" and end["step"] == 5 and end["exit_code"] == 137
     assert end["cause"] == ("job 99: ranks exited with status 137 (signal 9); no rank wrote an end record "
                             "(recorded by the job script)")
     assert close_run(path, 137) is None  # once

@@ -172,7 +172,7 @@ def close_run(path: str | Path, exit_code: int, job_id: str = "") -> dict[str, A
     job = f"job {job_id}: " if job_id else ""
     record = end_record(status="failed", step=int(last["step"]), epoch=int(last["epoch"]),
                         cause=f"{job}ranks exited with status {exit_code}{signal}; no rank wrote an end record "
-                              f"(recorded by the job script)")
+                              f"(recorded by the job script)", exit_code=exit_code)
     log = MetricsLog(path)
     try:
         log.write(record)
