@@ -194,8 +194,8 @@ class _ShiftedConvFn(torch.autograd.Function):
                 num_frames: int, groups: tuple[Group, ...]) -> tuple[Tensor, Tensor]:
         stride, padding, dilation, conv_groups = conv
         dtype = _compute_dtype(x)
-        w = weight.to(dtype)  # no grad inside forward: no detach needed
-        b = None if bias is None else bias.to(dtype)
+        w = weight.detach().to(dtype)
+        b = None if bias is None else bias.detach().to(dtype)
         # Under autocast the conv may run in another dtype than x: the cast is a copy anyway, so
         # shift while casting and keep that copy (x is then never touched).
         private = x.dtype != dtype
