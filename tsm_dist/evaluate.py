@@ -111,7 +111,7 @@ def evaluate_checkpoints(cfg: Config, paths: list[Path], engine: "Engine") -> li
         if error:
             raise CoordinatedError(error, EXIT_CHECKPOINT)
         engine.broadcast_tensors(model.state_dict())
-        result = evaluate(model, loader, engine, amp_dtype=amp_dtype(cfg))
+        result = evaluate(model, loader, engine, amp_dtype=amp_dtype(cfg, engine.device))
         results.append({"checkpoint": str(path), **result})
     return results
 

@@ -119,8 +119,9 @@ def stop_message(level: int, step: int, env: dict[str, str] | None = None) -> st
     code = exit_code_for(level)
     if level >= 2:
         return (f"stopped by SIGTERM/SIGINT (cancel or preemption); checkpoint at step {step}, exiting with "
-                f"{code}: not requeued by the job script (a preempted job is requeued by the scheduler "
-                f"under PreemptMode=REQUEUE; otherwise resubmit, --resume auto continues)")
+                f"{code}: not requeued by the job script (a cancel sticks; under Slurm's PreemptMode=REQUEUE a "
+                f"preempted job is requeued, by Slurm or by our job script; otherwise resubmit, --resume auto "
+                f"continues)")
     action = env.get(REQUEUE_ENV, "")
     if action == "requeue":
         what = "the job script requeues the job"

@@ -83,13 +83,13 @@ def run_local(plan: dict[str, Any], out: Path, timeout: float) -> None:
         metrics = workdir / METRICS_FILE
         if metrics.is_file() and read_last_run(metrics).status == "completed":
             continue
-        if metrics.is_file():
-            metrics.unlink()  # a run that did not complete starts again from scratch
+        # a run that did not complete starts again from scratch: its records and checkpoints move aside
+        again = ["--start-over"] if metrics.is_file() or (workdir / "checkpoints").is_dir() else []
         config = workdir / "run_config.yaml"
         workdir.mkdir(parents=True, exist_ok=True)
         dump_config(load_config(plan["config"], [*plan["overrides"], *run_overrides(run)]), config)
         command = [*launch_prefix(plan["launcher"], run.ranks), sys.executable, "-m", "tsm_dist.train",
-                   "--config", str(config), "--workdir", str(workdir)]
+                   "--config", str(config), "--workdir", str(workdir), *again]
         started = time.perf_counter()
         error = run_logged(command, run.ranks, workdir / "train.log", timeout)
         (workdir / "study_run.json").write_text(json.dumps(
