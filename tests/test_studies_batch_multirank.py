@@ -22,7 +22,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the rank processes start outside pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_train_multirank import CLASSES, FRAMES, SIZE, TensorLoader, TinyNet, config  # noqa: E402
+from test_train_multirank import CLASSES, FRAMES, SIZE, TensorLoader, TinyNet, config, tiny_builders  # noqa: E402
 
 MICRO, STEPS = 2, 3  # clips per micro-batch, optimizer steps
 
@@ -100,14 +100,7 @@ def resume_main(out: Path) -> None:
     signal_at: list[tuple[int, int] | None] = [None]
     built: list[nn.Module] = []
 
-    def model_builder(name: str, *, num_classes: int, num_frames: int, dropout: float, **_: Any) -> nn.Module:
-        built.append(TinyNet(num_classes, num_frames, dropout))
-        return built[-1]
-
-    def loader_builder(file_list: Any, root: Any, *, batch_size: int, shard_id: int, num_shards: int,
-                       seed: int, train: bool, num_samples: int, **_: Any) -> TensorLoader:
-        return TensorLoader(num_samples, batch_size, shard_id, num_shards, seed, train,
-                            signal_at[0] if shard_id == 1 and train else None)
+    model_builder, loader_builder = tiny_builders(built, signal_at)
 
     for optimizer, lr in (("lars", 0.2), ("lamb", 0.01)):
         full = config("horovod", **{"optim.name": optimizer, "optim.base_lr": lr, "optim.warmup_epochs": 1,

@@ -133,6 +133,23 @@ def lifecycle_main(engine_name: str, out: Path) -> None:
     (out / f"lifecycle{os.environ['RANK']}.txt").write_text(f"{code} {alive}")
 
 
+
+def tiny_builders(built: list[nn.Module], signal_at: list[tuple[int, int] | None]) -> tuple[Any, Any]:
+    """The trainer's model and loader builders of the rank scripts: TinyNet (kept in ``built``) and a
+    TensorLoader whose rank 1 sends a signal at ``signal_at[0]`` (``(epoch, batch)``) when set."""
+
+    def model_builder(name: str, *, num_classes: int, num_frames: int, dropout: float, **_: Any) -> nn.Module:
+        built.append(TinyNet(num_classes, num_frames, dropout))
+        return built[-1]
+
+    def loader_builder(file_list: Any, root: Any, *, batch_size: int, shard_id: int, num_shards: int,
+                       seed: int, train: bool, num_samples: int, **_: Any) -> TensorLoader:
+        return TensorLoader(num_samples, batch_size, shard_id, num_shards, seed, train,
+                            signal_at[0] if shard_id == 1 and train else None)
+
+    return model_builder, loader_builder
+
+
 def rank_main(engine_name: str, out: Path) -> None:
     from tsm_dist.engine import Engine
     from tsm_dist.train import train
@@ -143,14 +160,7 @@ def rank_main(engine_name: str, out: Path) -> None:
     built: list[nn.Module] = []
     signal_at: list[tuple[int, int] | None] = [None]
 
-    def model_builder(name: str, *, num_classes: int, num_frames: int, dropout: float, **_: Any) -> nn.Module:
-        built.append(TinyNet(num_classes, num_frames, dropout))
-        return built[-1]
-
-    def loader_builder(file_list: Any, root: Any, *, batch_size: int, shard_id: int, num_shards: int,
-                       seed: int, train: bool, num_samples: int, **_: Any) -> TensorLoader:
-        return TensorLoader(num_samples, batch_size, shard_id, num_shards, seed, train,
-                            signal_at[0] if shard_id == 1 and train else None)
+    model_builder, loader_builder = tiny_builders(built, signal_at)
 
     def run(cfg: Config, name: str, resume: str | None = None) -> tuple[int, dict[str, torch.Tensor]]:
         code = train(cfg, out / name, resume=resume, model_builder=model_builder, loader_builder=loader_builder)
