@@ -19,7 +19,8 @@ from tsm_dist import checkpoint as ckpt
 from tsm_dist.errors import CheckpointError, EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_NONFINITE, EXIT_STORAGE, \
     StorageError
 from tsm_dist.records import read_records
-from tsm_dist.resume_plan import Plan, continue_under
+from tsm_dist.config import BatchPlan
+from tsm_dist.resume_plan import continue_under
 
 CONFIG = str(REPO / "configs" / "synthetic_tsm.yaml")
 # 32 clips of batch 4 on one rank: 8 optimizer steps per epoch
@@ -53,24 +54,24 @@ def _state(epoch: int, step: int, batch_in_epoch: int, world: int, per_gpu: int,
 
 def test_the_position_in_clips_carries_over_to_any_plan_that_fits():
     state = _state(epoch=1, step=12, batch_in_epoch=4, world=1, per_gpu=4, accumulate=1)  # 16 clips into epoch 1
-    same = continue_under(state, Plan(1, 4, 1), 8, ordered_prefix=True)
+    same = continue_under(state, BatchPlan(per_gpu_batch=4, world_size=1, accumulate=1), 8, ordered_prefix=True)
     assert (same.epoch, same.step, same.batch_in_epoch, same.note) == (1, 12, 4, None)
-    doubled = continue_under(state, Plan(2, 4, 2), 2, ordered_prefix=True)  # 16 clips per step, 2 per epoch
+    doubled = continue_under(state, BatchPlan(per_gpu_batch=4, world_size=2, accumulate=2), 2, ordered_prefix=True)  # 16 clips per step, 2 per epoch
     assert (doubled.epoch, doubled.step, doubled.batch_in_epoch) == (1, 3, 2)
     assert "step 12 of the old plan is step 3" in doubled.note and "2 rank(s) x batch 4 x accumulate 2" in doubled.note
     with pytest.raises(CheckpointError, match="16 clips are not a whole number of the new plan's steps"):
-        continue_under(state, Plan(1, 4, 3), 2, ordered_prefix=True)
+        continue_under(state, BatchPlan(per_gpu_batch=4, world_size=1, accumulate=3), 2, ordered_prefix=True)
     with pytest.raises(CheckpointError, match="contiguous shards change with the number of ranks"):
-        continue_under(state, Plan(2, 4, 2), 2, ordered_prefix=False)
-    same_ranks = continue_under(state, Plan(1, 8, 2), 2, ordered_prefix=False)  # one rank's block: exact
+        continue_under(state, BatchPlan(per_gpu_batch=4, world_size=2, accumulate=2), 2, ordered_prefix=False)
+    same_ranks = continue_under(state, BatchPlan(per_gpu_batch=8, world_size=1, accumulate=2), 2, ordered_prefix=False)  # one rank's block: exact
     assert (same_ranks.epoch, same_ranks.step, same_ranks.batch_in_epoch) == (1, 3, 2)
     boundary = _state(epoch=2, step=16, batch_in_epoch=0, world=1, per_gpu=4, accumulate=1)
-    moved = continue_under(boundary, Plan(4, 2, 1), 4, ordered_prefix=False)
+    moved = continue_under(boundary, BatchPlan(per_gpu_batch=2, world_size=4, accumulate=1), 4, ordered_prefix=False)
     assert (moved.epoch, moved.step, moved.batch_in_epoch) == (2, 8, 0)
-    shorter = continue_under(state, Plan(2, 4, 2), 1, ordered_prefix=True)  # the new epoch is already over
+    shorter = continue_under(state, BatchPlan(per_gpu_batch=4, world_size=2, accumulate=2), 1, ordered_prefix=True)  # the new epoch is already over
     assert (shorter.epoch, shorter.step, shorter.epoch_end_pending) == (2, 2, True)
     old = {k: v for k, v in state.items() if k != "per_gpu_batch"}  # a checkpoint before it was saved
-    assert continue_under(old, Plan(1, 4, 1), 8, ordered_prefix=True).note is None
+    assert continue_under(old, BatchPlan(per_gpu_batch=4, world_size=1, accumulate=1), 8, ordered_prefix=True).note is None
 
 
 def test_resume_on_two_ranks_with_accumulation_runs_every_epoch(tmp_path):

@@ -356,6 +356,10 @@ class BatchPlan:
     def global_batch(self) -> int:
         return self.per_gpu_batch * self.world_size * self.accumulate
 
+    def __str__(self) -> str:
+        return (f"{self.world_size} rank(s) x batch {self.per_gpu_batch} x accumulate {self.accumulate} "
+                f"= {self.global_batch} clips per step")
+
 
 def plan_batch(cfg: Config, world_size: int) -> BatchPlan:
     """Resolve accumulation for ``world_size`` ranks; an effective batch that does not fit is an error."""

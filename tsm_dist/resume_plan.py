@@ -19,24 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from tsm_dist.config import BatchPlan
 from tsm_dist.errors import CheckpointError
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How many clips one optimizer step takes: ranks x per-rank batch x accumulated passes."""
-
-    world_size: int
-    per_gpu_batch: int
-    accumulate: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.world_size * self.per_gpu_batch * self.accumulate
-
-    def __str__(self) -> str:
-        return (f"{self.world_size} rank(s) x batch {self.per_gpu_batch} x accumulate {self.accumulate} "
-                f"= {self.global_batch} clips per step")
 
 
 @dataclass(frozen=True)
@@ -50,16 +34,16 @@ class Continuation:
     note: str | None = None
 
 
-def saved_plan(state: Mapping[str, Any]) -> Plan:
+def saved_plan(state: Mapping[str, Any]) -> BatchPlan:
     """The plan a checkpoint was trained with (checkpoints before ``per_gpu_batch`` was saved: derived)."""
     world, accumulate = int(state["world_size"]), int(state.get("accumulate", 1))
     per_gpu = state.get("per_gpu_batch")
     if per_gpu is None:
         per_gpu = int(state.get("global_batch", 0)) // max(1, world * accumulate)
-    return Plan(world, int(per_gpu), accumulate)
+    return BatchPlan(per_gpu_batch=int(per_gpu), world_size=world, accumulate=accumulate)
 
 
-def continue_under(state: Mapping[str, Any], new: Plan, steps_per_epoch: int, *, ordered_prefix: bool,
+def continue_under(state: Mapping[str, Any], new: BatchPlan, steps_per_epoch: int, *, ordered_prefix: bool,
                    path: object = "the checkpoint") -> Continuation:
     """The loop position of checkpoint ``state`` (epoch, step, batch_in_epoch, ...) under plan ``new``.
 

@@ -44,7 +44,7 @@ from tsm_dist.progress import Progress
 from tsm_dist.run_facts import git_commit, hardware, versions
 from tsm_dist.wandb_log import WandbRun
 from tsm_dist.preemption import StopSignals, exit_code_for, stop_message
-from tsm_dist.resume_plan import Plan, continue_under
+from tsm_dist.resume_plan import continue_under
 from tsm_dist.run_failure import clear_notes, record_failure
 from tsm_dist.run_identity import START_OVER_FLAG, WorkdirInUse, claim_workdir, new_run_id
 from tsm_dist.schedule import LRSchedule
@@ -289,7 +289,7 @@ class Trainer:
         """Every rank: the loop position of the checkpoint, under this run's batch plan."""
         engine = self.engine
         try:
-            where = continue_under(position, Plan(engine.size, self.plan.per_gpu_batch, self.K),
+            where = continue_under(position, self.plan,
                                    self.steps_per_epoch, ordered_prefix=_ordered_prefix(self.train_loader),
                                    path=position["path"])
         except CheckpointError as exc:
