@@ -289,8 +289,8 @@ def test_a_crashing_rank_ends_the_job(tmp_path):
 
 
 def test_the_distributed_model_is_freed_before_the_engine_shuts_down(tmp_path):
-    # a DDP model that outlives destroy_process_group made Gloo abort the rank at exit ("terminate called
-    # without an active exception", exit 134) in about 1 run in 3
+    # a DDP model that outlives destroy_process_group makes Gloo abort the rank at exit (exit 134; the runs:
+    # docs/training.md, "Exit 134 after a completed run")
     result = _launch("torch", tmp_path, mode="lifecycle", timeout=120)
     assert result.returncode == 0, result.stdout[-3000:]
     assert [(tmp_path / f"lifecycle{r}.txt").read_text() for r in range(2)] == ["0 [0]"] * 2

@@ -1,11 +1,19 @@
 """``tsm-dist train``: synchronous data-parallel SGD, started once per rank (horovodrun, mpirun, jsrun, srun).
 
-The recipe is :func:`train` and the :class:`Trainer` it drives, top to bottom: start the engine and pin
-the device by local rank -> sharded loaders -> model and optimizer -> distributed optimizer with K
-backward passes per allreduce -> resume on rank 0 and broadcast parameters and optimizer state -> per
-step: LR from the warmup / decay schedule, K micro-batches, one gradient allreduce, clip, step -> metrics
-averaged with one allreduce (which also carries the preemption and non-finite-loss flags) -> rank-0
-logging, evaluation and checkpoints. Config -> model / loader glue lives in :mod:`tsm_dist.build`.
+The recipe reads top to bottom: :func:`train` drives a :class:`Trainer` through
+
+- **setup**: start the engine and pin the device by local rank -> sharded loaders -> model and optimizer ->
+  distributed optimizer with K backward passes per allreduce -> resume on rank 0 and broadcast parameters,
+  optimizer state and the loop position -> rank-0 logs;
+- **loop**: epochs of optimizer steps, each epoch ended by evaluation and a rank-0 checkpoint;
+- **step**: LR from the warmup / decay schedule, K micro-batches, one gradient allreduce, clip, step, then
+  one small allreduce of the metrics that also carries the stop flags;
+- **stop**: every early stop (a stop signal, a non-finite loss or model) is a :class:`Stopped` raised on every
+  rank after the same step and turned into the outcome in one place, :meth:`Trainer.loop`; then
+  :meth:`Trainer.finish` writes the ``end`` record and every rank leaves with the same exit code.
+
+Config -> model / loader glue lives in :mod:`tsm_dist.build`; what a checkpoint holds, and loading it to
+resume, in :mod:`tsm_dist.train_state`.
 
 Exit codes (the table is in :mod:`tsm_dist.errors`): 0 done, 1 crash, 2 configuration error, 3 non-finite
 loss, 4 data error, 5 checkpoint error, 75 stopped by the time-limit warning (the job script requeues),
@@ -17,19 +25,18 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
-from tsm_dist import checkpoint as ckpt
 from tsm_dist import records
+from tsm_dist import train_state
+from tsm_dist.checkpoint import CHECKPOINT_DIR
 from tsm_dist.build import (LoaderBuilder, ModelBuilder, amp_dtype, build_loader_from_config,
                             build_model_from_config, has_val_set, resolve_model)
 from tsm_dist.config import Config, ConfigError, dump_config, load_config, plan_batch
@@ -45,77 +52,10 @@ from tsm_dist.run_facts import git_commit, hardware, versions
 from tsm_dist.wandb_log import WandbRun
 from tsm_dist.preemption import StopSignals, exit_code_for, stop_message
 from tsm_dist.resume_plan import continue_under
-from tsm_dist.run_failure import clear_notes, record_failure
-from tsm_dist.run_identity import START_OVER_FLAG, WorkdirInUse, claim_workdir, new_run_id
+from tsm_dist.run_failure import record_failure
+from tsm_dist.run_identity import START_OVER_FLAG, WorkdirInUse, new_run_id
 from tsm_dist.schedule import LRSchedule
-
-
-# ------------------------------------------------------------------------------- building blocks
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _wait(device: torch.device) -> None:
-    """Wait for queued GPU work so a phase's time is really spent in that phase.
-
-    Only the compute stream: DALI prefetches on its own streams and must keep running.
-    """
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-
-
-def evaluate_and_share(model: nn.Module, loader: Any, engine: Engine, amp: torch.dtype | None) -> dict[str, float]:
-    # each rank kept its own BN statistics; evaluate (and save) rank 0's everywhere
-    engine.broadcast_tensors({n: b for n, b in model.named_buffers()})
-    return evaluate(model, loader, engine, amp_dtype=amp)
-
-
-class Diverged(Exception):
-    """The model's weights or its validation loss are not finite: no checkpoint, no ``best.pt``, exit 3."""
-
-
-def _finite(module: nn.Module) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in [*module.parameters(), *module.buffers()]
-               if t.is_floating_point())
-
-
-@dataclass
-class Position:
-    """Where the loop stands; saved in checkpoints and broadcast on resume."""
-
-    epoch: int = 0
-    step: int = 0
-    batch_in_epoch: int = 0
-    best_top1: float = -math.inf
-    # a stop on an epoch's last step came before that epoch's evaluation: the resumed run does it first
-    epoch_end_pending: bool = False
-
-
-@dataclass
-class StepTimes:
-    """One optimizer step on this rank: the summed loss of its K micro-batches and where the time went."""
-
-    loss: torch.Tensor
-    data: float = 0.0
-    compute: float = 0.0
-    sync: float = 0.0
+from tsm_dist.train_state import Position
 
 
 # ---------------------------------------------------------------------------------- the recipe
@@ -144,28 +84,27 @@ def train(cfg: Config, workdir: str | Path, *, resume: str | None = None, start_
             trainer.release()  # before the engine shuts down
 
 
-# what a checkpoint must hold to continue the loop where it stopped
-POSITION_KEYS = ("epoch", "step", "batch_in_epoch", "best_top1", "rng", "scaler", "world_size")
-# what it may hold besides (older checkpoints: derived, see tsm_dist.resume_plan)
-PLAN_KEYS = ("epoch_end_pending", "per_gpu_batch", "accumulate", "global_batch", "run_id")
+class Stopped(Exception):
+    """Training ends early, on every rank after the same step: ``status`` and ``code`` for the ``end`` record
+    and the exit, the message for rank 0's one line."""
+
+    def __init__(self, status: str, code: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
-def _checkpoint_bytes(model: nn.Module, resume: str | None, workdir: Path) -> int:
-    """About one checkpoint's size: the one resumed from, else weights and buffers plus the momentum."""
-    path = ckpt.resolve_resume(resume, workdir) if resume else None
-    if path is not None and path.is_file():
-        return path.stat().st_size
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.parameters(), *model.buffers()])
+class Diverged(Stopped):
+    """The loss, the validation loss or the model's weights are not finite: no checkpoint, no ``best.pt``, exit 3."""
 
-
-def _ordered_prefix(loader: Any) -> bool:
-    """Whether the loader takes an epoch's clips in one global order whatever the number of ranks."""
-    return not getattr(getattr(loader, "planner", None), "contiguous", False)
+    def __init__(self, what: str, pos: Position) -> None:
+        super().__init__("failed", EXIT_NONFINITE, f"{what} at optimizer step {pos.step} (epoch {pos.epoch}); "
+                         "training stopped, no checkpoint written from it")
 
 
 class Trainer:
     """One rank's part of a run: built from the config, then :meth:`resume`, :meth:`loop`, :meth:`finish`."""
 
+    # ------------------------------------------------------------------------------ setup
     def __init__(self, cfg: Config, engine: Engine, workdir: Path, model_builder: ModelBuilder | None = None,
                  loader_builder: LoaderBuilder | None = None) -> None:
         self.cfg = cfg = resolve_model(cfg)  # the model's own frames etc. where the config leaves them to it
@@ -183,17 +122,8 @@ class Trainer:
         self.progress: Progress | None = None
         check_file_lists(cfg)  # a missing list: one line with the resolved path and how to make the set
         self._build_data(loader_builder)
-        self.check_data()
+        self._check_data()
         self._build_model(model_builder)
-
-    def check_data(self) -> None:
-        """Before the long wait: every rank probes its shard of the validation set and stats its share of
-        the training set; the ranks agree on the outcome, and rank 0 names the first bad video."""
-        problems = preflight(self.train_loader, self.val_loader, rank=self.engine.rank, size=self.engine.size)
-        found = [p for shard in self.engine.allgather_object(problems) for p in shard]
-        if found:
-            more = f" (and {len(found) - 1} more; 'tsm-dist check-data --config C' lists them all)" if len(found) > 1 else ""
-            raise CoordinatedError(f"{found[0]}{more}; data.skip_corrupt=true skips bad videos", EXIT_DATA)
 
     def _build_data(self, loader_builder: LoaderBuilder | None) -> None:
         # 2. sharded loaders: rank r reads shard r of size; every shard has the same number of batches
@@ -213,10 +143,19 @@ class Trainer:
         self.schedule = LRSchedule.from_config(cfg.optim, global_batch=plan.global_batch,
                                                steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs)
 
+    def _check_data(self) -> None:
+        """Before the long wait: every rank probes its shard of the validation set and stats its share of
+        the training set; the ranks agree on the outcome, and rank 0 names the first bad video."""
+        problems = preflight(self.train_loader, self.val_loader, rank=self.engine.rank, size=self.engine.size)
+        found = [p for shard in self.engine.allgather_object(problems) for p in shard]
+        if found:
+            more = f" (and {len(found) - 1} more; 'tsm-dist check-data --config C' lists them all)" if len(found) > 1 else ""
+            raise CoordinatedError(f"{found[0]}{more}; data.skip_corrupt=true skips bad videos", EXIT_DATA)
+
     def _build_model(self, model_builder: ModelBuilder | None) -> None:
         # 3. model, optimizer, AMP; the seed alone decides rank 0's initial weights
         cfg, device = self.cfg, self.device
-        _seed(cfg.train.seed)
+        train_state.seed(cfg.train.seed)
         model = build_model_from_config(cfg, model_builder).to(device)
         torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed-size clips: autotune each conv once
         # channels-last (2D or 3D: the model's own) on every device, CPU included; the header records it
@@ -230,44 +169,16 @@ class Trainer:
         # Horovod's wrapper is a new optimizer over the same parameter groups, without their state
         self.train_model, self.optimizer = self.engine.distribute(model, optimizer, accumulate=self.K)
 
-    def _load_resume(self, resume: str | None, start_over: bool) -> dict[str, Any] | None:
-        """Rank 0: clean up after killed writes, load the checkpoint to resume (None: a fresh run, which
-        must not take over another run's workdir)."""
-        directory = self.workdir / ckpt.CHECKPOINT_DIR
-        clear_notes(self.workdir)  # before any rank can fail on its own: the broadcast below waits for it
-        if not resume:
-            moved = claim_workdir(self.workdir, start_over=start_over)
-            if moved:
-                print(f"tsm-dist train: {moved}", file=sys.stderr)
-        ckpt.check_storage(self.workdir, _checkpoint_bytes(self.model, resume, self.workdir))
-        removed = ckpt.remove_stale_temporaries(directory)
-        if removed:
-            print(f"tsm-dist train: removed {len(removed)} temporary file(s) of interrupted checkpoint writes "
-                  f"in {directory}", file=sys.stderr)
-        self.resume_path, state = ckpt.load_resume(resume, self.workdir,
-                                                   warn=lambda text: print(f"tsm-dist train: {text}", file=sys.stderr))
-        if state is None:
-            return None
-        self.run_id = str(state.get("run_id") or self.run_id)
-        ckpt.check_model(state, self.cfg.to_dict()["model"], self.resume_path)
-        missing = [key for key in POSITION_KEYS if key not in state]
-        if missing:
-            raise CheckpointError(f"checkpoint {self.resume_path}: not a training checkpoint of this version "
-                                  f"(no {', '.join(missing)})")
-        ckpt.load_model_state(self.model, state, self.resume_path)
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {self.resume_path}: its optimizer state does not fit ({exc})") from None
-        return state
-
     def resume(self, resume: str | None, start_over: bool = False) -> None:
         """5. resume on rank 0, then broadcast parameters, optimizer state and the loop position."""
         engine = self.engine
-        state, error = None, None
+        loaded, error = None, None
         if self.root:
             try:
-                state = self._load_resume(resume, start_over)
+                self.resume_path, loaded = train_state.load(
+                    resume, self.workdir, start_over=start_over, model=self.model, optimizer=self.optimizer,
+                    model_config=self.cfg.to_dict()["model"], say=lambda text: print(f"tsm-dist train: {text}",
+                                                                                     file=sys.stderr))
             except CheckpointError as exc:
                 error = (str(exc), EXIT_CHECKPOINT)
             except WorkdirInUse as exc:
@@ -277,11 +188,12 @@ class Trainer:
         error = engine.broadcast_object(error)  # every rank stops on a bad checkpoint; rank 0 says why
         if error:
             raise CoordinatedError(*error)
-        position = engine.broadcast_object({**{key: state[key] for key in POSITION_KEYS},
-                                            **{key: state[key] for key in PLAN_KEYS if key in state},
-                                            "path": str(self.resume_path)} if state is not None else None)
+        if loaded is not None:
+            self.run_id = str(loaded.get("run_id") or self.run_id)
+        shared = None if loaded is None else train_state.position_of(loaded, self.resume_path)
+        position = engine.broadcast_object(shared)
         engine.broadcast_state(self.model, self.optimizer)
-        _seed(self.cfg.train.seed * 1000003 + engine.rank)  # dropout and augmentation differ between ranks
+        train_state.seed(self.cfg.train.seed * 1000003 + engine.rank)  # dropout and augmentation differ between ranks
         if position is not None:
             self._continue_from(position)
 
@@ -303,7 +215,7 @@ class Trainer:
                 print(f"tsm-dist train: {where.note}", file=sys.stderr)
         self.scaler.load_state_dict(position["scaler"])
         if position["world_size"] == engine.size:
-            _set_rng_state(position["rng"][engine.rank])
+            train_state.set_rng_state(position["rng"][engine.rank])
 
     def open_logs(self) -> None:
         """Rank 0: the resolved config, wandb, ``metrics.jsonl`` with its header record, the progress line."""
@@ -325,25 +237,26 @@ class Trainer:
             hardware=hardware()))
         self.progress = Progress(self.total_steps, enabled=cfg.log.progress, initial=self.pos.step)
 
-    # ------------------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------------------ loop
     def loop(self, stop: StopSignals) -> tuple[str, int]:
-        """6. epochs of optimizer steps until done, stopped by a signal or diverged: (status, exit code)."""
-        try:
-            return self._epochs(stop)
-        except Diverged as exc:  # every rank raises it at the same point
-            if self.root:
-                print(f"tsm-dist train: {exc} at optimizer step {self.pos.step} (epoch {self.pos.epoch}); "
-                      "training stopped, no checkpoint written from it", file=sys.stderr)
-            return "failed", EXIT_NONFINITE
+        """6. epochs of optimizer steps until done or stopped: (status, exit code).
 
-    def _epochs(self, stop: StopSignals) -> tuple[str, int]:
+        The one place a stop becomes an outcome: every rank raises the same :class:`Stopped` after the
+        same step, and rank 0 says why in one line.
+        """
+        try:
+            self._epochs(stop)
+        except Stopped as stopped:
+            if self.root:
+                print(f"tsm-dist train: {stopped}", file=sys.stderr, flush=True)
+            return stopped.status, stopped.code
+        return "completed", EXIT_OK
+
+    def _epochs(self, stop: StopSignals) -> None:
         cfg, pos = self.cfg, self.pos
         if pos.epoch_end_pending:  # the previous run stopped between an epoch's last step and its evaluation
             pos.epoch_end_pending = False
-            self.end_of_epoch()
-            stopped = self.stop_after_epoch(stop)
-            if stopped is not None:
-                return stopped
+            self.end_of_epoch(stop)
         while pos.epoch < cfg.train.epochs and pos.step < self.total_steps:
             self.train_loader.set_epoch(pos.epoch, pos.batch_in_epoch)  # same order as an uninterrupted run
             batches = iter(self.train_loader)
@@ -351,32 +264,12 @@ class Trainer:
             for _ in range(pos.batch_in_epoch // self.K, self.steps_per_epoch):
                 if pos.step >= self.total_steps:
                     break
-                stopped = self.train_step(batches, stop)
-                if stopped is not None:
-                    return stopped
-            self.end_of_epoch()
-            stopped = self.stop_after_epoch(stop)
-            if stopped is not None:
-                return stopped
-        return "completed", EXIT_OK
+                self.train_step(batches, stop)
+            self.end_of_epoch(stop)
 
-    def stop_after_epoch(self, stop: StopSignals) -> tuple[str, int] | None:
-        """A stop signal that arrived during the epoch's evaluation is acted on now, not one training step
-        (and maybe a whole evaluation) later; every rank agrees through one small allreduce per epoch."""
-        if self.pos.epoch >= self.cfg.train.epochs or self.pos.step >= self.total_steps:
-            return None  # nothing left to do: the run completed
-        warned, terminated = self.engine.allreduce_sum(
-            torch.tensor([float(stop.level >= 1), float(stop.level >= 2)], dtype=torch.float64)).tolist()
-        if warned == 0 and terminated == 0:
-            return None
-        level = 2 if terminated > 0 else 1
-        self.save()
-        if self.root:
-            print(f"tsm-dist train: {stop_message(level, self.pos.step)}", file=sys.stderr, flush=True)
-        return ("preempted" if level == 1 else "terminated"), exit_code_for(level)
-
-    def train_step(self, batches: Iterator[Any], stop: StopSignals) -> tuple[str, int] | None:
-        """One optimizer step and its bookkeeping; (status, exit code) when training must stop."""
+    # ------------------------------------------------------------------------------ step
+    def train_step(self, batches: Iterator[Any], stop: StopSignals) -> None:
+        """One optimizer step and its bookkeeping; raises :class:`Stopped` when training must stop."""
         cfg, pos = self.cfg, self.pos
         step_start = time.perf_counter()
         # GPU syncs split a step into data/compute/sync time; only steps that are logged pay them
@@ -391,29 +284,19 @@ class Trainer:
         loss_value = times.loss.float().cpu()
         stats = self.engine.allreduce_mean(torch.tensor([
             loss_value.item(), times.data, times.compute, times.sync, time.perf_counter() - step_start,
-            float(not torch.isfinite(loss_value)), float(stop.level >= 1), float(stop.level >= 2)],
-            dtype=torch.float64))
+            float(not torch.isfinite(loss_value)), *_signal_flags(stop)], dtype=torch.float64))
         loss, data_t, compute_t, sync_t, step_t, nonfinite, warned, terminated = stats.tolist()
         if nonfinite > 0:
             if self.log is not None:
                 self.log.write(self.step_record(loss, lr))
-                print(f"tsm-dist train: the loss is NaN or Inf at optimizer step {pos.step} (epoch {pos.epoch}) "
-                      "on at least one rank; training stopped", file=sys.stderr)
-            return "failed", EXIT_NONFINITE
+            raise Diverged("the loss of at least one rank is NaN or Inf", pos)
         if self.log is not None and (pos.step % cfg.log.interval == 0 or pos.step == self.total_steps):
             self.log_step(self.step_record(loss, lr, data_time=data_t, compute_time=compute_t, sync_time=sync_t,
                                            step_time=step_t))
         epoch_ended = pos.batch_in_epoch >= self.steps_per_epoch * self.K
         if epoch_ended:  # the epoch's last step
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-        if warned > 0 or terminated > 0:  # SIGTERM on any rank wins over the warning: a cancel sticks
-            level = 2 if terminated > 0 else 1
-            pos.epoch_end_pending = epoch_ended or pos.step >= self.total_steps
-            self.save()
-            if self.root:
-                print(f"tsm-dist train: {stop_message(level, pos.step)}", file=sys.stderr, flush=True)
-            return ("preempted" if level == 1 else "terminated"), exit_code_for(level)
-        return None
+        self.stop_if_signalled(warned, terminated, epoch_end_pending=epoch_ended or pos.step >= self.total_steps)
 
     def accumulate_and_step(self, batches: Iterator[Any], timed: bool) -> StepTimes:
         """K forward/backward passes, one gradient allreduce, clip, optimizer step."""
@@ -465,17 +348,20 @@ class Trainer:
         self.progress.update(record["step"], self.pos.epoch, loss=record["loss"], lr=record["lr"],
                              clips_s=record["clips_per_sec_total"])
 
-    def end_of_epoch(self) -> None:
-        """8. end of an epoch (or of max_steps): evaluate, then rank 0 checkpoints."""
+    def end_of_epoch(self, stop: StopSignals) -> None:
+        """8. end of an epoch (or of max_steps): evaluate, rank 0 checkpoints, then a stop signal that arrived
+        meanwhile is acted on now, not one training step (and maybe a whole evaluation) later."""
         cfg, pos = self.cfg, self.pos
         last = pos.epoch >= cfg.train.epochs or pos.step >= self.total_steps
         is_best = False
         if self.val_loader is not None and (pos.epoch % cfg.train.eval_every_epochs == 0 or last):
-            result = evaluate_and_share(self.model, self.val_loader, self.engine, self.amp_dtype)
+            # each rank kept its own BN statistics; evaluate (and save) rank 0's everywhere
+            self.engine.broadcast_tensors({n: b for n, b in self.model.named_buffers()})
+            result = evaluate(self.model, self.val_loader, self.engine, amp_dtype=self.amp_dtype)
             if not math.isfinite(result["loss"]):
                 if self.log is not None:
                     self.log.write(records.eval_record(epoch=pos.epoch, step=pos.step, **result))
-                raise Diverged("the validation loss is NaN or Inf (the model diverged)")
+                raise Diverged("the validation loss is NaN or Inf (the model diverged)", pos)
             is_best = result["top1"] > pos.best_top1
             pos.best_top1 = max(pos.best_top1, result["top1"])
             if self.log is not None and self.wandb is not None:
@@ -484,43 +370,41 @@ class Trainer:
             self.train_model.train()
         if cfg.train.checkpoint_every_epochs and (pos.epoch % cfg.train.checkpoint_every_epochs == 0 or last):
             self.save(is_best)
+        if not last:  # after the last epoch the run is complete, whatever arrived
+            warned, terminated = self.engine.allreduce_sum(
+                torch.tensor(_signal_flags(stop), dtype=torch.float64)).tolist()
+            self.stop_if_signalled(warned, terminated)
 
-    # ------------------------------------------------------------------------------ state out
+    # ------------------------------------------------------------------------------ stop
+    def stop_if_signalled(self, warned: float, terminated: float, *, epoch_end_pending: bool = False) -> None:
+        """The one stop path for signals, after a step and after an epoch's end: ``warned`` and ``terminated``
+        are the ranks' :func:`_signal_flags` combined by an allreduce, so every rank decides alike. A stop
+        checkpoints the position and raises :class:`Stopped` with the code the job script acts on."""
+        if warned == 0 and terminated == 0:
+            return
+        level = 2 if terminated > 0 else 1  # SIGTERM on any rank wins over the warning: a cancel sticks
+        self.pos.epoch_end_pending = epoch_end_pending
+        self.save()
+        raise Stopped("preempted" if level == 1 else "terminated", exit_code_for(level),
+                      stop_message(level, self.pos.step))
+
     def save(self, is_best: bool = False) -> None:
         """Every rank contributes its random state; rank 0 writes the checkpoint."""
-        shared = self.engine.allgather_object((_rng_state(), _finite(self.model)))
+        shared = self.engine.allgather_object((train_state.rng_state(), _finite(self.model)))
         if not all(finite for _, finite in shared):
-            raise Diverged("the model's weights are NaN or Inf")
-        rngs = [rng for rng, _ in shared]
+            raise Diverged("the model's weights are NaN or Inf", self.pos)
         error = None
         if self.root:
             try:
-                self._write_checkpoint(rngs, is_best)
+                train_state.write(self.workdir, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+                            pos=self.pos, rngs=[rng for rng, _ in shared], cfg=self.cfg,
+                            engine_name=self.engine.name, plan=self.plan, run_id=self.run_id, is_best=is_best)
             except OSError as exc:
-                error = (f"{storage_problem(exc, exc.filename or self.workdir / ckpt.CHECKPOINT_DIR)}; training "
+                error = (f"{storage_problem(exc, exc.filename or self.workdir / CHECKPOINT_DIR)}; training "
                          "stopped, the previous checkpoint is kept")
         error = self.engine.broadcast_object(error)  # every rank stops with the same code
         if error:
             raise CoordinatedError(error, EXIT_STORAGE)
-
-    def _write_checkpoint(self, rngs: list[dict[str, Any]], is_best: bool) -> None:
-        pos = self.pos
-        ckpt.save_checkpoint(self.workdir / ckpt.CHECKPOINT_DIR, {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(), "epoch": pos.epoch, "step": pos.step,
-            "batch_in_epoch": pos.batch_in_epoch, "best_top1": pos.best_top1, "rng": rngs,
-            "epoch_end_pending": pos.epoch_end_pending,
-            "config": self.cfg.to_dict(), "engine": self.engine.name, "world_size": self.engine.size,
-            "global_batch": self.plan.global_batch, "accumulate": self.K, "per_gpu_batch": self.plan.per_gpu_batch,
-            "run_id": self.run_id},
-            epoch=pos.epoch, step=pos.step, keep_last=self.cfg.train.keep_last, is_best=is_best)
-
-    def release(self) -> None:
-        """Free the distributed model while the engine still runs. A DDP model freed after the process group
-        was destroyed made Gloo abort the rank at exit ("terminate called without an active exception",
-        exit 134) in 5 of 12 two-rank runs here; 0 of 12 since."""
-        self.train_model = self.model = self.optimizer = None  # type: ignore[assignment]
-        gc.collect()
 
     def finish(self, status: str, code: int, stop: StopSignals | None = None) -> int:
         """The ``end`` record (with the videos every shard skipped: reported, never silently lost).
@@ -548,6 +432,46 @@ class Trainer:
             self.wandb.finish(exit_code=code)
         return code
 
+    def release(self) -> None:
+        """Drop the distributed model and optimizer while the engine still runs (see :func:`main`)."""
+        self.train_model = self.model = self.optimizer = None  # type: ignore[assignment]
+        gc.collect()
+
+
+# ------------------------------------------------------------------------------- building blocks
+@dataclass
+class StepTimes:
+    """One optimizer step on this rank: the summed loss of its K micro-batches and where the time went."""
+
+    loss: torch.Tensor
+    data: float = 0.0
+    compute: float = 0.0
+    sync: float = 0.0
+
+
+def _signal_flags(stop: StopSignals) -> list[float]:
+    """This rank's part of the stop decision: [time-limit warning or more, SIGTERM/SIGINT]."""
+    return [float(stop.level >= 1), float(stop.level >= 2)]
+
+
+def _wait(device: torch.device) -> None:
+    """Wait for queued GPU work so a phase's time is really spent in that phase.
+
+    Only the compute stream: DALI prefetches on its own streams and must keep running.
+    """
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _finite(module: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in [*module.parameters(), *module.buffers()]
+               if t.is_floating_point())
+
+
+def _ordered_prefix(loader: Any) -> bool:
+    """Whether the loader takes an epoch's clips in one global order whatever the number of ranks."""
+    return not getattr(getattr(loader, "planner", None), "contiguous", False)
+
 
 # ------------------------------------------------------------------------------------ the CLI
 def build_parser() -> argparse.ArgumentParser:
@@ -569,11 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``tsm-dist train``; errors become one line from one rank and a documented code (:mod:`tsm_dist.errors`)."""
     code = run_main("tsm-dist train", _main, argv)
-    # DDP keeps torch's Gloo process group alive past destroy_process_group; freed only while the
-    # interpreter finalizes (Py_FinalizeEx's collection), a pt_gloo_runloop thread aborts the process
-    # ("terminate called without an active exception", exit 134 after a completed run: 2-rank trainer runs
-    # at load 8-12, 7 of 16; a 10-line DDP script, 6 of 6, and 0 of 6 when it collects before exiting).
-    # Free the trainer's cycles now, while the interpreter is whole.
+    # Gloo at exit: torch's Gloo process group outlives destroy_process_group while DDP holds it, and freed
+    # during interpreter finalization it aborts the process (exit 134 after a completed run). Free it now,
+    # while the interpreter is whole; Trainer.release already dropped the model and optimizer. The runs
+    # that showed it: docs/training.md, "Exit 134 after a completed run".
     gc.collect()
     return code
 
