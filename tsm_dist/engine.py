@@ -302,9 +302,8 @@ class Engine:
                           if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                           else {"broadcast_buffers": False})
         # On CPU ranks the gradients are views of the allreduce buckets, so the averaged bucket is not
-        # copied back out into every gradient after the allreduce (the copy in still happens, since
-        # zero_grad sets gradients to None); 3-5 % of a step measured, docs/studies.md. GPU ranks keep
-        # DDP's default.
+        # copied back out into every gradient on the computing cores (measured: docs/studies.md, "Scaling
+        # on CPU ranks"). GPU ranks keep DDP's default.
         ddp = DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             bucket_cap_mb=self.cfg.fusion_threshold_mb, gradient_as_bucket_view=self.device.type == "cpu",
@@ -353,8 +352,8 @@ class Engine:
         """Sleep until Horovod's background thread has finished these operations (CPU ranks).
 
         ``hvd.synchronize`` waits in a ``sched_yield`` loop: on a CPU rank that loop shares the rank's
-        cores with the background thread doing the allreduce, and halved its speed (measured in
-        docs/studies.md). Polling with short sleeps leaves the core to the allreduce. On GPUs the wait is
+        cores with the background thread doing the allreduce and slows it (docs/studies.md, "Scaling on
+        CPU ranks"). Polling with short sleeps leaves the core to the allreduce. On GPUs the wait is
         Horovod's own (the cores are free; a sleep would only add latency).
         """
         if self.device.type == "cuda":
