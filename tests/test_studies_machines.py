@@ -50,5 +50,5 @@ def test_bad_profiles_name_file_and_key(tmp_path, edit, message):
 
 
 def test_unknown_profile_lists_known():
-    with pytest.raises(FileNotFoundError, match="summit"):
+    with pytest.raises(FileNotFoundError, match="known: .*summit"):
         load_machine("nowhere")

@@ -13,7 +13,7 @@ from tsm_dist import checkpoint as ckpt
 from tsm_dist.errors import CheckpointError
 from tsm_dist.accuracy import topk_counts
 from tsm_dist.progress import Progress
-from tsm_dist.preemption import (PREEMPTED_EXIT_CODE, REQUEUE_ENV, TERMINATED_EXIT_CODE, PreemptionFlag,
+from tsm_dist.preemption import (PREEMPTED_EXIT_CODE, REQUEUE_ENV, TERMINATED_EXIT_CODE, StopSignals,
                                  exit_code_for, stop_message)
 
 REPO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "synthetic_tsm.yaml")
@@ -60,12 +60,12 @@ def test_topk_counts_skip_padded_samples():
     assert topk_counts(logits[:0], labels[:0]).tolist() == [0, 0, 0]
 
 
-def test_preemption_flag_records_signals_and_restores_handlers():
+def test_stop_signals_record_signals_and_restores_handlers():
     before = signal.getsignal(signal.SIGUSR1)
-    with PreemptionFlag() as flag:
-        assert not flag.requested
+    with StopSignals() as flag:
+        assert flag.level == 0 and flag.received is None
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert flag.requested and flag.received == signal.SIGUSR1
+        assert flag.level == 1 and flag.received == signal.SIGUSR1
     assert signal.getsignal(signal.SIGUSR1) is before
     assert PREEMPTED_EXIT_CODE == 75
 
@@ -96,7 +96,7 @@ def test_stop_signals_rank_sigterm_over_the_warning_and_exit_with_the_decided_co
     import subprocess
     import sys
 
-    with PreemptionFlag() as flag:
+    with StopSignals() as flag:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGUSR1)  # a later warning does not downgrade a cancel
         assert flag.level == 2 and flag.received == signal.SIGTERM
@@ -208,7 +208,7 @@ def test_stop_on_an_epochs_last_step_redoes_its_evaluation_on_resume(tmp_path):
 
 
 def test_second_ctrl_c_interrupts():
-    with PreemptionFlag() as flag:
+    with StopSignals() as flag:
         os.kill(os.getpid(), signal.SIGINT)
         assert flag.level == 2
         with pytest.raises(KeyboardInterrupt):

@@ -61,10 +61,6 @@ class StopSignals:
         self._exit_code: int | None = None
 
     @property
-    def requested(self) -> bool:
-        return self._level > 0
-
-    @property
     def level(self) -> int:
         return self._level
 
@@ -102,10 +98,6 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-
-# the name the trainer has always used
-PreemptionFlag = StopSignals
 
 
 def exit_code_for(level: int) -> int:

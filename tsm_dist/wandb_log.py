@@ -42,10 +42,6 @@ class WandbRun:
         except Exception as exc:  # wandb.init raises its own types, timeouts, OSError
             self._give_up("init", exc)
 
-    @property
-    def active(self) -> bool:
-        return self._run is not None
-
     def _give_up(self, where: str, exc: BaseException) -> None:
         self.failure = f"{type(exc).__name__}: {exc}".strip()
         # no "training continues": a failure in finish, or in log after SIGTERM killed wandb's service, comes

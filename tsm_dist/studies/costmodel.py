@@ -145,10 +145,3 @@ def unmodelled_overhead(single_node_step_s: float, measured_step_s: float, measu
                                  intra=intra, inter=inter, accumulate=accumulate,
                                  small_collectives=small_collectives)
     return measured_step_s - modelled
-
-
-def project_scalability(single_node_step_s: float, nodes: int, gpus_per_node: int, grad_bytes: float, *,
-                        intra: LinkCost, inter: LinkCost) -> float:
-    """Projected speed on n nodes divided by the ideal speed (single-node speed × n)."""
-    step_n = project_step_time(single_node_step_s, nodes, gpus_per_node, grad_bytes, intra=intra, inter=inter)
-    return single_node_step_s / step_n

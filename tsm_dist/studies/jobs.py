@@ -83,11 +83,6 @@ class JobOptions:
     resource_sets: str | None = None  # LSF; default per-gpu for GPU jobs, per-node for CPU jobs
     python: str | None = None  # interpreter on the compute nodes (default: this one)
 
-    @property
-    def ranks_per_node_resolved(self) -> int:
-        return self.gpus_per_node if self.gpus_per_node > 0 else (self.ranks_per_node or 1)
-
-
 def render_jobs(runs: Sequence[StudyRun], out: Path, options: JobOptions, command: str = "",
                 extra: Callable[[StudyRun], dict] | None = None) -> None:
     """Write ``out/jobs/<tag>/job.<lsf|sbatch>`` for every run and set ``run.script``.

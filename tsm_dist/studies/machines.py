@@ -75,14 +75,19 @@ def _link(data: Any, where: str) -> Link:
                                            positive=True))
 
 
+def list_machines() -> list[str]:
+    """The names of the shipped profiles (``configs/machines/*.yaml``)."""
+    return sorted(p.stem for p in MACHINES_DIR.glob("*.yaml"))
+
+
 def load_machine(name_or_path: str | Path) -> MachineProfile:
     """Load a profile by name (``summit`` -> configs/machines/summit.yaml) or by path."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = MACHINES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in MACHINES_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"machine profile {str(name_or_path)!r} not found ({path}); known: {known}")
+        raise FileNotFoundError(f"machine profile {str(name_or_path)!r} not found ({path}); known: "
+                                f"{', '.join(list_machines())}")
     data = _check_keys(yaml.safe_load(path.read_text()), MachineProfile, str(path))
     scheduler = data["scheduler"]
     if scheduler not in SCHEDULERS:
@@ -95,7 +100,3 @@ def load_machine(name_or_path: str | Path) -> MachineProfile:
                           intra_node=_link(data["intra_node"], f"{path}: intra_node"),
                           inter_node=_link(data["inter_node"], f"{path}: inter_node"),
                           description=str(data.get("description", "")))
-
-
-def list_machines() -> list[str]:
-    return sorted(p.stem for p in MACHINES_DIR.glob("*.yaml"))
