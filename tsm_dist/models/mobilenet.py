@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tsm_dist.models.resnet import VideoResNet, VideoSpec
+from tsm_dist.models.resnet import VideoSpec
 from tsm_dist.models.temporal_shift import Direction, TemporalShift
+from tsm_dist.models.video_model import VideoModel
 
 # (expand ratio t, output channels c, blocks n, stride of the first block s): MobileNetV2's Table 2
 SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
@@ -64,20 +65,12 @@ class InvertedResidual(nn.Module):
         return x + out
 
 
-class VideoMobileNetV2(nn.Module):
+class VideoMobileNetV2(VideoModel):
     """Clips ``(N, T, 3, H, W)`` -> logits ``(N, num_classes)``: frames folded into the batch, per-frame
-    logits averaged (TSN's consensus), the interface of :class:`tsm_dist.models.resnet.VideoResNet`."""
+    logits averaged (TSN's consensus); the clip interface, init and stream control are :class:`VideoModel`'s."""
 
     conv3d = False
     memory_format = torch.channels_last
-    # Clip checks and stream control are the ResNet's, read from the same attributes (spec, num_frames,
-    # _shifts): one definition of what a streaming 2D model accepts.
-    _check_input = VideoResNet._check_input
-    shift_modules = VideoResNet.shift_modules
-    streaming = VideoResNet.streaming
-    start_stream = VideoResNet.start_stream
-    stop_stream = VideoResNet.stop_stream
-    stream_cache_nbytes = VideoResNet.stream_cache_nbytes
 
     def __init__(self, spec: VideoSpec, *, num_classes: int, num_frames: int, width: int = STEM,
                  dropout: float = 0.5, fold_div: int = 8, direction: Direction = "bi") -> None:
@@ -104,27 +97,10 @@ class VideoMobileNetV2(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(self.num_features, num_classes)
-        self._init_weights()
-        self._shifts = tuple(m for m in self.modules() if isinstance(m, TemporalShift))
+        self._finish()
 
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.fc.weight, 0.0, 0.001)
-        nn.init.zeros_(self.fc.bias)
-
-    def frame_logits(self, clips: Tensor) -> Tensor:
-        """Per-frame logits ``(N, T, num_classes)``."""
-        self._check_input(clips)
-        feats = self.avgpool(self.features(clips.flatten(0, 1))).flatten(1)
-        return self.fc(self.dropout(feats)).view(clips.shape[0], clips.shape[1], -1)
-
-    def forward(self, clips: Tensor) -> Tensor:
-        return self.frame_logits(clips).mean(dim=1)
+    def _backbone(self, x: Tensor) -> Tensor:
+        return self.features(x)
 
     def temporal_resolution(self, clips: Tensor) -> list[tuple[str, int]]:
         """A 2D network keeps every frame to the end (the paper's Table 11 row for TSM)."""

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from tsm_dist.models.temporal_shift import Direction, TemporalShift
+from tsm_dist.models.video_model import VideoModel
 
 ShiftPlace = Literal["residual", "inplace"]
 BlockKind = Literal["basic", "bottleneck"]
@@ -150,8 +151,8 @@ def _temporal_kernels(kind: BlockKind, inflate: str, inflated: bool) -> tuple[in
     return (1, 3) if kind == "bottleneck" else (3, 3)  # "3x3": every spatial 3x3 conv
 
 
-class VideoResNet(nn.Module):
-    """Clips ``(N, T, 3, H, W)`` -> logits ``(N, num_classes)``."""
+class VideoResNet(VideoModel):
+    """Clips ``(N, T, 3, H, W)`` -> logits ``(N, num_classes)`` through a 2D or inflated 3D ResNet."""
 
     def __init__(self, spec: VideoSpec, *, num_classes: int, num_frames: int, depth: int = 50,
                  width: int = 64, dropout: float = 0.5, fold_div: int = 8,
@@ -195,59 +196,13 @@ class VideoResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool3d(1) if c3 else nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(cin, num_classes)
-        self._init_weights()
-        # A plain tuple (not registered twice): the streaming checks run on every forward.
-        self._shifts = tuple(m for m in self.modules() if isinstance(m, TemporalShift))
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        # A small classifier init, as in the reference TSM code, so fine-tuning starts near uniform.
-        nn.init.normal_(self.fc.weight, 0.0, 0.001)
-        nn.init.zeros_(self.fc.bias)
+        self._finish()
 
     # -- forward -----------------------------------------------------------------------------------
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 5 or x.shape[2] != 3:
-            raise ValueError(f"expected clips shaped (N, T, 3, H, W), got {tuple(x.shape)}")
-        if self.streaming:
-            if x.shape[1] != 1:
-                raise ValueError("the model is streaming (OnlineTSM): one frame per call; "
-                                 "stop_stream() to run whole clips again")
-        elif self.spec.shift and x.shape[1] != self.num_frames:
-            raise ValueError(f"this TSM model shifts over num_frames={self.num_frames}, "
-                             f"got clips of {x.shape[1]} frames")
-
     def _backbone(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.pool2(self.layer1(x))
         return self.layer4(self.layer3(self.layer2(x)))
-
-    def _to_backbone_layout(self, clips: Tensor) -> Tensor:
-        if self.conv3d:
-            return clips.transpose(1, 2)  # (N, 3, T, H, W)
-        return clips.flatten(0, 1)  # (N*T, 3, H, W)
-
-    def _logits(self, clips: Tensor) -> Tensor:
-        """Logits per frame (2D: ``(N*T, K)``) or per clip (3D: ``(N, K)``)."""
-        self._check_input(clips)
-        feats = self.avgpool(self._backbone(self._to_backbone_layout(clips))).flatten(1)
-        return self.fc(self.dropout(feats))
-
-    def frame_logits(self, clips: Tensor) -> Tensor:
-        """Per-frame logits ``(N, T, num_classes)`` of a 2D model (TSN's consensus averages them)."""
-        if self.conv3d:
-            raise ValueError("a 3D model pools time inside the network and has no per-frame logits")
-        return self._logits(clips).view(clips.shape[0], clips.shape[1], -1)
-
-    def forward(self, clips: Tensor) -> Tensor:
-        if self.conv3d:
-            return self._logits(clips)
-        return self.frame_logits(clips).mean(dim=1)
 
     # -- introspection -----------------------------------------------------------------------------
     def temporal_resolution(self, clips: Tensor) -> list[tuple[str, int]]:
@@ -275,25 +230,3 @@ class VideoResNet(nn.Module):
                 h.remove()
         rows.append(("global pool", 1))
         return rows
-
-    def shift_modules(self) -> tuple[TemporalShift, ...]:
-        return self._shifts
-
-    # -- streaming (used by OnlineTSM) -------------------------------------------------------------
-    @property
-    def streaming(self) -> bool:
-        return any(s.streaming for s in self._shifts)
-
-    def start_stream(self) -> None:
-        """Each call now takes one time step ``(N, 1, 3, H, W)``; shift caches start at zero."""
-        if self.conv3d:
-            raise ValueError("a 3D model cannot stream frame by frame")
-        for s in self.shift_modules():
-            s.start_stream()
-
-    def stop_stream(self) -> None:
-        for s in self.shift_modules():
-            s.stop_stream()
-
-    def stream_cache_nbytes(self) -> int:
-        return sum(s.cache_nbytes() for s in self.shift_modules())

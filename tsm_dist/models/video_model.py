@@ -1,0 +1,112 @@
+"""What every video model shares, whatever its backbone (the ResNet builder, MobileNetV2): the clip interface.
+
+Clips ``(N, T, 3, H, W)`` in, logits ``(N, num_classes)`` out. A 2D backbone sees the frames folded into
+the batch, ``(N*T, 3, H, W)``, and its per-frame logits are averaged (TSN's consensus); a 3D backbone sees
+``(N, 3, T, H, W)`` and pools time itself. Then global pooling, dropout and the classifier. Also shared:
+the weight init, the input checks, and the stream control of the model's temporal shifts
+(:class:`tsm_dist.models.online.OnlineTSM`).
+
+A backbone subclass sets ``spec``, ``num_frames``, ``num_classes``, ``conv3d``, ``avgpool``, ``dropout`` and
+``fc``, defines :meth:`VideoModel._backbone`, and calls :meth:`VideoModel._finish` at the end of its
+``__init__``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from tsm_dist.models.temporal_shift import TemporalShift
+
+if TYPE_CHECKING:
+    from tsm_dist.models.resnet import VideoSpec
+
+
+class VideoModel(nn.Module, ABC):
+    """Clips ``(N, T, 3, H, W)`` -> logits ``(N, num_classes)``; subclasses provide the backbone."""
+
+    spec: VideoSpec
+    num_frames: int
+    num_classes: int
+    conv3d: bool
+    avgpool: nn.Module
+    dropout: nn.Module
+    fc: nn.Linear
+
+    @abstractmethod
+    def _backbone(self, x: Tensor) -> Tensor:
+        """Features before global pooling, in the backbone's layout."""
+
+    def _finish(self) -> None:
+        """The end of a subclass's ``__init__``: initialize the weights, find the shifts."""
+        self._init_weights()
+        # A plain tuple (not registered twice): the streaming checks run on every forward.
+        self._shifts = tuple(m for m in self.modules() if isinstance(m, TemporalShift))
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # A small classifier init, as in the reference TSM code, so fine-tuning starts near uniform.
+        nn.init.normal_(self.fc.weight, 0.0, 0.001)
+        nn.init.zeros_(self.fc.bias)
+
+    # -- forward -----------------------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 5 or x.shape[2] != 3:
+            raise ValueError(f"expected clips shaped (N, T, 3, H, W), got {tuple(x.shape)}")
+        if self.streaming:
+            if x.shape[1] != 1:
+                raise ValueError("the model is streaming (OnlineTSM): one frame per call; "
+                                 "stop_stream() to run whole clips again")
+        elif self.spec.shift and x.shape[1] != self.num_frames:
+            raise ValueError(f"this TSM model shifts over num_frames={self.num_frames}, "
+                             f"got clips of {x.shape[1]} frames")
+
+    def _to_backbone_layout(self, clips: Tensor) -> Tensor:
+        if self.conv3d:
+            return clips.transpose(1, 2)  # (N, 3, T, H, W)
+        return clips.flatten(0, 1)  # (N*T, 3, H, W)
+
+    def _logits(self, clips: Tensor) -> Tensor:
+        """Logits per frame (2D: ``(N*T, K)``) or per clip (3D: ``(N, K)``)."""
+        self._check_input(clips)
+        feats = self.avgpool(self._backbone(self._to_backbone_layout(clips))).flatten(1)
+        return self.fc(self.dropout(feats))
+
+    def frame_logits(self, clips: Tensor) -> Tensor:
+        """Per-frame logits ``(N, T, num_classes)`` of a 2D model (TSN's consensus averages them)."""
+        if self.conv3d:
+            raise ValueError("a 3D model pools time inside the network and has no per-frame logits")
+        return self._logits(clips).view(clips.shape[0], clips.shape[1], -1)
+
+    def forward(self, clips: Tensor) -> Tensor:
+        if self.conv3d:
+            return self._logits(clips)
+        return self.frame_logits(clips).mean(dim=1)
+
+    # -- streaming (used by OnlineTSM) -------------------------------------------------------------
+    def shift_modules(self) -> tuple[TemporalShift, ...]:
+        return self._shifts
+
+    @property
+    def streaming(self) -> bool:
+        return any(s.streaming for s in self._shifts)
+
+    def start_stream(self) -> None:
+        """Each call now takes one time step ``(N, 1, 3, H, W)``; shift caches start at zero."""
+        if self.conv3d:
+            raise ValueError("a 3D model cannot stream frame by frame")
+        for s in self.shift_modules():
+            s.start_stream()
+
+    def stop_stream(self) -> None:
+        for s in self.shift_modules():
+            s.stop_stream()
+
+    def stream_cache_nbytes(self) -> int:
+        return sum(s.cache_nbytes() for s in self.shift_modules())
