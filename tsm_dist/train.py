@@ -149,7 +149,8 @@ class Trainer:
         problems = preflight(self.train_loader, self.val_loader, rank=self.engine.rank, size=self.engine.size)
         found = [p for shard in self.engine.allgather_object(problems) for p in shard]
         if found:
-            more = f" (and {len(found) - 1} more; 'tsm-dist check-data --config C' lists them all)" if len(found) > 1 else ""
+            more = (f" (and {len(found) - 1} more; 'tsm-dist check-data --config C' lists them all)"
+                    if len(found) > 1 else "")
             raise CoordinatedError(f"{found[0]}{more}; data.skip_corrupt=true skips bad videos", EXIT_DATA)
 
     def _build_model(self, model_builder: ModelBuilder | None) -> None:
@@ -375,7 +376,7 @@ class Trainer:
                 torch.tensor(_signal_flags(stop), dtype=torch.float64)).tolist()
             self.stop_if_signalled(warned, terminated)
 
-    # ------------------------------------------------------------------------------ stop
+    # ------------------------------------------------------------------------------ stop, checkpoint, end
     def stop_if_signalled(self, warned: float, terminated: float, *, epoch_end_pending: bool = False) -> None:
         """The one stop path for signals, after a step and after an epoch's end: ``warned`` and ``terminated``
         are the ranks' :func:`_signal_flags` combined by an allreduce, so every rank decides alike. A stop
@@ -397,8 +398,8 @@ class Trainer:
         if self.root:
             try:
                 train_state.write(self.workdir, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
-                            pos=self.pos, rngs=[rng for rng, _ in shared], cfg=self.cfg,
-                            engine_name=self.engine.name, plan=self.plan, run_id=self.run_id, is_best=is_best)
+                                  pos=self.pos, rngs=[rng for rng, _ in shared], cfg=self.cfg,
+                                  engine_name=self.engine.name, plan=self.plan, run_id=self.run_id, is_best=is_best)
             except OSError as exc:
                 error = (f"{storage_problem(exc, exc.filename or self.workdir / CHECKPOINT_DIR)}; training "
                          "stopped, the previous checkpoint is kept")
