@@ -1,6 +1,7 @@
 """Model benchmarks: the cost of the temporal shift, and the three models' throughput ratios.
 
-    python benchmarks/bench_models.py shift       # TSM8f vs TSN training step, 224x224, same run
+    python benchmarks/bench_models.py shift       # TSM8f vs TSN (and a TSN control copy) training step, 224x224
+    python benchmarks/bench_models.py layers      # the fused shift's extra time per shifted layer, summed per step
     python benchmarks/bench_models.py ops         # dispatched aten ops per training step, two batch sizes
     python benchmarks/bench_models.py throughput  # TSM8f : I3D3x3x3 : I3D3x1x1 inference clips/s
     python benchmarks/bench_models.py all         # shift and throughput
@@ -10,13 +11,18 @@ processes on a shared machine hit every model alike; each round gives a paired r
 the median and the spread of those ratios. With ``--compare`` two other shift implementations are
 timed beside ours for scale: a plain out-of-place copy (every channel written once, opposite shift
 in backward) and the reference implementation's (zero tensor, then slices assigned). The in-place
-moves are also timed inside real TSM steps. ``ops`` counts the aten ops a training step dispatches
+moves are also timed inside real TSM steps. ``layers`` times every distinct shifted conv of TSM8f-R50 alone
+(forward + backward with its identity path, fused vs a plain conv of the same input, interleaved, the
+minimum over repetitions since interference only adds time), sums the extra time over the network's
+shifted layers and divides by a TSN step timed in the same run: a per-step overhead that other
+processes disturb far less than the step-level ratio. ``ops`` counts the aten ops a training step dispatches
 (views included; on a GPU each non-view op is a kernel launch) for TSN, our TSM8f and TSM8f with
 the reference shift, at two batch sizes.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
 import types
@@ -28,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tsm_dist.models.shift_kernels as sk
 from tsm_dist.models import build_model
-from tsm_dist.models.temporal_shift import shift_groups, temporal_shift
+from tsm_dist.models.temporal_shift import TemporalShift, shift_groups, temporal_shift
 
 PAPER_P100 = {"tsm8f_r50": 84.8, "i3d3x3x3_r50": 63.1, "i3d3x1x1_r50": 41.9}
 
@@ -51,7 +57,8 @@ def _summary(values: list[float]) -> str:
             f"min {min(values):+.2%}  max {max(values):+.2%}  (n={len(values)})")
 
 
-def _interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, list[float]]:
+def _interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -59,9 +66,9 @@ def _interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            start = time.perf_counter()
+            start = clock()
             steps[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -78,27 +85,29 @@ def _train_step(model: torch.nn.Module, clips: torch.Tensor, labels: torch.Tenso
 
 
 class _ShiftTimer:
-    """Times the in-place moves (shift and undo, forward and backward) inside real TSM steps. Left
-    out: the backward's move-back of the input gradient, folded into the identity-gradient sum that
-    TSN pays for in autograd too; the step-level comparison above covers everything."""
+    """Times, inside real TSM steps, the in-place moves (shift and undo, forward and backward) and the
+    1x1 weight gradients computed by matmuls from the unshifted input (which replace the weight half of
+    a ``convolution_backward`` TSN pays too, so they are not all overhead). Left out: the backward's
+    move-back of the input gradient, folded into the identity-gradient sum that TSN pays for in
+    autograd too; the step-level comparison above covers everything."""
 
-    _NAMES = ("_shift_inplace", "_unshift_inplace")
+    _NAMES = ("_shift_inplace", "_unshift_inplace", "_weight_grad_1x1")
 
     def __init__(self) -> None:
-        self.seconds = 0.0
+        self.seconds = dict.fromkeys(self._NAMES, 0.0)
         self._originals = {name: getattr(sk, name) for name in self._NAMES}
 
-    def _timed(self, fn: Callable) -> Callable:
+    def _timed(self, name: str, fn: Callable) -> Callable:
         def wrapper(*args):
             start = time.perf_counter()
             result = fn(*args)
-            self.seconds += time.perf_counter() - start
+            self.seconds[name] += time.perf_counter() - start
             return result
         return wrapper
 
     def __enter__(self) -> "_ShiftTimer":
         for name, fn in self._originals.items():
-            setattr(sk, name, self._timed(fn))
+            setattr(sk, name, self._timed(name, fn))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -109,7 +118,8 @@ class _ShiftTimer:
 def bench_shift(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     tsn = build_model("tsn8f_r50", 400)
-    models = {"TSN": tsn, "TSM8f": build_model("tsm8f_r50", 400)}
+    # A second TSN shows the noise floor of the ratios (its true overhead is zero).
+    models = {"TSN": tsn, "TSN, control copy": build_model("tsn8f_r50", 400), "TSM8f": build_model("tsm8f_r50", 400)}
     if args.compare:
         models["TSM8f, plain copy shift"] = build_model("tsm8f_r50", 400)
         _use_shift(models["TSM8f, plain copy shift"], plain_copy_shift)
@@ -120,24 +130,26 @@ def bench_shift(args: argparse.Namespace) -> None:
     clips = torch.randn(args.batch, 8, 3, args.size, args.size)
     labels = torch.randint(0, 400, (args.batch,))
     steps = {name: _train_step(model, clips, labels) for name, model in models.items()}
+    clock = "process CPU time" if args.cpu_time else "wall time"
     print(f"# shift overhead: training step (fwd+bwd+SGD), batch {args.batch} x 8 frames x {args.size}^2, "
-          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds after {args.warmup} warm-up")
-    times = _interleaved(steps, args.rounds, args.warmup)
+          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds after {args.warmup} warm-up, {clock}")
+    times = _interleaved(steps, args.rounds, args.warmup, time.process_time if args.cpu_time else time.perf_counter)
     for name, samples in times.items():
         print(f"{name:<24} step median {statistics.median(samples):.3f} s  min {min(samples):.3f}  max {max(samples):.3f}")
     base = times["TSN"]
     for name in [n for n in times if n != "TSN"]:
         ratios = [t / b - 1 for t, b in zip(times[name], base)]
         print(f"{name:<24} overhead vs TSN per round: {_summary(ratios)}")
-    per_step = []
+    moves, matmuls = [], []
     with _ShiftTimer() as timer:
         for _ in range(3):
-            timer.seconds = 0.0
+            timer.seconds = dict.fromkeys(timer.seconds, 0.0)
             steps["TSM8f"]()
-            per_step.append(timer.seconds)
-    shift_s = statistics.median(per_step)
-    print(f"in-place moves (shift + undo) inside a TSM8f step: {shift_s * 1e3:.1f} ms = "
-          f"{shift_s / statistics.median(base):.2%} of the median TSN step")
+            matmuls.append(timer.seconds["_weight_grad_1x1"])
+            moves.append(timer.seconds["_shift_inplace"] + timer.seconds["_unshift_inplace"])
+    for what, samples in [("in-place moves (shift + undo)", moves), ("1x1 weight gradients by matmul", matmuls)]:
+        print(f"{what} inside a TSM8f step: {statistics.median(samples) * 1e3:.1f} ms = "
+              f"{statistics.median(samples) / statistics.median(base):.2%} of the median TSN step")
 
 
 class _OpCounter(TorchDispatchMode):
@@ -159,6 +171,63 @@ def step_ops(model: torch.nn.Module, batch: int, size: int) -> int:
     with _OpCounter() as counter:
         step()
     return counter.ops
+
+
+def _shifted_layers(size: int) -> collections.Counter:
+    """Every distinct shifted conv of TSM8f-R50 at ``size``: (input shape, conv) -> how often it occurs."""
+    seen: collections.Counter = collections.Counter()
+    original = TemporalShift.conv
+
+    def record(self, x: torch.Tensor, conv: torch.nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+        seen[(tuple(x.shape), conv.out_channels, conv.kernel_size, conv.stride, conv.padding)] += 1
+        return original(self, x, conv)
+
+    TemporalShift.conv = record
+    try:
+        with torch.no_grad():
+            build_model("tsm8f_r50", 400)(torch.randn(1, 8, 3, size, size))
+    finally:
+        TemporalShift.conv = original
+    return seen
+
+
+def _layer_step(shape: tuple, out_channels: int, kernel: tuple, stride: tuple, padding: tuple,
+                fused: bool) -> Callable[[], None]:
+    torch.manual_seed(0)
+    x, groups = torch.randn(shape), shift_groups(shape[1], 8)
+    weight = torch.randn(out_channels, shape[1], *kernel, requires_grad=True)
+    grad_y = torch.randn_like(F.conv2d(x, weight.detach(), None, stride, padding))
+
+    def step() -> None:
+        xx = x.detach().requires_grad_()
+        if fused:
+            y, identity = sk.shifted_conv2d_and_identity(xx, weight, None, 8, groups, stride, padding)
+        else:
+            y, identity = F.conv2d(xx, weight, None, stride, padding), xx
+        torch.autograd.backward([y, identity], [grad_y, x])
+        weight.grad = None
+
+    return step
+
+
+def bench_layers(args: argparse.Namespace) -> None:
+    layers = _shifted_layers(args.size)
+    print(f"# fused shift per shifted layer of TSM8f-R50 (fwd+bwd, identity path included) vs a plain conv, "
+          f"{args.size}^2, 8 frames, {torch.get_num_threads()} threads, min over {args.rounds} interleaved reps")
+    extra = 0.0
+    for (shape, out_channels, kernel, stride, padding), count in layers.items():
+        steps = {f: _layer_step(shape, out_channels, kernel, stride, padding, f) for f in (False, True)}
+        times = _interleaved({"plain": steps[False], "fused": steps[True]}, args.rounds, args.warmup)
+        plain, fused = min(times["plain"]), min(times["fused"])
+        extra += count * (fused - plain)
+        print(f"{count} x {shape[1]:>4}->{out_channels:<4} at {shape[2]:>3}^2: plain {plain * 1e3:7.2f} ms  "
+              f"fused {fused * 1e3:7.2f} ms  extra {(fused - plain) * 1e3:+6.2f} ms ({fused / plain - 1:+.1%})")
+    torch.manual_seed(0)
+    tsn = build_model("tsn8f_r50", 400)
+    step = _train_step(tsn, torch.randn(1, 8, 3, args.size, args.size), torch.randint(0, 400, (1,)))
+    tsn_step = min(_interleaved({"TSN": step}, max(3, args.rounds // 4), 1)["TSN"])
+    print(f"extra per step over {sum(layers.values())} shifted layers: {extra * 1e3:+.1f} ms = {extra / tsn_step:+.2%} "
+          f"of a TSN training step ({tsn_step:.3f} s, batch 1, min)")
 
 
 def bench_ops(args: argparse.Namespace) -> None:
@@ -202,7 +271,7 @@ def bench_throughput(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["shift", "ops", "throughput", "all"], nargs="?", default="all")
+    p.add_argument("what", choices=["shift", "layers", "ops", "throughput", "all"], nargs="?", default="all")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=1, help="clips per training step (shift benchmark)")
     p.add_argument("--rounds", type=int, default=30)
@@ -215,11 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops-width", type=int, default=16, help="ResNet base width (ops)")
     p.add_argument("--ops-size", type=int, default=32, help="crop size (ops)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time steps by process CPU time (with --threads 1: immune to being descheduled)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what in ("shift", "all"):
         bench_shift(args)
+    if args.what == "layers":
+        bench_layers(args)
     if args.what == "ops":
         bench_ops(args)
     if args.what in ("throughput", "all"):

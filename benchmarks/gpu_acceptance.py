@@ -32,6 +32,12 @@ fail), 1 otherwise. The checks:
    views, with K = 2 accumulation and, on cuda, fp16 AMP with GradScaler; equal to the local gradient.
 10. ``optimizer_state_broadcast``: momentum buffers through Horovod's broadcast as bytes, loaded onto
    this rank's device (the path ``broadcast_state`` skips at size 1).
+11. ``horovod_two_ranks_gloo``: two ranks (``horovodrun --gloo``) on this one device, the engine's
+   contiguous views with Horovod's fp16 compressor and K = 2 accumulation on a channels-last TSM: both
+   ranks must hold the same gradients, equal to the mean of their local ones within fp16 rounding. On a
+   GPU the tensors are CUDA tensors that Horovod stages through host memory for Gloo; a Horovod built
+   with NCCL has no such path (NCCL takes every CUDA tensor and refuses two ranks on one GPU), so the
+   check then says so and is skipped.
 
 Without DALI the DALI checks say "skipped: DALI not installed", without Horovod the Horovod ones
 "skipped: Horovod not installed"; every other check runs. A failed check names why in ``acceptance.md``.
@@ -43,10 +49,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -402,8 +410,8 @@ def check_train_synthetic_dali(s: Settings) -> dict[str, Any]:
     return {"ok": code == 0 and bool(steps) and all(np.isfinite(r["loss"]) for r in steps), "figures": figures}
 
 
-def _micro_batches(s: Settings) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
+def _micro_batches(s: Settings, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
     return [(torch.randn(2, 8, 3, s.size, s.size, generator=g).to(s.device),
              torch.randint(0, 10, (2,), generator=g).to(s.device)) for _ in range(2)]
 
@@ -526,6 +534,68 @@ def check_engine_step_channels_last(s: Settings) -> dict[str, Any]:
     return {"ok": ok, "figures": figures}
 
 
+TWO_RANK_BOUND = 1e-2  # per-parameter relative error vs the local mean (fp16 rounding ~1e-3; a scramble ~1)
+
+
+def two_ranks_worker(device: str, result: Path) -> int:
+    """One of the two ranks of ``horovod_two_ranks_gloo`` (started by horovodrun); rank 0 writes ``result``."""
+    from tsm_dist.config import EngineConfig
+    from tsm_dist.engine import Engine
+
+    s = Settings(device, result.parent)
+    engine = Engine(EngineConfig(name="horovod", fp16_compression=True, allow_shared_gpu=True)).init()
+    try:
+        batches = [_micro_batches(s, seed=1 + rank) for rank in range(engine.size)]
+        torch.manual_seed(0)
+        reference = _model("tsm8f_r50", s).to(memory_format=torch.channels_last)
+        for rank_batches in batches:  # the mean of every rank's local gradient, in fp32
+            _accumulated_grads(reference, rank_batches, None, torch.amp.GradScaler(enabled=False))
+        torch.manual_seed(0)
+        model = _model("tsm8f_r50", s).to(memory_format=torch.channels_last)
+        _, opt = engine.distribute(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), accumulate=2)
+        _accumulated_grads(model, batches[engine.rank], None, torch.amp.GradScaler(enabled=False))
+        launched = len(opt._handles)
+        engine.synchronize(opt)
+        want = dict(reference.named_parameters())
+        worst = max(float((p.grad - want[n].grad / engine.size).norm() / (want[n].grad / engine.size).norm().clamp_min(1e-12))
+                    for n, p in model.named_parameters())
+        flat = torch.cat([p.grad.detach().flatten().float().cpu() for p in model.parameters()])
+        digests = engine.allgather_object(hashlib.sha256(flat.numpy().tobytes()).hexdigest())
+        figures = {"ranks": engine.size, "device": str(engine.device),
+                   "compression": "fp16", "accumulate": 2, "allreduces_launched_by_hooks": launched,
+                   "parameters": len(want), "ranks_hold_equal_gradients": len(set(digests)) == 1,
+                   "worst_grad_rel_err_vs_local_mean": worst, "bound": TWO_RANK_BOUND,
+                   "grads_with_other_strides": [n for n, p in model.named_parameters() if p.grad.stride() != p.stride()]}
+        if engine.rank == 0:
+            result.write_text(json.dumps(figures))
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def check_horovod_two_ranks_gloo(s: Settings) -> dict[str, Any]:
+    _need_horovod()
+    import horovod.torch as hvd
+
+    if s.cuda and hvd.nccl_built():
+        raise Skipped("Horovod built with NCCL: NCCL takes every CUDA tensor and refuses two ranks on one GPU "
+                      "(Gloo stages CUDA tensors through the host only in a build without GPU allreduce)")
+    result = s.out / "two_ranks.json"
+    result.unlink(missing_ok=True)
+    horovodrun = Path(sys.executable).with_name("horovodrun")
+    cmd = [str(horovodrun), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(Path(__file__).resolve()),
+           "--device", "cuda" if s.cuda else "cpu", "--out", str(s.out), "--two-ranks-worker", str(result)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    if run.returncode != 0 or not result.exists():
+        tail = (run.stdout + run.stderr).strip().splitlines()[-3:]
+        return {"ok": False, "why": f"horovodrun exited {run.returncode}: " + " / ".join(tail), "figures": {}}
+    figures = json.loads(result.read_text())
+    ok = (figures["ranks_hold_equal_gradients"] and figures["worst_grad_rel_err_vs_local_mean"] < TWO_RANK_BOUND
+          and figures["allreduces_launched_by_hooks"] == figures["parameters"] and not figures["grads_with_other_strides"])
+    return {"ok": ok, "figures": figures}
+
+
 CHECKS: list[tuple[str, Callable[[Settings], dict[str, Any]]]] = [
     ("stack", check_stack),
     ("dali_decode_vp9", check_dali_decode_vp9),
@@ -538,6 +608,7 @@ CHECKS: list[tuple[str, Callable[[Settings], dict[str, Any]]]] = [
     ("engine_step_channels_last", check_engine_step_channels_last),
     ("horovod_allreduce_hooks", check_horovod_allreduce_hooks),
     ("optimizer_state_broadcast", check_optimizer_state_broadcast),
+    ("horovod_two_ranks_gloo", check_horovod_two_ranks_gloo),
 ]
 
 
@@ -596,7 +667,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory for acceptance.json / acceptance.md")
     parser.add_argument("--only", default="", help="comma-separated check names (default: all)")
     parser.add_argument("--check-timeout", type=int, default=180, help="seconds one check may take (default 180)")
+    parser.add_argument("--two-ranks-worker", type=Path, help=argparse.SUPPRESS)  # a rank of horovod_two_ranks_gloo
     args = parser.parse_args(argv)
+    if args.two_ranks_worker:
+        return two_ranks_worker(args.device, args.two_ranks_worker)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_acceptance: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2

@@ -9,13 +9,13 @@ from conftest import PYTHON, REPO, run_bounded
 
 CHECKS = ["stack", "dali_decode_vp9", "dali_decode_h264", "shift_gradients_amp", "shift_overhead",
           "table10_throughput", "amp_channels_last", "train_synthetic_dali", "engine_step_channels_last",
-          "horovod_allreduce_hooks", "optimizer_state_broadcast"]
+          "horovod_allreduce_hooks", "optimizer_state_broadcast", "horovod_two_ranks_gloo"]
 
 
 def test_gpu_acceptance_runs_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "acceptance"
     result = run_bounded([PYTHON, str(REPO / "benchmarks" / "gpu_acceptance.py"), "--device", "cpu", "--out", str(out)],
-                         timeout=240, cwd=tmp_path)
+                         timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:]
     report = json.loads((out / "acceptance.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}
@@ -31,5 +31,8 @@ def test_gpu_acceptance_runs_on_cpu(tmp_path: Path) -> None:
     hooks = checks["horovod_allreduce_hooks"]["figures"]  # a real allreduce per gradient at size 1
     assert hooks["allreduces_launched_by_hooks"] == hooks["parameters"] > 0
     assert checks["optimizer_state_broadcast"]["figures"]["bit_equal"] is True
+    two = checks["horovod_two_ranks_gloo"]["figures"]  # horovodrun --gloo, fp16 compressor over the views
+    assert two["ranks"] == 2 and two["ranks_hold_equal_gradients"] is True
+    assert two["allreduces_launched_by_hooks"] == two["parameters"] > 0 and two["worst_grad_rel_err_vs_local_mean"] < 1e-2
     summary = (out / "acceptance.md").read_text()
     assert summary.count("| ok |") == len(CHECKS) - 1 and "| skipped |" in summary

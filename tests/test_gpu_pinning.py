@@ -47,3 +47,7 @@ def test_a_shared_gpu_stops_every_rank_with_a_config_exit_code(monkeypatch) -> N
     assert err.value.code == EXIT_CONFIG
     monkeypatch.setattr(engine, "allgather_object", lambda obj: [(obj[0], "GPU-b", 0), obj])
     engine._refuse_shared_gpu()
+    # the acceptance kit's deliberate two ranks on one GPU: the refusal is off only when asked
+    engine.cfg.allow_shared_gpu = True
+    monkeypatch.setattr(engine, "allgather_object", lambda obj: [(obj[0], "GPU-a", 0), obj])
+    engine._refuse_shared_gpu()

@@ -218,11 +218,11 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _layer_ops(shift: str, clips: int, frames: int, memory_format, direction: str = "bi") -> list[str]:
-    """Ops of one shifted 1x1 conv with its identity path, forward and backward."""
+def _layer_ops(shift: str, clips: int, frames: int, memory_format, direction: str = "bi", hw: int = 5) -> list[str]:
+    """Ops of one shifted 1x1 conv (16 -> 8 channels) with its identity path, forward and backward."""
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 8, 1, bias=False).to(memory_format=memory_format)
-    x = torch.randn(clips * frames, 16, 5, 5).to(memory_format=memory_format).requires_grad_()
+    x = torch.randn(clips * frames, 16, hw, hw).to(memory_format=memory_format).requires_grad_()
     with _OpCounter() as counter:
         if shift == "fused":
             y, identity = shifted_conv(x, conv, frames, shift_groups(16, 8, direction))
@@ -236,15 +236,18 @@ def _layer_ops(shift: str, clips: int, frames: int, memory_format, direction: st
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("direction", ["bi", "uni"])
-def test_fused_shift_dispatches_the_same_ops_for_any_batch_and_clip_length(memory_format, direction) -> None:
+@pytest.mark.parametrize("hw", [5, 2], ids=["weight-grad-by-matmul", "shift-again"])
+def test_fused_shift_dispatches_the_same_ops_for_any_batch_and_clip_length(memory_format, direction, hw) -> None:
     """A GPU launches a kernel per op: the fused shift's count must not grow with N or T (it issued one
     copy per frame and one matmul per clip before) and must stay below the reference (bi-directional,
-    offline) shift's; the uni-directional reference is two copies, which the fused kernels do not beat."""
-    runs = {(n, t): _layer_ops("fused", n, t, memory_format, direction) for n, t in [(1, 4), (3, 4), (2, 8)]}
+    offline) shift's, on both backward paths (H*W >= out channels: the weight gradient by batched
+    matmuls; otherwise x shifted again); the uni-directional reference is two copies, which the fused
+    kernels do not beat."""
+    runs = {(n, t): _layer_ops("fused", n, t, memory_format, direction, hw) for n, t in [(1, 4), (3, 4), (2, 8)]}
     assert len({tuple(ops) for ops in runs.values()}) == 1, {k: len(v) for k, v in runs.items()}
-    plain = len(_layer_ops("none", 3, 4, memory_format))
+    plain = len(_layer_ops("none", 3, 4, memory_format, hw=hw))
     fused = len(runs[(3, 4)]) - plain
-    reference = len(_layer_ops("reference", 3, 4, memory_format)) - plain
+    reference = len(_layer_ops("reference", 3, 4, memory_format, hw=hw)) - plain
     assert 0 < fused <= reference, (fused, reference)
 
 

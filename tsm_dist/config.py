@@ -135,6 +135,9 @@ class EngineConfig:
     stall_check_s: int = 60
     stall_shutdown_s: int = 600
     timeout_s: int = 1800
+    # Two ranks on one GPU are refused (engine._refuse_shared_gpu); only a deliberate test of the
+    # collective path on a one-GPU machine (benchmarks/gpu_acceptance.py) turns the refusal off.
+    allow_shared_gpu: bool = False
 
 
 @dataclass

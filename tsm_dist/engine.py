@@ -106,7 +106,7 @@ class Engine:
     def _refuse_shared_gpu(self) -> None:
         """Two ranks on one GPU would run (slowly, or out of memory) without a word: every rank tells the
         others which physical GPU it pinned, and all stop with one line if two share one."""
-        if self.device.type != "cuda" or self.size == 1:
+        if self.device.type != "cuda" or self.size == 1 or self.cfg.allow_shared_gpu:
             return
         uuid = str(getattr(torch.cuda.get_device_properties(self.device), "uuid", self.device))
         shared = shared_gpus(self.allgather_object((os.uname().nodename, uuid, self.rank)))

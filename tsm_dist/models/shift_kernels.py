@@ -8,10 +8,12 @@ convolution (:func:`shifted_conv2d_and_identity`) and only the moved 2/d of the 
   zero frame beside each group), shifted in place (one copy from a strided view of that buffer), the
   conv runs, and they are copied back bit-exactly, because the identity path and the previous ReLU's
   backward still need the original input;
-* backward: the weight gradient needs shift(x) again, so the same three copies run around
-  ``convolution_backward``; the input gradient is moved back inside the sum with the identity
-  path's gradient, which autograd would compute anyway (one add for the moved channels, one for
-  the rest).
+* backward: the weight gradient needs shift(x). For a 1x1 conv whose per-frame products are no
+  larger than a frame (H*W >= out channels: the big early stages) it is read from the unshifted x
+  by one batched matmul per channel group at that group's frame offset (:func:`_weight_grad_1x1`),
+  so x is not moved again; otherwise the same three copies run around ``convolution_backward``.
+  The input gradient is moved back inside the sum with the identity path's gradient, which
+  autograd would compute anyway (one add for the moved channels, one for the rest).
 
 Every kernel moves whole (clip, frame, group) ranges through ``as_strided`` views, so a shifted
 layer dispatches the same ops for any batch and clip length, fewer than the reference shift's (a GPU
@@ -82,6 +84,7 @@ class _PaddedMoved:
 
     def __init__(self, x: Tensor, num_frames: int, groups: Sequence[Group]) -> None:
         t, self.offsets, self.stored_frames = num_frames, [off for _, _, off in groups], num_frames
+        self.view = _moved_view(x, t, groups)  # where the moved channels live in x (moves go through it)
         inner = sorted(range(1, x.dim()), key=lambda d: -x.stride(d))
         self.inner_shape = (_fold(groups), *x.shape[2:])
         stride, step = {}, 1
@@ -92,7 +95,7 @@ class _PaddedMoved:
         self.buffer = x.new_empty(len(groups) * self.clips * (t + 1) * step)
         self._view([t if off > 0 else 0 for off in self.offsets], None).zero_()
         self.stored = self._view([0 if off > 0 else 1 for off in self.offsets], t)
-        self.stored.copy_(_moved_view(x, t, groups))
+        self.stored.copy_(self.view)
 
     def _view(self, starts: list[int], frames: int | None) -> Tensor:
         """(N, frames, G, fold, ...) from buffer frame ``starts[g]`` of group g; without ``frames``,
@@ -123,13 +126,13 @@ def _shift_into(out: Tensor, x: Tensor, num_frames: int, groups: Sequence[Group]
 def _shift_inplace(x: Tensor, num_frames: int, groups: Sequence[Group]) -> _PaddedMoved:
     """Shift ``x`` (N*T, C, ...) in place; returns what :func:`_unshift_inplace` needs to undo it."""
     moved = _PaddedMoved(x, num_frames, groups)
-    _moved_view(x, num_frames, groups).copy_(moved.shifted())
+    moved.view.copy_(moved.shifted())
     return moved
 
 
-def _unshift_inplace(x: Tensor, moved: _PaddedMoved, groups: Sequence[Group]) -> None:
+def _unshift_inplace(moved: _PaddedMoved) -> None:
     """Undo :func:`_shift_inplace` exactly (a pure copy, so bit-exact)."""
-    _moved_view(x, moved.stored_frames, groups).copy_(moved.stored)
+    moved.view.copy_(moved.stored)
 
 
 class _ShiftFn(torch.autograd.Function):
@@ -175,7 +178,7 @@ def _shift_back_add_(grad: Tensor, direct: Tensor | None, num_frames: int, group
         _shift_inplace(grad, num_frames, back)
         return grad
     moved = _PaddedMoved(grad, num_frames, back)
-    torch.add(moved.shifted(), _moved_view(direct, num_frames, back), out=_moved_view(grad, num_frames, back))
+    torch.add(moved.shifted(), _moved_view(direct, num_frames, back), out=moved.view)
     rest, end = grad.shape[1] - _moved_end(groups), _moved_end(groups)
     grad.narrow(1, end, rest).add_(direct.narrow(1, end, rest))
     return grad
@@ -194,8 +197,7 @@ class _ShiftedConvFn(torch.autograd.Function):
                 num_frames: int, groups: tuple[Group, ...]) -> tuple[Tensor, Tensor]:
         stride, padding, dilation, conv_groups = conv
         dtype = _compute_dtype(x)
-        w = weight.detach().to(dtype)
-        b = None if bias is None else bias.detach().to(dtype)
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         # Under autocast the conv may run in another dtype than x: the cast is a copy anyway, so
         # shift while casting and keep that copy (x is then never touched).
         private = x.dtype != dtype
@@ -208,7 +210,7 @@ class _ShiftedConvFn(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             y = F.conv2d(xs, w, b, stride, padding, dilation, conv_groups)
         if not private:
-            _unshift_inplace(xs, moved, groups)
+            _unshift_inplace(moved)
         ctx.conv, ctx.num_frames, ctx.groups, ctx.private = conv, num_frames, groups, private
         ctx.x_dtype, ctx.w_dtype, ctx.has_bias = x.dtype, weight.dtype, bias is not None
         ctx.w_stride = weight.stride()
@@ -222,14 +224,18 @@ class _ShiftedConvFn(torch.autograd.Function):
         stride, padding, dilation, conv_groups = ctx.conv
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_y = grad_y.to(w.dtype)
-        xs = saved if ctx.private else saved.data
-        conv_backward = (grad_y, xs, w, None, list(stride), list(padding), list(dilation), False, [0, 0],
+        conv_backward = (grad_y, saved, w, None, list(stride), list(padding), list(dilation), False, [0, 0],
                          conv_groups)
-        # The weight gradient needs shift(x) itself: shift x again and undo it (x may be shared).
-        moved = None if ctx.private or not need_w else _shift_inplace(xs, ctx.num_frames, ctx.groups)
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(*conv_backward, [need_x, need_w, False])
-        if moved is not None:
-            _unshift_inplace(xs, moved, ctx.groups)
+        if need_w and not ctx.private and _weight_grad_by_matmul(saved, grad_y, w, ctx.conv):
+            grad_x = torch.ops.aten.convolution_backward(*conv_backward, [need_x, False, False])[0]
+            grad_w = _weight_grad_1x1(grad_y, saved, ctx.num_frames, ctx.groups, ctx.w_stride)
+        elif need_w and not ctx.private:
+            # The weight gradient needs shift(x) itself: shift x again (through .data, see above) and undo it.
+            moved = _shift_inplace(saved.data, ctx.num_frames, ctx.groups)
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(*conv_backward, [need_x, True, False])
+            _unshift_inplace(moved)
+        else:
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(*conv_backward, [need_x, need_w, False])
         if grad_x is not None:
             # convolution_backward's result is fresh: ours to move and add into.
             grad_x = _shift_back_add_(grad_x.to(ctx.x_dtype), grad_identity, ctx.num_frames, ctx.groups)
@@ -238,6 +244,55 @@ class _ShiftedConvFn(torch.autograd.Function):
         grad_b = grad_y.sum((0, 2, 3)).to(ctx.w_dtype) if need_b and ctx.has_bias else None
         grad_w = None if grad_w is None else _with_strides(grad_w, ctx.w_dtype, ctx.w_stride)
         return (grad_x, grad_w, grad_b, None, None, None)
+
+
+def _merges_hw(t: Tensor) -> bool:
+    """Whether ``t`` (N, C, H, W) can be seen as (N, C, H*W) by strides alone (NCHW and channels-last can)."""
+    return t.shape[3] == 1 or t.stride(2) == t.shape[3] * t.stride(3)
+
+
+def _weight_grad_by_matmul(x: Tensor, grad_y: Tensor, w: Tensor, conv: tuple) -> bool:
+    """A plain 1x1 conv whose per-frame (out, in) products are no larger than a frame of its output
+    gradient (H*W >= out channels: the large early stages, where moving x costs the most)."""
+    stride, padding, dilation, conv_groups = conv
+    return (w.shape[2:] == (1, 1) and stride == (1, 1) and padding == (0, 0) and conv_groups == 1
+            and x.shape[2] * x.shape[3] >= w.shape[0] and _merges_hw(x) and _merges_hw(grad_y))
+
+
+def _frame_matrices(t: Tensor, first: int, frames: int, channels: tuple[int, int], transpose: bool = False) -> Tensor:
+    """Frames ``first .. first+frames-1`` of ``t`` (N*T, C, H, W), channels ``c0:c1``, as a batch of
+    (C', H*W) matrices, or (H*W, C') with ``transpose``: one view op."""
+    (c0, c1), s = channels, t.stride()
+    size, stride = ((c1 - c0, t.shape[2] * t.shape[3]), (s[1], s[3]))
+    if transpose:
+        size, stride = size[::-1], stride[::-1]
+    return t.as_strided((frames, *size), (s[0], *stride), t.storage_offset() + first * s[0] + c0 * s[1])
+
+
+def _weight_grad_1x1(grad_y: Tensor, x: Tensor, num_frames: int, groups: Sequence[Group],
+                     weight_stride: Sequence[int]) -> Tensor:
+    """The weight gradient of a 1x1 conv of ``shift(x)``, read from the *unshifted* ``x`` (so x is not
+    moved again): each channel group correlates the output gradient at frame i with x at frame
+    i + offset. One batched matmul per group over every clip and frame, the products summed in float32
+    (float64 for float64) into columns of a tensor with the weight's strides; pairs across a clip
+    boundary are computed and left out of the sum by a view, so the ops are the same for any N and T."""
+    t, nt, out_channels, end = num_frames, x.shape[0], grad_y.shape[1], _moved_end(groups)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grad_w = torch.empty_strided((out_channels, x.shape[1], 1, 1), tuple(weight_stride), dtype=acc, device=x.device)
+
+    def columns(c0: int, c1: int) -> Tensor:
+        return grad_w.as_strided((out_channels, c1 - c0), tuple(weight_stride[:2]), c0 * weight_stride[1])
+
+    products = torch.bmm(_frame_matrices(grad_y, 0, nt, (0, out_channels)),
+                         _frame_matrices(x, 0, nt, (end, x.shape[1]), transpose=True))
+    torch.sum(products, 0, dtype=acc, out=columns(end, x.shape[1]))
+    for c0, c1, off in groups:
+        pairs = torch.bmm(_frame_matrices(grad_y, max(0, -off), nt - 1, (0, out_channels)),
+                          _frame_matrices(x, max(0, off), nt - 1, (c0, c1), transpose=True))
+        f = c1 - c0
+        within_clips = pairs.as_strided((nt // t, t - 1, out_channels, f), (t * out_channels * f, out_channels * f, f, 1))
+        torch.sum(within_clips, (0, 1), dtype=acc, out=columns(c0, c1))
+    return grad_w
 
 
 def _with_strides(grad: Tensor, dtype: torch.dtype, stride: Sequence[int]) -> Tensor:
@@ -271,7 +326,7 @@ def shifted_conv2d_and_identity(x: Tensor, weight: Tensor, bias: Tensor | None, 
     try:
         return F.conv2d(x, weight, bias, *conv), x
     finally:
-        _unshift_inplace(x.data, moved, groups)
+        _unshift_inplace(moved)
 
 
 def shifted_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, num_frames: int,
