@@ -8,7 +8,7 @@ from torch.autograd import gradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tsm_dist.models import build_model
-from tsm_dist.models.shift_kernels import shift_copy, shifted_conv2d, shifted_conv2d_and_identity
+from tsm_dist.models.shift_kernels import shift_copy, shifted_conv2d_and_identity
 from tsm_dist.models.temporal_shift import TemporalShift, shift_groups, shifted_conv, temporal_shift
 
 
@@ -85,8 +85,8 @@ def test_shifted_conv_gradcheck(direction: str, kernel: int, stride: int, bias: 
         return y, identity * torch.arange(1.0, 1 + identity.shape[1], dtype=torch.float64).view(1, -1, 1, 1)
 
     assert gradcheck(fn, inputs, fast_mode=True)
-    assert gradcheck(lambda v, wt, *bs: shifted_conv2d(v, wt, bs[0] if bs else None, 3, groups, stride,
-                                                      kernel // 2), inputs, fast_mode=True)
+    assert gradcheck(lambda v, wt, *bs: shifted_conv2d_and_identity(v, wt, bs[0] if bs else None, 3, groups, stride,
+                                                                    kernel // 2)[0], inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("grad", [True, False])
@@ -261,5 +261,5 @@ def test_every_shift_kernel_equals_the_reference_bit_for_bit(memory_format, dire
     before = x.clone()
     weight = torch.eye(16).view(16, 16, 1, 1)  # the identity conv shows the shifted input itself
     with torch.no_grad():
-        assert torch.equal(shifted_conv2d(x, weight, None, 5, groups), nn.functional.conv2d(ref, weight))
+        assert torch.equal(shifted_conv2d_and_identity(x, weight, None, 5, groups)[0], nn.functional.conv2d(ref, weight))
     assert torch.equal(x, before)

@@ -328,11 +328,3 @@ def shifted_conv2d_and_identity(x: Tensor, weight: Tensor, bias: Tensor | None, 
     finally:
         _unshift_inplace(moved)
 
-
-def shifted_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, num_frames: int,
-                   groups: tuple[Group, ...], stride: int | Sequence[int] = 1,
-                   padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
-                   conv_groups: int = 1) -> Tensor:
-    """``conv2d(shift(x), weight, bias, ...)``; see :func:`shifted_conv2d_and_identity`."""
-    return shifted_conv2d_and_identity(x, weight, bias, num_frames, groups, stride, padding, dilation,
-                                       conv_groups)[0]
