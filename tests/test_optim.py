@@ -113,7 +113,7 @@ def test_bn_and_bias_are_excluded_from_adaptation_and_decay():
     assert decay["adapt"] and decay["weight_decay"] == 1e-4 and not rest["adapt"] and rest["weight_decay"] == 0
     assert {id(p) for p in decay["params"]} == {id(net.conv.weight), id(net.fc.weight)}
     assert {id(p) for p in rest["params"]} == {id(net.conv.bias), id(net.bn.weight), id(net.bn.bias), id(net.fc.bias)}
-    assert len(param_groups(net, 1e-4, no_bn_bias_decay=False)) == 1  # SGD as before
+    assert len(param_groups(net, 1e-4, no_bn_bias_decay=False)) == 1  # plain SGD: one group
     for name, cls in (("sgd", torch.optim.SGD), ("lars", LARS), ("lamb", LAMB)):
         assert type(build_optimizer(net, OptimConfig(name=name), lr=0.1)) is cls
 
