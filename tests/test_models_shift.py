@@ -218,14 +218,15 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _layer_ops(shift: str, clips: int, frames: int, memory_format, direction: str = "bi", hw: int = 5) -> list[str]:
-    """Ops of one shifted 1x1 conv (16 -> 8 channels) with its identity path, forward and backward."""
+def _layer_ops(shift: str, clips: int, frames: int, memory_format, direction: str = "bi", hw: int = 5,
+               channels: int = 16) -> list[str]:
+    """Ops of one shifted 1x1 conv (``channels`` -> 8) with its identity path, forward and backward."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(16, 8, 1, bias=False).to(memory_format=memory_format)
-    x = torch.randn(clips * frames, 16, hw, hw).to(memory_format=memory_format).requires_grad_()
+    conv = nn.Conv2d(channels, 8, 1, bias=False).to(memory_format=memory_format)
+    x = torch.randn(clips * frames, channels, hw, hw).to(memory_format=memory_format).requires_grad_()
     with _OpCounter() as counter:
         if shift == "fused":
-            y, identity = shifted_conv(x, conv, frames, shift_groups(16, 8, direction))
+            y, identity = shifted_conv(x, conv, frames, shift_groups(channels, 8, direction))
         elif shift == "reference":
             y, identity = conv(temporal_shift(x, frames, 8, direction)), x
         else:
@@ -237,17 +238,20 @@ def _layer_ops(shift: str, clips: int, frames: int, memory_format, direction: st
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("direction", ["bi", "uni"])
 @pytest.mark.parametrize("hw", [5, 2], ids=["weight-grad-by-matmul", "shift-again"])
-def test_fused_shift_dispatches_the_same_ops_for_any_batch_and_clip_length(memory_format, direction, hw) -> None:
+@pytest.mark.parametrize("channels", [16, 64], ids=["short-runs", "long-runs"])  # channels-last: copy vs in place
+def test_fused_shift_dispatches_the_same_ops_for_any_batch_and_clip_length(memory_format, direction, hw,
+                                                                         channels) -> None:
     """A GPU launches a kernel per op: the fused shift's count must not grow with N or T (it issued one
     copy per frame and one matmul per clip before) and must stay below the reference (bi-directional,
     offline) shift's, on both backward paths (H*W >= out channels: the weight gradient by batched
     matmuls; otherwise x shifted again); the uni-directional reference is two copies, which the fused
     kernels do not beat."""
-    runs = {(n, t): _layer_ops("fused", n, t, memory_format, direction, hw) for n, t in [(1, 4), (3, 4), (2, 8)]}
+    runs = {(n, t): _layer_ops("fused", n, t, memory_format, direction, hw, channels)
+            for n, t in [(1, 4), (3, 4), (2, 8)]}
     assert len({tuple(ops) for ops in runs.values()}) == 1, {k: len(v) for k, v in runs.items()}
-    plain = len(_layer_ops("none", 3, 4, memory_format, hw=hw))
+    plain = len(_layer_ops("none", 3, 4, memory_format, hw=hw, channels=channels))
     fused = len(runs[(3, 4)]) - plain
-    reference = len(_layer_ops("reference", 3, 4, memory_format, hw=hw)) - plain
+    reference = len(_layer_ops("reference", 3, 4, memory_format, hw=hw, channels=channels)) - plain
     assert 0 < fused <= reference, (fused, reference)
 
 
@@ -263,3 +267,23 @@ def test_every_shift_kernel_equals_the_reference_bit_for_bit(memory_format, dire
     with torch.no_grad():
         assert torch.equal(shifted_conv2d_and_identity(x, weight, None, 5, groups)[0], nn.functional.conv2d(ref, weight))
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("channels,in_place", [(16, False), (64, True)])
+def test_channels_last_short_runs_shift_while_copying(channels: int, in_place: bool) -> None:
+    """Channels-last with few channels (a pixel's moved channels are 2*C/8 values, here 4 or 16 floats):
+    moving such short runs in place costs more than one whole copy, so the conv reads a shifted copy; with
+    longer runs x is shifted in place (and restored). Either way x ends bit-identical and unversioned."""
+    from tsm_dist.models.shift_kernels import _short_runs
+
+    torch.manual_seed(0)
+    x = torch.randn(2 * 4, channels, 3, 3).to(memory_format=torch.channels_last).requires_grad_()
+    groups = shift_groups(channels, 8)
+    assert _short_runs(x, groups) is not in_place
+    assert not _short_runs(x.detach().contiguous(), groups)  # NCHW: a frame's moved channels are one run
+    conv = nn.Conv2d(channels, 4, 1, bias=False).to(memory_format=torch.channels_last)
+    before, version = x.detach().clone(), x._version
+    y, identity = shifted_conv(x, conv, 4, groups)
+    assert torch.equal(y, conv(temporal_shift(x, 4, 8)))
+    (y.square().sum() + identity.sum()).backward()
+    assert torch.equal(x.detach(), before) and x._version == version

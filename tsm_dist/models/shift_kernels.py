@@ -111,11 +111,23 @@ class _PaddedMoved:
         return self._view([1 if off > 0 else 0 for off in self.offsets], self.stored_frames)
 
 
+def _short_runs(x: Tensor, groups: Sequence[Group]) -> bool:
+    """Whether the moved channels of ``x`` lie in runs too short to move fast: channels-last keeps a
+    pixel's channels together, so its moved channels are one run of ``moved_end`` values per pixel, and a
+    strided copy pays per run (a 16-channel layer: 4 floats). Then a whole copy of x, which runs at memory
+    speed, plus one pass over the moved channels is cheaper than moving them in place (docs/models.md)."""
+    return x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1 and _moved_end(groups) * x.element_size() < 64
+
+
 def _shift_into(out: Tensor, x: Tensor, num_frames: int, groups: Sequence[Group]) -> None:
-    """Write shift(x) into out (both (N*T, C, ...)), every element once: a copy per group into the
-    frames it fills, a zero fill of the frame it vacates, and one copy of the channels that stay."""
+    """Write shift(x) into out (both (N*T, C, ...)): a copy per group into the frames it fills and a
+    zero fill of the frame it vacates, after one copy of the channels that stay, or of the whole tensor
+    when both have the same strides (one contiguous run: faster than the strided channels alone)."""
     t, moved_end = num_frames, _moved_end(groups)
-    out.narrow(1, moved_end, x.shape[1] - moved_end).copy_(x.narrow(1, moved_end, x.shape[1] - moved_end))
+    if out.stride() == x.stride():
+        out.copy_(x)
+    else:
+        out.narrow(1, moved_end, x.shape[1] - moved_end).copy_(x.narrow(1, moved_end, x.shape[1] - moved_end))
     for c0, c1, off in groups:
         src, dst = ((1, t), (0, t - 1)) if off > 0 else ((0, t - 1), (1, t))
         _frames_slice(out, t, dst, (c0, c1)).copy_(_frames_slice(x, t, src, (c0, c1)))
@@ -199,8 +211,9 @@ class _ShiftedConvFn(torch.autograd.Function):
         dtype = _compute_dtype(x)
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         # Under autocast the conv may run in another dtype than x: the cast is a copy anyway, so
-        # shift while casting and keep that copy (x is then never touched).
-        private = x.dtype != dtype
+        # shift while casting and keep that copy (x is then never touched). Moved channels in short runs
+        # (channels-last, few channels) are shifted while copying too: the backward then reads that copy.
+        private = x.dtype != dtype or _short_runs(x, groups)
         if private:
             xs = torch.empty_like(x, dtype=dtype)
             _shift_into(xs, x, num_frames, groups)
