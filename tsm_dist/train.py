@@ -39,7 +39,7 @@ from tsm_dist import train_state
 from tsm_dist.checkpoint import CHECKPOINT_DIR
 from tsm_dist.build import (LoaderBuilder, ModelBuilder, amp_dtype, build_loader_from_config,
                             build_model_from_config, has_val_set, resolve_model)
-from tsm_dist.config import Config, ConfigError, dump_config, load_config, plan_batch
+from tsm_dist.config import Config, ConfigError, load_config, plan_batch
 from tsm_dist.check_data import check_file_lists, preflight
 from tsm_dist.engine import Engine, started
 from tsm_dist.errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, EXIT_STORAGE, \
@@ -47,12 +47,11 @@ from tsm_dist.errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_NONFIN
 from tsm_dist.evaluate import evaluate
 from tsm_dist.memory_format import to_memory_format
 from tsm_dist.optim import build_optimizer
-from tsm_dist.progress import Progress
 from tsm_dist.run_facts import git_commit, hardware, versions
-from tsm_dist.wandb_log import WandbRun
 from tsm_dist.preemption import StopSignals, exit_code_for, stop_message
 from tsm_dist.resume_plan import continue_under
 from tsm_dist.run_failure import record_failure
+from tsm_dist.run_log import RunLog
 from tsm_dist.run_identity import START_OVER_FLAG, WorkdirInUse, new_run_id
 from tsm_dist.schedule import LRSchedule
 from tsm_dist.train_state import Position
@@ -75,7 +74,7 @@ def train(cfg: Config, workdir: str | Path, *, resume: str | None = None, start_
             status, code = trainer.loop(stop)
             return trainer.finish(status, code, stop)
         except (Exception, KeyboardInterrupt) as exc:
-            stopped = record_failure(trainer.log, exc, trainer.pos, workdir=trainer.workdir, rank=engine.rank,
+            stopped = record_failure(trainer.log.metrics, exc, trainer.pos, workdir=trainer.workdir, rank=engine.rank,
                                      size=engine.size)
             if stopped is exc:
                 raise
@@ -117,9 +116,7 @@ class Trainer:
         self.pos = Position()
         self.resume_path: Path | None = None
         self.run_id = new_run_id()  # rank 0's is the run's; a resumed run keeps its checkpoint's
-        self.log: records.MetricsLog | None = None  # rank 0 only, like wandb and progress
-        self.wandb: WandbRun | None = None
-        self.progress: Progress | None = None
+        self.log = RunLog()  # metrics.jsonl, wandb, progress: opened on rank 0 only
         check_file_lists(cfg)  # a missing list: one line with the resolved path and how to make the set
         self._build_data(loader_builder)
         self._check_data()
@@ -222,21 +219,16 @@ class Trainer:
         """Rank 0: the resolved config, wandb, ``metrics.jsonl`` with its header record, the progress line."""
         if not self.root:
             return
-        cfg, engine, plan = self.cfg, self.engine, self.plan
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, self.workdir / "config.yaml")
-        self.wandb = WandbRun(cfg.log.wandb, cfg.log.project, self.workdir, cfg.to_dict())
-        self.log = records.MetricsLog(self.workdir / records.METRICS_FILE)
-        self.log.write(records.header_record(
-            config=cfg.to_dict(), git_commit=git_commit(), engine=engine.name, world_size=engine.size,
-            local_size=engine.local_size, device=str(self.device), memory_format=self.memory_format,
-            engine_settings=engine.settings, model=cfg.model.name, run_id=self.run_id,
-            num_frames=cfg.model.num_frames, per_gpu_batch=plan.per_gpu_batch, accumulate=self.K,
-            global_batch=plan.global_batch, steps_per_epoch=self.steps_per_epoch, peak_lr=self.schedule.peak_lr,
+        engine, plan = self.engine, self.plan
+        self.log.open(self.workdir, self.cfg, dict(
+            git_commit=git_commit(), engine=engine.name, world_size=engine.size, local_size=engine.local_size,
+            device=str(self.device), memory_format=self.memory_format, engine_settings=engine.settings,
+            model=self.cfg.model.name, run_id=self.run_id, num_frames=self.cfg.model.num_frames,
+            per_gpu_batch=plan.per_gpu_batch, accumulate=self.K, global_batch=plan.global_batch,
+            steps_per_epoch=self.steps_per_epoch, peak_lr=self.schedule.peak_lr,
             params=sum(p.numel() for p in self.model.parameters()),
             resumed_from=str(self.resume_path) if self.resume_path else None, versions=versions(),
-            hardware=hardware()))
-        self.progress = Progress(self.total_steps, enabled=cfg.log.progress, initial=self.pos.step)
+            hardware=hardware()), total_steps=self.total_steps, step=self.pos.step)
 
     # ------------------------------------------------------------------------------ loop
     def loop(self, stop: StopSignals) -> tuple[str, int]:
@@ -288,12 +280,11 @@ class Trainer:
             float(not torch.isfinite(loss_value)), *_signal_flags(stop)], dtype=torch.float64))
         loss, data_t, compute_t, sync_t, step_t, nonfinite, warned, terminated = stats.tolist()
         if nonfinite > 0:
-            if self.log is not None:
-                self.log.write(self.step_record(loss, lr))
+            self.log.step(self.step_record(loss, lr), pos.epoch, shown=False)
             raise Diverged("the loss of at least one rank is NaN or Inf", pos)
-        if self.log is not None and (pos.step % cfg.log.interval == 0 or pos.step == self.total_steps):
-            self.log_step(self.step_record(loss, lr, data_time=data_t, compute_time=compute_t, sync_time=sync_t,
-                                           step_time=step_t))
+        if pos.step % cfg.log.interval == 0 or pos.step == self.total_steps:
+            self.log.step(self.step_record(loss, lr, data_time=data_t, compute_time=compute_t, sync_time=sync_t,
+                                           step_time=step_t), pos.epoch)
         epoch_ended = pos.batch_in_epoch >= self.steps_per_epoch * self.K
         if epoch_ended:  # the epoch's last step
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
@@ -342,13 +333,6 @@ class Trainer:
                                    clips_per_step=self.plan.per_gpu_batch * self.K, world_size=self.engine.size,
                                    **timing)
 
-    def log_step(self, record: dict[str, Any]) -> None:
-        assert self.log is not None and self.wandb is not None and self.progress is not None
-        self.log.write(record)
-        self.wandb.log({k: v for k, v in record.items() if k != "type"}, step=record["step"])
-        self.progress.update(record["step"], self.pos.epoch, loss=record["loss"], lr=record["lr"],
-                             clips_s=record["clips_per_sec_total"])
-
     def end_of_epoch(self, stop: StopSignals) -> None:
         """8. end of an epoch (or of max_steps): evaluate, rank 0 checkpoints, then a stop signal that arrived
         meanwhile is acted on now, not one training step (and maybe a whole evaluation) later."""
@@ -360,14 +344,11 @@ class Trainer:
             self.engine.broadcast_tensors({n: b for n, b in self.model.named_buffers()})
             result = evaluate(self.model, self.val_loader, self.engine, amp_dtype=self.amp_dtype)
             if not math.isfinite(result["loss"]):
-                if self.log is not None:
-                    self.log.write(records.eval_record(epoch=pos.epoch, step=pos.step, **result))
+                self.log.evaluation(result, pos.epoch, pos.step, shown=False)
                 raise Diverged("the validation loss is NaN or Inf (the model diverged)", pos)
             is_best = result["top1"] > pos.best_top1
             pos.best_top1 = max(pos.best_top1, result["top1"])
-            if self.log is not None and self.wandb is not None:
-                self.log.write(records.eval_record(epoch=pos.epoch, step=pos.step, **result))
-                self.wandb.log({f"val/{k}": v for k, v in result.items()}, step=pos.step)
+            self.log.evaluation(result, pos.epoch, pos.step)
             self.train_model.train()
         if cfg.train.checkpoint_every_epochs and (pos.epoch % cfg.train.checkpoint_every_epochs == 0 or last):
             self.save(is_best)
@@ -417,20 +398,11 @@ class Trainer:
         loaders = (self.train_loader, self.val_loader)
         skipped = sorted({tuple(s) for shard in self.engine.allgather_object(
             [s for loader in loaders if loader is not None for s in loader.skipped]) for s in shard})
-        if self.log is not None:
-            if skipped:
-                print(f"tsm-dist train: {len(skipped)} video(s) skipped as unreadable, e.g. {skipped[0][0]}: "
-                      f"{skipped[0][1]} (all in {self.workdir / records.METRICS_FILE})", file=sys.stderr)
-            self.log.write(records.end_record(status=status, step=self.pos.step, epoch=self.pos.epoch,
-                                              skipped=[list(s) for s in skipped], exit_code=code))
-            self.log.close()
-        if self.progress is not None:
-            self.progress.close()
+        self.log.end(status, code, self.pos.step, self.pos.epoch, skipped)
         self.engine.barrier()
         if stop is not None:
             stop.exit_on_signal(code)
-        if self.wandb is not None:  # last: a wandb that hangs (its service killed) holds no other rank
-            self.wandb.finish(exit_code=code)
+        self.log.close_wandb(code)
         return code
 
     def release(self) -> None:
