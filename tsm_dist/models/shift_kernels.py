@@ -19,7 +19,10 @@ Every kernel moves whole (clip, frame, group) ranges through ``as_strided`` view
 layer dispatches the same ops for any batch and clip length, fewer than the reference shift's (a GPU
 launches no more kernels for a larger batch; ``tests/test_models_shift.py`` counts them). The only
 temporary is the moved channels (2/d of the activation, plus one frame), freed when the layer
-returns; the input is bit-identical whenever a kernel returns.
+returns; the input is bit-identical whenever a kernel returns. Two cases shift while copying instead
+(the copy is kept for the backward): a conv that autocast runs in another dtype (the cast copies
+anyway), and, on a CPU, channels-last tensors with so few channels that their moved channels are
+runs too short to move fast in place (:func:`_short_runs`).
 """
 from __future__ import annotations
 
@@ -123,10 +126,10 @@ def _short_runs(x: Tensor, groups: Sequence[Group]) -> bool:
 
 def _shift_into(out: Tensor, x: Tensor, num_frames: int, groups: Sequence[Group]) -> None:
     """Write shift(x) into out (both (N*T, C, ...)): a copy per group into the frames it fills and a
-    zero fill of the frame it vacates, after one copy of the channels that stay, or of the whole tensor
-    when both have the same strides (one contiguous run: faster than the strided channels alone)."""
+    zero fill of the frame it vacates, after one copy of the channels that stay, or, when both are
+    channels-last alike, of the whole tensor (one contiguous run: faster than a pixel's few channels)."""
     t, moved_end = num_frames, _moved_end(groups)
-    if out.stride() == x.stride():
+    if out.stride() == x.stride() and x.stride(1) == 1:  # channels-last: the channels that stay are short runs
         out.copy_(x)
     else:
         out.narrow(1, moved_end, x.shape[1] - moved_end).copy_(x.narrow(1, moved_end, x.shape[1] - moved_end))
@@ -242,7 +245,7 @@ class _ShiftedConvFn(torch.autograd.Function):
         conv_backward = (grad_y, saved, w, None, list(stride), list(padding), list(dilation), False, [0, 0],
                          conv_groups)
         if need_w and not ctx.private and _weight_grad_by_matmul(saved, grad_y, w, ctx.conv):
-            grad_x = torch.ops.aten.convolution_backward(*conv_backward, [need_x, False, False])[0]
+            grad_x = torch.ops.aten.convolution_backward(*conv_backward, [True, False, False])[0] if need_x else None
             grad_w = _weight_grad_1x1(grad_y, saved, ctx.num_frames, ctx.groups, ctx.w_stride)
         elif need_w and not ctx.private:
             # The weight gradient needs shift(x) itself: shift x again (through .data, see above) and undo it.
@@ -305,7 +308,8 @@ def _weight_grad_1x1(grad_y: Tensor, x: Tensor, num_frames: int, groups: Sequenc
         pairs = torch.bmm(_frame_matrices(grad_y, max(0, -off), nt - 1, (0, out_channels)),
                           _frame_matrices(x, max(0, off), nt - 1, (c0, c1), transpose=True))
         f = c1 - c0
-        within_clips = pairs.as_strided((nt // t, t - 1, out_channels, f), (t * out_channels * f, out_channels * f, f, 1))
+        within_clips = pairs.as_strided((nt // t, t - 1, out_channels, f),
+                                        (t * out_channels * f, out_channels * f, f, 1))
         torch.sum(within_clips, (0, 1), dtype=acc, out=columns(c0, c1))
     return grad_w
 
@@ -337,6 +341,10 @@ def shifted_conv2d_and_identity(x: Tensor, weight: Tensor, bias: Tensor | None, 
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _ShiftedConvFn.apply(x, weight, bias, conv, num_frames, groups)
     check_frames(x, num_frames)
+    if _short_runs(x, groups):
+        shifted = torch.empty_like(x)
+        _shift_into(shifted, x, num_frames, groups)
+        return F.conv2d(shifted, weight, bias, *conv), x
     moved = _shift_inplace(x.data, num_frames, groups)
     try:
         return F.conv2d(x, weight, bias, *conv), x
