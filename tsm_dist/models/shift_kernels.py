@@ -191,6 +191,10 @@ def _shift_back_add_(grad: Tensor, direct: Tensor | None, num_frames: int, group
     along inside that sum: one add for the moved channels, one for the others.
     """
     back = _opposite(groups)
+    if _short_runs(grad, back):  # whole-tensor copy and add run at memory speed; only the groups are strided
+        out = torch.empty_like(grad)
+        _shift_into(out, grad, num_frames, back)
+        return out if direct is None else out.add_(direct)
     if direct is None:
         _shift_inplace(grad, num_frames, back)
         return grad
