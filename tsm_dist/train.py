@@ -74,8 +74,8 @@ def train(cfg: Config, workdir: str | Path, *, resume: str | None = None, start_
             status, code = trainer.loop(stop)
             return trainer.finish(status, code, stop)
         except (Exception, KeyboardInterrupt) as exc:
-            stopped = record_failure(trainer.log.metrics, exc, trainer.pos, workdir=trainer.workdir, rank=engine.rank,
-                                     size=engine.size)
+            stopped = record_failure(trainer.log.metrics, exc, trainer.pos, workdir=trainer.workdir,
+                                     rank=engine.rank, size=engine.size)
             if stopped is exc:
                 raise
             raise stopped from None
