@@ -54,7 +54,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -583,14 +582,18 @@ def check_horovod_two_ranks_gloo(s: Settings) -> dict[str, Any]:
                       "(Gloo stages CUDA tensors through the host only in a build without GPU allreduce)")
     result = s.out / "two_ranks.json"
     result.unlink(missing_ok=True)
-    horovodrun = Path(sys.executable).with_name("horovodrun")
-    cmd = [str(horovodrun), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(Path(__file__).resolve()),
+    from tsm_dist.procs import find_tool, run_session
+
+    cmd = [find_tool("horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(Path(__file__).resolve()),
            "--device", "cuda" if s.cuda else "cpu", "--out", str(s.out), "--two-ranks-worker", str(result)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
-    if run.returncode != 0 or not result.exists():
-        tail = (run.stdout + run.stderr).strip().splitlines()[-3:]
-        return {"ok": False, "why": f"horovodrun exited {run.returncode}: " + " / ".join(tail), "figures": {}}
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    lines: list[str] = []  # a time-out or the check's alarm kills horovodrun's whole session, ranks included
+    code = run_session(cmd, timeout=150, env=env, on_line=lines.append)
+    if code != 0 or not result.exists():
+        tail = [line.strip() for line in lines if line.strip()][-3:]
+        return {"ok": False, "why": f"horovodrun exited {code}: " + " / ".join(tail), "figures": {}}
     figures = json.loads(result.read_text())
     ok = (figures["ranks_hold_equal_gradients"] and figures["worst_grad_rel_err_vs_local_mean"] < TWO_RANK_BOUND
           and figures["allreduces_launched_by_hooks"] == figures["parameters"]
