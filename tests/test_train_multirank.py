@@ -133,7 +133,6 @@ def lifecycle_main(engine_name: str, out: Path) -> None:
     (out / f"lifecycle{os.environ['RANK']}.txt").write_text(f"{code} {alive}")
 
 
-
 def tiny_builders(built: list[nn.Module], signal_at: list[tuple[int, int] | None]) -> tuple[Any, Any]:
     """The trainer's model and loader builders of the rank scripts: TinyNet (kept in ``built``) and a
     TensorLoader whose rank 1 sends a signal at ``signal_at[0]`` (``(epoch, batch)``) when set."""
