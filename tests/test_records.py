@@ -71,3 +71,20 @@ def test_no_header_is_an_error(tmp_path):
     log.close()
     with pytest.raises(MetricsError, match="no header record"):
         read_last_run(path)
+
+
+def test_the_header_versions_name_what_is_installed_before_it_is_imported():
+    """The header is written before DALI and wandb are imported: their versions still show (issue 32)."""
+    import json
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    code = ("import json, sys; from tsm_dist.run_facts import versions; v = versions(); "
+            "print(json.dumps([v, 'wandb' in sys.modules, 'nvidia.dali' in sys.modules]))")
+    found, wandb_imported, dali_imported = json.loads(subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout)
+    assert not wandb_imported and not dali_imported  # asking does not import them
+    assert found["wandb"] == metadata.version("wandb")
+    dali = [d.metadata["Version"] for d in metadata.distributions() if d.metadata["Name"].startswith("nvidia-dali-cuda")]
+    assert found["dali"] == (dali[0] if dali else None)

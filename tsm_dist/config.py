@@ -145,8 +145,10 @@ class LogConfig:
     interval: int = 10  # optimizer steps between step records
     wandb: str = field(default="offline", metadata=_choices("offline", "online", "disabled"))
     project: str = "tsm_dist"
-    # the progress bar: null (default) on a terminal only, true also in non-interactive logs, false never
+    # rank 0's progress: null (default) a bar on a terminal, plain lines in a batch log (every epoch and every
+    # progress_every_s seconds); true the bar everywhere; false neither (the last summary line stays)
     progress: Optional[bool] = None
+    progress_every_s: float = 60.0
 
 
 @dataclass
@@ -256,7 +258,7 @@ def _check_ranges(cfg: Config) -> None:
     non_negative = ["optim.base_lr", "optim.weight_decay", "optim.warmup_epochs", "optim.clip_grad_norm",
                     "optim.momentum", "optim.trust_coefficient", "optim.eps", "train.max_steps", "train.global_batch", "data.num_samples",
                     "data.val_batch_size", "train.checkpoint_every_epochs", "train.eval_every_epochs",
-                    "engine.cycle_time_ms", "engine.stall_check_s", "engine.stall_shutdown_s"]
+                    "engine.cycle_time_ms", "engine.stall_check_s", "engine.stall_shutdown_s", "log.progress_every_s"]
     for key in positive + non_negative:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -142,7 +142,28 @@ def main(argv: list[str] | None = None) -> int:
           f"{epochs} epochs; chance is 25 %)")
     print(f"plot: {out / 'demo.png'}   total time: {time.perf_counter() - started:.0f}s")
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
+    print(next_steps(out / MODELS[0][0].lower(), configs / MODELS[0][1], sets))
     return 0
+
+
+def next_steps(workdir: Path, config: Path, sets: list[str]) -> str:
+    """What to run after the demo, as commands that work from where the demo ran."""
+    tool = _here(Path(sys.executable).parent / "tsm-dist")
+    rows = [("evaluate TSM, 10 clips x 3 crops", f"{tool} eval --config {_here(config)} --workdir {workdir} "
+             f"--num-clips 10 --num-crops 3 {' '.join(sets)}"),
+            ("model statistics (Tables 10/11)", f"{tool} profile --models tsm8f_r50,i3d3x3x3_r50,i3d3x1x1_r50"),
+            ("deploy: online TSM, stream", "docs/deploy.md (train with model.online=true, export, stream)"),
+            ("batch-size study (Table 12)", "docs/studies.md#the-batch-size-study")]
+    width = max(len(name) for name, _ in rows)
+    return "\nnext:\n" + "\n".join(f"  {name + ':':<{width + 1}} {what}" for name, what in rows)
+
+
+def _here(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter to copy), else absolute."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":

@@ -66,16 +66,20 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _checkpoints(checkpoints: list[str], workdir: str | None, last_n: int) -> list[Path]:
-    paths = [Path(p) for p in checkpoints]
+def _checkpoints(checkpoints: list[str], workdir: str | None, last_n: int) -> tuple[list[Path], str]:
+    """The checkpoints to evaluate, and a note when the workdir holds fewer than the ``last_n`` asked for."""
+    paths, note = [Path(p) for p in checkpoints], ""
     if workdir:
-        found = ckpt.list_checkpoints(Path(workdir) / ckpt.CHECKPOINT_DIR)
+        directory = Path(workdir) / ckpt.CHECKPOINT_DIR
+        found = ckpt.list_checkpoints(directory)
         if not found:
-            raise CheckpointError(f"no checkpoints in {Path(workdir) / ckpt.CHECKPOINT_DIR}")
+            raise CheckpointError(f"no checkpoints in {directory}")
+        if len(found) < last_n:  # the answer is smaller than the question: say so beside it
+            note = f"{last_n} asked (--last-n / eval.last_n), {directory} holds {len(found)}"
         paths += found[-last_n:]
     if not paths:
         raise ConfigError("give --checkpoint PATH [PATH ...] or --workdir W (its last eval.last_n checkpoints)")
-    return paths
+    return paths, note
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,8 +120,10 @@ def evaluate_checkpoints(cfg: Config, paths: list[Path], engine: "Engine") -> li
     return results
 
 
-def report(cfg: Config, results: list[dict[str, Any]], world_size: int, json_path: str | None) -> None:
-    """Print one row per checkpoint and their mean +- std; optionally write them as JSON."""
+def report(cfg: Config, results: list[dict[str, Any]], world_size: int, json_path: str | None,
+           note: str = "") -> None:
+    """Print one row per checkpoint and their mean +- std (``note``: fewer checkpoints than asked for);
+    optionally write them as JSON."""
     views = f"{cfg.eval.num_clips} clip(s) x {cfg.eval.num_crops} crop(s)"
     print(f"{cfg.model.name}, {views}, {world_size} rank(s)")
     print(f"{'checkpoint':<40} {'top1':>7} {'top5':>7} {'loss':>8} {'samples':>8}")
@@ -126,11 +132,12 @@ def report(cfg: Config, results: list[dict[str, Any]], world_size: int, json_pat
               f"{r['num_samples']:8d}")
     summary = {k: mean_std([r[k] for r in results]) for k in ("top1", "top5")}
     print(f"{'mean +- std over ' + str(len(results)):<40} "
-          + " ".join(f"{m:.2f}+-{s:.2f}" for m, s in summary.values()))
+          + " ".join(f"{m:.2f}+-{s:.2f}" for m, s in summary.values()) + (f"  (only {len(results)}: {note})"
+                                                                        if note else ""))
     if json_path:
         Path(json_path).write_text(json.dumps({
             "model": cfg.model.name, "num_clips": cfg.eval.num_clips, "num_crops": cfg.eval.num_crops,
-            "world_size": world_size, "checkpoints": results,
+            "world_size": world_size, "checkpoints": results, "fewer_than_asked": note or None,
             "top1_mean": summary["top1"][0], "top1_std": summary["top1"][1],
             "top5_mean": summary["top5"][0], "top5_std": summary["top5"][1]}, indent=2))
 
@@ -150,14 +157,14 @@ def _main(argv: list[str]) -> int:
         if flag is not None:
             overrides.append(f"{key}={flag}")
     cfg = resolve_model(load_config(args.config, overrides))
-    paths = _checkpoints(args.checkpoint or [], args.workdir, cfg.eval.last_n)
+    paths, note = _checkpoints(args.checkpoint or [], args.workdir, cfg.eval.last_n)
     if not has_val_set(cfg):
         raise ConfigError("data.val_list is not set")
     check_file_lists(cfg, keys=("val_list",))
     with started(cfg.engine) as engine:
         results = evaluate_checkpoints(cfg, paths, engine)
         if engine.is_root:
-            report(cfg, results, engine.size, args.json)
+            report(cfg, results, engine.size, args.json, note)
     return 0
 
 

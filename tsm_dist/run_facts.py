@@ -4,12 +4,33 @@ from __future__ import annotations
 import os
 import platform
 import socket
+from importlib import metadata
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# (key, module, distributions): the header is written before the loaders import DALI and before wandb
+# starts, so the versions come from what is installed (a module already imported answers first)
+OPTIONAL = (("horovod", "horovod", ("horovod",)),
+            ("dali", "nvidia.dali", ("nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110")),
+            ("wandb", "wandb", ("wandb",)))
+
+
+def _installed(module: str, dists: tuple[str, ...]) -> str | None:
+    """The version of ``module`` if imported, else of the first of ``dists`` installed; None if none is."""
+    version = getattr(sys.modules.get(module), "__version__", None)
+    for dist in dists:
+        if version is not None:
+            break
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return version
+
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
     cwd = cwd or Path(__file__).resolve().parent
@@ -25,9 +46,8 @@ def versions() -> dict[str, str | None]:
 
     found: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
                                     "numpy": numpy.__version__, "cuda": torch.version.cuda}
-    for name, module in (("horovod", "horovod"), ("dali", "nvidia.dali"), ("wandb", "wandb")):
-        mod = sys.modules.get(module)  # only report what this run actually imported
-        found[name] = getattr(mod, "__version__", None) if mod else None
+    for name, module, dists in OPTIONAL:
+        found[name] = _installed(module, dists)
     from tsm_dist import __version__
 
     found["tsm_dist"] = __version__

@@ -280,11 +280,11 @@ class Trainer:
             float(not torch.isfinite(loss_value)), *_signal_flags(stop)], dtype=torch.float64))
         loss, data_t, compute_t, sync_t, step_t, nonfinite, warned, terminated = stats.tolist()
         if nonfinite > 0:
-            self.log.step(self.step_record(loss, lr), pos.epoch, shown=False)
+            self.log.step(self.step_record(loss, lr), pos.epoch + 1, shown=False)
             raise Diverged("the loss of at least one rank is NaN or Inf", pos)
         if pos.step % cfg.log.interval == 0 or pos.step == self.total_steps:
             self.log.step(self.step_record(loss, lr, data_time=data_t, compute_time=compute_t, sync_time=sync_t,
-                                           step_time=step_t), pos.epoch)
+                                           step_time=step_t), pos.epoch + 1)  # 1-based, as the eval record
         epoch_ended = pos.batch_in_epoch >= self.steps_per_epoch * self.K
         if epoch_ended:  # the epoch's last step
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
@@ -338,7 +338,7 @@ class Trainer:
         meanwhile is acted on now, not one training step (and maybe a whole evaluation) later."""
         cfg, pos = self.cfg, self.pos
         last = pos.epoch >= cfg.train.epochs or pos.step >= self.total_steps
-        is_best = False
+        is_best, top1 = False, None
         if self.val_loader is not None and (pos.epoch % cfg.train.eval_every_epochs == 0 or last):
             # each rank kept its own BN statistics; evaluate (and save) rank 0's everywhere
             self.engine.broadcast_tensors({n: b for n, b in self.model.named_buffers()})
@@ -346,12 +346,13 @@ class Trainer:
             if not math.isfinite(result["loss"]):
                 self.log.evaluation(result, pos.epoch, pos.step, shown=False)
                 raise Diverged("the validation loss is NaN or Inf (the model diverged)", pos)
-            is_best = result["top1"] > pos.best_top1
+            is_best, top1 = result["top1"] > pos.best_top1, result["top1"]
             pos.best_top1 = max(pos.best_top1, result["top1"])
             self.log.evaluation(result, pos.epoch, pos.step)
             self.train_model.train()
         if cfg.train.checkpoint_every_epochs and (pos.epoch % cfg.train.checkpoint_every_epochs == 0 or last):
             self.save(is_best)
+        self.log.epoch_done(pos.epoch, pos.step, top1)
         if not last:  # after the last epoch the run is complete, whatever arrived
             warned, terminated = self.engine.allreduce_sum(
                 torch.tensor(_signal_flags(stop), dtype=torch.float64)).tolist()
