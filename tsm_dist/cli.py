@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "io-study": ("tsm_dist.io_study", "data time not hidden by compute vs compute, per model and loader"),
     "check": ("tsm_dist.selfcheck", "print the stack (torch, Horovod, MPI, DALI) and run a 2-rank self-check"),
     "check-data": ("tsm_dist.check_data", "probe every video of a config's file lists and print a summary"),
+    "import-official": ("tsm_dist.deploy.import_official", "an official TSM checkpoint (model zoo, online demo) as a tsm_dist checkpoint"),
     "export": ("tsm_dist.deploy.export", "a checkpoint as ONNX/TorchScript: online (explicit shift caches) or clip model"),
     "stream": ("tsm_dist.deploy.stream", "stream a video frame by frame through an exported online ONNX model"),
     "early-recognition": ("tsm_dist.deploy.early", "accuracy vs % of the video observed, online model, file list"),

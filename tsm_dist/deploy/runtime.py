@@ -33,7 +33,7 @@ class OnnxStream:
     def __init__(self, model_path: str | Path, threads: int = 0) -> None:
         self.meta = read_sidecar(model_path)
         if self.meta.get("mode") != "online" or self.meta.get("format") != "onnx":
-            raise UsageError(f"{model_path} is a {self.meta.get('mode')} {self.meta.get('format')} export; "
+            raise UsageError(f"{model_path} is an {self.meta.get('mode')} {self.meta.get('format')} export; "
                              "streaming needs `tsm-dist export --format onnx --mode online`")
         self.session = session(model_path, threads)
         self.caches_meta = self.meta["caches"]

@@ -4,7 +4,8 @@ Names follow torchvision's ResNet and MobileNetV2, which our builders mirror. Fo
 inflated to its temporal size by repeating it kT times and dividing by kT (Carreira & Zisserman), so
 a clip of identical frames gives the 2D network's activations away from the temporal borders. The
 classifier is skipped when the file was trained on another number of classes (the usual fine-tuning
-start); any other mismatch is an error naming the file and the key.
+start); any other mismatch is an error naming the file and the key. Checkpoints of the official TSM code
+(its model zoo's, the online demo's MobileNetV2) are renamed first (official.py), so they load here too.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from tsm_dist.models.official import OfficialLayoutError, is_official, to_ours
 
 _CLASSIFIER = ("fc.weight", "fc.bias")
 # torchvision's mobilenet_v2 keeps its classifier as classifier.1 (after a dropout); ours is fc
@@ -42,6 +45,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise ValueError(f"{path}: not a state_dict (expected a mapping of names to tensors)")
     # Checkpoints saved from DataParallel/DDP prefix every name with "module.".
     state = {k.removeprefix("module."): v for k, v in obj.items()}
+    if is_official(state):
+        try:
+            state = to_ours(state)[0]
+        except OfficialLayoutError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     for old, new in _RENAMES:
         state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
     return state
