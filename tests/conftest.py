@@ -103,3 +103,25 @@ def horovodrun(np: int, *args: str) -> list[str]:
 
 def mpirun(np: int, *args: str) -> list[str]:
     return ["mpirun", "-np", str(np), "--oversubscribe", "--bind-to", "none", *args]
+
+
+def kill_after_first_step(cmd: list[str], metrics: Path, victims: Any, *, env: dict[str, str],
+                          cwd: str | Path | None = None, timeout: float = 150) -> tuple[int, str]:
+    """Run ``cmd`` in its own session until ``metrics`` holds a step record, SIGKILL the one process that
+    ``victims()`` names (a rank), then let the rest end; return (exit code, output). Leaves nothing behind."""
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not (metrics.exists() and '"step"' in metrics.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no step was taken"
+            time.sleep(0.5)
+        found = victims()
+        assert len(found) == 1, found
+        os.kill(found[0], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return proc.returncode, output

@@ -25,6 +25,9 @@ from conftest import _TAG, _kill_tagged, free_port
 PACKAGES = ("slurm-wlm", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "scancel", "squeue", "sinfo")
+# accounting (sacct), as operators have it: slurmdbd on a MariaDB database
+ACCOUNTING_PACKAGES = ("slurmdbd", "mariadb-server")
+ACCOUNTING_BINARIES = ("slurmdbd", "mariadbd", "mariadb-install-db", "sacct")
 NODE = "localhost"  # resolvable everywhere, so ranks can reach the rendezvous on "node 0"
 # Several nodes on this host: one slurmd per node name, each on its own port (Slurm refuses a second node
 # beside "localhost", which it takes for this host's name, so these names are made up and do not resolve;
@@ -37,20 +40,23 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
                 "DEADLINE", "PREEMPTED"}
 
 
-def _missing_binaries() -> list[str]:
-    return [b for b in DAEMONS + CLIENTS if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+def _missing_binaries(binaries: tuple[str, ...] = DAEMONS + CLIENTS) -> list[str]:
+    return [b for b in binaries if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
 
 
-def ensure_installed(timeout_s: float = 900) -> str | None:
-    """Install slurm-wlm and munge when missing; return None when ready, else why the tests must skip."""
-    if not _missing_binaries():
+def ensure_installed(timeout_s: float = 900, accounting: bool = False) -> str | None:
+    """Install slurm-wlm and munge (and, for ``accounting``, slurmdbd and MariaDB) when missing; return None
+    when ready, else why the tests must skip."""
+    binaries = DAEMONS + CLIENTS + (ACCOUNTING_BINARIES if accounting else ())
+    packages = PACKAGES + (ACCOUNTING_PACKAGES if accounting else ())
+    if not _missing_binaries(binaries):
         return None
     if os.geteuid() != 0:
-        return f"Slurm binaries {_missing_binaries()} missing and not root, cannot apt-get install {PACKAGES}"
+        return f"Slurm binaries {_missing_binaries(binaries)} missing and not root, cannot apt-get install {packages}"
     if shutil.which("apt-get") is None:
-        return f"Slurm binaries {_missing_binaries()} missing and no apt-get to install {PACKAGES}"
+        return f"Slurm binaries {_missing_binaries(binaries)} missing and no apt-get to install {packages}"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:  # a stale package index is the usual cause; refresh once
@@ -60,8 +66,8 @@ def ensure_installed(timeout_s: float = 900) -> str | None:
         return f"'{' '.join(cmd)}' did not finish within {timeout_s:.0f} s"
     if proc.returncode != 0:
         return f"'{' '.join(cmd)}' failed (rc={proc.returncode}): {proc.stderr.strip()[-500:]}"
-    missing = _missing_binaries()
-    return f"installed {PACKAGES} but {missing} still missing" if missing else None
+    missing = _missing_binaries(binaries)
+    return f"installed {packages} but {missing} still missing" if missing else None
 
 
 def _daemon(name: str) -> str:
@@ -74,9 +80,12 @@ class SlurmCluster:
     ``nodes`` > 1: that many nodes of ``cpus`` CPUs each, every one a slurmd on this host (their CPUs are
     declared, not real: the jobs of the tests are small)."""
 
-    def __init__(self, root: Path, cpus: int = 2, nodes: int = 1, preempt_requeue: bool = False) -> None:
+    def __init__(self, root: Path, cpus: int = 2, nodes: int = 1, preempt_requeue: bool = False,
+                 accounting: bool = False) -> None:
         self.root = Path(root)
         self.preempt_requeue = preempt_requeue
+        self.accounting = accounting  # slurmdbd on a MariaDB server of its own (sacct)
+        self.dbd_port = 0
         self.cpus = cpus
         self.nodes = [NODE] if nodes == 1 else [EMULATED_NODE.format(i) for i in range(nodes)]
         self.conf = self.root / "slurm.conf"
@@ -138,8 +147,7 @@ SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2
 ReturnToService=2
 SlurmdParameters=config_overrides
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
+{self._accounting_lines()}
 JobCompType=jobcomp/none
 MinJobAge=600
 # job ids (and so the ranks' rendezvous ports, derived from them) differ between clusters that run side by side
@@ -155,6 +163,51 @@ PartitionName={PARTITION} Nodes={",".join(self.nodes)} Default=YES MaxTime=INFIN
             with self.conf.open("a") as conf:
                 conf.write(f"PreemptType=preempt/partition_prio\nPreemptMode=REQUEUE\n"
                            f"PartitionName={URGENT} Nodes={nodes} PriorityTier=2 MaxTime=INFINITE State=UP\n")
+
+    def _accounting_lines(self) -> str:
+        if not self.accounting:
+            return "AccountingStorageType=accounting_storage/none\nJobAcctGatherType=jobacct_gather/none"
+        self.dbd_port = free_port()
+        return (f"AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost={NODE}\n"
+                f"AccountingStoragePort={self.dbd_port}\nAccountingStoragePass={self.munge_socket}\n"
+                "JobAcctGatherType=jobacct_gather/linux")
+
+    def _start_accounting(self, timeout_s: float) -> None:
+        """A MariaDB server (its own data directory, TCP on 127.0.0.1 only, no grant tables) and slurmdbd on
+        it; slurmdbd finds slurmdbd.conf beside SLURM_CONF."""
+        db, sql_port = self.root / "mysql", free_port()
+        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={db}", "--user=root",
+                        "--auth-root-authentication-method=normal", "--skip-test-db"], check=True,
+                       capture_output=True, timeout=120)
+        self._spawn("mariadbd", ["--no-defaults", f"--datadir={db}", "--user=root", "--bind-address=127.0.0.1",
+                                 f"--port={sql_port}", f"--socket={db}/mysqld.sock", "--skip-grant-tables",
+                                 f"--pid-file={db}/mysqld.pid", "--innodb-buffer-pool-size=32M"])
+        self._wait_for("mariadbd", lambda: _accepts(sql_port), timeout_s)
+        conf = self.root / "slurmdbd.conf"
+        conf.write_text(f"AuthType=auth/munge\nAuthInfo=socket={self.munge_socket}\nDbdHost={NODE}\n"
+                        f"DbdPort={self.dbd_port}\nSlurmUser=root\nStorageType=accounting_storage/mysql\n"
+                        f"StorageHost=127.0.0.1\nStoragePort={sql_port}\nStorageUser=root\n"
+                        f"StorageLoc=slurm_acct_db\nPidFile={self.root}/slurmdbd.pid\n"
+                        f"LogFile={self.root}/log/slurmdbd.log\nDebugLevel=info\n")
+        conf.chmod(0o600)
+        self._spawn("slurmdbd", ["-D"])
+        self._wait_for("slurmdbd", lambda: _accepts(self.dbd_port), timeout_s)
+        self._run(["sacctmgr", "-i", "add", "cluster", "tsmtest"], check=False)
+
+    def sacct(self, job_id: int, timeout_s: float = 30) -> dict[str, tuple[str, str]]:
+        """What ``sacct`` shows of a job that is over, once slurmdbd has it: {JobID: (State, ExitCode)} for the
+        job and its steps (``123``, ``123.batch``, ``123.0``), full width (not the default's ``CANCELLED+``)."""
+        deadline, settled = time.monotonic() + timeout_s, None
+        while True:
+            out = self._run(["sacct", "-j", str(job_id), "-n", "-P", "-o", "JobID,State,ExitCode"]).stdout
+            rows = {f[0]: (f[1], f[2]) for f in (line.split("|") for line in out.splitlines()) if len(f) == 3}
+            if rows.get(str(job_id), ("",))[0].split(" ")[0] in FINAL_STATES:
+                settled = settled or time.monotonic()
+            # the steps' records follow the job's (a job cancelled while pending has none)
+            if settled and (f"{job_id}.batch" in rows or time.monotonic() > settled + 5) \
+                    or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.5)
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.out", "ab")
@@ -182,6 +235,8 @@ PartitionName={PARTITION} Nodes={",".join(self.nodes)} Default=YES MaxTime=INFIN
                                f"--key-file={m / 'munge.key'}", f"--log-file={m / 'munged.log'}",
                                f"--pid-file={m / 'munged.pid'}", f"--seed-file={m / 'munged.seed'}"])
         self._wait_for("munged", self.munge_socket.exists, timeout_s)
+        if self.accounting:
+            self._start_accounting(timeout_s)
         self._spawn("slurmctld", ["-D", "-i", "-f", str(self.conf)])  # -i: ignore state of earlier runs
         self._wait_for("slurmctld", lambda: self._run(["scontrol", "ping"], check=False).returncode == 0,
                        timeout_s)
@@ -290,12 +345,33 @@ PartitionName={PARTITION} Nodes={",".join(self.nodes)} Default=YES MaxTime=INFIN
         return "\n".join(parts)
 
 
+def task_pids(job_id: int | str, rank: int) -> list[int]:
+    """Python processes of one task of a job (found by the environment srun gave them)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+            cmd = (proc / "cmdline").read_text()
+        except (OSError, ValueError):
+            continue
+        if env.get("SLURM_JOB_ID") == str(job_id) and env.get("SLURM_PROCID") == str(rank) and "tsm_dist" in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _accepts(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port``."""
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def trainer_cluster(root: Path, **options) -> SlurmCluster:
     """A cluster for jobs that run the trainer: skips the test where Slurm cannot be provisioned or Horovod
     is not installed. Use as ``with trainer_cluster(root, nodes=2) as cluster: ...``."""
     import pytest
 
-    reason = ensure_installed()
+    reason = ensure_installed(accounting=bool(options.get("accounting")))
     if reason:
         pytest.skip(f"no local Slurm cluster: {reason}")
     pytest.importorskip("horovod.torch", reason="the trainer's Horovod engine is not installed")

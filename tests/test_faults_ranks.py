@@ -8,13 +8,9 @@ Horovod's shutdown text; the ``end`` record says so).
 """
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
-from conftest import PYTHON, REPO, horovodrun, launcher_env, run_bounded
+from conftest import PYTHON, REPO, horovodrun, kill_after_first_step, launcher_env, run_bounded
 from tsm_dist.data.synthetic import make_synthetic
 from tsm_dist.errors import EXIT_DATA, EXIT_STORAGE
 from tsm_dist.records import read_records
@@ -63,21 +59,9 @@ def test_a_killed_rank_is_named_by_the_survivor_and_recorded(tmp_path):
     out.mkdir()
     cmd = _command(out, workdir, "data.backend=random", "data.num_samples=64", "model.num_frames=2",
                    "train.epochs=50", "log.interval=1")
-    proc = subprocess.Popen(cmd, env=launcher_env(PYTHONPATH=str(REPO)), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        metrics, deadline = workdir / "metrics.jsonl", time.monotonic() + 150
-        while not (metrics.exists() and '"step"' in metrics.read_text()):
-            assert proc.poll() is None and time.monotonic() < deadline, "no step was taken"
-            time.sleep(0.5)
-        victims = [pid for pid in _rank_processes(str(workdir)) if _environ(pid).get("HOROVOD_RANK") == "1"]
-        assert len(victims) == 1, victims
-        os.kill(victims[0], signal.SIGKILL)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+    _, output = kill_after_first_step(
+        cmd, workdir / "metrics.jsonl", env=launcher_env(PYTHONPATH=str(REPO)), cwd=REPO,
+        victims=lambda: [pid for pid in _rank_processes(str(workdir)) if _environ(pid).get("HOROVOD_RANK") == "1"])
     ours = [line for line in output.splitlines() if "tsm-dist train:" in line]
     assert len(ours) == 1 and "rank 1 was lost without a word" in ours[0], output[-3000:]
     assert "Traceback" not in output

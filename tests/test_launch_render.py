@@ -311,3 +311,65 @@ def test_script_tells_the_trainer_what_it_will_do(tmp_path: Path, requeue: bool,
     text = render_job("slurm", 1, 4, CONFIG, requeue=requeue)
     rc, calls = run_script(tmp_path, text, "report-plan", {**SLURM_ENV, **extra})
     assert rc == PREEMPTED_EXIT_CODE and calls[1] == f"on-preempt={plan}", calls
+
+
+# ------------------------------------- the decided exit code: the run's end record, not the launcher's
+# srun's stand-in: the tasks run under a real launcher (horovodrun) and the exit status is what srun's manual
+# says of its own: the highest of the tasks' codes, 128 + signal for a task that a signal killed. As under the
+# template's --kill-on-bad-exit=0, a task's end does not stop the others (each task's wrapper outlives it).
+SRUN_OVER_HOROVODRUN = """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done  # srun's own options; launch/rank.sh and its arguments follow
+codes=$(mktemp -d)
+horovodrun -np 2 -H localhost:2 --gloo bash -c \\
+  'trap true TERM; "$@" & pid=$!; while :; do wait $pid; rc=$?; kill -0 $pid 2>/dev/null || break; done
+   echo $rc > '"$codes"'/$HOROVOD_RANK' task "$@"
+highest=0
+for f in "$codes"/*; do code=$(cat "$f"); [ "$code" -gt "$highest" ] && highest=$code; done
+exit $highest
+"""
+
+
+def _rank_pids(marker: str, rank: str) -> list[int]:
+    """The rank processes (python -m tsm_dist.launch.rank) of ``marker``'s run with HOROVOD_RANK ``rank``."""
+    found = []
+    for pid_dir in Path("/proc").iterdir():
+        try:
+            argv = (pid_dir / "cmdline").read_bytes().split(b"\0")
+            environ = (pid_dir / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in argv and b"tsm_dist.launch.rank" in argv and f"HOROVOD_RANK={rank}".encode() in environ:
+            found.append(int(pid_dir.name))
+    return found
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_job_with_the_code_rank_0_decided(tmp_path: Path) -> None:
+    """Rank 1 SIGKILLed mid-run: rank 0 records ``failed``, exit code 1 ("rank 1 was lost"); the launcher
+    reports the kill (137). The script acts on the end record's 1, and says so."""
+    from conftest import PYTHON, kill_after_first_step, launcher_env
+    from tsm_dist.records import read_records
+
+    workdir = tmp_path / "run"
+    tiny = ["data.backend=random", "data.num_samples=64", "data.batch_size=2", "data.crop_size=32",
+            "model.width=8", "model.num_frames=2", "train.epochs=50", "log.interval=1", "log.wandb=disabled",
+            "log.progress=false", "engine.name=horovod"]
+    script = tmp_path / "job.sh"
+    script.write_text(render_job("slurm", 1, 0, CONFIG, ranks_per_node=2, cpus_per_rank=1, workdir=str(workdir),
+                                 job_name="killed", overrides=tiny, python=PYTHON))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(SRUN_OVER_HOROVODRUN)
+    (bin_dir / "srun").chmod(0o755)
+    env = launcher_env(**SLURM_ENV)
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    metrics = workdir / "metrics.jsonl"
+    code, output = kill_after_first_step(["bash", str(script)], metrics, lambda: _rank_pids(str(workdir), "1"),
+                                         env=env, cwd=tmp_path)
+    end = [r for r in read_records(metrics) if r["type"] == "end"]
+    assert len(end) == 1 and (end[0]["status"], end[0]["exit_code"]) == ("failed", 1), end
+    assert "ranks exited with status 137" in output, output[-3000:]
+    assert code == 1, output[-3000:]
+    assert "exit code 1, as the end record decided (the launcher's: 137)" in output, output[-3000:]
+    assert "rank 1 was lost" in output and "requeue" not in output.split("ranks exited with status")[1]

@@ -19,14 +19,16 @@ the real trainer runs on 2 Horovod ranks:
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from slurm_cluster import URGENT, SlurmCluster, trainer_cluster
+from slurm_cluster import URGENT, SlurmCluster, task_pids, trainer_cluster
 from tsm_dist.launch.render import render_job
 from tsm_dist.records import read_records
 
@@ -42,7 +44,7 @@ JOB_TIMEOUT_S = 150
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    with trainer_cluster(tmp_path_factory.mktemp("slurm")) as c:
+    with trainer_cluster(tmp_path_factory.mktemp("slurm"), accounting=True) as c:  # sacct too, as operators read it
         yield c
 
 
@@ -86,6 +88,8 @@ def test_gloo_job_trains_on_two_srun_ranks(cluster: SlurmCluster, tmp_path: Path
     steps = [r["step"] for r in _records(workdir, "step")]
     assert steps == list(range(1, 9)), steps
     assert (workdir / "checkpoints" / "ckpt_e0002_s00000008.pt").exists()
+    acct = cluster.sacct(job_id)  # docs/launch.md's sacct column
+    assert (acct[str(job_id)], acct[f"{job_id}.0"]) == (("COMPLETED", "0:0"), ("COMPLETED", "0:0")), acct
 
 
 def _assert_resumed(workdir: Path, log: str, total: int) -> None:
@@ -126,6 +130,12 @@ def test_signalled_job_requeues_and_resumes(cluster: SlurmCluster, tmp_path: Pat
     assert cluster.job(job_id)["Restarts"] == "1"
     assert "preempted: requeueing job" in log, log
     _assert_resumed(workdir, log, LONG_STEPS)
+    # sacct shows the last run; with --duplicates also the first, REQUEUED 0:0 (its steps: FAILED 75:0)
+    acct = cluster.sacct(job_id)
+    runs = cluster._run(["sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State,ExitCode", "-j", str(job_id)]).stdout
+    print(f"sacct after a requeue: {acct}; sacct -D -X: {runs.split()}")
+    assert acct[str(job_id)] == ("COMPLETED", "0:0"), acct
+    assert runs.split() == [f"{job_id}|REQUEUED|0:0", f"{job_id}|COMPLETED|0:0"], runs
 
 
 def test_signalled_job_resubmits_and_resumes(cluster: SlurmCluster, tmp_path: Path) -> None:
@@ -135,6 +145,8 @@ def test_signalled_job_resubmits_and_resumes(cluster: SlurmCluster, tmp_path: Pa
     first = cluster.wait_final(job_id, JOB_TIMEOUT_S)
     first_log = _job_log(tmp_path, job_id)
     assert first["JobState"] == "FAILED" and first["ExitCode"] == "75:0", f"{first}\n{first_log}"
+    acct = cluster.sacct(job_id)
+    assert (acct[str(job_id)], acct[f"{job_id}.0"]) == (("FAILED", "75:0"), ("FAILED", "75:0")), acct
     submitted = re.search(r"Submitted batch job (\d+)", first_log)
     assert submitted, first_log
     second_id = int(submitted.group(1))
@@ -164,6 +176,60 @@ def test_scancel_checkpoints_exits_143_and_the_cancel_sticks(cluster: SlurmClust
     after = cluster.job(job_id)
     assert after["JobState"] == "CANCELLED" and after.get("Restarts", "0") == "0", after
     assert "requeueing" not in log and "Submitted batch job" not in log, log
+    # sacct does not show what scontrol shows: the cancel on the job line with exit 0:0; the steps as they
+    # ended: by themselves within KillWait (FAILED 15:0), or killed after it (CANCELLED 0:9) on a loaded host
+    acct = cluster.sacct(job_id)
+    print(f"sacct after scancel: {acct}; scontrol: {after['JobState']} {after['ExitCode']}")
+    assert acct[str(job_id)] == ("CANCELLED by 0", "0:0"), acct
+    assert acct[f"{job_id}.0"] in (("FAILED", "15:0"), ("CANCELLED", "0:9")), acct
+
+
+def test_a_killed_rank_ends_the_job_with_rank_0s_code_not_the_kill(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """Rank 1 SIGKILLed (the OOM killer, a lost node): srun reports the signal (137), rank 0 recorded
+    ``failed``, 1 ("rank 1 was lost"): the job ends FAILED 1:0, as the run decided."""
+    job_id, workdir = _submit(cluster, tmp_path, LONG)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not any(r["step"] >= 3 for r in _records(workdir, "step")):
+        assert time.monotonic() < deadline, f"no training steps after {JOB_TIMEOUT_S} s\n{_job_log(tmp_path, job_id)}"
+        time.sleep(0.2)
+    victims = task_pids(job_id, rank=1)
+    assert victims, f"no process of rank 1 of job {job_id}"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    fields = cluster.wait_final(job_id, JOB_TIMEOUT_S)
+    log = _job_log(tmp_path, job_id)
+    ends = _records(workdir, "end")
+    assert [(e["status"], e["exit_code"]) for e in ends] == [("failed", 1)] and "rank 1 was lost" in ends[0]["cause"]
+    assert "ranks exited with status 137" in log and "exit code 1, as the end record decided" in log, log
+    assert (fields["JobState"], fields["ExitCode"]) == ("FAILED", "1:0"), f"{fields}\n{log}"
+    acct = cluster.sacct(job_id)
+    print(f"sacct after a SIGKILLed rank: {acct}")
+    assert acct[str(job_id)] == ("FAILED", "1:0"), acct
+
+
+def test_a_job_cancelled_while_pending_is_reported_as_such(cluster: SlurmCluster, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held, then cancelled: no job log, no metrics; the study's status says it was cancelled before it
+    started, not "the trainer did not start; see the job log"."""
+    from tsm_dist.studies.jobs import RunSpec, refresh_status
+
+    script = tmp_path / "job.sh"
+    script.write_text(render_job("slurm", 1, 0, CONFIG, ranks_per_node=2, cpus_per_rank=1, time="00:10",
+                                 workdir=str(tmp_path / "run"), job_name="pending",
+                                 overrides=[*TINY, "data.num_samples=16"],
+                                 python=sys.executable))
+    job_id = cluster.sbatch(script, cwd=tmp_path, env={"SBATCH_HOLD": "1"})
+    assert cluster.job(job_id)["JobState"] == "PENDING"
+    cluster.scancel(job_id)
+    fields = cluster.wait_final(job_id, 30)
+    assert (fields["JobState"], fields["ExitCode"]) == ("CANCELLED", "0:0"), fields
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    run = RunSpec(tag="pending", config="c.yaml", workdir="run", job_id=str(job_id), status="submitted")
+    refresh_status([run], tmp_path, "slurm")
+    assert run.status == "cancelled before it started (while pending: no metrics.jsonl, no job log)", run.status
+    acct = cluster.sacct(job_id)
+    print(f"sacct after a cancel while pending: {acct}")
+    assert acct[str(job_id)] == ("CANCELLED by 0", "0:0"), acct
 
 
 def test_mpi_job_trains_on_two_srun_ranks(cluster: SlurmCluster, tmp_path: Path) -> None:

@@ -86,3 +86,25 @@ def test_a_fit_that_contradicts_its_own_timings_is_rejected():
     scatter = [1.3, 0.8, 1.1, 0.9, 1.0, 1.0, 1.0, 1.0]
     noisy = result_record("horovod", 2, 2, sizes, [f * 2 * 50e-6 + n / 1e9 for f, n in zip(scatter, sizes)])
     assert noisy["fit_error"] == "" and noisy["alpha_s"] > 0
+
+
+def test_the_rejection_rules_are_the_ones_the_docs_state():
+    """docs/studies.md states both rules with the factors the code applies (issue #29: it said 'exceeds a
+    measured time' while the code allowed 1.5x)."""
+    from pathlib import Path
+
+    from tsm_dist.studies.allreduce_bench import FIT_TOLERANCE, LATENCY_TOLERANCE, result_record
+
+    docs = " ".join((Path(__file__).resolve().parents[1] / "docs" / "studies.md").read_text().split())
+    assert f"exceeds {LATENCY_TOLERANCE:g}× the fastest measured time" in docs
+    assert f"off by more than {FIT_TOLERANCE:g}×" in docs
+    sizes = [4096 * 4 ** i for i in range(6)]
+    # the fastest timing a little below the fitted latency (1.3x): within the margin, the fit is kept ...
+    times = [2 * 50e-6 + n / 1e9 for n in sizes]
+    kept = result_record("horovod", 2, 2, sizes, [times[0] / 1.3, *times[1:]])
+    assert kept["fit_error"] == "", kept["fit_error"]
+    # ... and the message of a rejected one names the factor it applied
+    sizes = message_sizes(1_400_000, 4096, 8)
+    bad = result_record("horovod", 2, 2, sizes, [6.2e-3] * 4 + [1.4e6 / 0.44e9 - (1.4e6 - n) / 26.2e9
+                                                               for n in sizes[4:]])
+    assert f"exceeds {LATENCY_TOLERANCE:g}x the fastest measured time" in bad["fit_error"], bad["fit_error"]

@@ -157,3 +157,40 @@ def test_a_bad_run_is_reported_in_its_row_and_the_rest_is_tabulated(tmp_path):
                                            (14 * 60 + 13.4, "14m 13s"), (42, "42s"), (float("nan"), "-")])
 def test_durations_like_table_12(seconds, text):
     assert format_duration(seconds) == text
+
+
+def test_a_terminated_1_node_run_is_marked_as_the_ideal_baseline(tmp_path):
+    make_sweep(tmp_path)
+    profile = tmp_path / "testbox.yaml"
+    write_metrics(tmp_path / "runs/horovod_m_n1/metrics.jsonl", engine="horovod", model="m", world=2,
+                  accumulate=1, step_time=0.5, status="terminated")
+    outputs = collect(tmp_path, str(profile))
+    rows = {r.nodes: r for r in outputs.rows}
+    assert rows[4].ideal_clips_per_sec == pytest.approx(64.0)  # still the baseline, but marked as such
+    assert rows[4].ideal_from == f"runs/horovod_m_n1, which ended terminated after {STEPS} timed step(s)"
+    md = outputs.markdown.read_text()
+    assert "| horovod | m | 4 | 8 | 32 | 256 | 51.2 | 64.0† | 80.0% |" in md
+    assert (f"† Ideal from a 1-node run that did not complete: horovod/m: runs/horovod_m_n1, which ended "
+            f"terminated after {STEPS} timed step(s)") in md
+    make_sweep(tmp_path)  # completed again: no mark
+    assert "†" not in collect(tmp_path, str(profile)).markdown.read_text()
+
+
+def test_a_cpu_sweep_is_plotted_and_linked_as_cpu_ranks(tmp_path, monkeypatch):
+    import tsm_dist.studies.collect as collect_module
+
+    plan, profile = make_sweep(tmp_path)
+    labels = []
+    monkeypatch.setattr(collect_module, "_save", lambda fig, ax, path, xlabel, ylabel, title: labels.append(xlabel))
+    collect(tmp_path, str(profile))
+    assert labels[0] == "Number of GPUs"
+    plan.gpus_per_node, plan.ranks_per_node = 0, GPUS_PER_NODE
+    plan.save(tmp_path)
+    gpu_profile = tmp_path / "gpubox.yaml"
+    gpu_profile.write_text(PROFILE.replace("testbox", "gpubox").replace("shm", "NVLink 1.0"))
+    outputs = collect(tmp_path, str(gpu_profile))
+    assert labels[2] == "Number of CPU ranks" and "| #Rank |" in outputs.markdown.read_text()
+    # the 2-node engine benchmark is missing: the intra link is the profile's, and says it is a GPU's
+    rows = {r.nodes: r for r in outputs.rows}
+    assert "profile gpubox: NVLink 1.0, a GPU link: this sweep ran CPU ranks, nominal) because" in \
+        rows[2].projection_links

@@ -7,8 +7,9 @@ import sys
 import pytest
 
 from tsm_dist import records
-from tsm_dist.records import MetricsLog, close_run, describe_run, read_last_run
-from tsm_dist.studies.jobs import (JobOptions, RunSpec, SubmitError, parse_job_id, render_jobs, run_outcome)
+from tsm_dist.records import MetricsLog, close_run, describe_run, finish_job, read_last_run
+from tsm_dist.studies.jobs import (JobOptions, RunSpec, SubmitError, job_log, parse_job_id, render_jobs,
+                                   run_outcome)
 from tsm_dist.studies.sweep import main as sweep_main
 
 
@@ -115,3 +116,60 @@ def test_collect_without_a_sweep_is_one_line(tmp_path, capsys):
     assert sweep_main(["collect", str(tmp_path / "none"), "--wait", "5"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sweep.json: no sweep plan here" in err
+
+
+def test_a_job_cancelled_while_pending_is_not_sent_to_a_job_log_it_never_wrote(tmp_path):
+    metrics, log = tmp_path / "runs/b16/metrics.jsonl", tmp_path / job_log("slurm", "b16", "12")
+    assert log.name == "b16-12.out" and job_log("lsf", "b16", "12") == "b16.12.out"
+    assert run_outcome(metrics, False, "CANCELLED", log) == \
+        "cancelled before it started (while pending: no metrics.jsonl, no job log)"
+    # gone from squeue's memory: no log says the job never ran, not "see the job log"
+    gone = run_outcome(metrics, False, "", log)
+    assert gone.startswith("failed: no metrics.jsonl and no job log b16-12.out (the job never ran") and \
+        "see the job log" not in gone
+    log.write_text("Slurm job 12 ...\n")
+    assert run_outcome(metrics, False, "CANCELLED", log) == "cancelled before the trainer started (see the job log b16-12.out)"
+    assert run_outcome(metrics, False, "FAILED", log) == \
+        "failed: no metrics.jsonl (the trainer did not start; see the job log b16-12.out)"
+
+
+def _run_with(path, end=None, **end_fields):
+    """A run's metrics file: header, 3 steps, and an end record written by rank 0 (with its exit_code)."""
+    write_run(path)
+    if end:
+        log = MetricsLog(path)
+        log.write(records.end_record(status=end, step=3, epoch=0, **end_fields))
+        log.close()
+
+
+@pytest.mark.parametrize("end, fields, launcher, job", [
+    ("failed", {"exit_code": 1, "cause": "rank 1 was lost without a word"}, 143, 1),  # horovodrun killed rank 0
+    ("failed", {"exit_code": 1, "cause": "rank 1 was lost without a word"}, 137, 1),
+    ("terminated", {"exit_code": 143}, 1, 143),  # mpirun's own 1 after the ranks' 143
+    ("preempted", {"exit_code": 75}, 143, 75),
+    ("completed", {"exit_code": 0}, 0, 0),
+    (None, {}, 137, 137),  # no rank wrote one: the launcher's code, recorded as failed
+])
+def test_the_job_exits_with_the_code_the_end_record_decided(tmp_path, end, fields, launcher, job):
+    path = tmp_path / "metrics.jsonl"
+    _run_with(path, end, **fields)
+    result = subprocess.run([sys.executable, "-m", "tsm_dist.records", "finish", str(path), "--exit-code",
+                             str(launcher), "--since", "0", "--job", "7"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == job, result.stdout + result.stderr
+    if job != launcher:
+        assert f"exit code {job}, as the end record decided (the launcher's: {launcher})" in result.stdout
+
+
+def test_an_end_record_of_an_earlier_job_decides_nothing(tmp_path):
+    """A requeued job whose trainer fails before its header: the previous run's 'preempted' (75) must not
+    requeue it again, and the line says the trainer did not start."""
+    path = tmp_path / "metrics.jsonl"
+    _run_with(path, "preempted", exit_code=75)
+    size = path.stat().st_size
+    code, line = finish_job(path, 2, "8", since=size)
+    assert code == 2 and "has no record of this job (the trainer did not start" in line
+    assert read_last_run(path).status == "preempted"  # nothing appended to the earlier run
+    _run_with(path)  # this job's run: a header, steps, no end; the ranks were killed
+    code, line = finish_job(path, 137, "8", since=size)
+    assert code == 137 and read_last_run(path).end["exit_code"] == 137 and "failed" in line
+    assert finish_job(tmp_path / "none.jsonl", 2)[0] == 2

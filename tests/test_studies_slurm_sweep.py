@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, trainer_cluster
+from slurm_cluster import SlurmCluster, task_pids, trainer_cluster
 from tsm_dist.records import read_last_run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -104,20 +104,6 @@ def test_sweep_submits_waits_and_collects_on_two_nodes(cluster: SlurmCluster, tm
     assert "#Rank" in md and "1 rank(s) per node" in md, md
 
 
-def _rank_pids(job_id: str, rank: int) -> list[int]:
-    """Python processes of one rank of a job (found by the environment srun gave them)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
-            cmd = (proc / "cmdline").read_text()
-        except (OSError, ValueError):
-            continue
-        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURM_PROCID") == str(rank) and "tsm_dist" in cmd:
-            pids.append(int(proc.name))
-    return pids
-
-
 def test_a_run_whose_ranks_are_killed_is_failed_with_its_exit_code(cluster: SlurmCluster, tmp_path: Path) -> None:
     out = tmp_path / "killed"
     # long enough to be killed mid-run: 2000 steps
@@ -131,7 +117,7 @@ def test_a_run_whose_ranks_are_killed_is_failed_with_its_exit_code(cluster: Slur
         assert time.monotonic() < deadline, _job_log(out, job)
         time.sleep(0.5)
     # rank 0, the one that writes the records, is killed (OOM killer, a node lost): no end record
-    victims = _rank_pids(job["job_id"], rank=0)
+    victims = task_pids(job["job_id"], rank=0)
     assert victims, f"no process of rank 0 of job {job['job_id']} found"
     for pid in victims:
         os.kill(pid, signal.SIGKILL)

@@ -13,7 +13,8 @@ One JSON object per line, each with a ``type``:
 
 The file is appended to across restarts; :func:`read_last_run` returns the records after the last header.
 A run whose ranks died before any of them wrote its ``end`` record gets one from its job script
-(``python -m tsm_dist.records finish``: :func:`close_run`), ``failed`` with the ranks' exit code as cause.
+(``python -m tsm_dist.records finish``: :func:`close_run`), ``failed`` with the ranks' exit code as cause;
+the same step gives the job its exit code, the one the run's ``end`` record decided (:func:`finish_job`).
 The trainer writes through :class:`MetricsLog`; the scaling sweep's collector, the allreduce benchmark and
 the demo read through :func:`read_records` / :func:`read_last_run`.
 """
@@ -99,11 +100,14 @@ class MetricsLog:
         self._file.close()
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Every record of a metrics file, checked: a JSON object per line, a known type, its required keys."""
+def read_records(path: str | Path, since: int = 0) -> list[dict[str, Any]]:
+    """Every record of a metrics file, checked: a JSON object per line, a known type, its required keys;
+    ``since``: only those appended after that many bytes (line numbers in messages stay the file's)."""
     path = Path(path)
     records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    data = path.read_bytes()
+    first = data.count(b"\n", 0, since) + 1
+    for lineno, line in enumerate(data[since:].decode().splitlines(), first):
         if not line.strip():
             continue
         try:
@@ -135,12 +139,13 @@ class RunRecords:
         return str(self.end["status"]) if self.end else "running"
 
 
-def read_last_run(path: str | Path) -> RunRecords:
-    """The last run of an (appended) metrics file; steps sorted by step number."""
-    records = read_records(path)
+def read_last_run(path: str | Path, since: int = 0) -> RunRecords:
+    """The last run of an (appended) metrics file, of those started after byte ``since``; steps sorted by
+    step number."""
+    records = read_records(path, since)
     starts = [i for i, r in enumerate(records) if r["type"] == "header"]
     if not starts:
-        raise MetricsError(f"{path}: no header record")
+        raise MetricsError(f"{path}: no header record" + (f" after byte {since}" if since else ""))
     run = RunRecords(header=records[starts[-1]])
     for record in records[starts[-1] + 1:]:
         if record["type"] == "step":
@@ -154,9 +159,10 @@ def read_last_run(path: str | Path) -> RunRecords:
 
 
 # ------------------------------------------------------------------ the job scripts' helper
-def close_run(path: str | Path, exit_code: int, job_id: str = "") -> dict[str, Any] | None:
-    """Append a ``failed`` end record to the last run of ``path`` when its ranks exited with
-    ``exit_code`` != 0 and none of them wrote one (killed, or died before they could); return it, else None.
+def close_run(path: str | Path, exit_code: int, job_id: str = "", since: int = 0) -> dict[str, Any] | None:
+    """Append a ``failed`` end record to the last run of ``path`` (started after byte ``since``) when its
+    ranks exited with ``exit_code`` != 0 and none of them wrote one (killed, or died before they could);
+    return it, else None.
 
     The job script calls this after the ranks, so that a run is never left looking "running" once its
     job is over; the cause names the exit code and who recorded it.
@@ -164,7 +170,7 @@ def close_run(path: str | Path, exit_code: int, job_id: str = "") -> dict[str, A
     path = Path(path)
     if exit_code == 0 or not path.is_file():
         return None
-    run = read_last_run(path)
+    run = read_last_run(path, since)
     if run.end is not None:
         return None
     last = run.steps[-1] if run.steps else {"step": 0, "epoch": 0}
@@ -181,12 +187,12 @@ def close_run(path: str | Path, exit_code: int, job_id: str = "") -> dict[str, A
     return record
 
 
-def describe_run(path: str | Path) -> str:
+def describe_run(path: str | Path, since: int = 0) -> str:
     """One line for a batch log: where the run's record is, how it ended, epochs, the last accuracy."""
     path = Path(path)
     if not path.is_file():
         return f"run record: {path} was not written (the trainer did not start; its error is above)"
-    run = read_last_run(path)
+    run = read_last_run(path, since)
     end = run.end or {}
     where = f"step {end.get('step', run.steps[-1]['step'] if run.steps else 0)}"
     if "epoch" in end:
@@ -198,8 +204,45 @@ def describe_run(path: str | Path) -> str:
     return f"run record: {path}: {run.status}{cause} at {where}{accuracy}"
 
 
+def _appended_since(path: Path, since: int) -> int | None:
+    """``since`` when the file grew past it at a line boundary (records appended by this job), 0 when
+    the file is not the one measured (shorter, or not cut at a line end), None when nothing was appended."""
+    data = path.read_bytes()
+    if since == len(data):
+        return None
+    if since > len(data) or (since and data[since - 1:since] != b"\n"):
+        return 0
+    return since
+
+
+def finish_job(path: str | Path, exit_code: int, job_id: str = "", since: int = 0) -> tuple[int, str]:
+    """The job scripts' last step after the ranks exited with ``exit_code`` (the launcher's status):
+    record a run that no rank closed (:func:`close_run`) and return (the job's exit code, one line for
+    its log).
+
+    The job's exit code is the one the run's ``end`` record decided (``exit_code``) when this job's ranks
+    wrote it: a launcher that kills the surviving ranks after one was lost exits 137 or 143 (as if the job
+    had been cancelled) although rank 0 recorded ``failed``, 1. ``since``: the metrics file's size before
+    the ranks started, so that a run of an earlier job is never taken for this one.
+    """
+    path = Path(path)
+    start = _appended_since(path, since) if path.is_file() else None
+    if start is None:
+        what = "was not written" if not path.is_file() else "has no record of this job"
+        return exit_code, f"run record: {path} {what} (the trainer did not start; its error is above)"
+    close_run(path, exit_code, job_id, start)
+    run = read_last_run(path, start)
+    decided = (run.end or {}).get("exit_code")
+    code = decided if isinstance(decided, int) and 0 <= decided <= 255 else exit_code
+    line = describe_run(path, start)
+    if code != exit_code:
+        line += f"; exit code {code}, as the end record decided (the launcher's: {exit_code})"
+    return code, line
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tsm_dist.records finish METRICS --exit-code RC [--job ID]``: the job scripts' last step."""
+    """``python -m tsm_dist.records finish METRICS --exit-code RC [--since BYTES] [--job ID]``: the job
+    scripts' last step. Exits with the job's exit code (:func:`finish_job`); on an error of its own, with RC."""
     import argparse
     import sys
 
@@ -207,15 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=("finish",))
     parser.add_argument("metrics", type=Path, help="the run's metrics.jsonl")
     parser.add_argument("--exit-code", type=int, required=True, help="the ranks' exit status")
+    parser.add_argument("--since", type=int, default=0,
+                        help="the metrics file's size in bytes before the ranks started (0: no file)")
     parser.add_argument("--job", default="", help="the scheduler's job id, for the cause")
     args = parser.parse_args(argv)
     try:
-        close_run(args.metrics, args.exit_code, args.job)
-        print(describe_run(args.metrics), flush=True)
-    except (MetricsError, OSError) as err:  # the job's exit code stays the ranks'; this only reports
+        code, line = finish_job(args.metrics, args.exit_code, args.job, max(0, args.since))
+    except (MetricsError, OSError, UnicodeDecodeError) as err:  # the job's exit code stays the ranks'
         print(f"run record: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return args.exit_code
+    print(line, flush=True)
+    return code
 
 
 if __name__ == "__main__":

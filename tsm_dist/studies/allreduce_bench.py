@@ -152,15 +152,16 @@ LATENCY_TOLERANCE = 1.5
 
 def fit_contradiction(world_size: int, sizes: Sequence[int], times: Sequence[float], link: LinkCost) -> str:
     """Why ``link`` does not describe the timings it was fitted to ("" when it does): its latency alone
-    exceeds a measured time (by LATENCY_TOLERANCE), or its prediction for the largest message is off by more
-    than FIT_TOLERANCE."""
+    exceeds LATENCY_TOLERANCE times the fastest measured time, or its prediction for the largest message is
+    off by more than FIT_TOLERANCE (docs/studies.md states both rules with these factors)."""
     fit = f"fit rejected: alpha {link.alpha_s * 1e6:.1f} us, B {link.bandwidth_bytes_per_s / 1e9:.3f} GB/s"
     largest, measured = max(zip(sizes, times))
     latency = ring_allreduce_time(world_size, 0, link)
     fastest_size, fastest = min(zip(times, sizes), key=lambda pair: pair[0])[::-1]
     if latency > LATENCY_TOLERANCE * fastest:
-        return (f"{fit}: its latency alone ({latency * 1e3:.2f} ms per allreduce) exceeds the measured "
-                f"{fastest * 1e3:.2f} ms of the {fastest_size:,} B message (the largest, {largest:,} B, ran at "
+        return (f"{fit}: its latency alone ({latency * 1e3:.2f} ms per allreduce) exceeds {LATENCY_TOLERANCE:g}x "
+                f"the fastest measured time, {fastest * 1e3:.2f} ms of the {fastest_size:,} B message (the largest, "
+                f"{largest:,} B, ran at "
                 f"{largest / measured / 1e9:.3f} GB/s): the timings do not follow the ring model")
     predicted = ring_allreduce_time(world_size, largest, link)
     if not 1 / FIT_TOLERANCE <= measured / predicted <= FIT_TOLERANCE:

@@ -17,7 +17,7 @@ from typing import Any
 from tsm_dist.records import METRICS_FILE, MetricsError, read_last_run
 from tsm_dist.studies.costmodel import (STEP_SMALL_COLLECTIVES, LinkCost, gradient_bytes, project_step_time,
                                         unmodelled_overhead)
-from tsm_dist.studies.jobs import ACTIVE_STATES, job_states, run_outcome
+from tsm_dist.studies.jobs import ACTIVE_STATES, job_log, job_states, run_outcome
 from tsm_dist.studies.machines import MachineProfile, load_machine
 from tsm_dist.studies.sweep_plan import JobSpec, SweepPlan
 from tsm_dist.studies.tables import pyplot, write_csv
@@ -84,6 +84,8 @@ class Row:
     sync_time_s: float = math.nan
     clips_per_sec: float = math.nan  # measured; for a simulated row, on run_nodes with accumulation
     ideal_clips_per_sec: float = math.nan
+    # the 1-node run the ideal comes from, when it did not complete (its speed is from the steps before its end)
+    ideal_from: str = ""
     scalability: float = math.nan
     projected_clips_per_sec: float = math.nan
     projected_scalability: float = math.nan
@@ -193,6 +195,8 @@ def _links(plan: SweepPlan, jobs: list[JobSpec], out_dir: Path, machine: Machine
             else:
                 measured[scope] = replace(bench.link, source=f"measured, {bench.link.source} ({job.workdir})")
     profile = {"intra": machine.intra_cost(), "inter": machine.inter_cost()}
+    if plan.gpus_per_node == 0 and machine.gpus_per_node > 0:  # say so, rather than let NVLink pass for CPU ranks
+        profile = {k: replace(v, source=f"{v.source}, a GPU link: this sweep ran CPU ranks") for k, v in profile.items()}
     links = {}
     for scope in ("intra", "inter"):
         if scope in measured:
@@ -236,7 +240,10 @@ def build_rows(plan: SweepPlan, out_dir: Path, machine: MachineProfile,
         group_rows = []
         for job in sorted(jobs, key=lambda j: j.nodes):
             path = out_dir / job.workdir / METRICS_FILE
-            status = run_outcome(path, _job_active(plan, job, states))
+            state = (states or {}).get(job.job_id, "") if job.job_id else ""
+            log = out_dir / job_log(plan.scheduler, job.tag, job.job_id) if job.job_id and plan.scheduler != "local" \
+                else None
+            status = run_outcome(path, _job_active(plan, job, states), state, log)
             summary = None
             if status == "no metrics":
                 status = f"no metrics ({job.status})"
@@ -251,9 +258,13 @@ def build_rows(plan: SweepPlan, out_dir: Path, machine: MachineProfile,
             group_rows.append(_job_row(plan, job, summary, status))
         intra, inter, benches = _links(plan, jobs, out_dir, machine)
         all_benches += benches
-        single = next((summaries[j.tag] for j in jobs if j.nodes == 1 and j.tag in summaries), None)
+        single_job = next((j for j in jobs if j.nodes == 1 and j.tag in summaries), None)
+        single = summaries[single_job.tag] if single_job else None
         for row in group_rows:
             _fill_speeds(row, single, plan, intra, inter)
+            if single is not None and single.status != "completed":
+                row.ideal_from = (f"{single_job.workdir}, which ended {single.status} after {single.timed_steps} "
+                                  f"timed step(s)")
         _calibrate(group_rows, jobs, summaries, single, plan, intra, inter)
         rows += group_rows
     rows.sort(key=lambda r: (r.model, r.nodes, r.engine))
@@ -342,7 +353,8 @@ def markdown_table(rows: list[Row], plan: SweepPlan, benches: list[BenchResult])
         frames = f"{r.frames_per_batch:,}" if r.frames_per_batch else "-"  # unknown without the run's header
         lines.append(
             f"| {r.engine} | {r.model} | {r.nodes}{star} | {r.gpus}{star} | {r.global_batch:,} | "
-            f"{frames} | {measured} | {_num(r.ideal_clips_per_sec)} | {_pct(r.scalability)} | "
+            f"{frames} | {measured} | {_num(r.ideal_clips_per_sec)}{'†' if r.ideal_from else ''} | "
+            f"{_pct(r.scalability)} | "
             f"{_num(r.projected_clips_per_sec)} | {_pct(r.projected_scalability)} | "
             f"{_num(r.projection_error_points, '{:+.1f} pts')} | {_pct(r.calibrated_scalability)} | "
             f"{format_duration(r.epoch_time_s)}{time_mark} | {format_duration(r.train_time_s)}{time_mark} | "
@@ -350,6 +362,8 @@ def markdown_table(rows: list[Row], plan: SweepPlan, benches: list[BenchResult])
     lines += ["", f"Data set: {plan.dataset_size:,} clips; time/epoch = data set size / clips/s (measured speed "
               f"where measured, else projected, marked '(proj.)').",
               "Ideal = single-node clips/s x nodes; scalability = clips/s / ideal."]
+    lines += [f"† Ideal from a 1-node run that did not complete: {src} (its speed, not a finished run's)."
+              for src in sorted({f"{r.engine}/{r.model}: {r.ideal_from}" for r in rows if r.ideal_from})]
     simulated = [r for r in rows if r.simulated]
     if simulated:
         sims = ", ".join(f"{r.engine}/{r.model} {r.nodes}* on {r.run_nodes} nodes x {r.accumulate} accumulation "
@@ -414,8 +428,9 @@ def _save(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -
     pyplot().close(fig)
 
 
-def plot_speed(rows: list[Row], path: Path) -> None:
-    """Fig. 12: training speed vs number of GPUs for every model, with the ideal line."""
+def plot_speed(rows: list[Row], path: Path, unit: str = "GPUs") -> None:
+    """Fig. 12: training speed vs number of GPUs (``unit``: what ``Row.gpus`` counts, "ranks" on CPU nodes)
+    for every model, with the ideal line (marked when its 1-node run did not complete)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -432,13 +447,14 @@ def plot_speed(rows: list[Row], path: Path) -> None:
                     mfc="none", label=f"{label} projected")
         ideal = [r for r in rs if not math.isnan(r.ideal_clips_per_sec)]
         if ideal:
+            unfinished = " (from an unfinished 1-node run)" if any(r.ideal_from for r in ideal) else ""
             ax.plot([r.gpus for r in ideal], [r.ideal_clips_per_sec for r in ideal], "--", color=color,
-                    alpha=0.5, label=f"{label} ideal")
+                    alpha=0.5, label=f"{label} ideal{unfinished}")
     _log2_ticks(ax, sorted({r.gpus for r in rows}))
     ax.set_yscale("log")
     _mark_simulated(ax, [(r.gpus, r.projected_clips_per_sec) for r in rows if r.simulated])
-    _save(fig, ax, path, "Number of GPUs", "Training speed (clips/s)",
-          "Training speed vs GPUs (measured, projected, ideal)")
+    _save(fig, ax, path, f"Number of {unit}", "Training speed (clips/s)",
+          f"Training speed vs {unit} (measured, projected, ideal)")
 
 
 def plot_scalability(rows: list[Row], path: Path) -> None:
@@ -484,6 +500,6 @@ def collect(out_dir: Path | str, machine: str | None = None) -> CollectOutputs:
                              rows=rows)
     write_csv(rows, Row, outputs.csv)
     outputs.markdown.write_text(markdown_table(rows, plan, benches))
-    plot_speed(rows, outputs.speed_png)
+    plot_speed(rows, outputs.speed_png, "GPUs" if plan.gpus_per_node else "CPU ranks")
     plot_scalability(rows, outputs.scalability_png)
     return outputs

@@ -193,13 +193,20 @@ def wait_for_jobs(runs: Sequence[StudyRun], scheduler: str, timeout_s: float, po
         time.sleep(poll_s)
 
 
-def run_outcome(metrics: Path, job_active: bool | None) -> str:
+def job_log(scheduler: str, tag: str, job_id: str) -> str:
+    """The job's log file, relative to the directory it was submitted from (the template's ``-o``/``--output``)."""
+    return f"{tag}.{job_id}.out" if scheduler == "lsf" else f"{tag}-{job_id}.out"
+
+
+def run_outcome(metrics: Path, job_active: bool | None, state: str = "", log: Path | None = None) -> str:
     """A run's status from its metrics file: the ``end`` record's (``failed: cause`` when it names one);
     without an end record ``running`` while its job is active, else ``failed`` (the job is over and no
-    rank said how it ended). ``job_active`` None: unknown (no scheduler to ask)."""
+    rank said how it ended). ``job_active`` None: unknown (no scheduler to ask); ``state``: the
+    scheduler's (``CANCELLED``, ...) when it still knows the job; ``log``: the job's log file, which a job
+    that never ran does not have."""
     if not metrics.is_file():
         if job_active is False:
-            return f"failed: no {metrics.name} (the trainer did not start; see the job log)"
+            return _never_wrote(metrics, state, log)
         return "running" if job_active else "no metrics"
     try:
         run = read_last_run(metrics)
@@ -213,11 +220,26 @@ def run_outcome(metrics: Path, job_active: bool | None) -> str:
     return "running"
 
 
+def _never_wrote(metrics: Path, state: str, log: Path | None) -> str:
+    """A job that is over without a metrics file: cancelled before it started, or a trainer that did not."""
+    has_log = log is not None and log.exists()
+    if state.startswith("CANCELLED"):
+        return (f"cancelled before the trainer started (see the job log {log.name})" if has_log else
+                f"cancelled before it started (while pending: no {metrics.name}" +
+                (", no job log)" if log is not None else ")"))
+    if log is not None and not has_log:
+        return (f"failed: no {metrics.name} and no job log {log.name} (the job never ran: cancelled while "
+                f"pending, or its log went elsewhere)")
+    return f"failed: no {metrics.name} (the trainer did not start; see the job log{f' {log.name}' if log else ''})"
+
+
 def refresh_status(runs: Sequence[StudyRun], out: Path, scheduler: str) -> None:
     """Set every submitted run's ``status`` from its metrics file and the scheduler's view of its job."""
     states = job_states(scheduler, [run.job_id for run in runs])
     for run in runs:
         if not run.job_id:
             continue
-        active = None if states is None else states.get(run.job_id) in ACTIVE_STATES
-        run.status = run_outcome(Path(out) / run.workdir / METRICS_FILE, active)
+        state = (states or {}).get(run.job_id, "")
+        active = None if states is None else state in ACTIVE_STATES
+        run.status = run_outcome(Path(out) / run.workdir / METRICS_FILE, active, state,
+                                 Path(out) / job_log(scheduler, run.tag, run.job_id))

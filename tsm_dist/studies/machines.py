@@ -31,8 +31,8 @@ class Link:
 @dataclass(frozen=True)
 class MachineProfile:
     name: str
-    scheduler: str
-    gpus_per_node: int
+    scheduler: str  # lsf | slurm | local | any
+    gpus_per_node: int  # 0: CPU nodes
     gpu: str
     max_nodes: int
     intra_node: Link
@@ -90,11 +90,11 @@ def load_machine(name_or_path: str | Path) -> MachineProfile:
                                 f"{', '.join(list_machines())}")
     data = _check_keys(yaml.safe_load(path.read_text()), MachineProfile, str(path))
     scheduler = data["scheduler"]
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"{path}: scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-    for key in ("gpus_per_node", "max_nodes"):
-        if isinstance(data[key], bool) or not isinstance(data[key], int) or data[key] < 1:
-            raise ValueError(f"{path}: {key} must be an integer >= 1, got {data[key]!r}")
+    if scheduler not in SCHEDULERS + ("any",):
+        raise ValueError(f"{path}: scheduler must be one of {SCHEDULERS} or 'any', got {scheduler!r}")
+    for key, least in (("gpus_per_node", 0), ("max_nodes", 1)):
+        if isinstance(data[key], bool) or not isinstance(data[key], int) or data[key] < least:
+            raise ValueError(f"{path}: {key} must be an integer >= {least}, got {data[key]!r}")
     return MachineProfile(name=str(data["name"]), scheduler=scheduler, gpus_per_node=data["gpus_per_node"],
                           gpu=str(data["gpu"]), max_nodes=data["max_nodes"],
                           intra_node=_link(data["intra_node"], f"{path}: intra_node"),

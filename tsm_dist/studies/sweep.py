@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 ENGINES = ("horovod", "torch")
 DEFAULT_MACHINE = {"lsf": "summit", "slurm": "p100_cluster", "local": "localhost"}
+CPU_MACHINE = "cpu_nodes"  # the default of a CPU sweep (--gpus-per-node 0) on LSF or Slurm: no GPU links
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--submit", action="store_true", help="lsf/slurm: submit the jobs with bsub/sbatch")
     mode.add_argument("--dry-run", action="store_true", help="plan and render only; run or submit nothing")
     parser.add_argument("--machine", help="machine profile name or YAML (default: summit for lsf, "
-                        "p100_cluster for slurm, localhost for local)")
+                        f"p100_cluster for slurm, {CPU_MACHINE} for either with --gpus-per-node 0, localhost "
+                        "for local)")
     parser.add_argument("--model-config", action="append", default=[], type=model_config_item,
                         metavar="MODEL=CONFIG",
                         help="base config for one model instead of --config (e.g. i3d3x1x1_r50="
@@ -204,7 +206,8 @@ def plan_sweep(args: SweepOptions, argv: list[str]) -> SweepPlan:
     """Validate every run's config and write it under OUT/jobs/<tag>/; return the plan (not yet saved)."""
     from tsm_dist.config import load_config
 
-    machine = load_machine(args.machine or DEFAULT_MACHINE[args.scheduler])
+    cpu = args.gpus_per_node == 0 and args.scheduler != "local"
+    machine = load_machine(args.machine or (CPU_MACHINE if cpu else DEFAULT_MACHINE[args.scheduler]))
     gpus_per_node = machine.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
     base = load_config(args.config, args.overrides)
     models = args.models or [base.model.name]
@@ -404,6 +407,9 @@ def project_main(argv: list[str]) -> int:
         step_times = parse_step_times(args.step_time, args.models)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
+    if machine.gpus_per_node == 0:
+        parser.error(f"--machine {args.machine}: a profile of CPU nodes (gpus_per_node 0) has no ranks per node "
+                     f"to project with; run a CPU sweep (--gpus-per-node 0 --ranks-per-node N) instead")
     sizes = {m: model_sizes(m) for m in args.models}
     rows = project_rows(machine, step_times, args.nodes, per_gpu_batch=args.per_gpu_batch,
                         num_frames={m: frames for m, (_, frames) in sizes.items()},
