@@ -48,3 +48,27 @@ def test_cosine_after_warmup():
     assert s(500 + 9500 // 2) == pytest.approx(0.08)
     assert s(10000) == pytest.approx(0.0, abs=1e-12)
     assert s(3000) > s(6000) > s(9000)
+
+
+def few_steps(global_batch: int, **kw) -> LRSchedule:
+    """The batch study's shape: 4,096 clips, base batch 16, 2 warmup epochs with a floor of 8 steps, 6 epochs."""
+    optim = OptimConfig(**{"base_lr": 0.02, "base_batch": 16, "warmup_epochs": 2, "schedule": "cosine", **kw})
+    return LRSchedule.from_config(optim, global_batch=global_batch, steps_per_epoch=4096 // global_batch, epochs=6)
+
+
+def test_warmup_has_a_floor_in_steps_but_at_most_half_the_run():
+    assert few_steps(256, warmup_min_steps=8).warmup_steps == 32  # 2 epochs of 16 steps: above the floor
+    assert few_steps(1024, warmup_min_steps=8).warmup_steps == 8  # 2 epochs of 4 steps: the floor
+    assert few_steps(2048, warmup_min_steps=8).warmup_steps == 6  # 12 steps in all: half of them
+    assert few_steps(2048, warmup_min_steps=0).warmup_steps == 4
+    assert few_steps(2048, warmup_min_steps=8, warmup_epochs=0).warmup_steps == 0  # no warmup stays none
+    s = few_steps(4096, warmup_min_steps=8)  # 1 step per epoch, 6 in all: 3 of warmup
+    assert [round(s(i), 4) for i in range(4)] == [0.02, round(0.02 + (5.12 - 0.02) / 3, 4),
+                                                 round(0.02 + 2 * (5.12 - 0.02) / 3, 4), 5.12]
+
+
+def test_lamb_scales_the_rate_by_the_square_root_of_the_batch():
+    assert few_steps(1024, name="lamb").peak_lr == pytest.approx(0.02 * 8)  # sqrt(64)
+    assert few_steps(1024, name="lars").peak_lr == pytest.approx(0.02 * 64)
+    assert few_steps(1024, name="lamb", lr_scaling="linear").peak_lr == pytest.approx(0.02 * 64)
+    assert few_steps(1024, name="sgd", lr_scaling="sqrt").peak_lr == pytest.approx(0.02 * 8)

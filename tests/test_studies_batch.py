@@ -31,12 +31,37 @@ def test_plan_simulates_what_the_ranks_cannot_hold():
 
 
 def test_nodes_count_as_the_paper_and_runs_share_the_epochs(tmp_path):
-    plan = plan_study(StudyOptions(nodes=[1, 4], gpus_per_node=2, data=tmp_path, epochs=3, seeds=1))
+    from tsm_dist import resources
+
+    hard = plan_study(StudyOptions(config=resources.CONFIGS / "synthetic_hard_tsm.yaml", data=tmp_path, seeds=1))
+    assert f"data.root={tmp_path.resolve()}" in hard["overrides"] and hard["data"] == str(tmp_path)
+    plan = plan_study(StudyOptions(nodes=[1, 4], gpus_per_node=2, epochs=3, seeds=1, optimizers=["sgd"]))
     assert [r["batch"] for r in plan["runs"]] == [16, 64]  # nodes x 2 GPUs x data.batch_size 8
-    assert "train.epochs=3" in plan["overrides"] and "eval.last_n=3" in plan["overrides"]
+    assert "train.epochs=3" in plan["overrides"] and "eval.last_n=2" in plan["overrides"]  # the config's 2
     assert "log.interval=1" in plan["overrides"]
     with pytest.raises(ValueError, match="not both"):
-        plan_study(StudyOptions(nodes=[1], batches=[16], data=tmp_path))
+        plan_study(StudyOptions(nodes=[1], batches=[16]))
+
+
+def test_the_default_study_is_the_rendered_set_from_16_to_1024_with_sgd_and_lars(tmp_path):
+    from tsm_dist.config import load_config
+
+    plan = plan_study(StudyOptions())
+    assert plan["backend"] == "procedural" and plan["data"] is None
+    assert not any(o.startswith("data.root=") for o in plan["overrides"])  # nothing to read
+    runs = [StudyRun(**r) for r in plan["runs"]]
+    assert sorted({r.batch for r in runs}) == [16, 32, 64, 128, 256, 512, 1024]
+    assert {r.optimizer for r in runs} == {"sgd", "lars"} and {r.seed for r in runs} == {0, 1, 2}
+    assert {(r.per_rank_batch, r.accumulate) for r in runs if r.batch == 1024} == {(8, 64)}
+    cfg = load_config(plan["config"], plan["overrides"])
+    assert (cfg.data.num_samples, cfg.data.num_val_samples, cfg.data.label_noise) == (4096, 1024, 0.2)
+    assert cfg.model.classifier_init == "linear" and cfg.optim.warmup_min_steps == 8
+    # a config that makes its clips has no data directory to point at
+    with pytest.raises(ValueError, match="--data: the config's data.backend=procedural reads no files"):
+        plan_study(StudyOptions(data=tmp_path))
+    quick = plan_study(StudyOptions(quick=True))
+    assert [(r["optimizer"], r["batch"]) for r in quick["runs"]] == [("sgd", 4), ("sgd", 8)]
+    assert "data.num_samples=64" in quick["overrides"]
 
 
 def _write_run(out: Path, run: StudyRun, top1: list[float], status: str = "completed") -> None:
@@ -45,7 +70,8 @@ def _write_run(out: Path, run: StudyRun, top1: list[float], status: str = "compl
     log = records.MetricsLog(workdir / records.METRICS_FILE)
     log.write(records.header_record(config={}, engine="horovod", world_size=2, local_size=2, model="tsm8f_r50",
                                     num_frames=8, params=1, per_gpu_batch=run.per_rank_batch,
-                                    accumulate=run.accumulate, global_batch=run.batch))
+                                    accumulate=run.accumulate, global_batch=run.batch, steps_per_epoch=4,
+                                    warmup_steps=2, peak_lr=0.1 * run.batch / 16))
     for epoch, value in enumerate(top1, 1):
         log.write(records.step_record(epoch=float(epoch), step=epoch * 4, loss=2.0 / epoch, lr=0.1))
         log.write(records.eval_record(epoch=epoch, step=epoch * 4, top1=value, top5=100.0, loss=1.0,
@@ -67,10 +93,12 @@ def test_table_and_figures_from_run_records(tmp_path):
     _write_run(tmp_path, runs[3], [10.0, float("nan")], status="failed")
     text = report(tmp_path)
     # batch 16: seeds 65 and 55 (means of the last 2) -> 60 +- 7.1; batch 64*: one seed failed
-    assert "| sgd | 2 | 16 | 128 | 60.0 +- 7.1 | 7.1 | 2/2 | 12 | 10 | completed |" in text
-    assert "| sgd | 8* | 64* | 512 | 25.0 +- 0.0 | 7.1 | 1/2 | 12 | 10 | failed |" in text
+    # (steps per epoch, steps done, warmup steps and the peak rate from the runs' headers)
+    assert "| sgd | 2 | 16 | 128 | 4 | 12 | 2 | 0.1 | 60.0 +- 7.1 | 7.1 | 2/2 | 10 | completed |" in text
+    assert "| sgd | 8* | 64* | 512 | 4 | 12 | 2 | 0.4 | 25.0 +- 0.0 | 7.1 | 1/2 | 10 | failed |" in text
     rows = list(csv.DictReader((tmp_path / "table.csv").open()))
     assert [r["batch"] for r in rows] == ["16", "64"] and rows[1]["simulated"] == "True"
+    assert (rows[0]["steps_per_epoch"], rows[0]["total_steps"]) == ("4", "12")
     for name in ("fig11_accuracy_vs_batch.png", "fig13_curves.png"):
         assert (tmp_path / name).stat().st_size > 10_000
 
@@ -80,9 +108,8 @@ def test_quick_study_on_two_horovod_ranks(tmp_path):
     from conftest import launcher_env
 
     out = tmp_path / "study"
-    result = subprocess.run([sys.executable, "-m", "tsm_dist.batch_study", "--quick", "--out", str(out),
-                             "--data", str(tmp_path / "data")], env=launcher_env(), capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "-m", "tsm_dist.batch_study", "--quick", "--out", str(out)],
+                            env=launcher_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = (out / "table.md").read_text()
     assert "| sgd | 2 | 4 | 32 |" in table and "| sgd | 4* | 8* | 64 |" in table and table.count("completed") == 2
@@ -101,7 +128,7 @@ def test_scheduler_study_renders_one_job_per_run_through_the_job_template(tmp_pa
 
     out = tmp_path / "slurm"
     assert main(["--scheduler", "slurm", "--gpus-per-node", "4", "--max-nodes", "2", "--batches", "32,256",
-                 "--optimizers", "sgd,lars", "--seeds", "1", "--data", str(tmp_path), "--out", str(out)]) == 0
+                 "--optimizers", "sgd,lars", "--seeds", "1", "--out", str(out)]) == 0
     assert "4 job scripts" in capsys.readouterr().out
     plan = json.loads((out / PLAN_FILE).read_text())
     assert {t: j["status"] for t, j in plan["jobs"].items()} == dict.fromkeys(
@@ -118,6 +145,5 @@ def test_scheduler_study_renders_one_job_per_run_through_the_job_template(tmp_pa
     assert "name: lars" in config and "global_batch: 32" in config
     assert main(["collect", str(out)]) == 0 and "| planned |" in capsys.readouterr().out
     # LSF needs the allocation to charge: one line, exit 2
-    assert main(["--scheduler", "lsf", "--gpus-per-node", "6", "--batches", "48", "--data", str(tmp_path),
-                 "--out", str(tmp_path / "lsf")]) == 2
+    assert main(["--scheduler", "lsf", "--gpus-per-node", "6", "--batches", "48", "--out", str(tmp_path / "lsf")]) == 2
     assert "--project is required for LSF" in capsys.readouterr().err

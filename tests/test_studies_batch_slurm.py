@@ -1,6 +1,6 @@
 """The batch-size study from one command to its table on a real Slurm: two nodes (two slurmd on this host,
-tests/slurm_cluster.py), one CPU rank each. ``--quick --scheduler slurm --max-nodes 2 --submit`` sbatches
-one job per run through the studies' job path; ``collect --wait`` waits for them and writes the table, the
+tests/slurm_cluster.py), one CPU rank each. ``--quick --scheduler slurm --max-nodes 2 --submit``, run from
+outside the repository with a relative ``--out``, sbatches one job per run through the studies' job path; ``collect --wait`` waits for them and writes the table, the
 batch of 8 simulated (2 nodes x 2 clips x K=2)."""
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from tsm_dist.records import read_last_run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
 STUDY = [sys.executable, "-m", "tsm_dist.batch_study"]
 JOB_TIMEOUT_S = 400
 
@@ -32,16 +31,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_batch_study_submits_waits_and_collects_on_two_nodes(cluster: SlurmCluster, tmp_path: Path) -> None:
+    # submitted from a directory that is not the repository's, with a relative --out (as its default is):
+    # sbatch runs in another directory, so the scripts must hold absolute paths
     out = tmp_path / "study"
     submitted = subprocess.run(
         [*STUDY, "--quick", "--batches", "2,8", "--scheduler", "slurm", "--gpus-per-node", "0", "--ranks-per-node", "1",
-         "--cpus-per-rank", "1", "--max-nodes", "2", "--time", "00:10", "--data", str(tmp_path / "data"),
-         "--out", str(out), "--submit"], env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+         "--cpus-per-rank", "1", "--max-nodes", "2", "--time", "00:10", "--out", "study", "--submit"],
+        env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     plan = json.loads((out / "plan.json").read_text())
     assert [(r["batch"], r["nodes"], r["accumulate"]) for r in plan["runs"]] == [(2, 1, 1), (8, 2, 2)]
     assert all(j["status"] == "submitted" and j["job_id"].isdigit() for j in plan["jobs"].values()), plan["jobs"]
-    collected = subprocess.run([*STUDY, "collect", str(out), "--wait", str(JOB_TIMEOUT_S)], env=cluster.env, cwd=REPO,
+    collected = subprocess.run([*STUDY, "collect", "study", "--wait", str(JOB_TIMEOUT_S)], env=cluster.env, cwd=tmp_path,
                                capture_output=True, text=True, timeout=JOB_TIMEOUT_S + 120)
     logs = "\n".join(p.read_text(errors="replace") for p in sorted(out.glob("*.out")))
     assert collected.returncode == 0, f"{collected.stdout}\n{collected.stderr}\n{logs}\n{cluster.logs()}"

@@ -106,7 +106,8 @@ def build_model_from_config(cfg: Config, builder: ModelBuilder | None = None) ->
     m = resolve_model(cfg).model
     return (builder or default_model_builder())(
         m.name, num_classes=m.num_classes, num_frames=m.num_frames, dropout=m.dropout, fold_div=m.fold_div,
-        shift_place=m.shift_place, depth=m.depth, width=m.width, pretrained=m.pretrained, online=m.online)
+        shift_place=m.shift_place, depth=m.depth, width=m.width, pretrained=m.pretrained, online=m.online,
+        classifier_init=m.classifier_init)
 
 
 def build_loader_from_config(cfg: Config, engine: "Engine", *, train: bool, builder: LoaderBuilder | None = None,
@@ -128,10 +129,15 @@ def build_loader_from_config(cfg: Config, engine: "Engine", *, train: bool, buil
         options["device_id"] = engine.device.index
     if d.backend == "random":
         options["num_samples"] = d.num_samples
+    if d.backend == "procedural":
+        options.update(num_samples=d.num_samples if train else d.num_val_samples, preset=d.preset,
+                       label_noise=d.label_noise, scene_seed=d.scene_seed)
     file_list = resolve_list(cfg, "train_list" if train else "val_list")
     return (builder or default_loader_builder())(file_list, d.root or None, **options)
 
 
 def has_val_set(cfg: Config) -> bool:
-    """Whether the config names a validation set (the random backend always has one)."""
-    return bool(cfg.data.val_list) or cfg.data.backend == "random"
+    """Whether the config names a validation set (the random backend always has one, the procedural one
+    with ``data.num_val_samples``)."""
+    return bool(cfg.data.val_list) or cfg.data.backend == "random" or (
+        cfg.data.backend == "procedural" and cfg.data.num_val_samples > 0)

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from tsm_dist.build import resolve_list, resolve_model
 from tsm_dist.cli_types import name_list
-from tsm_dist.config import Config, load_config
+from tsm_dist.config import GENERATED, Config, load_config
 from tsm_dist.data.errors import FileListError, VideoError
 from tsm_dist.errors import EXIT_DATA, EXIT_OK, run_main
 
@@ -31,7 +31,7 @@ SYNTHETIC_HINT = "tsm-dist make-synthetic --out {root}"
 
 def check_file_lists(cfg: Config, keys: Sequence[str] = LIST_KEYS) -> None:
     """Raise :class:`FileListError` naming the resolved path when a configured list is missing."""
-    if cfg.data.backend == "random":
+    if cfg.data.backend in GENERATED:
         return
     for key in keys:
         if not getattr(cfg.data, key):
@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve_model(load_config(args.config, args.overrides))
-    if cfg.data.backend == "random":
-        print("check-data: data.backend=random reads no files; nothing to check")
+    if cfg.data.backend in GENERATED:
+        print(f"check-data: data.backend={cfg.data.backend} reads no files; nothing to check")
         return EXIT_OK
     keys = [k for k in name_list(args.lists) if getattr(cfg.data, k, "")]
     check_file_lists(cfg, keys)

@@ -33,7 +33,7 @@ _PATTERN = re.compile(r"^ckpt_e(\d{4,})_s(\d{8,})\.pt$")
 # what atomic_save's mkstemp names its temporary files: ".<final name>.<random>.tmp"
 _TEMPORARY = re.compile(r"^\.(?:ckpt_e\d{4,}_s\d{8,}\.pt|best\.pt)\..+\.tmp$")
 # model options that change how a model starts (its initial weights) or trains, not what it computes
-NOT_IDENTITY = ("pretrained", "dropout")
+NOT_IDENTITY = ("pretrained", "dropout", "classifier_init")
 
 
 def checkpoint_name(epoch: int, step: int) -> str:

@@ -22,6 +22,9 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and its source."""
 
 
+GENERATED = ("random", "procedural")  # data backends that make their clips and read no files
+
+
 class _Loader(yaml.SafeLoader):
     """PyYAML follows YAML 1.1, where ``1e-4`` (no dot) is a string; people write learning rates that
     way, and YAML 1.2 reads them as floats. This loader does too (``1e-4``, ``5e-5``, ``1e6``, ``1E5``)."""
@@ -59,11 +62,15 @@ class ModelConfig:
     width: Optional[int] = None
     pretrained: Optional[str] = None
     online: Optional[bool] = None  # uni-directional shift: the model `tsm-dist export --mode online` streams
+    # "reference": N(0, 0.001) as the TSM code (fine-tuning); "linear": nn.Linear's own scale (from scratch)
+    classifier_init: Optional[str] = field(default=None, metadata=_choices("reference", "linear"))
 
 
 @dataclass
 class DataConfig:
-    backend: str = field(default="dali", metadata=_choices("dali", "pyav", "random"))
+    # random: noise of the right shape (throughput only); procedural: the synthetic scenes rendered in
+    # memory (tsm_dist/data/procedural_loader.py); neither reads files
+    backend: str = field(default="dali", metadata=_choices("dali", "pyav", "random", "procedural"))
     device: str = field(default="cpu", metadata=_choices("cpu", "gpu"))
     root: str = ""
     train_list: str = ""
@@ -79,7 +86,11 @@ class DataConfig:
     skip_corrupt: bool = False
     # plan and read batches on a feeder thread, off the training thread (false: inside next(); docs/data.md)
     feed_thread: bool = True
-    num_samples: int = 0  # random backend: clips per epoch (all ranks together)
+    num_samples: int = 0  # random / procedural backend: clips per epoch (all ranks together)
+    num_val_samples: int = 0  # procedural backend: validation clips (0: no validation set)
+    preset: str = field(default="temporal", metadata=_choices("temporal", "hard"))  # procedural: the scenes
+    label_noise: float = 0.0  # procedural: share of labels redrawn uniformly over the classes (train and val)
+    scene_seed: int = 0  # procedural: the set's seed (train.seed shuffles; every training seed sees one set)
     flip: bool = True
     # "" (no label swap), "synthetic" (the synthetic set's left/right map) or a file of "a b" lines
     flip_label_map: str = ""
@@ -92,10 +103,14 @@ class OptimConfig:
     name: str = field(default="sgd", metadata=_choices("sgd", "lars", "lamb"))
     base_lr: float = 0.01  # learning rate at base_batch; scaled linearly with the global batch
     base_batch: int = 64
+    # how the peak rate follows the global batch: linear (Goyal et al., SGD and LARS), sqrt (LAMB's paper),
+    # auto: the optimizer's own (sqrt for lamb, linear otherwise)
+    lr_scaling: str = field(default="auto", metadata=_choices("auto", "linear", "sqrt"))
     momentum: float = 0.9
     weight_decay: float = 1e-4
     no_bn_bias_decay: bool = False
     warmup_epochs: float = 0.0
+    warmup_min_steps: int = 0  # the warmup's floor in optimizer steps (a large batch has few per epoch)
     schedule: str = field(default="step", metadata=_choices("step", "cosine"))
     decay_epochs: list[float] = field(default_factory=lambda: [40.0, 80.0])
     decay_factor: float = 0.1
@@ -257,6 +272,7 @@ def _check_ranges(cfg: Config) -> None:
                 "engine.gradient_predivide_factor", "engine.timeout_s"]
     non_negative = ["optim.base_lr", "optim.weight_decay", "optim.warmup_epochs", "optim.clip_grad_norm",
                     "optim.momentum", "optim.trust_coefficient", "optim.eps", "train.max_steps", "train.global_batch", "data.num_samples",
+                    "data.num_val_samples", "data.label_noise", "optim.warmup_min_steps",
                     "data.val_batch_size", "train.checkpoint_every_epochs", "train.eval_every_epochs",
                     "engine.cycle_time_ms", "engine.stall_check_s", "engine.stall_shutdown_s", "log.progress_every_s"]
     for key in positive + non_negative:
@@ -268,9 +284,11 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r} must be {'> 0' if key in positive else '>= 0'}")
     if cfg.optim.decay_epochs != sorted(cfg.optim.decay_epochs):
         raise ConfigError(f"optim.decay_epochs={cfg.optim.decay_epochs!r} must be increasing")
-    if cfg.data.backend == "random" and cfg.data.num_samples <= 0:
-        raise ConfigError("data.num_samples must be > 0 with data.backend=random (it sets the epoch length)")
-    if cfg.data.backend != "random" and not cfg.data.train_list:
+    if cfg.data.backend in GENERATED and cfg.data.num_samples <= 0:
+        raise ConfigError(f"data.num_samples must be > 0 with data.backend={cfg.data.backend} (it sets the epoch length)")
+    if cfg.data.label_noise > 1:
+        raise ConfigError(f"data.label_noise={cfg.data.label_noise!r} must be <= 1")
+    if cfg.data.backend not in GENERATED and not cfg.data.train_list:
         raise ConfigError(f"data.train_list is required with data.backend={cfg.data.backend}")
     resolve_model_options(cfg.model)
     if cfg.engine.name == "torch":

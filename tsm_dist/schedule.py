@@ -1,9 +1,10 @@
 """Learning rate per optimizer step: linear scaling rule, gradual warmup, then step or cosine decay.
 
-Goyal et al., "Accurate, Large Minibatch SGD": the peak rate is ``base_lr * global_batch / base_batch``;
+Goyal et al., "Accurate, Large Minibatch SGD": the peak rate is ``base_lr * global_batch / base_batch``
+(LAMB's paper: ``base_lr * sqrt(global_batch / base_batch)``, ``optim.lr_scaling``);
 warmup starts from the rate of the base batch and grows by a constant amount every iteration until the
-peak at ``warmup_epochs``. The paper's Kinetics recipe is base_lr 0.01 at batch 64, x0.1 at epochs 40
-and 80 of 100.
+peak at ``warmup_epochs`` (at least ``warmup_min_steps`` steps). The paper's Kinetics recipe is base_lr
+0.01 at batch 64, x0.1 at epochs 40 and 80 of 100.
 """
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ import math
 from dataclasses import dataclass
 
 from tsm_dist.config import OptimConfig
+
+
+def lr_scaling(optim: OptimConfig) -> str:
+    """``optim.lr_scaling`` resolved: ``auto`` is the rule of the optimizer's paper (LAMB: square root)."""
+    if optim.lr_scaling != "auto":
+        return optim.lr_scaling
+    return "sqrt" if optim.name == "lamb" else "linear"
 
 
 @dataclass(frozen=True)
@@ -22,6 +30,8 @@ class LRSchedule:
     epochs: int
     warmup_epochs: float = 0.0
     schedule: str = "step"
+    warmup_min_steps: int = 0
+    lr_scaling: str = "linear"  # or "sqrt"
     decay_epochs: tuple[float, ...] = (40.0, 80.0)
     decay_factor: float = 0.1
 
@@ -31,15 +41,22 @@ class LRSchedule:
         return cls(base_lr=optim.base_lr, base_batch=optim.base_batch, global_batch=global_batch,
                    steps_per_epoch=steps_per_epoch, epochs=epochs, warmup_epochs=optim.warmup_epochs,
                    schedule=optim.schedule, decay_epochs=tuple(optim.decay_epochs),
-                   decay_factor=optim.decay_factor)
+                   decay_factor=optim.decay_factor, warmup_min_steps=optim.warmup_min_steps,
+                   lr_scaling=lr_scaling(optim))
 
     @property
     def peak_lr(self) -> float:
-        return self.base_lr * self.global_batch / self.base_batch
+        ratio = self.global_batch / self.base_batch
+        return self.base_lr * (math.sqrt(ratio) if self.lr_scaling == "sqrt" else ratio)
 
     @property
     def warmup_steps(self) -> int:
-        return int(round(self.warmup_epochs * self.steps_per_epoch))
+        """``warmup_epochs`` in steps, at least ``warmup_min_steps`` (when there is a warmup) but at most
+        half the run: an epoch is a few steps at a large batch, and the rate must not jump to its peak."""
+        steps = int(round(self.warmup_epochs * self.steps_per_epoch))
+        if steps == 0 or steps >= self.warmup_min_steps:
+            return steps
+        return max(steps, min(self.warmup_min_steps, self.total_steps // 2))
 
     @property
     def total_steps(self) -> int:

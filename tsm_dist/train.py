@@ -226,6 +226,7 @@ class Trainer:
             model=self.cfg.model.name, run_id=self.run_id, num_frames=self.cfg.model.num_frames,
             per_gpu_batch=plan.per_gpu_batch, accumulate=self.K, global_batch=plan.global_batch,
             steps_per_epoch=self.steps_per_epoch, peak_lr=self.schedule.peak_lr,
+            warmup_steps=self.schedule.warmup_steps,
             params=sum(p.numel() for p in self.model.parameters()),
             resumed_from=str(self.resume_path) if self.resume_path else None, versions=versions(),
             hardware=hardware()), total_steps=self.total_steps, step=self.pos.step)

@@ -11,7 +11,7 @@ from tsm_dist.data.filelist import VideoRecord, check_labels, read_class_names, 
 if TYPE_CHECKING:
     from tsm_dist.data.loader import Loader
 
-BACKENDS = ("dali", "pyav", "random")
+BACKENDS = ("dali", "pyav", "random", "procedural")
 PARTITIONS = ("interleaved", "contiguous")
 FlipMap = Union[Mapping[int, int], Sequence[int], None]
 
@@ -30,7 +30,7 @@ def build_video_loader(
     num_threads: int = 2, prefetch: int = 2, feed_thread: bool = True,
     num_clips: int = 1, num_crops: int = 1, flip: bool = True, flip_label_map: FlipMap = None,
     skip_corrupt: bool = False, num_classes: int | None = None, short_videos: str = "error",
-    num_samples: int | None = None,
+    num_samples: int | None = None, preset: str = "temporal", label_noise: float = 0.0, scene_seed: int = 0,
 ) -> "Loader":
     """A loader of ``(clips, labels)`` batches for one shard (rank ``shard_id`` of ``num_shards``).
 
@@ -44,7 +44,9 @@ def build_video_loader(
     ``flip_label_map`` maps a label to its mirror class for horizontal flips (e.g. moving left ->
     moving right). ``short_videos="loop"`` repeats frames of videos shorter than a clip instead of
     failing. ``skip_corrupt`` skips bad videos and list lines, listing them in ``loader.skipped``.
-    The ``random`` backend reads nothing: ``num_samples`` and ``num_classes`` set its size and labels.
+    The ``random`` backend reads nothing: ``num_samples`` and ``num_classes`` set its size and labels. Nor does
+    ``procedural``: ``num_samples`` clips of the synthetic ``preset`` rendered in memory at ``crop_size``, the
+    set fixed by ``scene_seed``, with ``label_noise`` (:mod:`tsm_dist.data.procedural_loader`).
 
     ``partition`` is the sharding rule across ranks: ``"interleaved"`` (samples k, k+S, ... of the
     epoch's permutation; the default for file lists) or ``"contiguous"`` (a contiguous block of the
@@ -57,6 +59,11 @@ def build_video_loader(
         return _random_loader(device, device_id, num_samples=num_samples, batch_size=batch_size,
                               num_frames=num_frames, crop_size=crop_size, num_classes=num_classes,
                               views=num_clips * num_crops, shard_id=shard_id, num_shards=num_shards, seed=seed)
+    if backend == "procedural":
+        return _procedural_loader(device, device_id, num_samples=num_samples, batch_size=batch_size,
+                                  num_frames=num_frames, crop_size=crop_size, num_classes=num_classes, preset=preset,
+                                  label_noise=label_noise, scene_seed=scene_seed, train=train,
+                                  views=num_clips * num_crops, shard_id=shard_id, num_shards=num_shards, seed=seed)
     from tsm_dist.data.clip_plan import ClipOptions, ClipPlanner
 
     options = ClipOptions(
@@ -91,14 +98,29 @@ def _random_loader(device: str, device_id: int | None, *, num_samples: int | Non
                    **options: Any) -> "Loader":
     if num_samples is None or num_classes is None:
         raise ValueError("the random backend needs num_samples and num_classes")
-    import torch
-
     from tsm_dist.data.random_loader import RandomLoader
 
-    torch_device = torch.device("cpu")
+    return RandomLoader(num_samples=num_samples, num_classes=num_classes, device=_torch_device(device, device_id),
+                        **options)
+
+
+def _torch_device(device: str, device_id: int | None) -> Any:
+    import torch
+
     if device == "gpu":
-        torch_device = torch.device("cuda", torch.cuda.current_device() if device_id is None else device_id)
-    return RandomLoader(num_samples=num_samples, num_classes=num_classes, device=torch_device, **options)
+        return torch.device("cuda", torch.cuda.current_device() if device_id is None else device_id)
+    return torch.device("cpu")
+
+
+def _procedural_loader(device: str, device_id: int | None, *, num_samples: int | None, num_classes: int | None,
+                       **options: Any) -> "Loader":
+    if not num_samples or num_classes is None:
+        raise ValueError("the procedural backend needs num_samples > 0 and num_classes")
+    from tsm_dist.data.procedural_loader import ProceduralLoader
+
+    # rendered on the CPU, handed over on the data device
+    return ProceduralLoader(num_samples=num_samples, num_classes=num_classes,
+                            device=_torch_device(device, device_id), **options)
 
 
 @dataclass

@@ -53,8 +53,9 @@ _BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {"mobilenet_v2": {"depth": None,
 
 _DEFAULTS: dict[str, Any] = {
     "dropout": 0.5, "fold_div": 8, "shift_place": "residual", "online": False,
-    "depth": 50, "width": 64, "pretrained": None,
+    "depth": 50, "width": 64, "pretrained": None, "classifier_init": "reference",
 }
+CLASSIFIER_INITS = ("reference", "linear")
 
 
 def model_defaults(name: str) -> dict[str, Any]:
@@ -105,7 +106,8 @@ def build_model(name: str, num_classes: int, **options: Any) -> VideoResNet | Vi
     num_frames (clip length T), dropout (0.5, before the classifier), fold_div (8: 1/8 of the
     channels shifted each way), shift_place ("residual" | "inplace"), online (uni-directional shift
     for streaming), depth (18, 26, 34, 50, 101), width (base channels, 64), pretrained (path to a 2D
-    ImageNet-style state_dict; inflated for 3D models). Shift options only act on shift models.
+    ImageNet-style state_dict; inflated for 3D models), classifier_init ("reference": N(0, 0.001) as the
+    TSM code, made for fine-tuning; "linear": nn.Linear's default scale). Shift options only act on shift models.
     MobileNetV2 models have no depth and take width as the stem's channels (32); their shift is always
     at the residual branch's input (shift_place "residual").
     """
@@ -124,6 +126,8 @@ def build_model(name: str, num_classes: int, **options: Any) -> VideoResNet | Vi
             width=opts["width"], dropout=float(opts["dropout"]), fold_div=opts["fold_div"],
             shift_place=opts["shift_place"], direction="uni" if opts["online"] else "bi")
     model.name = name
+    if opts["classifier_init"] == "linear":  # nn.Linear's own scale: training from scratch (LARS/LAMB studies)
+        model.fc.reset_parameters()
     if opts["pretrained"] is not None:
         load_pretrained(model, opts["pretrained"])
     return model
@@ -148,6 +152,8 @@ def _validate(name: str, spec: VideoSpec, num_classes: int, opts: dict[str, Any]
         raise bad("width", "must be an int >= 8")
     if not 0.0 <= float(opts["dropout"]) < 1.0:
         raise bad("dropout", "must be in [0, 1)")
+    if opts["classifier_init"] not in CLASSIFIER_INITS:
+        raise bad("classifier_init", f"must be one of {', '.join(CLASSIFIER_INITS)}")
     if opts["shift_place"] not in ("residual", "inplace"):
         raise bad("shift_place", "must be 'residual' or 'inplace'")
     if not isinstance(opts["fold_div"], int) or opts["fold_div"] < 2:

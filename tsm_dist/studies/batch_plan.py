@@ -11,9 +11,15 @@ from tsm_dist import resources
 
 OPTIMIZERS = ("sgd", "lars", "lamb")
 PLAN_FILE = "plan.json"
-# per_rank 2: batch 4 runs on 2 ranks as is, batch 8 is simulated (K = 2)
-QUICK = {"videos_per_class": 4, "frames": 8, "size": 32, "per_rank": 2, "batches": [4, 8], "epochs": 2, "seeds": 1}
-DEFAULT_BATCHES = [16, 64, 256, 1024]
+# per_rank 2: batch 4 runs on 2 ranks as is, batch 8 is simulated (K = 2); a config that reads files gets a
+# tiny hard set (videos_per_class, frames, size), the procedural one 64 training and 32 validation clips
+QUICK = {"videos_per_class": 4, "frames": 8, "size": 32, "per_rank": 2, "batches": [4, 8], "epochs": 2, "seeds": 1,
+         "num_samples": 64, "num_val_samples": 32, "optimizers": ["sgd"]}
+# 16 = 2 ranks x 8 clips, the base batch, up to 64x; SGD and LARS, 3 seeds: 42 runs, about 40 minutes on 2
+# idle cores (LAMB's 21 more: --optimizers sgd,lars,lamb in the same --out; docs/studies.md)
+DEFAULT_BATCHES = [16, 32, 64, 128, 256, 512, 1024]
+DEFAULT_OPTIMIZERS = ["sgd", "lars"]
+DEFAULT_CONFIG = "batch_study.yaml"
 
 
 @dataclass
@@ -24,7 +30,7 @@ class StudyOptions:
     batches: list[int] | None = None
     nodes: list[int] | None = None
     gpus_per_node: int = 1
-    optimizers: list[str] = field(default_factory=lambda: ["sgd"])
+    optimizers: list[str] | None = None  # default: DEFAULT_OPTIMIZERS (quick: sgd)
     seeds: int | None = None
     epochs: int | None = None
     ranks: int = 2
@@ -83,11 +89,12 @@ def run_overrides(run: StudyRun) -> list[str]:
 
 
 def _config_path(args: StudyOptions) -> Path:
-    return args.config or resources.CONFIGS / "synthetic_hard_tsm.yaml"
+    return args.config or resources.CONFIGS / DEFAULT_CONFIG
 
 
-def ensure_data(root: Path, quick: bool) -> None:
-    if (root / "train.txt").is_file():
+def ensure_data(root: Path | None, quick: bool) -> None:
+    """Make the hard synthetic set at ``root`` when it is missing (None: the clips are generated)."""
+    if root is None or (root / "train.txt").is_file():
         return
     from tsm_dist.data.synthetic import make_synthetic
 
@@ -100,13 +107,21 @@ def plan_study(args: StudyOptions) -> dict[str, Any]:
     """The resolved study: base config, overrides shared by every run, and the runs."""
     from tsm_dist.config import load_config
 
+    from tsm_dist.config import GENERATED
+
     config = _config_path(args)
     overrides = list(args.overrides)
+    generated = load_config(config, overrides).data.backend in GENERATED
     if args.quick:
-        overrides = [f"data.batch_size={QUICK['per_rank']}", f"data.crop_size={QUICK['size'] - 4}",
-                     f"data.scale_size={QUICK['size']}", *overrides]
+        overrides = [f"data.batch_size={QUICK['per_rank']}", *(
+            [f"data.num_samples={QUICK['num_samples']}", f"data.num_val_samples={QUICK['num_val_samples']}"]
+            if generated else [f"data.crop_size={QUICK['size'] - 4}", f"data.scale_size={QUICK['size']}"]),
+            *overrides]
     cfg = load_config(config, overrides)
-    data = args.data or (Path("data/synthetic_hard_quick") if args.quick else Path(cfg.data.root))
+    if generated and args.data:
+        raise ValueError(f"--data: the config's data.backend={cfg.data.backend} reads no files (it makes its clips)")
+    data = None if generated else (args.data or (Path("data/synthetic_hard_quick") if args.quick
+                                                 else Path(cfg.data.root)))
     epochs = args.epochs or (QUICK["epochs"] if args.quick else cfg.train.epochs)
     if args.batches and args.nodes:
         raise ValueError("give --batches or --nodes, not both")
@@ -114,7 +129,8 @@ def plan_study(args: StudyOptions) -> dict[str, Any]:
                                 else QUICK["batches"] if args.quick else DEFAULT_BATCHES))
     seeds = args.seeds or (QUICK["seeds"] if args.quick else 3)
     last_n = min(cfg.eval.last_n, epochs)
-    shared = [*overrides, f"data.root={data.resolve()}", f"train.epochs={epochs}", f"eval.last_n={last_n}",
+    shared = [*overrides, *([f"data.root={data.resolve()}"] if data else []), f"train.epochs={epochs}",
+              f"eval.last_n={last_n}",
               f"train.keep_last={max(cfg.train.keep_last, last_n)}", "train.eval_every_epochs=1",
               "train.checkpoint_every_epochs=1", "log.progress=false", "log.wandb=disabled",
               "log.interval=1"]  # a loss point per step: a large batch has only a few steps per epoch
@@ -122,11 +138,13 @@ def plan_study(args: StudyOptions) -> dict[str, Any]:
     if per_node < 1:
         raise ValueError("CPU nodes (--gpus-per-node 0) need --ranks-per-node" if args.scheduler != "local"
                          else f"--ranks must be >= 1, got {per_node}")
-    runs = plan_runs(sorted(set(batches)), args.optimizers, seeds, per_node, cfg.data.batch_size,
+    optimizers = args.optimizers or (QUICK["optimizers"] if args.quick else DEFAULT_OPTIMIZERS)
+    runs = plan_runs(sorted(set(batches)), optimizers, seeds, per_node, cfg.data.batch_size,
                      max_nodes=1 if args.scheduler == "local" else args.max_nodes)
-    return {"config": str(Path(config).resolve()), "overrides": shared, "data": str(data), "epochs": epochs,
-            "last_n": last_n, "num_frames": cfg.model.num_frames, "base_batch": cfg.optim.base_batch,
-            "base_lr": cfg.optim.base_lr, "warmup_epochs": cfg.optim.warmup_epochs, "model": cfg.model.name,
+    return {"config": str(Path(config).resolve()), "overrides": shared, "data": str(data) if data else None,
+            "epochs": epochs, "last_n": last_n, "num_frames": cfg.model.num_frames, "base_batch": cfg.optim.base_batch,
+            "base_lr": cfg.optim.base_lr, "warmup_epochs": cfg.optim.warmup_epochs,
+            "warmup_min_steps": cfg.optim.warmup_min_steps, "model": cfg.model.name, "backend": cfg.data.backend,
             "quick": args.quick, "launcher": args.launcher, "scheduler": args.scheduler,
             "runs": [asdict(r) for r in runs]}
 

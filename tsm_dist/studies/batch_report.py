@@ -30,7 +30,10 @@ class RunResult:
     status: str  # completed, or why not
     top1: float = NAN  # mean of the last-n evaluations
     top1_ckpt_std: float = NAN
-    steps: int = 0
+    steps: int = 0  # optimizer steps done
+    steps_per_epoch: int = 0  # from the run's header: the mechanism of the batch's effect
+    warmup_steps: int = 0
+    peak_lr: float = NAN
     wall_s: float = NAN
     curve: list[tuple[float, float, float, float]] = field(default_factory=list)  # (epoch, step, top1, train loss)
 
@@ -52,6 +55,10 @@ class BatchRow:
     seeds_ok: int
     seeds: int
     steps: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
     wall_s: float
     status: str
 
@@ -81,6 +88,11 @@ def read_run(workdir: Path, run: dict[str, Any], last_n: int, job_status: str = 
     result.wall_s = info.get("wall_s", ends[-1]["time"] - headers[0]["time"] if ends and headers else NAN)
     result.status = info.get("error") or (ends[-1]["status"] if ends else "running or killed")
     result.steps = max([r["step"] for r in records if r["type"] == "step"], default=0)
+    if headers:
+        header = headers[-1]
+        result.steps_per_epoch = header.get("steps_per_epoch", 0)
+        result.warmup_steps = header.get("warmup_steps", 0)
+        result.peak_lr = header.get("peak_lr", NAN)
     losses = _epoch_losses(records)
     result.curve = [(e, evals[e]["step"], evals[e]["top1"], losses.get(e, NAN)) for e in sorted(evals)]
     if result.status == "completed" and evals:
@@ -113,6 +125,10 @@ def build_rows(plan: dict[str, Any], results: list[RunResult]) -> list[BatchRow]
             frames_per_batch=batch * plan["num_frames"], top1_mean=mean, top1_std=std,
             top1_ckpt_std=mean_std([r.top1_ckpt_std for r in ok])[0] if ok else NAN,
             seeds_ok=len(ok), seeds=len(group), steps=max((r.steps for r in group), default=0),
+            steps_per_epoch=max((r.steps_per_epoch for r in group), default=0),
+            total_steps=max((r.steps_per_epoch for r in group), default=0) * plan["epochs"],
+            warmup_steps=max((r.warmup_steps for r in group), default=0),
+            peak_lr=next((r.peak_lr for r in group if math.isfinite(r.peak_lr)), NAN),
             wall_s=mean_std([r.wall_s for r in group if math.isfinite(r.wall_s)])[0]
             if any(math.isfinite(r.wall_s) for r in group) else NAN,
             status="completed" if not failed else "; ".join(failed)))
@@ -129,17 +145,21 @@ def _cell(value: float, fmt: str) -> str:
 
 
 def markdown_table(plan: dict[str, Any], rows: list[BatchRow]) -> str:
-    lines = [f"Batch-size study: {plan['model']}, {plan['epochs']} epochs per run, linear LR scaling from "
-             f"{plan['base_lr']:g} at batch {plan['base_batch']}, warmup {plan['warmup_epochs']:g} epoch(s); "
-             f"top-1 = mean +- std over seeds of each run's last {plan['last_n']} checkpoints' mean.",
-             "", "| optimizer | GPUs | batch | frames/batch | top-1 (%) | ckpt std | seeds | steps | wall (s) | status |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    floor = f" (at least {plan['warmup_min_steps']} steps)" if plan.get("warmup_min_steps") else ""
+    lines = [f"Batch-size study: {plan['model']}, {plan['epochs']} epochs per run, the LR scaled from "
+             f"{plan['base_lr']:g} at batch {plan['base_batch']} (linear; LAMB: square root), warmup "
+             f"{plan['warmup_epochs']:g} epoch(s){floor}; top-1 = mean +- std over seeds of each run's last "
+             f"{plan['last_n']} checkpoints' mean.",
+             "", "| optimizer | GPUs | batch | frames/batch | steps/epoch | steps | warmup steps | peak lr | top-1 (%) "
+             "| ckpt std | seeds | wall (s) | status |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         gpus = f"{r.gpus}*" if r.simulated else str(r.gpus)
         lines.append(
             f"| {r.optimizer} | {gpus} | {r.batch:,}{'*' if r.simulated else ''} | {r.frames_per_batch:,} | "
+            f"{r.steps_per_epoch:,} | {r.steps:,} | {r.warmup_steps:,} | {_cell(r.peak_lr, '{:.3g}')} | "
             f"{_cell(r.top1_mean, '{:.1f}')} +- {_cell(r.top1_std, '{:.1f}')} | {_cell(r.top1_ckpt_std, '{:.1f}')} | "
-            f"{r.seeds_ok}/{r.seeds} | {r.steps:,} | {_cell(r.wall_s, '{:.0f}')} | {r.status} |")
+            f"{r.seeds_ok}/{r.seeds} | {_cell(r.wall_s, '{:.0f}')} | {r.status} |")
     lines += ["", f"`*`: simulated: {rows[0].ranks if rows else '?'} ranks with gradient accumulation (K micro-batches "
               "per step, each with its own batch-norm statistics), as the paper's 512* and 1024* nodes."]
     return "\n".join(lines) + "\n"
@@ -168,7 +188,7 @@ def plot_accuracy(plan: dict[str, Any], rows: list[BatchRow], path: Path) -> Non
     batches = sorted({r.batch for r in rows})
     ax.set_xticks(batches, [f"{b:,}" for b in batches])
     ax.set(xlabel="effective batch (* simulated by accumulation)", ylabel="validation top-1 (%)",
-           title=f"Accuracy vs batch ({plan['model']}, {plan['epochs']} epochs, linear scaling + warmup)")
+           title=f"Accuracy vs batch ({plan['model']}, {plan['epochs']} epochs, scaled LR + warmup)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)

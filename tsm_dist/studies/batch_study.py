@@ -1,19 +1,22 @@
 """The batch-size study (paper, Table 12, Fig. 11, Fig. 13): accuracy against the effective batch.
 
 One config, a list of effective batches, the same epochs for each: the learning rate follows the
-linear scaling rule from ``optim.base_batch`` with the config's warmup (:mod:`tsm_dist.schedule`), and
+linear scaling rule (LAMB: square root) from ``optim.base_batch`` with the config's warmup
+(:mod:`tsm_dist.schedule`), and
 a batch larger than the ranks can hold is simulated by gradient accumulation, K = batch / (ranks x
 per-rank batch), marked ``*`` as the paper's 512- and 1024-node rows. Every micro-batch is normalized
-by its own batch-norm statistics, exactly as on as many real ranks (tests/test_studies_batch_bn.py).
+by its own batch-norm statistics, exactly as on as many real ranks (tests/test_studies_batch_multirank.py).
 Each (optimizer, batch, seed) is one training run; its accuracy is the mean of its last
 ``eval.last_n`` checkpoints' validation top-1, and a row reports the mean and standard deviation of that
 over the seeds::
 
+    python -m tsm_dist.batch_study          # configs/batch_study.yaml, batches 16..1024, sgd and lars, 3 seeds
     python -m tsm_dist.batch_study --config configs/synthetic_hard_tsm.yaml --batches 8,32,128,512 \\
-        --optimizers sgd,lars --seeds 3 --out runs/batch_study
+        --optimizers sgd,lars --seeds 3 --out runs/batch_hard
     python -m tsm_dist.batch_study collect runs/batch_study      # the table and figures again
 
-``--quick`` is a reduced study (tiny hard set, two batches, two epochs) for CI. Outputs in ``--out``:
+``--quick`` is a reduced study (64 rendered clips, or a tiny hard set for a config that reads files, two
+batches, two epochs, SGD) for CI. Outputs in ``--out``:
 ``table.md``, ``table.csv``, ``fig11_accuracy_vs_batch.png``, ``fig13_curves.png``, and one run directory
 (config.yaml, metrics.jsonl, train.log) per run; a failed run stays in the table with its status.
 """
@@ -28,26 +31,27 @@ from typing import Any
 
 from tsm_dist.cli_types import choice_list, count_list
 from tsm_dist.studies.jobs import JobOptions
-from tsm_dist.studies.batch_plan import (DEFAULT_BATCHES, OPTIMIZERS, PLAN_FILE, StudyOptions, StudyRun, ensure_data,
-                                         plan_study, run_overrides)
+from tsm_dist.studies.batch_plan import (DEFAULT_BATCHES, DEFAULT_OPTIMIZERS, OPTIMIZERS, PLAN_FILE, StudyOptions,
+                                         StudyRun, ensure_data, plan_study, run_overrides)
 from tsm_dist.studies.runner import LAUNCHERS, launch_prefix, run_logged, tail
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tsm_dist.batch_study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, help="training config (default: configs/synthetic_hard_tsm.yaml)")
+    parser.add_argument("--config", type=Path, help="training config (default: configs/batch_study.yaml)")
     parser.add_argument("--batches", type=count_list, help=f"effective batches (default {DEFAULT_BATCHES})")
     parser.add_argument("--nodes", type=count_list,
                         help="node counts as the paper counts them: batch = nodes x --gpus-per-node x data.batch_size")
     parser.add_argument("--gpus-per-node", type=int, default=1, help="with --nodes (default 1)")
-    parser.add_argument("--optimizers", type=choice_list(OPTIMIZERS), default=["sgd"],
-                        help="comma list of sgd, lars, lamb (default sgd), compared in one table and figure")
+    parser.add_argument("--optimizers", type=choice_list(OPTIMIZERS),
+                        help=f"comma list of sgd, lars, lamb (default {','.join(DEFAULT_OPTIMIZERS)}; --quick: sgd), "
+                        "compared in one table and figure")
     parser.add_argument("--seeds", type=int, help="runs per batch and optimizer, train.seed 0..N-1 (default 3)")
     parser.add_argument("--epochs", type=int, help="epochs of every run (default: the config's train.epochs)")
     parser.add_argument("--ranks", type=int, default=2, help="local ranks (default 2)")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="horovodrun")
-    parser.add_argument("--data", type=Path, help="data root (default: the config's data.root; the hard set "
-                        "is made there if it is missing)")
+    parser.add_argument("--data", type=Path, help="data root of a config that reads files (default: its data.root; "
+                        "the hard set is made there if it is missing)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for every run")
     parser.add_argument("--out", type=Path, default=Path("runs/batch_study"))
@@ -110,7 +114,8 @@ def parse_args(argv: list[str]) -> tuple[StudyOptions, Path, float, JobOptions |
         scheduler=args.scheduler, gpus_per_node=args.gpus_per_node, ranks_per_node=args.ranks_per_node,
         cpus_per_rank=args.cpus_per_rank, project=args.project, queue=args.queue, time=args.time,
         controller=args.controller)
-    return options, args.out, args.timeout, jobs, args.submit
+    # absolute: the job scripts hold its paths, and sbatch/bsub run them from another directory
+    return options, args.out.resolve(), args.timeout, jobs, args.submit
 
 
 def run_study(argv: list[str]) -> int:
@@ -129,7 +134,7 @@ def run_study(argv: list[str]) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=2))
-    ensure_data(Path(plan["data"]), options.quick)
+    ensure_data(Path(plan["data"]) if plan["data"] else None, options.quick)
     where = f"{options.ranks} local ranks" if jobs is None else f"{options.scheduler} jobs"
     print(f"batch study: {len(plan['runs'])} runs of {plan['epochs']} epochs on {where} -> {out}", flush=True)
     if jobs is not None:
@@ -159,7 +164,7 @@ def collect_main(argv: list[str]) -> int:
         return 2
     from tsm_dist.studies.batch_jobs import refresh
 
-    refresh(json.loads((args.out / PLAN_FILE).read_text()), args.out, args.wait)
+    refresh(json.loads((args.out / PLAN_FILE).read_text()), args.out.resolve(), args.wait)
     print(report(args.out, last_n=args.last_n))
     return 0
 

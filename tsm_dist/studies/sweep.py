@@ -174,7 +174,7 @@ def _known_dataset(cfg: "Config", config_path: Path) -> tuple[str, int] | None:
 def _dataset_size(cfg: "Config", config_path: Path) -> int:
     """Clips per epoch for the time columns: the random backend's, the train list's lines, else (and said
     so on stderr) the known size of the config's data set or data.num_samples."""
-    if cfg.data.backend == "random":
+    if cfg.data.backend in ("random", "procedural"):
         return cfg.data.num_samples
     from tsm_dist.build import resolve_list
 
