@@ -21,7 +21,7 @@
 #   HOROVOD_NCCL_HOME=/path            NCCL for Horovod's GPU ops (default: torch's nvidia-nccl wheel)
 #   CUDA_HOME=/path                    CUDA toolkit for Horovod's GPU build (default: the nvcc on PATH)
 #   HOROVOD_BUILD_CUDA_CC_LIST=80,90   GPU architectures to compile (default: the visible GPUs')
-# The GPU build logic lives in tools/install_gpu.py (tested on CPU by tests/test_install_gpu.py).
+# The GPU build logic lives in tools/install_gpu.py (tested on CPU by tests/stack/test_install_gpu.py).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -219,4 +219,4 @@ fi
 
 # --- 8. what was built --------------------------------------------------------------------------------
 [ -n "$HOROVOD_SKIPPED" ] || "$VENV/bin/horovodrun" --check-build
-"$PY" -m tsm_dist.selfcheck --summary
+"$PY" -m tsm_dist.commands.selfcheck --summary

@@ -6,7 +6,7 @@
 Allreduces one set of gradients shaped like TSM8f-R50's parameters (97 MB at full size), per round:
 
 * ``contiguous``: NCHW gradients, what Horovod 0.28.1 accepts as they are (the baseline);
-* ``dense view``: channels-last gradients through ``memory_format.DenseViewCompressor``, what the engine
+* ``dense view``: channels-last gradients through ``gradients.DenseViewCompressor``, what the engine
   does: each gradient goes to Horovod as a contiguous *view* of its own storage (no copy);
 * ``copy``: channels-last gradients copied into contiguous buffers and copied back (the alternative).
 
@@ -71,7 +71,7 @@ def main() -> None:
     args.depth, args.width = args.depth or 50, args.width or 64
     import horovod.torch as hvd
 
-    from tsm_dist.memory_format import DenseViewCompressor
+    from tsm_dist.distributed.gradients import DenseViewCompressor
     from tsm_dist.models import build_model
 
     hvd.init()

@@ -34,7 +34,7 @@ from tsm_dist.data.video_loader import build_video_loader
 from tsm_dist.data.encode import write_video
 from tsm_dist.data.filelist import VideoRecord, write_file_list
 from tsm_dist.data.pack.write import main as pack_main
-from tsm_dist.studies.pack_io import decode_pass, io_pass, markdown, repeat_list
+from tsm_dist.studies.data_io.pack_io import decode_pass, io_pass, markdown, repeat_list
 
 
 def make_videos(

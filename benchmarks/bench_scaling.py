@@ -33,7 +33,7 @@ ENGINES = ("horovod", "torch")
 MODEL_SETS = ["data.backend=random", "data.num_samples=256", "model.depth=50", "model.width=32",
               "data.crop_size=112"]
 # Horovod 0.28.1 as shipped, for the mechanism's baseline (the user's environment wins over tsm_dist's
-# CPU defaults, see tsm_dist.engine.horovod_env)
+# CPU defaults, see tsm_dist.distributed.engine.horovod_env)
 AS_SHIPPED = {"OMPI_MCA_mpi_yield_when_idle": "0", "HOROVOD_CYCLE_TIME": "1"}
 
 
@@ -79,7 +79,7 @@ def allreduce(args: argparse.Namespace, engine: str) -> dict[str, dict]:
     out = args.out / f"allreduce_{engine}"
     methods = "mpi4py,engine,engine_fp16" if args.fp16 else "mpi4py,engine"
     command = launch_prefix("mpirun", 2, core_per_rank=True) + [
-        sys.executable, "-m", "tsm_dist.studies.allreduce_bench", "--method", methods, "--engine", engine,
+        sys.executable, "-m", "tsm_dist.studies.scaling.allreduce_bench", "--method", methods, "--engine", engine,
         "--max-bytes", str(TSM8F_GRAD_BYTES), "--points", "4", "--repeats", str(args.repeats), "--out", str(out)]
     run(command, 2, args.out / f"allreduce_{engine}.log", args.timeout)
     return {p.stem.removeprefix("allreduce_"): json.loads(p.read_text()) for p in out.glob("allreduce_*.json")}
@@ -119,7 +119,7 @@ def worker(args: argparse.Namespace) -> int:
     import torch
 
     from tsm_dist.config import EngineConfig
-    from tsm_dist.engine import Engine
+    from tsm_dist.distributed.engine import Engine
     from tsm_dist.models import build_model
 
     solo = args.worker == "solo"

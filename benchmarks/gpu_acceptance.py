@@ -137,7 +137,7 @@ def _horovod_engine() -> Any:
     _need_horovod()
     if not _HOROVOD:
         from tsm_dist.config import EngineConfig
-        from tsm_dist.engine import Engine
+        from tsm_dist.distributed.engine import Engine
 
         _HOROVOD.append(Engine(EngineConfig(name="horovod")).init())
     return _HOROVOD[0]
@@ -147,7 +147,7 @@ def check_stack(s: Settings) -> dict[str, Any]:
     """Each component on its own, so that a missing Horovod does not hide DALI's or NVDEC's status."""
     import ctypes
 
-    from tsm_dist.selfcheck import libcuda_problem
+    from tsm_dist.commands.selfcheck import libcuda_problem
 
     figures: dict[str, Any] = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
                                "cuda_available": torch.cuda.is_available()}
@@ -377,8 +377,8 @@ def check_amp_channels_last(s: Settings) -> dict[str, Any]:
 def check_train_synthetic_dali(s: Settings) -> dict[str, Any]:
     from tsm_dist.config import load_config
     from tsm_dist.data.synthetic import make_synthetic
-    from tsm_dist.records import read_records
-    from tsm_dist.train import train
+    from tsm_dist.runlog.records import read_records
+    from tsm_dist.training.train import train
 
     _need_dali()
     root = s.out / "synthetic"
@@ -464,7 +464,7 @@ def check_optimizer_state_broadcast(s: Settings) -> dict[str, Any]:
     _horovod_engine()
     import horovod.torch as hvd
 
-    from tsm_dist.engine import _state_bytes, _state_from_bytes
+    from tsm_dist.distributed.engine import _state_bytes, _state_from_bytes
 
     torch.manual_seed(0)
     model = _model("tsn8f_r50", s).to(memory_format=torch.channels_last)
@@ -486,7 +486,7 @@ def check_engine_step_channels_last(s: Settings) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel
 
     from tsm_dist.config import EngineConfig
-    from tsm_dist.engine import Engine
+    from tsm_dist.distributed.engine import Engine
 
     figures: dict[str, Any] = {}
     clips = torch.randn(2, 8, 3, s.size, s.size, device=s.device)
@@ -539,7 +539,7 @@ TWO_RANK_BOUND = 1e-2  # per-parameter relative error vs the local mean (fp16 ro
 def two_ranks_worker(device: str, result: Path) -> int:
     """One of the two ranks of ``horovod_two_ranks_gloo`` (started by horovodrun); rank 0 writes ``result``."""
     from tsm_dist.config import EngineConfig
-    from tsm_dist.engine import Engine
+    from tsm_dist.distributed.engine import Engine
 
     s = Settings(device, result.parent)
     engine = Engine(EngineConfig(name="horovod", fp16_compression=True, allow_shared_gpu=True)).init()
@@ -582,7 +582,7 @@ def check_horovod_two_ranks_gloo(s: Settings) -> dict[str, Any]:
                       "(Gloo stages CUDA tensors through the host only in a build without GPU allreduce)")
     result = s.out / "two_ranks.json"
     result.unlink(missing_ok=True)
-    from tsm_dist.procs import find_tool, run_session
+    from tsm_dist.commands.processes import find_tool, run_session
 
     cmd = [find_tool("horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, str(Path(__file__).resolve()),
            "--device", "cuda" if s.cuda else "cpu", "--out", str(s.out), "--two-ranks-worker", str(result)]

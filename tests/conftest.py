@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tsm_dist.procs import run_session
+from tsm_dist.commands.processes import run_session
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

@@ -98,7 +98,7 @@ class SlurmCluster:
         """The environment for client commands (and, through sbatch's export, for the jobs)."""
         env = dict(os.environ, SLURM_CONF=str(self.conf), **{_TAG: self.tag})
         if len(self.nodes) > 1:
-            env["TSM_DIST_RENDEZVOUS_ADDR"] = "127.0.0.1"  # tsm_dist.launch.rendezvous.ADDR_VAR
+            env["TSM_DIST_RENDEZVOUS_ADDR"] = "127.0.0.1"  # tsm_dist.ranks.rendezvous.ADDR_VAR
         for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))]:
             if key != "SLURM_CONF":  # a test started inside some other allocation must not leak it
                 del env[key]

@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 def _quiet_interrupt(kind, value, tb):  # type: ignore[no-untyped-def]
     """Ctrl-C while a command still imports torch (its first second): one line, not an import traceback.
-    Later, :func:`tsm_dist.errors.run_main` and the trainer's stop signals take over."""
+    Later, :func:`tsm_dist.commands.exit_codes.run_main` and the trainer's stop signals take over."""
     if issubclass(kind, KeyboardInterrupt) and _os.environ.get("TSM_DIST_DEBUG", "") in ("", "0"):
         print("tsm-dist: interrupted", file=_sys.stderr)
         return

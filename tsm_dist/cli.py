@@ -11,19 +11,19 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("tsm_dist.demo", "train a small TSM and TSN on the synthetic set with 2 local ranks, compare"),
-    "train": ("tsm_dist.train", "train a model (start once per rank: horovodrun, mpirun, jsrun, srun)"),
-    "eval": ("tsm_dist.evaluate", "evaluate checkpoints: 1 clip center crop or K clips x 3 crops"),
+    "demo": ("tsm_dist.commands.demo", "train a small TSM and TSN on the synthetic set with 2 local ranks, compare"),
+    "train": ("tsm_dist.training.train", "train a model (start once per rank: horovodrun, mpirun, jsrun, srun)"),
+    "eval": ("tsm_dist.training.evaluate", "evaluate checkpoints: 1 clip center crop or K clips x 3 crops"),
     "profile": ("tsm_dist.models.profiler", "MACs, parameters, compute/IO, temporal resolution, throughput"),
     "make-synthetic": ("tsm_dist.data.synthetic", "write the synthetic temporal-order video data set"),
     "convert": ("tsm_dist.data.convert", "convert Kinetics CSV / Something-Something JSON to file lists"),
     "pack": ("tsm_dist.data.pack.write", "pack a file list's videos into large shards + index; --verify a packed set"),
-    "render-job": ("tsm_dist.launch.render", "render an LSF (jsrun) or Slurm (srun) job script"),
+    "render-job": ("tsm_dist.scheduler.render", "render an LSF (jsrun) or Slurm (srun) job script"),
     "sweep": ("tsm_dist.scaling_sweep", "scaling sweep across node counts (= python -m tsm_dist.scaling_sweep)"),
     "batch-study": ("tsm_dist.batch_study", "accuracy vs effective batch (accumulation), SGD vs LARS/LAMB: Table 12"),
     "io-study": ("tsm_dist.io_study", "data time not hidden by compute vs compute, per model and loader"),
-    "check": ("tsm_dist.selfcheck", "print the stack (torch, Horovod, MPI, DALI) and run a 2-rank self-check"),
-    "check-data": ("tsm_dist.check_data", "probe every video of a config's file lists and print a summary"),
+    "check": ("tsm_dist.commands.selfcheck", "print the stack (torch, Horovod, MPI, DALI) and run a 2-rank self-check"),
+    "check-data": ("tsm_dist.commands.check_data", "probe every video of a config's file lists and print a summary"),
     "import-official": ("tsm_dist.deploy.import_official", "an official TSM checkpoint (model zoo, online demo) as a tsm_dist checkpoint"),
     "export": ("tsm_dist.deploy.export", "a checkpoint as ONNX/TorchScript: online (explicit shift caches) or clip model"),
     "stream": ("tsm_dist.deploy.stream", "stream a video frame by frame through an exported online ONNX model"),
@@ -36,7 +36,7 @@ def _usage() -> str:
     lines = ["usage: tsm-dist <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run 'tsm-dist <command> --help' for a command's options; '--debug' (or TSM_DIST_DEBUG=1)",
-              "shows the Python traceback of an error. Exit codes: tsm_dist/errors.py, README."]
+              "shows the Python traceback of an error. Exit codes: tsm_dist/commands/exit_codes.py, README."]
     return "\n".join(lines)
 
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"tsm-dist: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from tsm_dist.errors import run_main
+    from tsm_dist.commands.exit_codes import run_main
 
     module = importlib.import_module(COMMANDS[name][0])
     # the one edge where an exception becomes an exit code and one line (commands that already run

@@ -49,7 +49,7 @@ def _choices(*values: str) -> dict[str, Any]:
 @dataclass
 class ModelConfig:
     """None (the default) means the model's own value from the registry (tsm_dist.models.registry.resolve_options):
-    an I3D config without ``num_frames`` gets its 16 or 32 frames. ``tsm_dist.build.resolve_model``
+    an I3D config without ``num_frames`` gets its 16 or 32 frames. ``tsm_dist.training.build.resolve_model``
     fills them in before anything is built."""
 
     name: str = "tsm8f_r50"
@@ -99,7 +99,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     # sgd: momentum SGD. lars / lamb: layer-wise trust ratio (You et al. 2017 / 2019) on the weights
-    # (BN and bias parameters excluded from adaptation and decay); tsm_dist/optim.py
+    # (BN and bias parameters excluded from adaptation and decay); tsm_dist/training/optim.py
     name: str = field(default="sgd", metadata=_choices("sgd", "lars", "lamb"))
     base_lr: float = 0.01  # learning rate at base_batch; scaled linearly with the global batch
     base_batch: int = 64

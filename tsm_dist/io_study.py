@@ -1,5 +1,5 @@
-"""``python -m tsm_dist.io_study``: the I/O study's documented entry point (``tsm_dist/studies/io_study.py``)."""
-from tsm_dist.studies.io_study import main
+"""``python -m tsm_dist.io_study``: the I/O study's documented entry point (``tsm_dist/studies/data_io/study.py``)."""
+from tsm_dist.studies.data_io.study import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

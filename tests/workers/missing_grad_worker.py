@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tsm_dist.config import EngineConfig
-from tsm_dist.engine import started
+from tsm_dist.distributed.engine import started
 
 with started(EngineConfig(name="horovod")) as engine:
     torch.manual_seed(0)
@@ -21,7 +21,7 @@ with started(EngineConfig(name="horovod")) as engine:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     if "--raw-horovod" in sys.argv:
         import horovod.torch as hvd
-        from tsm_dist.memory_format import DenseViewCompressor
+        from tsm_dist.distributed.gradients import DenseViewCompressor
 
         optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                              compression=DenseViewCompressor(hvd.Compression.none))

@@ -6,7 +6,7 @@ CPU decoder, which reads VP8, VP9 and MJPEG only: other codecs are refused up fr
 naming the file (use backend="pyav" or transcode, e.g. ``ffmpeg -i in.mp4 -c:v libvpx-vp9 out.webm``).
 
 The pipeline reads encoded bytes and planned frame numbers from an external source fed by the clip
-plan (``clip_plan.py``), so sampling, sharding, shuffling and crops are those of the PyAV backend; DALI
+plan (``clips.py``), so sampling, sharding, shuffling and crops are those of the PyAV backend; DALI
 runs decoding and augmentation in its own threads, ``prefetch`` batches ahead of the consumer. Planning
 and reading the bytes (from the video files or from packed shards, ``pack_format.ByteReader``) run on a
 feeder thread (``feed.py``), so the external source only hands over batches that are ready.
@@ -35,7 +35,7 @@ from tsm_dist.data.augment import MEAN, STD
 from tsm_dist.data.errors import DataError, VideoError
 from tsm_dist.data.feed import Feeder
 from tsm_dist.data.loader import Batch, VideoLoader
-from tsm_dist.data.clip_plan import ClipPlanner, ClipSpec
+from tsm_dist.data.clips import ClipPlanner, ClipSpec
 from tsm_dist.data.pack.format import ByteReader, encoded_file
 from tsm_dist.data.probe import DALI_CPU_CODECS
 

@@ -8,7 +8,7 @@ from typing import Iterator, Protocol, Sequence, runtime_checkable
 import torch
 
 from tsm_dist.data.augment import MEAN, STD
-from tsm_dist.data.clip_plan import ClipPlanner, ClipSpec
+from tsm_dist.data.clips import ClipPlanner, ClipSpec
 from tsm_dist.data.pack.format import ByteReader
 
 Batch = tuple[torch.Tensor, torch.Tensor]

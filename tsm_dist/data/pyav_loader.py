@@ -20,7 +20,7 @@ from tsm_dist.data.augment import Box
 from tsm_dist.data.errors import VideoError
 from tsm_dist.data.feed import Feeder
 from tsm_dist.data.loader import Batch, VideoLoader, normalization
-from tsm_dist.data.clip_plan import ClipPlanner, ClipSpec
+from tsm_dist.data.clips import ClipPlanner, ClipSpec
 from tsm_dist.data.pack.format import encoded_file
 
 

@@ -64,7 +64,7 @@ def build_video_loader(
                                   num_frames=num_frames, crop_size=crop_size, num_classes=num_classes, preset=preset,
                                   label_noise=label_noise, scene_seed=scene_seed, train=train,
                                   views=num_clips * num_crops, shard_id=shard_id, num_shards=num_shards, seed=seed)
-    from tsm_dist.data.clip_plan import ClipOptions, ClipPlanner
+    from tsm_dist.data.clips import ClipOptions, ClipPlanner
 
     options = ClipOptions(
         num_frames=num_frames, sampling=sampling, stride=stride, crop_size=crop_size, scale_size=scale_size,

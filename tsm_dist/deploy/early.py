@@ -16,7 +16,7 @@ import numpy as np
 
 from tsm_dist.deploy.frames import Preprocess, segment_frames
 from tsm_dist.deploy.runtime import OnnxStream
-from tsm_dist.errors import UsageError
+from tsm_dist.commands.exit_codes import UsageError
 
 
 def early_curve(stream: OnnxStream, videos: list[tuple[str, int]], frames: int) -> np.ndarray:
@@ -103,6 +103,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from tsm_dist.errors import run_main
+    from tsm_dist.commands.exit_codes import run_main
 
     raise SystemExit(run_main("tsm-dist early-recognition", main))

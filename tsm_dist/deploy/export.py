@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tsm_dist.config import Config, ConfigError, load_config
-from tsm_dist.errors import UsageError
+from tsm_dist.commands.exit_codes import UsageError
 
 SIDECAR_VERSION = 1
 
@@ -44,8 +44,8 @@ def read_sidecar(model_path: str | Path) -> dict[str, Any]:
 def trained_model(checkpoint: str, config: str | None, overrides: list[str]) -> tuple[nn.Module, Config]:
     """The checkpoint's model in eval mode, built from ``config`` (checked against the checkpoint) or
     from the config recorded in the checkpoint."""
-    from tsm_dist import checkpoint as ckpt
-    from tsm_dist.build import build_model_from_config, resolve_model
+    from tsm_dist.state import checkpoint as ckpt
+    from tsm_dist.training.build import build_model_from_config, resolve_model
 
     state = ckpt.load_checkpoint(checkpoint)
     if config is not None:
@@ -190,6 +190,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from tsm_dist.errors import run_main
+    from tsm_dist.commands.exit_codes import run_main
 
     raise SystemExit(run_main("tsm-dist export", main))

@@ -14,7 +14,7 @@ import torch
 from tsm_dist.data.augment import eval_crop_boxes
 from tsm_dist.data.loader import normalization
 from tsm_dist.data.pyav_loader import crop_resize, decode_frames
-from tsm_dist.errors import UsageError
+from tsm_dist.commands.exit_codes import UsageError
 
 SYNTHETIC = "synthetic:"
 

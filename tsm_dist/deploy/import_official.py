@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tsm_dist.errors import CheckpointError, UsageError
+from tsm_dist.commands.exit_codes import CheckpointError, UsageError
 
 _NAME_FOLD = re.compile(r"_shift(\d+)_")
 _NAME_SEGMENTS = re.compile(r"_segment(\d+)")
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tsm_dist.checkpoint import atomic_save
+    from tsm_dist.state.checkpoint import atomic_save
 
     args = build_parser().parse_args(argv)
     model, options, report = import_official(args.checkpoint, args.num_frames, args.fold_div)

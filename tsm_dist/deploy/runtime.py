@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from tsm_dist.deploy.export import read_sidecar
-from tsm_dist.errors import UsageError
+from tsm_dist.commands.exit_codes import UsageError
 
 
 def session(model_path: str | Path, threads: int = 0) -> Any:

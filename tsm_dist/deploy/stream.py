@@ -16,7 +16,7 @@ import numpy as np
 
 from tsm_dist.deploy.frames import Preprocess, iter_video
 from tsm_dist.deploy.runtime import OnnxStream
-from tsm_dist.errors import UsageError
+from tsm_dist.commands.exit_codes import UsageError
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -77,6 +77,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from tsm_dist.errors import run_main
+    from tsm_dist.commands.exit_codes import run_main
 
     raise SystemExit(run_main("tsm-dist stream", main))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tsm_dist.models.resnet import VideoSpec
+from tsm_dist.models.video_spec import VideoSpec
 from tsm_dist.models.temporal_shift import Direction, TemporalShift
 from tsm_dist.models.video_model import VideoModel
 

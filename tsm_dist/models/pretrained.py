@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from tsm_dist.models.inflation import inflate
 from tsm_dist.models.official import OfficialLayoutError, is_official, to_ours
 
 _CLASSIFIER = ("fc.weight", "fc.bias")
@@ -53,11 +54,6 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     for old, new in _RENAMES:
         state = {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
     return state
-
-
-def inflate(weight2d: Tensor, kt: int) -> Tensor:
-    """(O, I, kH, kW) -> (O, I, kt, kH, kW): repeated along time, divided by kt."""
-    return weight2d.unsqueeze(2).repeat(1, 1, kt, 1, 1) / kt
 
 
 def load_pretrained(model: nn.Module, path: str | Path) -> PretrainedReport:

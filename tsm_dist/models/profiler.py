@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tsm_dist.cli_types import name_list
+from tsm_dist.commands.arguments import name_list
 from tsm_dist.models.registry import build_model, describe_model, list_models, model_defaults
 
 TABLE10_MODELS = ("i3d3x3x3_r50", "i3d3x1x1_r50", "tsm8f_r50")

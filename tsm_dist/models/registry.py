@@ -11,7 +11,8 @@ from typing import Any
 
 from tsm_dist.models.mobilenet import STEM, VideoMobileNetV2
 from tsm_dist.models.pretrained import load_pretrained
-from tsm_dist.models.resnet import DEPTHS, VideoResNet, VideoSpec
+from tsm_dist.models.resnet import DEPTHS, VideoResNet
+from tsm_dist.models.video_spec import VideoSpec
 
 
 @dataclass(frozen=True)

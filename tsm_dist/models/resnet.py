@@ -1,6 +1,6 @@
 """The one ResNet builder behind every model: 2D per frame (TSN, TSM) or inflated 3D (I3D).
 
-A model is this builder plus a :class:`VideoSpec` (registry.py), a few lines of data saying how it
+A model is this builder plus a :class:`VideoSpec` (video_spec.py; the variants in registry.py), a few lines of data saying how it
 handles time: 3D convolutions or not, the shift, which convolutions get a temporal kernel, and where
 the temporal resolution is pooled. Depth and width are build options so tests and the CPU demo run
 small versions of exactly the same code. Module names follow torchvision's ResNet (conv1, bn1,
@@ -12,14 +12,15 @@ logits (TSN's consensus); a 3D model runs on ``(N, C, T, H, W)`` and pools time 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from tsm_dist.models.temporal_shift import Direction, TemporalShift
+from tsm_dist.models.inflation import temporal_kernels
 from tsm_dist.models.video_model import VideoModel
+from tsm_dist.models.video_spec import VideoSpec
 
 ShiftPlace = Literal["residual", "inplace"]
 BlockKind = Literal["basic", "bottleneck"]
@@ -33,36 +34,6 @@ DEPTHS: dict[int, tuple[BlockKind, tuple[int, int, int, int]]] = {
     101: ("bottleneck", (3, 4, 23, 3)),
 }
 STAGES = ("res2", "res3", "res4", "res5")
-
-
-@dataclass(frozen=True)
-class VideoSpec:
-    """How one video model differs from the plain per-frame 2D ResNet.
-
-    ``inflate`` chooses which convolution of a block gets a temporal kernel of 3: every spatial 3x3
-    conv ("3x3", I3D3x3x3) or the block's first conv ("first", I3D3x1x1: the bottleneck's 1x1 becomes
-    3x1x1). ``inflate_blocks[s]`` is a pattern cycled over the blocks of stage s (1 = inflate), so
-    "every other block" stays meaningful at any depth.
-    """
-
-    num_frames: int
-    conv3d: bool = False
-    shift: bool = False
-    stem_kt: int = 1
-    stem_t_stride: int = 1
-    pool1_t_stride: int = 1
-    pool2_t_stride: int = 1  # a temporal max pool after res2 (Wang et al.'s "pool2")
-    stage_t_strides: tuple[int, int, int, int] = (1, 1, 1, 1)
-    inflate: Literal["none", "3x3", "first"] = "none"
-    inflate_blocks: tuple[tuple[int, ...], ...] = ((1,), (1,), (1,), (1,))
-
-    def __post_init__(self) -> None:
-        temporal = (self.stem_kt, self.stem_t_stride, self.pool1_t_stride, self.pool2_t_stride,
-                    *self.stage_t_strides)
-        if not self.conv3d and (any(v != 1 for v in temporal) or self.inflate != "none"):
-            raise ValueError("a 2D spec cannot have temporal kernels, strides or pooling")
-        if self.conv3d and self.shift:
-            raise ValueError("the temporal shift is defined for the 2D backbone only")
 
 
 def _conv(conv3d: bool, cin: int, cout: int, k: int, stride: int = 1, kt: int = 1,
@@ -142,15 +113,6 @@ class Bottleneck(_Block):
         return self.bn3(self.conv3(out))
 
 
-def _temporal_kernels(kind: BlockKind, inflate: str, inflated: bool) -> tuple[int, int]:
-    """(kt of the block's first conv, kt of its second conv)."""
-    if not inflated or inflate == "none":
-        return 1, 1
-    if inflate == "first":
-        return 3, 1
-    return (1, 3) if kind == "bottleneck" else (3, 3)  # "3x3": every spatial 3x3 conv
-
-
 class VideoResNet(VideoModel):
     """Clips ``(N, T, 3, H, W)`` -> logits ``(N, num_classes)`` through a 2D or inflated 3D ResNet."""
 
@@ -184,7 +146,7 @@ class VideoResNet(VideoModel):
             layer = []
             for b in range(n_blocks):
                 pattern = spec.inflate_blocks[s]
-                kt_first, kt_second = _temporal_kernels(kind, spec.inflate, bool(pattern[b % len(pattern)]))
+                kt_first, kt_second = temporal_kernels(kind, spec.inflate, bool(pattern[b % len(pattern)]))
                 shift = TemporalShift(num_frames, fold_div, direction) if spec.shift else None
                 first = b == 0
                 layer.append(block_cls(c3, cin, width * 2 ** s, 2 if first and s > 0 else 1,

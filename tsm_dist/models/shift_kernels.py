@@ -17,7 +17,7 @@ convolution (:func:`shifted_conv2d_and_identity`) and only the moved 2/d of the 
 
 Every kernel moves whole (clip, frame, group) ranges through ``as_strided`` views, so a shifted
 layer dispatches the same ops for any batch and clip length, fewer than the reference shift's (a GPU
-launches no more kernels for a larger batch; ``tests/test_models_shift.py`` counts them). The only
+launches no more kernels for a larger batch; ``tests/models/test_shift.py`` counts them). The only
 temporary is the moved channels (2/d of the activation, plus one frame), freed when the layer
 returns; the input is bit-identical whenever a kernel returns. Two cases shift while copying instead
 (the copy is kept for the backward): a conv that autocast runs in another dtype (the cast copies

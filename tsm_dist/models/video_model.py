@@ -13,14 +13,10 @@ A backbone subclass sets ``spec``, ``num_frames``, ``num_classes``, ``conv3d``, 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
-
 from torch import Tensor, nn
 
 from tsm_dist.models.temporal_shift import TemporalShift
-
-if TYPE_CHECKING:
-    from tsm_dist.models.resnet import VideoSpec
+from tsm_dist.models.video_spec import VideoSpec
 
 
 class VideoModel(nn.Module, ABC):

@@ -54,7 +54,7 @@ def write_run_config(base: Path, model: str, overrides: list[str], path: Path) -
 
     The model's default frame count goes first so that an explicit ``model.num_frames`` override wins.
     """
-    from tsm_dist.build import resolve_model
+    from tsm_dist.training.build import resolve_model
     from tsm_dist.config import dump_config, load_config
 
     # resolved: the written config names the frames etc. the run uses, also where the base leaves them to the model

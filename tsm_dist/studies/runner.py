@@ -10,7 +10,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tsm_dist.procs import find_tool, run_session
+from tsm_dist.commands.processes import find_tool, run_session
 
 LAUNCHERS = ("mpirun", "horovodrun", "srun")
 

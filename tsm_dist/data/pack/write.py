@@ -34,7 +34,7 @@ from tsm_dist.data.pack.format import FORMAT, INDEX, META, SKIPPED, VERSION, loa
     shard_name
 from tsm_dist.data.pack.transcode import TRANSCODES
 
-EXIT_USAGE, EXIT_BAD = 2, 4  # 4: the data code (tsm_dist.errors.EXIT_DATA), for every damaged pack
+EXIT_USAGE, EXIT_BAD = 2, 4  # 4: the data code (tsm_dist.commands.exit_codes.EXIT_DATA), for every damaged pack
 CHUNK = 1 << 24  # bytes read at a time when checking a shard
 
 

@@ -1,0 +1,1 @@
+"""The distributed engine: the only package that imports Horovod or torch.distributed."""
