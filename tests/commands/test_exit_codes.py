@@ -131,6 +131,7 @@ def test_probe_finds_truncation_by_header_count_and_by_duration(tmp_path, codec,
         probe_video(str(cut))
 
 
+@pytest.mark.multirank
 def test_two_ranks_one_line_same_code(dataset, tmp_path):
     """Under horovodrun, which terminates the other ranks when one exits: one line, code 4 on both."""
     bad_list = _with_val_entry(dataset, tmp_path, "missing.webm 0")
@@ -150,6 +151,7 @@ def test_two_ranks_one_line_same_code(dataset, tmp_path):
     assert not _rank_traceback(result.stdout), result.stdout[-3000:]
 
 
+@pytest.mark.multirank
 def test_a_bad_training_video_found_mid_run_is_one_line_from_its_rank(dataset, tmp_path):
     """The start-up check only stats the training list (cheap); a corrupt training video is found by
     the rank whose shard reads it: that rank names it, the other exits quietly."""

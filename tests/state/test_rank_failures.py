@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from conftest import PYTHON, REPO, horovodrun, kill_after_first_step, launcher_env, run_bounded
 from tsm_dist.data.synthetic import make_synthetic
 from tsm_dist.commands.exit_codes import EXIT_DATA, EXIT_STORAGE
 from tsm_dist.runlog.records import read_records
+
+pytestmark = pytest.mark.multirank
 
 CONFIG = str(REPO / "configs" / "synthetic_tsm.yaml")
 TINY = ["model.width=8", "data.batch_size=2", "data.crop_size=32", "data.scale_size=32", "log.wandb=disabled",

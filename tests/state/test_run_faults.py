@@ -16,8 +16,9 @@ import torch
 
 from conftest import PYTHON, REPO, horovodrun, launcher_env, run_bounded
 from tsm_dist.state import checkpoint as ckpt
-from tsm_dist.commands.exit_codes import CheckpointError, EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_NONFINITE, EXIT_STORAGE, \
-    StorageError
+from tsm_dist.commands.exit_codes import (
+    CheckpointError, EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_NONFINITE, EXIT_STORAGE, StorageError,
+)
 from tsm_dist.runlog.records import read_records
 from tsm_dist.config import BatchPlan
 from tsm_dist.state.resume import continue_under
@@ -74,6 +75,7 @@ def test_the_position_in_clips_carries_over_to_any_plan_that_fits():
     assert continue_under(old, BatchPlan(per_gpu_batch=4, world_size=1, accumulate=1), 8, ordered_prefix=True).note is None
 
 
+@pytest.mark.multirank
 def test_resume_on_two_ranks_with_accumulation_runs_every_epoch(tmp_path):
     """1 rank x batch 4 stops 16 clips into epoch 1; resumed on 2 ranks x batch 4 x accumulate 2 it trains
     the rest of epoch 1 and epoch 2 (steps numbered by the new plan), instead of ending at once."""

@@ -19,8 +19,9 @@ from typing import Collection, Mapping, Sequence
 
 import numpy as np
 
-from tsm_dist.data.augment import TRAIN_CROPS, Box, default_scale_size, eval_crop_boxes, flipped_label, train_crop_box, \
-    warn_if_upsampled
+from tsm_dist.data.augment import (
+    TRAIN_CROPS, Box, default_scale_size, eval_crop_boxes, flipped_label, train_crop_box, warn_if_upsampled,
+)
 from tsm_dist.data.errors import DataError, VideoError
 from tsm_dist.data.filelist import VideoRecord
 from tsm_dist.data.pack.format import Location

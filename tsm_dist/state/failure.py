@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from tsm_dist.runlog import records
-from tsm_dist.commands.exit_codes import EXIT_CRASH, CoordinatedError, exit_code, is_peer_failure, is_rank_local, \
-    storage_problem
+from tsm_dist.commands.exit_codes import (
+    EXIT_CRASH, CoordinatedError, exit_code, is_peer_failure, is_rank_local, storage_problem,
+)
 
 NOTES_DIR = ".rank_failures"
 # how long a survivor waits for the failed rank's note: it writes it before exiting, survivors notice

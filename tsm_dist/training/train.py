@@ -42,8 +42,10 @@ from tsm_dist.training.build import (LoaderBuilder, ModelBuilder, amp_dtype, bui
 from tsm_dist.config import Config, ConfigError, load_config, plan_batch
 from tsm_dist.commands.check_data import check_file_lists, preflight
 from tsm_dist.distributed.engine import Engine, started
-from tsm_dist.commands.exit_codes import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, EXIT_STORAGE, \
-    CheckpointError, CoordinatedError, StorageError, run_main, storage_problem
+from tsm_dist.commands.exit_codes import (
+    EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, EXIT_STORAGE, CheckpointError,
+    CoordinatedError, StorageError, run_main, storage_problem,
+)
 from tsm_dist.training.evaluate import evaluate
 from tsm_dist.training.memory_format import to_memory_format
 from tsm_dist.training.optim import build_optimizer

@@ -30,8 +30,9 @@ import numpy as np
 
 from tsm_dist.data.errors import DataError, VideoError
 from tsm_dist.data.filelist import VideoRecord, read_file_list
-from tsm_dist.data.pack.format import FORMAT, INDEX, META, SKIPPED, VERSION, load_packed, read_index, read_meta, \
-    shard_name
+from tsm_dist.data.pack.format import (
+    FORMAT, INDEX, META, SKIPPED, VERSION, load_packed, read_index, read_meta, shard_name,
+)
 from tsm_dist.data.pack.transcode import TRANSCODES
 
 EXIT_USAGE, EXIT_BAD = 2, 4  # 4: the data code (tsm_dist.commands.exit_codes.EXIT_DATA), for every damaged pack
