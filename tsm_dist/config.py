@@ -49,8 +49,8 @@ def _choices(*values: str) -> dict[str, Any]:
 @dataclass
 class ModelConfig:
     """None (the default) means the model's own value from the registry (tsm_dist.models.registry.resolve_options):
-    an I3D config without ``num_frames`` gets its 16 or 32 frames. ``tsm_dist.training.build.resolve_model``
-    fills them in before anything is built."""
+    an I3D config without ``num_frames`` gets its 16 or 32 frames. :func:`load_config` fills them in, once: a
+    loaded config names every option the model is built with, and so does the checkpoint that stores it."""
 
     name: str = "tsm8f_r50"
     num_classes: int = 400
@@ -290,7 +290,6 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"data.label_noise={cfg.data.label_noise!r} must be <= 1")
     if cfg.data.backend not in GENERATED and not cfg.data.train_list:
         raise ConfigError(f"data.train_list is required with data.backend={cfg.data.backend}")
-    resolve_model_options(cfg.model)
     if cfg.engine.name == "torch":
         for key, default in (("timeline", ""), ("cycle_time_ms", 0.0)):
             if getattr(cfg.engine, key) != default:
@@ -316,8 +315,11 @@ def resolve_model_options(model: ModelConfig) -> dict[str, Any]:
     return {key: resolved[key] for key in options}
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read ``path`` (or start from the defaults when None) and apply ``section.key=value`` overrides."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                values: dict[str, Any] | None = None) -> Config:
+    """Read ``path`` (or start from the defaults when None), apply ``section.key=value`` overrides (the
+    command line's ``--set``), then ``values`` (typed values from in-process callers and flags such as
+    ``--accumulate``, never round-tripped through strings), check ranges and fill in the model's options."""
     cfg = Config()
     if path is not None:
         path = str(path)
@@ -330,18 +332,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        for section_name, section in data.items():
-            where = f"{path}:{lines.get(str(section_name), '?')}"
-            if section_name not in SECTIONS:
-                raise _unknown(str(section_name), list(SECTIONS), where)
-            if section is None:
-                continue
-            if not isinstance(section, dict):
-                raise ConfigError(f"{where}: section {section_name!r} must be a mapping")
-            for key, value in section.items():
-                dotted = f"{section_name}.{key}"
-                _set(cfg, dotted, value, f"{path}:{lines.get(dotted, '?')}")
-    for item in overrides or []:
+        apply_sections(cfg, data, lambda dotted: f"{path}:{lines.get(dotted, '?')}")
+    apply_overrides(cfg, overrides or [])
+    for dotted, value in (values or {}).items():
+        _set(cfg, dotted, value, "set by the caller")
+    return finish_config(cfg)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> None:
+    """``--set section.key=value`` items, each value parsed as YAML (a string key keeps its text)."""
+    for item in overrides:
         dotted, eq, raw = item.partition("=")
         if not eq:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
@@ -354,8 +354,37 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if isinstance(value, (int, float, bool)) and _is_str_key(dotted.strip()):
             value = raw
         _set(cfg, dotted.strip(), value, f"--set {item}")
+
+
+def apply_sections(cfg: Config, data: dict[str, Any], where: Any) -> None:
+    """Set every ``section: {key: value}`` of ``data`` on ``cfg``; ``where(dotted)`` names the source."""
+    for section_name, section in data.items():
+        at = where(str(section_name))
+        if section_name not in SECTIONS:
+            raise _unknown(str(section_name), list(SECTIONS), at)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"{at}: section {section_name!r} must be a mapping")
+        for key, value in section.items():
+            dotted = f"{section_name}.{key}"
+            _set(cfg, dotted, value, where(dotted))
+
+
+def finish_config(cfg: Config) -> Config:
+    """Range checks, then the model's own options where the config leaves them (None) to the model."""
     _check_ranges(cfg)
+    cfg.model = dataclasses.replace(cfg.model, **resolve_model_options(cfg.model))
     return cfg
+
+
+def config_from_dict(data: dict[str, Any], source: str, overrides: list[str] | None = None) -> Config:
+    """A config recorded as a mapping (the one a checkpoint stores), validated as a file is, then the
+    command line's ``--set`` overrides on top."""
+    cfg = Config()
+    apply_sections(cfg, data, lambda dotted: f"{source}: {dotted}")
+    apply_overrides(cfg, overrides or [])
+    return finish_config(cfg)
 
 
 def _is_str_key(dotted: str) -> bool:
@@ -365,43 +394,6 @@ def _is_str_key(dotted: str) -> bool:
         return False
     hint = typing.get_type_hints(section_type).get(key)
     return hint is str or hint == Optional[str]
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How the configured batch maps onto the world: the numbers the LR rule and the logs use."""
-
-    per_gpu_batch: int
-    world_size: int
-    accumulate: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.per_gpu_batch * self.world_size * self.accumulate
-
-    def __str__(self) -> str:
-        return (f"{self.world_size} rank(s) x batch {self.per_gpu_batch} x accumulate {self.accumulate} "
-                f"= {self.global_batch} clips per step")
-
-
-def plan_batch(cfg: Config, world_size: int) -> BatchPlan:
-    """Resolve accumulation for ``world_size`` ranks; an effective batch that does not fit is an error."""
-    per_gpu = cfg.data.batch_size
-    accumulate = cfg.train.accumulate
-    target = cfg.train.global_batch
-    if target:
-        per_step = per_gpu * world_size
-        if target % per_step:
-            raise ConfigError(
-                f"train.global_batch={target} does not fit the world: data.batch_size={per_gpu} x "
-                f"{world_size} ranks = {per_step} clips per pass, and {target} is not a multiple of it")
-        derived = target // per_step
-        if accumulate not in (1, derived):
-            raise ConfigError(
-                f"train.global_batch={target} needs accumulate={derived} on {world_size} ranks, "
-                f"but train.accumulate={accumulate}; set only one of them")
-        accumulate = derived
-    return BatchPlan(per_gpu_batch=per_gpu, world_size=world_size, accumulate=accumulate)
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -20,7 +20,7 @@ from tsm_dist.commands.exit_codes import (
     CheckpointError, EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_NONFINITE, EXIT_STORAGE, StorageError,
 )
 from tsm_dist.runlog.records import read_records
-from tsm_dist.config import BatchPlan
+from tsm_dist.training.batch_plan import BatchPlan
 from tsm_dist.state.resume import continue_under
 
 CONFIG = str(REPO / "configs" / "synthetic_tsm.yaml")

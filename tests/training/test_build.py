@@ -6,9 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tsm_dist.training.build import (amp_dtype, build_loader_from_config, build_model_from_config, flip_label_map,
-                            resolve_list, resolve_model)
-from tsm_dist.config import Config, ConfigError, load_config
+from tsm_dist.config import Config, ConfigError, config_from_dict, load_config
+from tsm_dist.training.build import (
+    amp_dtype, build_loader_from_config, build_model_from_config, flip_label_map, resolve_list,
+)
+from tsm_dist.training.run_spec import resolve_run
 
 
 def test_relative_list_under_root_first_then_working_directory(tmp_path, monkeypatch):
@@ -48,8 +50,7 @@ def test_amp_dtype():
 
 
 def test_model_builder_gets_the_model_section():
-    cfg = Config()
-    cfg.model.name, cfg.model.num_classes, cfg.model.depth = "tsn8f_r50", 7, 18
+    cfg = load_config(None, ["data.train_list=t.txt", "model.name=tsn8f_r50", "model.num_classes=7", "model.depth=18"])
     seen = {}
     build_model_from_config(cfg, lambda name, **kw: seen.update(name=name, **kw))
     assert seen["name"] == "tsn8f_r50" and seen["num_classes"] == 7 and seen["depth"] == 18
@@ -57,21 +58,21 @@ def test_model_builder_gets_the_model_section():
 
 
 @pytest.mark.parametrize("name, frames", [("i3d3x3x3_r50", 16), ("i3d3x1x1_r50", 32), ("tsm8f_r50", 8)])
-def test_model_options_left_unset_are_the_models_own(tmp_path, name, frames):
+def test_model_options_left_unset_are_the_models_own_once_loaded(tmp_path, name, frames):
     path = tmp_path / "c.yaml"
     path.write_text(f"model:\n  name: {name}\n  num_classes: 5\ndata:\n  train_list: t.txt\n")
-    cfg = load_config(path)
-    assert cfg.model.num_frames is None and cfg.model.depth is None  # the config leaves them to the model
-    resolved = resolve_model(cfg)
-    assert resolved.model.num_frames == frames and resolved.model.depth == 50 and resolved.model.dropout == 0.5
-    assert cfg.model.num_frames is None  # the loaded config is not changed
-    cfg.model.num_frames = 4
-    assert resolve_model(cfg).model.num_frames == 4  # a value in the config wins
+    cfg = load_config(path)  # the one place model options are resolved
+    assert cfg.model.num_frames == frames and cfg.model.depth == 50 and cfg.model.dropout == 0.5
+    assert load_config(path, ["model.num_frames=4"]).model.num_frames == 4  # a value in the config wins
+    # what a checkpoint stores reads back as the same resolved config, without --set strings
+    again = config_from_dict(cfg.to_dict(), "checkpoint c.pt")
+    assert again == cfg
+    with pytest.raises(ConfigError, match="checkpoint c.pt: model.fold_div"):
+        config_from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "fold_div": "x"}}, "checkpoint c.pt")
 
 
 def test_loader_and_model_get_the_resolved_frame_count():
-    cfg = Config()
-    cfg.model.name, cfg.data.backend, cfg.data.num_samples = "i3d3x1x1_r50", "random", 8
+    cfg = load_config(None, ["model.name=i3d3x1x1_r50", "data.backend=random", "data.num_samples=8"])
     engine = SimpleNamespace(rank=1, size=2, device=torch.device("cpu"))
     seen = {}
     build_loader_from_config(cfg, engine, train=True, builder=lambda lst, root, **kw: seen.update(kw))
@@ -81,7 +82,21 @@ def test_loader_and_model_get_the_resolved_frame_count():
 
 
 def test_unknown_model_is_a_config_error():
-    cfg = Config()
-    cfg.model.name = "resnet9000"
     with pytest.raises(ConfigError, match="model.name='resnet9000' is not a known model"):
-        resolve_model(cfg)
+        load_config(None, ["data.train_list=t.txt", "model.name=resnet9000"])
+
+
+def test_a_run_is_resolved_once_for_its_world():
+    cfg = load_config(None, ["data.backend=random", "data.num_samples=64", "data.batch_size=4",
+                             "train.global_batch=32", "optim.base_lr=0.1", "optim.base_batch=16",
+                             "train.epochs=10", "optim.warmup_epochs=2"])
+    run = resolve_run(cfg, world_size=2)
+    assert (run.batch.per_gpu_batch, run.batch.world_size, run.accumulate, run.batch.global_batch) == (4, 2, 4, 32)
+    schedule = run.lr_schedule(steps_per_epoch=2)  # the two halves of large batch from one description
+    assert schedule.peak_lr == pytest.approx(0.2) and schedule.warmup_steps == 4 and schedule.total_steps == 20
+    cfg.train.epochs = 99  # the run holds its own copy: a caller's later change does not reach it
+    assert run.config.train.epochs == 10
+    # --accumulate is a typed value on the config, not a --set string parsed back
+    assert load_config(None, ["data.backend=random", "data.num_samples=8"], {"train.accumulate": 3}).train.accumulate == 3
+    with pytest.raises(ConfigError, match="train.accumulate: expected int"):
+        load_config(None, ["data.backend=random", "data.num_samples=8"], {"train.accumulate": "3"})

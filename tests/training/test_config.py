@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tsm_dist.config import ConfigError, load_config, plan_batch
+from tsm_dist.config import ConfigError, load_config
+from tsm_dist.training.batch_plan import plan_batch
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_CONFIGS = ["tsm8f_r50_kinetics400.yaml", "i3d3x3x3_r50_kinetics400.yaml", "i3d3x1x1_r50_kinetics400.yaml",

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from tsm_dist.training.build import resolve_list, resolve_model
+from tsm_dist.training.build import resolve_list
 from tsm_dist.commands.arguments import name_list
 from tsm_dist.config import GENERATED, Config, load_config
 from tsm_dist.data.errors import FileListError, VideoError
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    cfg = resolve_model(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
     if cfg.data.backend in GENERATED:
         print(f"check-data: data.backend={cfg.data.backend} reads no files; nothing to check")
         return EXIT_OK

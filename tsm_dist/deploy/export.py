@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tsm_dist.config import Config, ConfigError, load_config
+from tsm_dist.config import Config, ConfigError, config_from_dict, load_config
 from tsm_dist.commands.exit_codes import UsageError
 
 SIDECAR_VERSION = 1
@@ -45,7 +45,7 @@ def trained_model(checkpoint: str, config: str | None, overrides: list[str]) -> 
     """The checkpoint's model in eval mode, built from ``config`` (checked against the checkpoint) or
     from the config recorded in the checkpoint."""
     from tsm_dist.state import checkpoint as ckpt
-    from tsm_dist.training.build import build_model_from_config, resolve_model
+    from tsm_dist.training.build import build_model_from_config
 
     state = ckpt.load_checkpoint(checkpoint)
     if config is not None:
@@ -55,18 +55,10 @@ def trained_model(checkpoint: str, config: str | None, overrides: list[str]) -> 
         saved = state.get("config")
         if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
             raise UsageError(f"checkpoint {checkpoint} records no config: pass --config")
-        cfg = _config_from_saved(saved, overrides)
-    cfg = resolve_model(cfg)
+        cfg = config_from_dict(saved, f"checkpoint {checkpoint}", overrides)
     model = build_model_from_config(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None)))
     ckpt.load_model_state(model, state, checkpoint)
     return model.eval(), cfg
-
-
-def _config_from_saved(saved: dict[str, Any], overrides: list[str]) -> Config:
-    """The run's config as the checkpoint recorded it (every section, validated again), then ``overrides``."""
-    sets = [f"{section}.{key}={json.dumps(value)}" for section, values in saved.items() if isinstance(values, dict)
-            for key, value in values.items() if value is not None]
-    return load_config(None, [*sets, *overrides])
 
 
 def check_exportable(model: nn.Module, mode: str) -> None:

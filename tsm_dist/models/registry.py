@@ -65,6 +65,11 @@ def model_defaults(name: str) -> dict[str, Any]:
     return {"num_frames": entry.spec.num_frames, **_DEFAULTS, **_BACKBONE_DEFAULTS.get(entry.backbone, {})}
 
 
+def model_spec(name: str) -> VideoSpec:
+    """How ``name`` handles time (3D or shift, inflation, temporal pooling), without building it."""
+    return _entry(name).spec
+
+
 def list_models() -> list[str]:
     return list(_MODELS)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from tsm_dist.config import BatchPlan
+from tsm_dist.training.batch_plan import BatchPlan
 from tsm_dist.commands.exit_codes import CheckpointError
 
 

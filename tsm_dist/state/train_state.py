@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from tsm_dist.state import checkpoint as ckpt
-from tsm_dist.config import BatchPlan, Config
+from tsm_dist.config import Config
+from tsm_dist.training.batch_plan import BatchPlan
 from tsm_dist.commands.exit_codes import CheckpointError
 from tsm_dist.state.failure import clear_notes
 from tsm_dist.state.identity import claim_workdir

@@ -25,12 +25,12 @@ CLIP_WINDOW_FRAMES = 64
 
 def model_input(model: str) -> tuple[int, str, int]:
     """(frames, sampling, stride) that ``model`` takes by default."""
-    from tsm_dist.models import build_model
+    from tsm_dist.models import model_defaults, model_spec
 
-    net = build_model(model, num_classes=2, width=8)  # a narrow build is enough to read its input
-    if net.conv3d:
-        return net.num_frames, "dense", max(1, CLIP_WINDOW_FRAMES // net.num_frames)
-    return net.num_frames, "segment", 1
+    frames = int(model_defaults(model)["num_frames"])
+    if model_spec(model).conv3d:
+        return frames, "dense", max(1, CLIP_WINDOW_FRAMES // frames)
+    return frames, "segment", 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,12 +54,11 @@ def write_run_config(base: Path, model: str, overrides: list[str], path: Path) -
 
     The model's default frame count goes first so that an explicit ``model.num_frames`` override wins.
     """
-    from tsm_dist.training.build import resolve_model
     from tsm_dist.config import dump_config, load_config
 
-    # resolved: the written config names the frames etc. the run uses, also where the base leaves them to the model
-    cfg = resolve_model(load_config(base, [*model_frame_overrides(Path(base), model), *overrides,
-                                           f"model.name={model}"]))
+    # loaded = resolved: the written config names the frames etc. the run uses, also where the base leaves
+    # them to the model
+    cfg = load_config(base, [*model_frame_overrides(Path(base), model), *overrides, f"model.name={model}"])
     path.parent.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, path)
     return cfg

@@ -3,13 +3,12 @@
 ``tsm-dist train``, ``tsm-dist eval`` and the studies build through this module, so a config means the
 same thing everywhere. It imports neither the trainer nor the evaluator.
 
-Model options left at None in the config are the model's own (:func:`resolve_model`). Data paths follow
+A loaded config names every model option (``load_config`` filled in the model's own). Data paths follow
 one rule (:func:`resolve_list`): an absolute path is kept; a relative one is looked up under
 ``data.root`` first, then taken relative to the working directory.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -56,16 +55,6 @@ def default_loader_builder() -> LoaderBuilder:
     return build_video_loader
 
 
-def resolve_model(cfg: Config) -> Config:
-    """``cfg`` with every model option the registry resolves (those left at None take the model's own
-    default), validated by the registry: the frame count the loaders sample is the one the model is built
-    for. A bad value is a :class:`ConfigError` naming its ``model.`` key."""
-    from tsm_dist.config import resolve_model_options
-
-    model = dataclasses.replace(cfg.model, **resolve_model_options(cfg.model))
-    return dataclasses.replace(cfg, model=model)
-
-
 def resolve_list(cfg: Config, key: str) -> str | None:
     """The file named by ``data.<key>`` (``train_list`` / ``val_list``), or None when it is not set.
 
@@ -103,7 +92,7 @@ def flip_label_map(cfg: Config) -> dict[int, int] | None:
 
 
 def build_model_from_config(cfg: Config, builder: ModelBuilder | None = None) -> "nn.Module":
-    m = resolve_model(cfg).model
+    m = cfg.model  # every option filled in when the config was loaded
     return (builder or default_model_builder())(
         m.name, num_classes=m.num_classes, num_frames=m.num_frames, dropout=m.dropout, fold_div=m.fold_div,
         shift_place=m.shift_place, depth=m.depth, width=m.width, pretrained=m.pretrained, online=m.online,
@@ -113,7 +102,6 @@ def build_model_from_config(cfg: Config, builder: ModelBuilder | None = None) ->
 def build_loader_from_config(cfg: Config, engine: "Engine", *, train: bool, builder: LoaderBuilder | None = None,
                              num_clips: int = 1, num_crops: int = 1) -> Any:
     """Rank ``engine.rank``'s shard of the training (``train``) or validation set."""
-    cfg = resolve_model(cfg)
     d = cfg.data
     options: dict[str, Any] = dict(
         backend=d.backend, device=d.device, num_frames=cfg.model.num_frames, sampling=d.sampling,

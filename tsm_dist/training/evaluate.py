@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tsm_dist.state import checkpoint as ckpt
-from tsm_dist.training.build import amp_dtype, build_loader_from_config, build_model_from_config, has_val_set, resolve_model
+from tsm_dist.training.build import amp_dtype, build_loader_from_config, build_model_from_config, has_val_set
 from tsm_dist.commands.check_data import check_file_lists
 from tsm_dist.config import Config, ConfigError, load_config
 from tsm_dist.commands.exit_codes import EXIT_CHECKPOINT, CheckpointError, CoordinatedError, run_main
@@ -151,12 +151,9 @@ def _main(argv: list[str]) -> int:
     from tsm_dist.distributed.engine import started
 
     args = build_parser().parse_args(argv)
-    overrides = list(args.overrides)
-    for flag, key in ((args.num_clips, "eval.num_clips"), (args.num_crops, "eval.num_crops"),
-                      (args.last_n, "eval.last_n")):
-        if flag is not None:
-            overrides.append(f"{key}={flag}")
-    cfg = resolve_model(load_config(args.config, overrides))
+    flags = {key: flag for flag, key in ((args.num_clips, "eval.num_clips"), (args.num_crops, "eval.num_crops"),
+                                         (args.last_n, "eval.last_n")) if flag is not None}
+    cfg = load_config(args.config, args.overrides, flags)
     paths, note = _checkpoints(args.checkpoint or [], args.workdir, cfg.eval.last_n)
     if not has_val_set(cfg):
         raise ConfigError("data.val_list is not set")

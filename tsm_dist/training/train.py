@@ -38,8 +38,8 @@ from tsm_dist.runlog import records
 from tsm_dist.state import train_state
 from tsm_dist.state.checkpoint import CHECKPOINT_DIR
 from tsm_dist.training.build import (LoaderBuilder, ModelBuilder, amp_dtype, build_loader_from_config,
-                            build_model_from_config, has_val_set, resolve_model)
-from tsm_dist.config import Config, ConfigError, load_config, plan_batch
+                            build_model_from_config, has_val_set)
+from tsm_dist.config import Config, ConfigError, load_config
 from tsm_dist.commands.check_data import check_file_lists, preflight
 from tsm_dist.distributed.engine import Engine, started
 from tsm_dist.commands.exit_codes import (
@@ -55,7 +55,7 @@ from tsm_dist.state.resume import continue_under
 from tsm_dist.state.failure import record_failure
 from tsm_dist.runlog.account import RunLog
 from tsm_dist.state.identity import START_OVER_FLAG, WorkdirInUse, new_run_id
-from tsm_dist.training.lr_schedule import LRSchedule
+from tsm_dist.training.run_spec import RunSpec, resolve_run
 from tsm_dist.state.train_state import Position
 
 
@@ -69,7 +69,8 @@ def train(cfg: Config, workdir: str | Path, *, resume: str | None = None, start_
     """
     # The stop signals are caught from the start: a cancel during start-up stops after the first step.
     with StopSignals() as stop, started(cfg.engine) as engine:  # 1. one process per GPU; shut down on any exit
-        trainer = Trainer(cfg, engine, Path(workdir), model_builder, loader_builder)
+        # the run resolved once for this world: the batch plan, and every consumer gets these values
+        trainer = Trainer(resolve_run(cfg, engine.size), engine, Path(workdir), model_builder, loader_builder)
         try:
             trainer.resume(resume, start_over=start_over)
             trainer.open_logs()
@@ -106,12 +107,12 @@ class Trainer:
     """One rank's part of a run: built from the config, then :meth:`resume`, :meth:`loop`, :meth:`finish`."""
 
     # ------------------------------------------------------------------------------ setup
-    def __init__(self, cfg: Config, engine: Engine, workdir: Path, model_builder: ModelBuilder | None = None,
+    def __init__(self, run: RunSpec, engine: Engine, workdir: Path, model_builder: ModelBuilder | None = None,
                  loader_builder: LoaderBuilder | None = None) -> None:
-        self.cfg = cfg = resolve_model(cfg)  # the model's own frames etc. where the config leaves them to it
+        self.run, self.cfg, self.plan = run, run.config, run.batch
+        cfg = self.cfg
         self.engine, self.workdir = engine, workdir
         self.device, self.root = engine.device, engine.is_root
-        self.plan = plan_batch(cfg, engine.size)
         if cfg.data.device == "gpu" and self.device.type != "cuda":
             raise ConfigError("data.device=gpu needs a CUDA device; set data.device=cpu on this machine")
         self.K = self.plan.accumulate
@@ -139,8 +140,7 @@ class Trainer:
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        self.schedule = LRSchedule.from_config(cfg.optim, global_batch=plan.global_batch,
-                                               steps_per_epoch=self.steps_per_epoch, epochs=cfg.train.epochs)
+        self.schedule = self.run.lr_schedule(self.steps_per_epoch)
 
     def _check_data(self) -> None:
         """Before the long wait: every rank probes its shard of the validation set and stats its share of
@@ -480,10 +480,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    overrides = list(args.overrides)
-    if args.accumulate is not None:
-        overrides.append(f"train.accumulate={args.accumulate}")
-    cfg = load_config(args.config, overrides)  # every rank fails the same way; rank 0 says why
+    accumulate = {} if args.accumulate is None else {"train.accumulate": args.accumulate}
+    cfg = load_config(args.config, args.overrides, accumulate)  # every rank fails the same way; rank 0 says why
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)
     return train(cfg, workdir, resume=args.resume, start_over=args.start_over)
 

@@ -222,12 +222,12 @@ def prepare_packed(opts: StudyOptions) -> str:
 def loader_io(opts: StudyOptions) -> list:
     """Rank 0 of ``--ranks``: one epoch's start-up, plan + read time, opens, bytes, probes, per layout, on
     the training list repeated to ``--io-entries`` lines and the same list packed."""
-    from tsm_dist.training.build import resolve_list, resolve_model
+    from tsm_dist.training.build import resolve_list
     from tsm_dist.config import load_config
     from tsm_dist.data.pack.format import read_meta
     from tsm_dist.studies.data_io.pack_io import io_pass, repeat_list
 
-    cfg = resolve_model(load_config(opts.config, opts.overrides))
+    cfg = load_config(opts.config, opts.overrides)
     d = cfg.data
     long_list = str(opts.out.resolve() / f"io_list_{opts.io_entries}.txt")
     entries = repeat_list(resolve_list(cfg, "train_list"), d.root or None, long_list, opts.io_entries)
