@@ -1,6 +1,6 @@
 """Rank layout from launcher environments: recorded ones (Slurm 22.05 srun with --mpi=none/pmix/pmi2,
 the batch script itself, OpenMPI mpirun, horovodrun) and ones constructed from the jsrun and MPICH
-documentation (tests/launch_envs/*.env say which is which)."""
+documentation (tests/ranks/envs/*.env say which is which)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 
 from tsm_dist.ranks.layout import LayoutError, detect_layout, expand_counts, expand_hostlist
 
-ENVS = Path(__file__).parents[1] / "launch_envs"
+ENVS = Path(__file__).parent / "envs"
 
 
 def load_env(name: str, **changes: str) -> dict[str, str]:
