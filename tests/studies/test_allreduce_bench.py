@@ -95,7 +95,7 @@ def test_the_rejection_rules_are_the_ones_the_docs_state():
 
     from tsm_dist.studies.scaling.allreduce_bench import FIT_TOLERANCE, LATENCY_TOLERANCE, result_record
 
-    docs = " ".join((Path(__file__).resolve().parents[1] / "docs" / "studies.md").read_text().split())
+    docs = " ".join((Path(__file__).resolve().parents[2] / "docs" / "studies.md").read_text().split())
     assert f"exceeds {LATENCY_TOLERANCE:g}× the fastest measured time" in docs
     assert f"off by more than {FIT_TOLERANCE:g}×" in docs
     sizes = [4096 * 4 ** i for i in range(6)]
