@@ -1,6 +1,7 @@
 """Model benchmarks: the cost of the temporal shift, and the three models' throughput ratios.
 
     python benchmarks/bench_models.py shift       # TSM8f vs TSN (and a TSN control copy) training step, 224x224
+    python benchmarks/bench_models.py small       # the demo's network and MobileNetV2-TSM at its size: TSM vs TSN
     python benchmarks/bench_models.py layers      # the fused shift's extra time per shifted layer, summed per step
     python benchmarks/bench_models.py ops         # dispatched aten ops per training step, two batch sizes
     python benchmarks/bench_models.py throughput  # TSM8f : I3D3x3x3 : I3D3x1x1 inference clips/s
@@ -84,6 +85,38 @@ def _train_step(model: torch.nn.Module, clips: torch.Tensor, labels: torch.Tenso
     return step
 
 
+SMALL = {"demo": ("tsm8f_r50", dict(depth=18, width=16, dropout=0.2)),  # configs/synthetic_tsm.yaml
+         "mbv2": ("tsm8f_mbv2", dict(width=16, dropout=0.2)),  # configs/synthetic_tsm_mbv2.yaml, offline
+         "mbv2-online": ("tsm8f_mbv2", dict(width=16, dropout=0.2, online=True))}
+
+
+def _without_shift(model: torch.nn.Module) -> torch.nn.Module:
+    """The same network without its shifts (TSN): every block that held a shift runs its plain branch."""
+    for module in model.modules():
+        if isinstance(getattr(module, "shift", None), TemporalShift):
+            module.shift = None
+    return model
+
+
+def comparison_models(what: str, batch: int, size: int, channels_last: bool) -> dict[str, Callable[[], None]]:
+    """Training steps of TSN, a TSN control copy and TSM with the same weights and input: ``r50`` is
+    TSM8f-R50 with 400 classes, the small ones the demo's network (``demo``) and MobileNetV2-TSM at the
+    demo's size (``mbv2``, ``mbv2-online``: width 16, 4 classes, as the synthetic configs)."""
+    name, options, classes = ("tsm8f_r50", {}, 400) if what == "r50" else (*SMALL[what], 4)
+
+    def build(shift: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = build_model(name, classes, **options)
+        model = model if shift else _without_shift(model)
+        return model.to(memory_format=torch.channels_last) if channels_last else model
+
+    models = {"TSN": build(False), "TSN control": build(False), "TSM": build(True)}
+    torch.manual_seed(1)
+    clips = torch.randn(batch, models["TSM"].num_frames, 3, size, size)
+    labels = torch.randint(0, classes, (batch,))
+    return {n: _train_step(m, clips, labels) for n, m in models.items()}
+
+
 class _ShiftTimer:
     """Times, inside real TSM steps, the in-place moves (shift and undo, forward and backward) and the
     1x1 weight gradients computed by matmuls from the unshifted input (which replace the weight half of
@@ -150,6 +183,23 @@ def bench_shift(args: argparse.Namespace) -> None:
     for what, samples in [("in-place moves (shift + undo)", moves), ("1x1 weight gradients by matmul", matmuls)]:
         print(f"{what} inside a TSM8f step: {statistics.median(samples) * 1e3:.1f} ms = "
               f"{statistics.median(samples) / statistics.median(base):.2%} of the median TSN step")
+
+
+def bench_small(args: argparse.Namespace) -> None:
+    """The demo's network and MobileNetV2-TSM at the demo's size: TSM vs TSN (and a TSN control copy)."""
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    for what in args.small:
+        steps = comparison_models(what, args.small_batch, args.small_size, channels_last=True)
+        print(f"# {what}: TSM vs TSN training step, batch {args.small_batch} x 8 frames x {args.small_size}^2, "
+              f"channels-last, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds after "
+              f"{args.warmup} warm-up, {'process CPU time' if args.cpu_time else 'wall time'}")
+        times = _interleaved(steps, args.rounds, args.warmup, clock)
+        for name, samples in times.items():
+            print(f"{name:<12} step median {statistics.median(samples) * 1e3:7.2f} ms  min {min(samples) * 1e3:7.2f}")
+        for name in ("TSN control", "TSM"):
+            ratios = [t / b - 1 for t, b in zip(times[name], times["TSN"])]
+            print(f"{name:<12} vs TSN per round: {_summary(ratios)}; ratio of medians "
+                  f"{statistics.median(times[name]) / statistics.median(times['TSN']) - 1:+.2%}")
 
 
 class _OpCounter(TorchDispatchMode):
@@ -271,13 +321,17 @@ def bench_throughput(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["shift", "layers", "ops", "throughput", "all"], nargs="?", default="all")
+    p.add_argument("what", choices=["shift", "small", "layers", "ops", "throughput", "all"], nargs="?", default="all")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=1, help="clips per training step (shift benchmark)")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compare", action="store_true",
                    help="also time the plain-copy and the reference shift (4 models in memory: noisier)")
+    p.add_argument("--small", type=lambda v: v.split(","), default=["demo", "mbv2"],
+                   help="small models (small): demo, mbv2, mbv2-online, comma-separated")
+    p.add_argument("--small-batch", type=int, default=8, help="clips per step (small; the demo's 8)")
+    p.add_argument("--small-size", type=int, default=56, help="crop size (small; the demo's 56)")
     p.add_argument("--tp-batch", type=int, default=2, help="clips per inference batch (throughput)")
     p.add_argument("--tp-rounds", type=int, default=5)
     p.add_argument("--ops-batches", type=int, nargs="+", default=[2, 8], help="batch sizes (ops)")
@@ -291,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.what in ("shift", "all"):
         bench_shift(args)
+    if args.what == "small":
+        bench_small(args)
     if args.what == "layers":
         bench_layers(args)
     if args.what == "ops":

@@ -7,9 +7,19 @@ from torch import nn
 from torch.autograd import gradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tsm_dist.models import build_model
+from tsm_dist.models import build_model, shift_kernels
 from tsm_dist.models.shift_kernels import shift_copy, shifted_conv2d_and_identity
 from tsm_dist.models.temporal_shift import TemporalShift, shift_groups, shifted_conv, temporal_shift
+
+
+@pytest.fixture(params=["copy", "in-place"])
+def kernel_path(request, monkeypatch) -> str:
+    """Both CPU paths of the fused shift: small tensors are shifted while copying (the conv reads the copy);
+    ``SMALL_NUMEL = 0`` sends them through the in-place kernels that large tensors and GPUs take (channels-last
+    tensors with short moved runs still copy)."""
+    if request.param == "in-place":
+        monkeypatch.setattr(shift_kernels, "SMALL_NUMEL", 0)
+    return request.param
 
 
 def _clip(n: int, t: int, c: int, hw: int = 1, dtype=torch.float64) -> torch.Tensor:
@@ -69,7 +79,7 @@ def test_shift_gradcheck(direction: str) -> None:
 @pytest.mark.parametrize("kernel,stride,bias,out", [(1, 1, False, 2), (1, 1, True, 3), (1, 1, False, 12),
                                                     (3, 2, True, 2)])
 def test_shifted_conv_gradcheck(direction: str, kernel: int, stride: int, bias: bool,
-                                out: int) -> None:
+                                out: int, kernel_path: str) -> None:
     """Every backward path (1x1 with H*W >= out channels: weight gradient by matmuls on the unshifted
     input; otherwise shift again), with the identity output whose gradient is folded into the pass
     that moves the shifted path's gradient back."""
@@ -91,7 +101,7 @@ def test_shifted_conv_gradcheck(direction: str, kernel: int, stride: int, bias: 
 
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_shifted_conv_matches_shift_then_conv_and_restores_input(grad: bool, memory_format) -> None:
+def test_shifted_conv_matches_shift_then_conv_and_restores_input(grad: bool, memory_format, kernel_path: str) -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 4, 1)
     x = torch.randn(2 * 4, 16, 5, 5).to(memory_format=memory_format).requires_grad_(grad)
@@ -112,7 +122,8 @@ def test_shifted_conv_matches_shift_then_conv_and_restores_input(grad: bool, mem
 
 @pytest.mark.parametrize("depth,memory_format", [(18, torch.contiguous_format), (26, torch.contiguous_format),
                                                  (26, torch.channels_last)])
-def test_tsm_network_with_fused_shift_equals_shift_then_conv(depth: int, memory_format, monkeypatch) -> None:
+def test_tsm_network_with_fused_shift_equals_shift_then_conv(depth: int, memory_format, monkeypatch,
+                                                              kernel_path: str) -> None:
     """The in-place trick inside a real network (previous ReLU and the downsample conv hold the
     block input for backward) gives the same outputs and gradients as a plain shifted copy."""
 
@@ -174,7 +185,7 @@ def test_second_backward_through_a_retained_graph_gives_the_same_gradients() -> 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 @pytest.mark.parametrize("depth", [18, 26])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_every_gradient_has_its_parameters_strides(depth: int, memory_format, amp) -> None:
+def test_every_gradient_has_its_parameters_strides(depth: int, memory_format, amp, kernel_path: str) -> None:
     """DDP's bucket views and Horovod's in-place allreduce take a gradient with its parameter's strides;
     the fused shift's 1x1 weight gradient (matmul path, depth 26) and 3x3 one (depth 18) must follow the
     weight's layout, also under autocast, where the conv runs on a private copy."""
@@ -240,7 +251,7 @@ def _layer_ops(shift: str, clips: int, frames: int, memory_format, direction: st
 @pytest.mark.parametrize("hw", [5, 2], ids=["weight-grad-by-matmul", "shift-again"])
 @pytest.mark.parametrize("channels", [16, 64], ids=["short-runs", "long-runs"])  # channels-last: copy vs in place
 def test_fused_shift_dispatches_the_same_ops_for_any_batch_and_clip_length(memory_format, direction, hw,
-                                                                         channels) -> None:
+                                                                         channels, kernel_path: str) -> None:
     """A GPU launches a kernel per op: the fused shift's count must not grow with N or T (it issued one
     copy per frame and one matmul per clip before) and must stay below the reference (bi-directional,
     offline) shift's, on both backward paths (H*W >= out channels: the weight gradient by batched
@@ -257,7 +268,7 @@ def test_fused_shift_dispatches_the_same_ops_for_any_batch_and_clip_length(memor
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("direction", ["bi", "uni"])
-def test_every_shift_kernel_equals_the_reference_bit_for_bit(memory_format, direction) -> None:
+def test_every_shift_kernel_equals_the_reference_bit_for_bit(memory_format, direction, kernel_path: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(3 * 5, 16, 4, 3).to(memory_format=memory_format)
     groups, ref = shift_groups(16, 8, direction), temporal_shift(x, 5, 8, direction)
@@ -273,7 +284,8 @@ def test_every_shift_kernel_equals_the_reference_bit_for_bit(memory_format, dire
 def test_channels_last_short_runs_shift_while_copying(channels: int, in_place: bool) -> None:
     """Channels-last with few channels (a pixel's moved channels are 2*C/8 values, here 4 or 16 floats):
     moving such short runs in place costs more than one whole copy, so the conv reads a shifted copy; with
-    longer runs x is shifted in place (and restored). Either way x ends bit-identical and unversioned."""
+    longer runs x is shifted in place (and restored) unless it is small. Either way x ends bit-identical and
+    unversioned."""
     from tsm_dist.models.shift_kernels import _short_runs
 
     torch.manual_seed(0)
@@ -287,3 +299,29 @@ def test_channels_last_short_runs_shift_while_copying(channels: int, in_place: b
     assert torch.equal(y, conv(temporal_shift(x, 4, 8)))
     (y.square().sum() + identity.sum()).backward()
     assert torch.equal(x.detach(), before) and x._version == version
+
+
+@pytest.mark.parametrize("identity", [True, False])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("direction", ["bi", "uni"])
+def test_small_tensors_shift_while_copying_and_match_the_reference_exactly(identity: bool, memory_format,
+                                                                           direction: str) -> None:
+    """On a CPU a small layer input is shifted while copying whatever its layout (fewer ops than moving it in
+    place; a large one is moved in place), and its gradients, the identity path's sum included, equal the
+    reference shift's bit for bit."""
+    from tsm_dist.models.shift_kernels import _shifts_while_copying
+
+    groups = shift_groups(64, 8, direction)
+    assert _shifts_while_copying(torch.empty(8, 64, 4, 4).to(memory_format=memory_format), groups)
+    assert not _shifts_while_copying(torch.empty(8, 64, 2 ** 9, 2 ** 9), groups)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 8, 3, padding=1, bias=False).to(memory_format=memory_format)
+    x = torch.randn(2 * 4, 64, 5, 5).to(memory_format=memory_format).requires_grad_()
+    g, gi = torch.randn(8, 8, 5, 5), torch.randn_like(x)
+    y, identity_out = shifted_conv(x, conv, 4, groups)
+    ref = conv(temporal_shift(x, 4, 8, direction))
+    assert torch.equal(y, ref)
+    outputs, grads = ((y, identity_out), (g, gi)) if identity else ((y,), (g,))
+    got = torch.autograd.grad(outputs, [x, conv.weight], grads)
+    want = torch.autograd.grad((ref, x) if identity else (ref,), [x, conv.weight], grads)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

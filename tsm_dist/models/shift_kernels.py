@@ -19,14 +19,19 @@ Every kernel moves whole (clip, frame, group) ranges through ``as_strided`` view
 layer dispatches the same ops for any batch and clip length, fewer than the reference shift's (a GPU
 launches no more kernels for a larger batch; ``tests/models/test_shift.py`` counts them). The only
 temporary is the moved channels (2/d of the activation, plus one frame), freed when the layer
-returns; the input is bit-identical whenever a kernel returns. Two cases shift while copying instead
-(the copy is kept for the backward): a conv that autocast runs in another dtype (the cast copies
-anyway), and, on a CPU, channels-last tensors with so few channels that their moved channels are
-runs too short to move fast in place (:func:`_short_runs`).
+returns; the input is bit-identical whenever a kernel returns. Three cases shift while copying instead
+(the copy is kept for the backward, whose weight gradient then reads it): a conv that autocast runs in
+another dtype (the cast copies anyway), and, on a CPU, channels-last tensors with so few channels that
+their moved channels are runs too short to move fast in place (:func:`_short_runs`), and small tensors
+(:func:`_shifts_while_copying`), whose cost is ops and Python rather than bytes: there the forward is one
+whole copy, a copy per group and one zero fill, and the backward's move-back is one whole add (the sum
+autograd makes anyway), an add per group and one copy. The views of every path come from a per-layout cache
+(:func:`_layout`), so a call computes no strides in Python.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +41,8 @@ from torch.autograd.function import once_differentiable
 # (first channel, end channel, offset): frame t of those channels takes frame t + offset. The groups of
 # one shift are adjacent and start at channel 0 (see temporal_shift.shift_groups).
 Group = tuple[int, int, int]
+# On a CPU, layer inputs up to this many elements are shifted while copying (see _shifts_while_copying).
+SMALL_NUMEL = 1 << 18  # 1 MB of float32: every shifted layer of the demo-sized models, none of R50 at 224²
 
 
 def check_frames(x: Tensor, num_frames: int) -> None:
@@ -60,12 +67,62 @@ def _fold(groups: Sequence[Group]) -> int:
     return fold
 
 
+# An as_strided view: (size, stride, offset from the tensor's own storage offset).
+Spec = tuple[tuple[int, ...], tuple[int, ...], int]
+
+
+def _frames_spec(shape: Sequence[int], s: Sequence[int], num_frames: int, frames: tuple[int, int],
+                 channels: tuple[int, int]) -> Spec:
+    (t0, t1), (c0, c1) = frames, channels
+    return (shape[0] // num_frames, t1 - t0, c1 - c0, *shape[2:]), (num_frames * s[0], *s), t0 * s[0] + c0 * s[1]
+
+
 def _frames_slice(x: Tensor, num_frames: int, frames: tuple[int, int], channels: tuple[int, int]) -> Tensor:
     """``x5[:, t0:t1, c0:c1]`` of ``x`` (N*T, C, ...) as one view op (index chains dispatch one per dim)."""
-    (t0, t1), (c0, c1) = frames, channels
-    s = x.stride()
-    return x.as_strided((x.shape[0] // num_frames, t1 - t0, c1 - c0, *x.shape[2:]), (num_frames * s[0], *s),
-                        x.storage_offset() + t0 * s[0] + c0 * s[1])
+    return _view(x, _frames_spec(x.shape, x.stride(), num_frames, frames, channels))
+
+
+def _view(x: Tensor, spec: Spec) -> Tensor:
+    return x.as_strided(spec[0], spec[1], x.storage_offset() + spec[2])
+
+
+def _merge(specs: Sequence[Spec]) -> tuple[Spec, ...]:
+    """Equal-sized views as one view with a leading dim over them, where their offsets allow a positive
+    stride (they never overlap: each is another group's frame); otherwise the views themselves."""
+    if len(specs) != 2 or specs[0][0] != specs[1][0]:
+        return tuple(specs)
+    first, second = sorted(specs, key=lambda v: v[2])
+    if second[2] == first[2]:
+        return tuple(specs)
+    return (((2, *first[0]), (second[2] - first[2], *first[1]), first[2]),)
+
+
+class _Layout(NamedTuple):
+    """Where a shift moves data in a tensor of one shape and strides: per group the frames that take
+    data (``takes``) and the frames they take it from (``gives``), and the vacated frames (``vacated``,
+    merged into one view where possible). Computed once per layout (:func:`_layout`), so a call only
+    dispatches the views and the copies."""
+
+    takes: tuple[Spec, ...]
+    gives: tuple[Spec, ...]
+    vacated: tuple[Spec, ...]
+
+
+@functools.lru_cache(maxsize=512)
+def _layout(shape: tuple[int, ...], stride: tuple[int, ...], num_frames: int, groups: tuple[Group, ...]) -> _Layout:
+    t = num_frames
+    takes, gives, vacated = [], [], []
+    for c0, c1, off in groups:
+        src, dst = ((1, t), (0, t - 1)) if off > 0 else ((0, t - 1), (1, t))
+        takes.append(_frames_spec(shape, stride, t, dst, (c0, c1)))
+        gives.append(_frames_spec(shape, stride, t, src, (c0, c1)))
+        v = t - 1 if off > 0 else 0
+        vacated.append(_frames_spec(shape, stride, t, (v, v + 1), (c0, c1)))
+    return _Layout(tuple(takes), tuple(gives), _merge(vacated))
+
+
+def _layout_of(x: Tensor, num_frames: int, groups: tuple[Group, ...]) -> _Layout:
+    return _layout(tuple(x.shape), x.stride(), num_frames, groups)
 
 
 def _moved_view(x: Tensor, num_frames: int, groups: Sequence[Group]) -> Tensor:
@@ -124,20 +181,30 @@ def _short_runs(x: Tensor, groups: Sequence[Group]) -> bool:
             and _moved_end(groups) * x.element_size() < 64)
 
 
-def _shift_into(out: Tensor, x: Tensor, num_frames: int, groups: Sequence[Group]) -> None:
-    """Write shift(x) into out (both (N*T, C, ...)): a copy per group into the frames it fills and a
-    zero fill of the frame it vacates, after one copy of the channels that stay, or, when both are
-    channels-last alike, of the whole tensor (one contiguous run: faster than a pixel's few channels)."""
-    t, moved_end = num_frames, _moved_end(groups)
-    if out.stride() == x.stride() and x.stride(1) == 1:  # channels-last: the channels that stay are short runs
+def _shifts_while_copying(x: Tensor, groups: Sequence[Group]) -> bool:
+    """Whether the conv reads a shifted copy of ``x`` (kept for the backward) instead of x shifted in place:
+    on a CPU for short runs (above) and for small tensors (at most ``SMALL_NUMEL`` elements), where a layer's
+    cost is its op count and Python, not its bytes: the copy path dispatches fewer ops both ways (docs/models.md)
+    and its extra memory, one copy of the layer input, is small. GPUs keep moving in place (memory)."""
+    return x.device.type == "cpu" and (x.numel() <= SMALL_NUMEL or _short_runs(x, groups))
+
+
+def _shift_into(out: Tensor, x: Tensor, num_frames: int, groups: tuple[Group, ...]) -> None:
+    """Write shift(x) into out (both (N*T, C, ...)): one copy of the channels that stay, or of the whole
+    tensor when both have the same strides and it is channels-last (the staying channels are then short
+    runs, slower than one contiguous copy) or small (one op instead of a strided one); then a copy per group
+    into the frames it fills and one zero fill of the frames the groups vacate."""
+    lo = _layout_of(out, num_frames, groups)
+    lx = lo if x.stride() == out.stride() else _layout_of(x, num_frames, groups)
+    moved_end = _moved_end(groups)
+    if lx is lo and (x.stride(1) == 1 or x.numel() <= SMALL_NUMEL):
         out.copy_(x)
     else:
         out.narrow(1, moved_end, x.shape[1] - moved_end).copy_(x.narrow(1, moved_end, x.shape[1] - moved_end))
-    for c0, c1, off in groups:
-        src, dst = ((1, t), (0, t - 1)) if off > 0 else ((0, t - 1), (1, t))
-        _frames_slice(out, t, dst, (c0, c1)).copy_(_frames_slice(x, t, src, (c0, c1)))
-        vacated = t - 1 if off > 0 else 0
-        _frames_slice(out, t, (vacated, vacated + 1), (c0, c1)).zero_()
+    for take, give in zip(lo.takes, lx.gives):
+        _view(out, take).copy_(_view(x, give))
+    for vacated in lo.vacated:
+        _view(out, vacated).zero_()
 
 
 def _shift_inplace(x: Tensor, num_frames: int, groups: Sequence[Group]) -> _PaddedMoved:
@@ -176,25 +243,16 @@ def shift_copy(x: Tensor, num_frames: int, groups: tuple[Group, ...]) -> Tensor:
     return _ShiftFn.apply(x, num_frames, groups)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    device = x.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
-
-
-def _shift_back_add_(grad: Tensor, direct: Tensor | None, num_frames: int, groups: Sequence[Group]) -> Tensor:
-    """``grad <- shift^T(grad) + direct`` in place (``grad`` (N*T, C, ...) must be ours).
+def _shift_back_add_(grad: Tensor, direct: Tensor | None, num_frames: int, groups: tuple[Group, ...]) -> Tensor:
+    """``shift^T(grad) + direct``, in place in ``grad`` (N*T, C, ...) when that pays (``grad`` must be ours).
 
     ``grad`` is the gradient of ``shift(x)``, ``direct`` the gradient x received on its identity
     path; their sum is x's gradient. Autograd would add the two anyway, so the move back rides
     along inside that sum: one add for the moved channels, one for the others.
     """
     back = _opposite(groups)
-    if _short_runs(grad, back):  # whole-tensor copy and add run at memory speed; only the groups are strided
-        out = torch.empty_like(grad)
-        _shift_into(out, grad, num_frames, back)
-        return out if direct is None else out.add_(direct)
+    if _shifts_while_copying(grad, back):
+        return _shift_back_add_copying(grad, direct, num_frames, back)
     if direct is None:
         _shift_inplace(grad, num_frames, back)
         return grad
@@ -203,6 +261,23 @@ def _shift_back_add_(grad: Tensor, direct: Tensor | None, num_frames: int, group
     rest, end = grad.shape[1] - _moved_end(groups), _moved_end(groups)
     grad.narrow(1, end, rest).add_(direct.narrow(1, end, rest))
     return grad
+
+
+def _shift_back_add_copying(grad: Tensor, direct: Tensor | None, num_frames: int, back: tuple[Group, ...]) -> Tensor:
+    """``back(grad) + direct`` into a new tensor: the whole sum (which autograd would make anyway), then the
+    moved groups' frames summed again from where they come from, and the vacated frames set to ``direct``'s:
+    whole-tensor ops run at memory speed, and there are four of them."""
+    if direct is None:
+        out = torch.empty_like(grad)
+        _shift_into(out, grad, num_frames, back)
+        return out
+    out = torch.add(grad, direct)
+    lo, lg, ld = (_layout_of(t, num_frames, back) for t in (out, grad, direct))
+    for take_out, take_direct, give in zip(lo.takes, ld.takes, lg.gives):
+        torch.add(_view(direct, take_direct), _view(grad, give), out=_view(out, take_out))
+    for vacated_out, vacated_direct in zip(lo.vacated, ld.vacated):
+        _view(out, vacated_out).copy_(_view(direct, vacated_direct))
+    return out
 
 
 class _ShiftedConvFn(torch.autograd.Function):
@@ -217,19 +292,24 @@ class _ShiftedConvFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple,  # type: ignore[override]
                 num_frames: int, groups: tuple[Group, ...]) -> tuple[Tensor, Tensor]:
         stride, padding, dilation, conv_groups = conv
-        dtype = _compute_dtype(x)
+        device = x.device.type
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         # Under autocast the conv may run in another dtype than x: the cast is a copy anyway, so
         # shift while casting and keep that copy (x is then never touched). Moved channels in short runs
         # (channels-last, few channels) are shifted while copying too: the backward then reads that copy.
-        private = x.dtype != dtype or _short_runs(x, groups)
+        private = x.dtype != dtype or _shifts_while_copying(x, groups)
         if private:
             xs = torch.empty_like(x, dtype=dtype)
             _shift_into(xs, x, num_frames, groups)
         else:
             xs = x.data
             moved = _shift_inplace(xs, num_frames, groups)
-        with torch.autocast(x.device.type, enabled=False):
+        if autocast:  # the conv runs in dtype, as the shift does
+            with torch.autocast(device, enabled=False):
+                y = F.conv2d(xs, w, b, stride, padding, dilation, conv_groups)
+        else:
             y = F.conv2d(xs, w, b, stride, padding, dilation, conv_groups)
         if not private:
             _unshift_inplace(moved)
@@ -345,7 +425,7 @@ def shifted_conv2d_and_identity(x: Tensor, weight: Tensor, bias: Tensor | None, 
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _ShiftedConvFn.apply(x, weight, bias, conv, num_frames, groups)
     check_frames(x, num_frames)
-    if _short_runs(x, groups):
+    if _shifts_while_copying(x, groups):
         shifted = torch.empty_like(x)
         _shift_into(shifted, x, num_frames, groups)
         return F.conv2d(shifted, weight, bias, *conv), x

@@ -15,6 +15,7 @@ shift with the convolution that follows, and dispatch the same number of ops for
 """
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -44,6 +45,7 @@ def temporal_shift(x: Tensor, num_frames: int, fold_div: int = 8, direction: Dir
     return out.view(x.shape)
 
 
+@functools.lru_cache(maxsize=256)  # called by every shifted layer in every step
 def shift_groups(channels: int, fold_div: int = 8, direction: Direction = "bi") -> tuple[Group, ...]:
     """The channel groups a shift moves and where each comes from, as the kernels take them."""
     if fold_div < 1:
