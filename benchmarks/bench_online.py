@@ -2,14 +2,17 @@
 clip model run per new frame (the sliding-window alternative); cache bytes; export time.
 
     python benchmarks/bench_online.py                       # ResNet-50 and MobileNetV2 at 224, 1 and 2 threads
-    python benchmarks/bench_online.py --models tsm8f_mbv2 --rounds 40 --threads 1
+    python benchmarks/bench_online.py --models tsm8f_mbv2 --rounds 40 --threads 1 --forms concat,delta
 
-Each model is exported three times from the same weights: online with explicit shift caches, the
-same graph without any shift (a 2D network per frame: no caches, no slices, no concatenation), and
-the offline 8-frame clip graph. On a shared machine absolute times drift, so the variants are timed
-interleaved: every round runs online, 2D, 2D, online (ABBA) on the same frame, and the per-round
-ratio online/2D is paired; the median of those ratios is the result. The clip model is timed every
-round too (one run = the cost of one new frame under a sliding window). ``uptime`` is printed.
+Each model is exported from the same weights as: the online graph with explicit shift caches in each
+graph form (``--forms``: ``concat``, the shifted input as slices + concatenation; ``delta``, BN folded
+and ``conv(x) + conv_w[:, :fold](cache - x[:, :fold])``), the same graph without any shift (a 2D network
+per frame: no caches, no slices, no concatenation), and the offline 8-frame clip graph. On a shared
+machine absolute times drift, so the variants are timed interleaved: every round runs each online form,
+then the 2D graph twice, then the online forms again in reverse order (ABBA), all on the same frame.
+Per form it reports the median of the per-round paired ratios online/2D (with IQR) and the ratio of
+the minimum times (the least disturbed run of each). The clip model is timed every round too (one run =
+the cost of one new frame under a sliding window). ``uptime`` (the load) is printed before and after.
 """
 from __future__ import annotations
 
@@ -29,67 +32,85 @@ from tsm_dist.deploy.runtime import session
 from tsm_dist.models import build_model
 
 
-def _export(model, mode: str, out: Path, size: int, with_shift: bool = True) -> tuple[dict, float]:
+def _export(model, mode: str, out: Path, size: int, with_shift: bool = True, form: str = "concat") -> tuple[dict, float]:
     start = time.perf_counter()
-    interface = export_graph(model, mode, "onnx", out, size, with_shift=with_shift)
+    interface = export_graph(model, mode, "onnx", out, size, with_shift=with_shift, form=form)
     return interface, time.perf_counter() - start
 
 
+CLOCK = time.perf_counter  # --cpu-time: time.process_time
+
+
 def _timed(run) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     run()
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
-def bench_model(name: str, size: int, threads: list[int], rounds: int, workdir: Path) -> list[dict]:
+def _online_step(sess, interface: dict, frame: np.ndarray):
+    """One streamed frame: the previous call's new caches in, this call's out."""
+    caches = {c["input"]: np.zeros((1, *c["shape"][1:]), np.float32) for c in interface["caches"]}
+    out_names = ["logits", *[c["output"] for c in interface["caches"]]]
+
+    def step() -> None:
+        outs = sess.run(out_names, {"frame": frame, **caches})
+        caches.update({c["input"]: o for c, o in zip(interface["caches"], outs[1:])})
+    return step
+
+
+def _rounds(steps: dict, plain, clip, rounds: int) -> tuple[dict, list, list, list]:
+    """Interleaved timing: per form its times and per-round ratios to the 2D graph run in the same round."""
+    for step in (*steps.values(), plain, clip):  # warm-up: first runs allocate and plan
+        step()
+        step()
+    times = {f: [] for f in steps}
+    ratios = {f: [] for f in steps}
+    t_2d, t_clip = [], []
+    for _ in range(rounds):
+        first = {f: _timed(step) for f, step in steps.items()}
+        b1, b2 = _timed(plain), _timed(plain)
+        second = {f: _timed(steps[f]) for f in reversed(list(steps))}
+        for f in steps:
+            times[f] += [first[f], second[f]]
+            ratios[f].append((first[f] + second[f]) / (b1 + b2))
+        t_2d += [b1, b2]
+        t_clip.append(_timed(clip))
+    return times, ratios, t_2d, t_clip
+
+
+def bench_model(name: str, size: int, threads: list[int], rounds: int, workdir: Path, forms: list[str]) -> list[dict]:
     torch.manual_seed(0)
     model = build_model(name, 400, online=True).eval()
-    online_if, online_s = _export(model, "online", workdir / f"{name}_online.onnx", size)
+    exported = {f: _export(model, "online", workdir / f"{name}_{f}.onnx", size, form=f) for f in forms}
     _, plain_s = _export(model, "online", workdir / f"{name}_2d.onnx", size, with_shift=False)
     _, clip_s = _export(model, "offline", workdir / f"{name}_clip.onnx", size)
     rng = np.random.default_rng(0)
     frame = rng.standard_normal((1, 3, size, size), dtype=np.float32)
     clip = rng.standard_normal((1, model.num_frames, 3, size, size), dtype=np.float32)
-    cache_bytes = sum(4 * int(np.prod(c["shape"][1:])) for c in online_if["caches"])
+    interface = exported[forms[0]][0]
+    cache_bytes = sum(4 * int(np.prod(c["shape"][1:])) for c in interface["caches"])
     rows = []
     for n in threads:
-        online, plain, offline = (session(workdir / f"{name}_{k}.onnx", n) for k in ("online", "2d", "clip"))
-        caches = {c["input"]: np.zeros((1, *c["shape"][1:]), np.float32) for c in online_if["caches"]}
-        out_names = ["logits", *[c["output"] for c in online_if["caches"]]]
-
-        def step_online() -> None:
-            outs = online.run(out_names, {"frame": frame, **caches})
-            caches.update({c["input"]: o for c, o in zip(online_if["caches"], outs[1:])})
-
-        def step_plain() -> None:
-            plain.run(["logits"], {"frame": frame})
-
-        def step_clip() -> None:
-            offline.run(["logits"], {"clips": clip})
-
-        for step in (step_online, step_plain, step_clip):  # warm-up: first runs allocate and plan
-            step()
-            step()
-        ratios, t_on, t_2d, t_clip = [], [], [], []
-        for _ in range(rounds):
-            a1, b1, b2, a2 = _timed(step_online), _timed(step_plain), _timed(step_plain), _timed(step_online)
-            t_on += [a1, a2]
-            t_2d += [b1, b2]
-            ratios.append((a1 + a2) / (b1 + b2))
-            t_clip.append(_timed(step_clip))
-        q = statistics.quantiles(ratios, n=4)
-        feeds = {"frame": frame, **{c["input"]: np.zeros((1, *c["shape"][1:]), np.float32) for c in online_if["caches"]}}
-        shares = op_shares(workdir / f"{name}_online.onnx", feeds, max(10, rounds), n)
-        rows.append({
-            "model": name, "online_op_shares": {k: round(v, 4) for k, v in shares.items()}, "size": size, "threads": n, "rounds": rounds,
-            "online_ms": 1e3 * statistics.median(t_on), "plain_2d_ms": 1e3 * statistics.median(t_2d),
-            "online_vs_2d": statistics.median(ratios), "online_vs_2d_iqr": [q[0], q[2]],
-            "clip_per_new_frame_ms": 1e3 * statistics.median(t_clip),
-            "clip_vs_online": statistics.median(t_clip) / statistics.median(t_on),
-            "cache_bytes": cache_bytes, "caches": len(online_if["caches"]),
-            "export_s": {"online": online_s, "2d": plain_s, "clip": clip_s},
-        })
-        print(_line(rows[-1]), flush=True)
+        steps = {f: _online_step(session(workdir / f"{name}_{f}.onnx", n), exported[f][0], frame) for f in forms}
+        plain_sess, clip_sess = session(workdir / f"{name}_2d.onnx", n), session(workdir / f"{name}_clip.onnx", n)
+        times, ratios, t_2d, t_clip = _rounds(steps, lambda: plain_sess.run(["logits"], {"frame": frame}),
+                                              lambda: clip_sess.run(["logits"], {"clips": clip}), rounds)
+        feeds = {"frame": frame, **{c["input"]: np.zeros((1, *c["shape"][1:]), np.float32) for c in interface["caches"]}}
+        for f in forms:
+            q = statistics.quantiles(ratios[f], n=4)
+            shares = op_shares(workdir / f"{name}_{f}.onnx", feeds, max(10, rounds), n)
+            rows.append({
+                "model": name, "form": f, "size": size, "threads": n, "rounds": rounds,
+                "online_op_shares": {k: round(v, 4) for k, v in shares.items()},
+                "online_ms": 1e3 * statistics.median(times[f]), "plain_2d_ms": 1e3 * statistics.median(t_2d),
+                "online_vs_2d": statistics.median(ratios[f]), "online_vs_2d_iqr": [q[0], q[2]],
+                "online_vs_2d_min": min(times[f]) / min(t_2d),
+                "clip_per_new_frame_ms": 1e3 * statistics.median(t_clip),
+                "clip_vs_online": statistics.median(t_clip) / statistics.median(times[f]),
+                "cache_bytes": cache_bytes, "caches": len(interface["caches"]),
+                "export_s": {"online": exported[f][1], "2d": plain_s, "clip": clip_s},
+            })
+            print(_line(rows[-1]), flush=True)
     return rows
 
 
@@ -117,8 +138,9 @@ def op_shares(model_path: Path, feeds: dict, runs: int, threads: int) -> dict[st
 
 def _line(r: dict) -> str:
     lo, hi = r["online_vs_2d_iqr"]
-    return (f"{r['model']:<11} {r['threads']} thr  online {r['online_ms']:8.2f} ms  2D {r['plain_2d_ms']:8.2f} ms  "
-            f"online/2D {r['online_vs_2d']:.3f} (IQR {lo:.3f}-{hi:.3f})  clip per new frame "
+    return (f"{r['model']:<11} {r['form']:<6} {r['threads']} thr  online {r['online_ms']:8.2f} ms  2D "
+            f"{r['plain_2d_ms']:8.2f} ms  online/2D median {r['online_vs_2d']:.3f} (IQR {lo:.3f}-{hi:.3f}) "
+            f"min {r['online_vs_2d_min']:.3f}  clip per new frame "
             f"{r['clip_per_new_frame_ms']:8.1f} ms ({r['clip_vs_online']:.1f}x online)  cache "
             f"{r['cache_bytes'] / 1e6:.3f} MB in {r['caches']}  export {r['export_s']['online']:.1f} s\n"
             f"{'':<11} online graph kernel time by op: "
@@ -131,16 +153,24 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", default="1,2", help="comma list of onnxruntime intra-op thread counts")
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--forms", default="concat,delta", help="comma list of online graph forms (models/online.py)")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time CPU seconds of this process instead of wall-clock: on a loaded machine the time a "
+                        "run waits for a core is not counted (onnxruntime computes in the calling thread at 1 thread)")
     args = p.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.cpu_time else time.perf_counter
     print("uptime:", os.popen("uptime").read().strip(), flush=True)
     import onnxruntime
 
-    print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {os.cpu_count()} cores", flush=True)
+    print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {os.cpu_count()} cores, "
+          f"{'CPU' if args.cpu_time else 'wall-clock'} time", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            rows += bench_model(name, args.size, [int(t) for t in args.threads.split(",")], args.rounds, Path(tmp))
+            rows += bench_model(name, args.size, [int(t) for t in args.threads.split(",")], args.rounds, Path(tmp),
+                                args.forms.split(","))
     print("uptime:", os.popen("uptime").read().strip())
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")

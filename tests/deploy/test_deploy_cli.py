@@ -119,3 +119,24 @@ def test_an_online_checkpoint_is_refused_for_an_offline_config(trained, syntheti
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "online=True" in err[0] and "online=False" in err[0]
     assert cli(argv) == 0  # the config it was trained with
+
+
+def test_sidecar_says_what_outputs_are_and_stream_takes_its_frame_spacing(tmp_path, capsys) -> None:
+    cfg = load_config(None, ["data.backend=random", "data.num_samples=4", "data.sampling=dense", "data.stride=4",
+                             "model.name=tsm8f_mbv2", "model.num_classes=3", "model.width=8", "model.online=true",
+                             "data.crop_size=32"])
+    ckpt = tmp_path / "dense.pt"
+    torch.save({"model": build_model("tsm8f_mbv2", 3, width=8, online=True).state_dict(), "config": cfg.to_dict()}, ckpt)
+    out = tmp_path / "m.onnx"
+    assert cli(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    meta = json.loads(Path(str(out) + ".json").read_text())
+    assert meta["frame_spacing"]["every"] == 4 and meta["preprocess"]["resize"]["method"] == "bilinear"
+    assert "before softmax" in meta["output_meaning"]["logits"] and "mean" in meta["output_meaning"]["logits"]
+    assert meta["output_meaning"]["new_cache_03"].startswith("feed as cache_03")
+    assert meta["shapes"]["logits"] == ["batch", 3]
+    capsys.readouterr()
+    jsonl = tmp_path / "f.jsonl"
+    assert cli(["stream", "--model", str(out), "--video", "synthetic:0", "--quiet", "--jsonl", str(jsonl)]) == 0
+    assert [json.loads(r)["frame"] for r in jsonl.read_text().splitlines()] == list(range(0, 32, 4))
+    assert cli(["stream", "--model", str(out), "--video", "synthetic:0", "--quiet", "--every", "1"]) == 0
+    assert "32 frames" in capsys.readouterr().out

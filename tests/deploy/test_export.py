@@ -41,15 +41,16 @@ def _online_model(name: str) -> torch.nn.Module:
     return _calibrated(name, online=True)
 
 
-def _write(model, mode, tmp_path, fmt="onnx", with_shift=True):
+def _write(model, mode, tmp_path, fmt="onnx", with_shift=True, form="concat"):
     out = tmp_path / f"m.{fmt}"
-    interface = export_graph(model, mode, fmt, out, SIZE, with_shift=with_shift)
+    interface = export_graph(model, mode, fmt, out, SIZE, with_shift=with_shift, form=form)
     sidecar_path(out).write_text(json.dumps({"mode": mode, "format": fmt, **interface}))
     return out, interface
 
 
+@pytest.mark.parametrize("form", ["concat", "delta"])
 @pytest.mark.parametrize("name", list(SMALL))
-def test_online_onnx_equals_online_tsm_and_causal_offline(name: str, tmp_path) -> None:
+def test_online_onnx_equals_online_tsm_and_causal_offline(name: str, form: str, tmp_path) -> None:
     model = _online_model(name)
     clips = torch.randn(2, T, 3, SIZE, SIZE)
     with torch.no_grad():
@@ -57,7 +58,7 @@ def test_online_onnx_equals_online_tsm_and_causal_offline(name: str, tmp_path) -
     online = OnlineTSM(model)
     streamed_torch = torch.stack([online(clips[:, t]) for t in range(T)], 1)
     online.reset()
-    path, interface = _write(model, "online", tmp_path)
+    path, interface = _write(model, "online", tmp_path, form=form)
     assert len(interface["caches"]) == len(model.shift_modules()) > 0
     stream = OnnxStream(path)
     streamed_onnx = np.stack([stream(clips[:, t].numpy()) for t in range(T)], 1)
@@ -70,6 +71,9 @@ def test_online_onnx_equals_online_tsm_and_causal_offline(name: str, tmp_path) -
     alone = stream(clips[:, 1].numpy())
     assert np.abs(alone - offline[:, 1].numpy()).max() > 1e-3
     assert stream.cache_nbytes() == sum(4 * 2 * np.prod(c["shape"][1:]) for c in interface["caches"])
+    if form == "delta":  # every BN folded into its conv, no concatenation left at the shift points
+        _, ops = _graph_facts(path)
+        assert ops["BatchNormalization"] == 0 and ops["Concat"] == 0
 
 
 @pytest.mark.parametrize("name", list(SMALL))
@@ -117,3 +121,36 @@ def test_same_network_without_shift_has_no_caches(tmp_path) -> None:
         expected = tsn(frame.unsqueeze(1)).numpy()
     got = session(path).run(["logits"], {"frame": frame.numpy()})[0]
     assert np.abs(got - expected).max() <= 1e-4
+
+
+def _graph_facts(path) -> tuple[dict[str, list], dict[str, int]]:
+    """(every input's and output's dims, node count per op type) of an ONNX file."""
+    import collections
+
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (*graph.input, *graph.output)}
+    return dims, collections.Counter(n.op_type for n in graph.node)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_graphs_are_static_but_the_batch(name: str, tmp_path) -> None:
+    """Converters and runtimes take the graphs as they are: every size fixed but the batch, the fold a
+    constant (no Shape -> Gather -> Div at each shift point)."""
+    model = _online_model(name)
+    for mode, with_shift in (("online", True), ("online", False), ("offline", True)):
+        path, interface = _write(model, mode, tmp_path / f"{mode}_{with_shift}", with_shift=with_shift)
+        dims, ops = _graph_facts(path)
+        assert all(d[0] == "batch" and all(isinstance(v, int) and v > 0 for v in d[1:]) for d in dims.values()), dims
+        assert dims["logits"] == ["batch", 7] and interface["shapes"]["logits"] == ["batch", 7]
+        assert ops["Div"] == 0
+        if mode == "online":
+            assert ops["Shape"] == 0 and ops["Gather"] == 0 and ops["Reshape"] == 0
+            # one cache out and one rest slice, one concatenation per shift point; nothing else
+            assert (ops["Slice"], ops["Concat"]) == (2 * len(interface["caches"]), len(interface["caches"]))
+            for cache in interface["caches"]:
+                assert dims[cache["input"]] == dims[cache["output"]] == cache["shape"]
+        else:  # only the zero frame at the clip's border takes its size from the (dynamic) batch
+            assert ops["Shape"] == len(model.shift_modules())

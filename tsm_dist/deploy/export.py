@@ -4,9 +4,10 @@ Online (``--mode online``): the graph of :class:`tsm_dist.models.online.Explicit
 ``frame`` ``(N, 3, H, W)`` and ``cache_00 ... cache_{K-1}``, outputs ``logits`` ``(N, classes)`` and
 ``new_cache_00 ...`` (same shapes): feed each frame with the previous call's new caches (zeros to
 start a stream). Offline (``--mode offline``): the clip model ``clips`` ``(N, T, 3, H, W)`` -> ``logits``.
-The batch dim is dynamic in ONNX; H and W are fixed (the caches' sizes follow from them). The sidecar
-(``FILE.json``) records what a runtime needs: model, classes, frames, input size, normalisation and
-every cache's name and shape.
+The batch dim is dynamic in ONNX and every other size is fixed, inputs and outputs alike (H and W at
+export; the caches' sizes and the fold follow from them as constants of the graph). The sidecar
+(``FILE.json``) records what a runtime needs: model, classes, frames, preprocessing (resize method,
+crop, normalisation), frame spacing, what each output is, and every cache's input/output pair and shape.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from torch import nn
 from tsm_dist.config import Config, ConfigError, config_from_dict, load_config
 from tsm_dist.commands.exit_codes import UsageError
 
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2  # 2: outputs, preprocess, frame_spacing
 
 
 def sidecar_path(model_path: str | Path) -> Path:
@@ -73,15 +74,15 @@ def check_exportable(model: nn.Module, mode: str) -> None:
                          "read the next frame, so it cannot stream; train with model.online=true, or --mode offline")
 
 
-def graph_module(model: nn.Module, mode: str, size: int, batch: int = 1,
-                 with_shift: bool = True) -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str], list[str]]:
+def graph_module(model: nn.Module, mode: str, size: int, batch: int = 1, with_shift: bool = True,
+                 form: str = "concat") -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str], list[str]]:
     """(module to trace, example inputs, input names, output names) for ``mode``."""
     from tsm_dist.models.online import CatShiftClipModel, ExplicitCacheTSM
 
     if mode == "offline":
         clips = torch.zeros(batch, model.num_frames, 3, size, size)
         return CatShiftClipModel(model), (clips,), ["clips"], ["logits"]
-    module = ExplicitCacheTSM(model, with_shift=with_shift)
+    module = ExplicitCacheTSM(model, with_shift=with_shift, form=form)
     frame = torch.zeros(batch, 3, size, size)
     caches = tuple(torch.zeros(s) for s in module.cache_shapes(tuple(frame.shape)))
     names = module.cache_names()
@@ -89,25 +90,43 @@ def graph_module(model: nn.Module, mode: str, size: int, batch: int = 1,
 
 
 def export_graph(model: nn.Module, mode: str, fmt: str, out: str | Path, size: int,
-                 with_shift: bool = True) -> dict[str, Any]:
+                 with_shift: bool = True, form: str = "concat") -> dict[str, Any]:
     """Write ``model`` as ``fmt`` ("onnx" | "torchscript") to ``out``; returns the graph's interface."""
     if with_shift:
         check_exportable(model, mode)
-    module, inputs, in_names, out_names = graph_module(model, mode, size, with_shift=with_shift)
+    module, inputs, in_names, out_names = graph_module(model, mode, size, with_shift=with_shift, form=form)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     # The tracer warns at every Python-level shape check of the models; the shapes are fixed by design.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
+        results = module(*inputs)
+        results = results if isinstance(results, tuple) else (results,)
         if fmt == "onnx":
             torch.onnx.export(module, inputs, str(out), input_names=in_names, output_names=out_names,
                               dynamic_axes={n: {0: "batch"} for n in (*in_names, *out_names)},
                               opset_version=17, dynamo=False)
+            _fixed_output_sizes(out, {n: t.shape[1:] for n, t in zip(out_names, results)})
         else:
             torch.jit.save(torch.jit.trace(module, inputs, check_trace=False), str(out))
-    shapes = {n: ["batch", *t.shape[1:]] for n, t in zip(in_names, inputs)}
+    shapes = {n: ["batch", *t.shape[1:]] for n, t in zip((*in_names, *out_names), (*inputs, *results))}
     return {"inputs": in_names, "outputs": out_names, "shapes": shapes,
             "caches": [{"input": n, "output": f"new_{n}", "shape": shapes[n]} for n in in_names[1:]]}
+
+
+def _fixed_output_sizes(path: str | Path, sizes: dict[str, torch.Size]) -> None:
+    """Write every output's sizes but the batch into the graph: the exporter leaves a size it cannot
+    follow through a reshape as an invented name (``ReduceMeanlogits_dim_1``), which converters and
+    runtimes then treat as dynamic."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        for dim, size in zip(list(dims)[1:], sizes[output.name]):
+            dim.Clear()
+            dim.dim_value = int(size)
+    onnx.save(model, str(path))
 
 
 def sidecar(model: nn.Module, cfg: Config, mode: str, fmt: str, size: int, interface: dict[str, Any],
@@ -115,14 +134,40 @@ def sidecar(model: nn.Module, cfg: Config, mode: str, fmt: str, size: int, inter
     from tsm_dist.data.augment import MEAN, STD, default_scale_size
 
     cache_bytes = sum(4 * _prod(c["shape"][1:]) for c in interface["caches"])
+    scale_size = cfg.data.scale_size or default_scale_size(size)
     return {
         "version": SIDECAR_VERSION, "format": fmt, "mode": mode, "model": cfg.model.name,
         "model_options": dataclasses.asdict(cfg.model), "num_classes": model.num_classes, "classes": classes,
-        "num_frames": model.num_frames, "input_size": [size, size],
-        "scale_size": cfg.data.scale_size or default_scale_size(size),
+        "num_frames": model.num_frames, "input_size": [size, size], "scale_size": scale_size,
         "normalization": {"mean": list(MEAN), "std": list(STD), "input_range": "[0, 1] RGB, then (x - mean) / std"},
-        **interface, "cache_bytes_per_stream": cache_bytes,
+        "preprocess": {
+            "crop": f"center square of side min(H, W) * {size} / {scale_size} (= shorter side resized to "
+                    f"{scale_size}, center {size} crop)",
+            "resize": {"to": [size, size], "method": "bilinear", "antialias": True, "align_corners": False},
+            "layout": "NCHW float32, RGB"},
+        "frame_spacing": frame_spacing(cfg),
+        **interface, "output_meaning": output_meaning(mode, interface), "cache_bytes_per_stream": cache_bytes,
     }
+
+
+def frame_spacing(cfg: Config) -> dict[str, Any]:
+    """Which decoded frames a stream feeds: dense training saw every ``stride``-th frame; segment
+    training saw one frame per 1/T of each video, no fixed spacing, so a stream feeds every frame."""
+    dense = cfg.data.sampling == "dense"
+    return {"every": cfg.data.stride if dense else 1, "sampling": cfg.data.sampling, "stride": cfg.data.stride,
+            "why": "the training stride (dense sampling)" if dense else
+                   "segment sampling has no fixed spacing; pass tsm-dist stream --every K to choose one"}
+
+
+def output_meaning(mode: str, interface: dict[str, Any]) -> dict[str, str]:
+    if mode == "offline":
+        return {"logits": "clip logits before softmax: the mean of the clip's per-frame logits (TSN consensus)"}
+    meaning = {"logits": "this frame's logits before softmax; a clip's prediction is the mean of its frames' "
+                         "logits (TSN consensus, = the offline model at the clip's last frame), softmax after"}
+    for cache in interface["caches"]:
+        meaning[cache["output"]] = (f"feed as {cache['input']} with the same stream's next frame "
+                                    "(zeros start a stream)")
+    return meaning
 
 
 def _prod(values: list[int]) -> int:
@@ -154,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--mode", choices=("online", "offline"), default="online")
+    p.add_argument("--graph-form", choices=("concat", "delta"), default="concat",
+                   help="online shift points as slices + concatenation, or as conv(x) + a 1/8-wide conv of the "
+                        "cache change on BN-folded weights (docs/deploy.md: per-frame cost)")
     p.add_argument("--size", type=int, help="input height = width (default: the config's data.crop_size)")
     p.add_argument("--classes", help="class names, one per line (default: <data.root>/classes.txt if present)")
     p.add_argument("--out", required=True, help="the model file; the sidecar is FILE.json")
@@ -169,11 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--size {size} is below 32, the network's total stride")
     check_exportable(model, args.mode)
     start = time.perf_counter()
-    interface = export_graph(model, args.mode, args.format, args.out, size)
+    interface = export_graph(model, args.mode, args.format, args.out, size, form=args.graph_form)
     seconds = time.perf_counter() - start
     meta = sidecar(model, cfg, args.mode, args.format, size, interface,
                    _class_names(args.classes, cfg, model.num_classes))
     meta["export_seconds"] = round(seconds, 3)
+    meta["graph_form"] = args.graph_form if args.mode == "online" else None
     sidecar_path(args.out).write_text(json.dumps(meta, indent=1) + "\n")
     print(f"wrote {args.out} ({args.format}, {args.mode}, {len(interface['caches'])} caches, "
           f"{meta['cache_bytes_per_stream'] / 1e6:.3f} MB of cache per stream) and {sidecar_path(args.out)} "

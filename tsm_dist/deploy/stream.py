@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="FILE.onnx of `tsm-dist export --mode online` (sidecar FILE.onnx.json)")
     p.add_argument("--video", required=True, help="a video file, or synthetic:LABEL[:SEED] (rendered in memory)")
     p.add_argument("--smooth", type=int, default=1, help="average the probabilities of the last N frames (1: none)")
-    p.add_argument("--every", type=int, default=1, help="feed every K-th decoded frame (the training frame spacing)")
+    p.add_argument("--every", type=int, help="feed every K-th decoded frame (default: the sidecar's frame_spacing, "
+                   "the training stride of dense sampling, else 1)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--jsonl", help="write one JSON line per frame here")
     p.add_argument("--quiet", action="store_true", help="only the summary line")
@@ -39,10 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.smooth < 1 or args.every < 1:
+    if args.smooth < 1 or (args.every is not None and args.every < 1):
         raise UsageError("--smooth and --every must be >= 1")
     stream = OnnxStream(args.model, args.threads)
     meta = stream.meta
+    every = args.every or int(meta.get("frame_spacing", {}).get("every", 1))
     preprocess = Preprocess(meta["input_size"][0], meta["scale_size"])
     classes = meta["classes"]
     recent: collections.deque[np.ndarray] = collections.deque(maxlen=args.smooth)
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     model_seconds, fed = 0.0, 0
     try:
         for index, rgb in enumerate(iter_video(args.video)):
-            if index % args.every:
+            if index % every:
                 continue
             frame = preprocess(rgb)
             start = time.perf_counter()

@@ -11,6 +11,7 @@ import copy
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from tsm_dist.models.temporal_shift import TemporalShift
 
@@ -64,19 +65,31 @@ class _CacheSlot(nn.Module):
     """Stands in for one uni-directional :class:`TemporalShift`: the channels it shifts in come from
     a graph input, and the frame's own channels leave as a graph output, instead of module state."""
 
-    def __init__(self, shift: TemporalShift, board: _CacheBoard, index: int) -> None:
+    def __init__(self, shift: TemporalShift, board: _CacheBoard, index: int, delta: bool = False) -> None:
         super().__init__()
-        self.shift, self.board, self.index = shift, board, index
+        self.shift, self.board, self.index, self.delta = shift, board, index, delta
 
-    def forward(self, x: Tensor) -> Tensor:
-        ((c0, c1, _),) = self.shift.groups(x.shape[1])  # uni: channels [0, fold) from frame t-1
+    def _swap(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
+        """(previous frame's channels, this frame's, where they end); this frame's leave as the new cache."""
+        # int(): the fold is a constant of the graph, not Shape -> Gather -> Div at every shift point
+        ((c0, c1, _),) = self.shift.groups(int(x.shape[1]))  # uni: channels [0, fold) from frame t-1
         current = x[:, c0:c1]
         cached = self.board.inputs[self.index]
         self.board.outputs[self.index] = current
-        return torch.cat((torch.zeros_like(current) if cached is None else cached, x[:, c1:]), 1)
+        return (torch.zeros_like(current) if cached is None else cached), current, c1
+
+    def forward(self, x: Tensor) -> Tensor:
+        cached, _, c1 = self._swap(x)
+        return torch.cat((cached, x[:, c1:]), 1)
 
     def conv(self, x: Tensor, conv: nn.Module) -> tuple[Tensor, Tensor]:
-        return conv(self.forward(x)), x
+        if not self.delta or conv.groups != 1:
+            return conv(self.forward(x)), x
+        cached, current, c1 = self._swap(x)
+        # conv is linear: conv(shift(x)) = conv(x) + the conv of the shifted channels' change, a 1/fold-wide
+        # conv instead of a copy of the whole input
+        delta = F.conv2d(cached - current, conv.weight[:, :c1], None, conv.stride, conv.padding, conv.dilation)
+        return conv(x) + delta, x
 
 
 class _NoShift(nn.Module):
@@ -98,18 +111,26 @@ class _CatShift(nn.Module):
         self.shift = shift
 
     def forward(self, x: Tensor) -> Tensor:
-        groups = self.shift.groups(x.shape[1])
-        x5 = x.reshape(-1, self.shift.num_frames, *x.shape[1:])
+        # constant channel groups and frame sizes in the graph; only the batch stays dynamic
+        groups = self.shift.groups(int(x.shape[1]))
+        x5 = x.reshape(-1, self.shift.num_frames, *(int(d) for d in x.shape[1:]))
         parts = []
         for c0, c1, off in groups:
             g = x5[:, :, c0:c1]
             zero = torch.zeros_like(g[:, :1])
             parts.append(torch.cat((g[:, 1:], zero), 1) if off > 0 else torch.cat((zero, g[:, :-1]), 1))
         parts.append(x5[:, :, groups[-1][1]:])
-        return torch.cat(parts, 2).flatten(0, 1)
+        return torch.cat(parts, 2).reshape(-1, *(int(d) for d in x.shape[1:]))
 
     def conv(self, x: Tensor, conv: nn.Module) -> tuple[Tensor, Tensor]:
         return conv(self.forward(x)), x
+
+
+def _per_frame_logits(model: nn.Module, frames: Tensor) -> Tensor:
+    """A 2D model's logits for frames ``(M, 3, H, W)``: backbone, pool, classifier, without the clip
+    interface's reshapes, which a graph would compute from the input's shape at every call."""
+    feats = model.avgpool(model._backbone(frames)).flatten(1)
+    return model.fc(model.dropout(feats))
 
 
 def _replace_shifts(model: nn.Module, make) -> int:
@@ -131,6 +152,29 @@ def _check_streamable(model: nn.Module) -> None:
                          "an online model must be built (trained) with model.online=true")
 
 
+# "concat": the shifted input as slices and a concatenation (the official demo's graph); "delta":
+# conv(x) + conv_w[:, :fold](cache - x[:, :fold]) on BN-folded weights (docs/deploy.md has the timings)
+GRAPH_FORMS = ("concat", "delta")
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm2d that directly follows a Conv2d (``convK``/``bnK`` of a block, or
+    neighbours in a Sequential) into the conv's weight and bias, in place; the BN becomes Identity."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for parent in list(model.modules()):
+        if isinstance(parent, nn.Sequential):
+            pairs = [(str(i), str(i + 1)) for i in range(len(parent) - 1)]
+        else:
+            pairs = [(f"conv{k}", f"bn{k}") for k in (1, 2, 3)]
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(parent, bn_name, nn.Identity())
+    return model
+
+
 class ExplicitCacheTSM(nn.Module):
     """``(frame (N, 3, H, W), *caches) -> (logits (N, K), *new caches)``: :class:`OnlineTSM` as a pure
     function, with every shift cache an explicit tensor, so that a graph exporter can carry it.
@@ -140,11 +184,16 @@ class ExplicitCacheTSM(nn.Module):
     numbered in module order. ``with_shift=False`` gives the same network without any shift (no caches).
     """
 
-    def __init__(self, model: nn.Module, *, with_shift: bool = True) -> None:
+    def __init__(self, model: nn.Module, *, with_shift: bool = True, form: str = "concat") -> None:
         super().__init__()
         if with_shift:
             _check_streamable(model)
+        if form not in GRAPH_FORMS:
+            raise ValueError(f"form must be one of {GRAPH_FORMS}, got {form!r}")
         self.model = copy.deepcopy(model).eval()
+        if form == "delta":
+            # the delta's Add sits between a conv and its BN, where no runtime folds the BN any more
+            fold_batchnorm(self.model)
         self.model.num_frames = 1  # one time step per call: the frame count check of clips passes
         if not with_shift:
             _replace_shifts(self.model, lambda shift, i: _NoShift())
@@ -152,7 +201,7 @@ class ExplicitCacheTSM(nn.Module):
             return
         count = len(model.shift_modules())
         self._board = _CacheBoard(count)
-        _replace_shifts(self.model, lambda shift, i: _CacheSlot(shift, self._board, i))
+        _replace_shifts(self.model, lambda shift, i: _CacheSlot(shift, self._board, i, form == "delta"))
 
     @property
     def num_caches(self) -> int:
@@ -176,10 +225,15 @@ class ExplicitCacheTSM(nn.Module):
         board.inputs = list(caches) if caches else [None] * self.num_caches
         board.outputs = [None] * self.num_caches
         try:
-            logits = self.model.frame_logits(frame.unsqueeze(1))[:, 0]
-            return (logits, *board.outputs)
+            return (self._frame_logits(frame), *board.outputs)
         finally:
             board.inputs = [None] * self.num_caches
+
+
+    def _frame_logits(self, frame: Tensor) -> Tensor:
+        if frame.dim() != 4 or frame.shape[1] != 3:
+            raise ValueError(f"expected one frame per stream shaped (N, 3, H, W), got {tuple(frame.shape)}")
+        return _per_frame_logits(self.model, frame)
 
 
 class CatShiftClipModel(nn.Module):
@@ -192,4 +246,10 @@ class CatShiftClipModel(nn.Module):
         _replace_shifts(self.model, lambda shift, i: _CatShift(shift))
 
     def forward(self, clips: Tensor) -> Tensor:
-        return self.model(clips)
+        model = self.model
+        if model.conv3d:
+            return model(clips)
+        model._check_input(clips)
+        t, size = int(clips.shape[1]), [int(d) for d in clips.shape[2:]]
+        logits = _per_frame_logits(model, clips.reshape(-1, *size))
+        return logits.reshape(-1, t, model.num_classes).mean(1)  # TSN's consensus
