@@ -97,6 +97,25 @@ def video_loader(source: Any, root: Any, **options: Any) -> Any:
     return build_video_loader(source, None if root is None else str(root), **{**defaults, **options})
 
 
+def logged_steps(metrics: Path) -> list[dict]:
+    """The step records a running trainer has written so far."""
+    from tsm_dist.runlog.records import MetricsError, read_records
+
+    try:
+        return [r for r in read_records(metrics) if r["type"] == "step"]
+    except (FileNotFoundError, MetricsError):  # not written yet / a line being written
+        return []
+
+
+def wait_for_steps(proc: subprocess.Popen, metrics: Path, count: int, timeout: float = 150) -> None:
+    """Wait until a running trainer has logged ``count`` steps; fail with its output if it ended first."""
+    deadline = time.monotonic() + timeout
+    while len(logged_steps(metrics)) < count:
+        assert proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else proc.returncode
+        assert time.monotonic() < deadline, f"no {count} training steps within {timeout} s"
+        time.sleep(0.05)
+
+
 def horovodrun(np: int, *args: str) -> list[str]:
     return [str(VENV_BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo", *args]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import PYTHON, REPO, horovodrun, launcher_env, mpirun, run_bounded
+from conftest import PYTHON, REPO, horovodrun, launcher_env, mpirun, run_bounded, wait_for_steps
 from tsm_dist.runlog.records import MetricsError, read_records
 
 pytestmark = [pytest.mark.multirank,
@@ -123,14 +123,6 @@ def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _wait_for_steps(proc: subprocess.Popen, metrics: Path, count: int, timeout: float = 150) -> None:
-    deadline = time.monotonic() + timeout
-    while len(_steps(metrics)) < count:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, f"no {count} training steps within {timeout} s"
-        time.sleep(0.05)
-
-
 def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
     try:
         output, _ = proc.communicate(timeout=timeout)
@@ -155,7 +147,7 @@ def test_sigterm_to_the_whole_job_with_wandb_checkpoints_and_exits_143(tmp_path)
             "--set", "log.wandb=offline", "--set", "train.epochs=20"]
     proc = _start(_horovodrun_ranks(out, *args), launcher_env(PYTHONPATH=str(REPO), WANDB_MODE="offline"))
     try:
-        _wait_for_steps(proc, workdir / "metrics.jsonl", 3)
+        wait_for_steps(proc, workdir / "metrics.jsonl", 3)
         # what slurmstepd does on scancel / preemption: SIGTERM to every process of the job at once --
         # the process group, and wandb-core, which wandb starts in a session of its own
         job = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
@@ -189,7 +181,7 @@ def test_every_rank_exits_with_the_coordinated_code_under_horovodrun(tmp_path, c
     proc = _start(_horovodrun_ranks(out, *_train_args(workdir, *extra)), launcher_env(PYTHONPATH=str(REPO)))
     try:
         if case == "warning":
-            _wait_for_steps(proc, workdir / "metrics.jsonl", 3)
+            wait_for_steps(proc, workdir / "metrics.jsonl", 3)
             os.kill(int((out / "pid.1").read_text()), signal.SIGUSR1)  # one rank is enough: the ranks agree
     finally:
         output = _finish(proc)

@@ -1,4 +1,4 @@
-"""argparse types shared by the command lines: comma lists of names, of known choices, of counts."""
+"""argparse types shared by the command lines: comma lists of names, of known choices, of counts; bounded integers."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,29 @@ def choice_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
             raise argparse.ArgumentTypeError(f"unknown {bad or text!r}; choose from {', '.join(choices)}")
         return values
     return parse
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (a size, a count of frames)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (a limit where 0 means none)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
 
 
 def count_list(text: str) -> list[int]:

@@ -50,6 +50,8 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again" -- the job scripts 
 EXIT_TERMINATED = 128 + 15  # what a shell reports for SIGTERM: the job was cancelled or preempted
 
 DEBUG_ENV = "TSM_DIST_DEBUG"
+# the commands that read videos through a config, where data.skip_corrupt is the way past a bad one
+_CONFIGURED = ("tsm-dist train", "tsm-dist eval", "tsm-dist check-data")
 
 
 class CheckpointError(Exception):
@@ -149,7 +151,7 @@ def report(prog: str, exc: BaseException, *, rank: int | None = None, size: int 
         kind = {EXIT_CONFIG: "config error", EXIT_DATA: "data error",
                 EXIT_CHECKPOINT: "checkpoint error", EXIT_STORAGE: "storage error"}.get(code, "error")
         text = storage_problem(exc) if isinstance(exc, OSError) else str(exc)
-        if isinstance(exc, VideoError) and "skip_corrupt" not in text:
+        if isinstance(exc, VideoError) and "skip_corrupt" not in text and prog in _CONFIGURED:
             text += "; data.skip_corrupt=true skips bad videos"
         print(f"{prog}: {kind}: {prefix}{text}", file=sys.stderr, flush=True)
     return code

@@ -54,6 +54,9 @@ def read_file_list(
     A malformed line or a label outside ``[0, num_classes)`` raises :class:`FileListError` naming the
     list file and line, unless ``skip_invalid`` is set: then it is skipped and reported.
     """
+    if os.path.isdir(list_path):
+        raise FileListError(f"{list_path} is a directory without pack.json: neither a file list nor a packed set "
+                            "(`tsm-dist pack` writes pack.json last; an unfinished pack has none either)")
     if not os.path.isfile(list_path):
         raise FileListError(f"file list {list_path} does not exist")
     records: list[VideoRecord] = []

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tsm_dist.commands.arguments import non_negative_int, positive_int
 from tsm_dist.deploy.frames import Preprocess, segment_frames
 from tsm_dist.deploy.runtime import OnnxStream
 from tsm_dist.commands.exit_codes import UsageError
@@ -73,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="FILE.onnx of `tsm-dist export --mode online`")
     p.add_argument("--list", required=True, help="validation file list (path label per line)")
     p.add_argument("--root", default="", help="videos are under this directory (default: the list's directory)")
-    p.add_argument("--frames", type=int, help="segments per video (default: the model's training frames)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N videos (0: all)")
+    p.add_argument("--frames", type=positive_int, help="segments per video (default: the model's training frames)")
+    p.add_argument("--limit", type=non_negative_int, default=0, help="only the first N videos (0: all)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--out", default="early_recognition", help="writes OUT.png, OUT.md and OUT.json")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks of errors (or TSM_DIST_DEBUG=1)")

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tsm_dist.config import Config, ConfigError, config_from_dict, load_config
+from tsm_dist.commands.arguments import positive_int
 from tsm_dist.commands.exit_codes import UsageError
+from tsm_dist.config import Config, ConfigError, config_from_dict, load_config
 
 SIDECAR_VERSION = 2  # 2: outputs, preprocess, frame_spacing
 
@@ -108,7 +109,9 @@ def export_graph(model: nn.Module, mode: str, fmt: str, out: str | Path, size: i
                               opset_version=17, dynamo=False)
             _fixed_output_sizes(out, {n: t.shape[1:] for n, t in zip(out_names, results)})
         else:
-            torch.jit.save(torch.jit.trace(module, inputs, check_trace=False), str(out))
+            traced = torch.jit.trace(module, inputs, check_trace=False)
+            with open(out, "wb") as file:  # an unwritable place is an OSError naming it (exit 6), as for ONNX
+                torch.jit.save(traced, file)
     shapes = {n: ["batch", *t.shape[1:]] for n, t in zip((*in_names, *out_names), (*inputs, *results))}
     return {"inputs": in_names, "outputs": out_names, "shapes": shapes,
             "caches": [{"input": n, "output": f"new_{n}", "shape": shapes[n]} for n in in_names[1:]]}
@@ -202,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph-form", choices=("concat", "delta"), default="concat",
                    help="online shift points as slices + concatenation, or as conv(x) + a 1/8-wide conv of the "
                         "cache change on BN-folded weights (docs/deploy.md: per-frame cost)")
-    p.add_argument("--size", type=int, help="input height = width (default: the config's data.crop_size)")
+    p.add_argument("--size", type=positive_int, help="input height = width (default: the config's data.crop_size)")
     p.add_argument("--classes", help="class names, one per line (default: <data.root>/classes.txt if present)")
     p.add_argument("--out", required=True, help="the model file; the sidecar is FILE.json")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks of errors (or TSM_DIST_DEBUG=1)")
@@ -211,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a directory: give the model file's path "
+                         f"(e.g. {Path(args.out) / 'model.onnx'})")
     model, cfg = trained_model(args.checkpoint, args.config, args.overrides)
     size = args.size or cfg.data.crop_size
     if size < 32:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from tsm_dist.deploy.export import read_sidecar
-from tsm_dist.commands.exit_codes import UsageError
+from tsm_dist.commands.exit_codes import CheckpointError, UsageError
 
 
 def session(model_path: str | Path, threads: int = 0) -> Any:
@@ -24,7 +24,12 @@ def session(model_path: str | Path, threads: int = 0) -> Any:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own types (InvalidProtobuf, NoSuchFile, Fail, ...)
+        text = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"model {model_path} cannot be loaded by onnxruntime ({type(exc).__name__}: "
+                              f"{text}); export it again with `tsm-dist export`") from None
 
 
 class OnnxStream:

@@ -17,6 +17,7 @@ import numpy as np
 from tsm_dist.deploy.frames import Preprocess, iter_video
 from tsm_dist.deploy.runtime import OnnxStream
 from tsm_dist.commands.exit_codes import UsageError
+from tsm_dist.data.errors import DataError
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if out:
             out.close()
     if fed == 0:
-        raise UsageError(f"--video {args.video}: no frame decoded")
+        raise DataError(f"--video {args.video}: no frame decoded (an empty, corrupt or truncated video)")
     print(f"{fed} frames, {fed / model_seconds:.1f} frames/s in the model ({meta['model']}, "
           f"{len(stream.caches_meta)} caches, {stream.cache_nbytes() / 1e6:.3f} MB)", file=sys.stdout)
     return 0

@@ -26,6 +26,8 @@ class RunLog:
         self._workdir = Path()
         self._epochs, self._started = 0, time.monotonic()
         self.best: tuple[float, int] | None = None  # (top-1, epoch) of the best evaluation, resumed runs' included
+        self.ended = False  # the end record is written (every rank: set where rank 0 writes it)
+        self._ending: tuple[str, int, int] | None = None
 
     def open(self, workdir: Path, cfg: Config, header: dict[str, Any], total_steps: int, step: int) -> None:
         """The resolved config beside the run, wandb, the metrics file with its header record, the progress line."""
@@ -84,7 +86,12 @@ class RunLog:
             self.metrics.close()
         if self._progress is not None:
             self._progress.close()
-            print(self.summary(status, step, epoch), file=sys.stderr, flush=True)
+        self.ended, self._ending = True, (status, step, epoch)
+
+    def say_summary(self) -> None:
+        """Rank 0's last line, once the run has its end record (:meth:`summary`)."""
+        if self._progress is not None and self._ending is not None:
+            print(self.summary(*self._ending), file=sys.stderr, flush=True)
 
     def summary(self, status: str, step: int, epoch: int) -> str:
         """The run's last line: how it ended, the best top-1 and its epoch, where checkpoints and metrics are."""

@@ -99,6 +99,10 @@ class MetricsLog:
     def close(self) -> None:
         self._file.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
 
 def read_records(path: str | Path, since: int = 0) -> list[dict[str, Any]]:
     """Every record of a metrics file, checked: a JSON object per line, a known type, its required keys;

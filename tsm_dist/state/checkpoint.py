@@ -81,7 +81,9 @@ def _save(obj: Any, file: Any) -> None:
         raise
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
+def atomic_save(obj: Any, path: str | Path, then: Callable[[], None] | None = None) -> Path:
+    """Write ``obj`` to ``path`` through a fsynced temporary file and a rename; ``then`` runs right after
+    the rename, before anything else can delay it (the directory's fsync)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -95,6 +97,8 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if then is not None:
+        then()
     _fsync_dir(path.parent)
     return path
 
@@ -144,13 +148,19 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any], *, epoch: int, step: int,
-                    keep_last: int, is_best: bool = False) -> Path:
+                    keep_last: int, is_best: bool = False, then: Callable[[], None] | None = None) -> Path:
     """Write ``state`` as ``ckpt_e{epoch}_s{step}.pt``; drop regular checkpoints beyond the last
-    ``keep_last``; also write ``best.pt`` when ``is_best``."""
+    ``keep_last``; also write ``best.pt`` when ``is_best``; ``then`` runs as soon as the checkpoint is in
+    place (the trainer's ``end`` record of a stop).
+
+    ``best.pt`` comes first: a kill during its write leaves no checkpoint of this epoch either, so the
+    resumed run redoes the epoch and its evaluation and writes ``best.pt`` then. The other order left a
+    checkpoint that already counted the evaluation as the best, and no ``best.pt`` ever after.
+    """
     directory = Path(directory)
-    path = atomic_save(state, directory / checkpoint_name(epoch, step))
     if is_best:
         atomic_save(state, directory / BEST_NAME)
+    path = atomic_save(state, directory / checkpoint_name(epoch, step), then=then)
     for old in list_checkpoints(directory)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path

@@ -115,7 +115,7 @@ def record_failure(log: records.MetricsLog | None, exc: BaseException, pos: Any,
         leave_note(workdir, rank, exc)
     if is_peer_failure(exc) and size > 1:
         exc = peer_failure(workdir, exc, rank, size)
-    if log is not None:
+    if log is not None and not log.closed:  # closed: this run's end record is already written
         try:
             log.write(records.end_record(status="failed", step=pos.step, epoch=pos.epoch,
                                          cause=describe(exc), exit_code=exit_code(exc)))

@@ -66,8 +66,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def write(workdir: Path, *, model: nn.Module, optimizer: Any, scaler: torch.amp.GradScaler, pos: Position,
           rngs: list[dict[str, Any]], cfg: Config, engine_name: str, plan: BatchPlan, run_id: str,
-          is_best: bool) -> None:
-    """Rank 0: the checkpoint of the run at ``pos`` (``rngs``: every rank's random state, by rank)."""
+          is_best: bool, then: Callable[[], None] | None = None) -> None:
+    """Rank 0: the checkpoint of the run at ``pos`` (``rngs``: every rank's random state, by rank); ``then``
+    runs as soon as it is in place."""
     ckpt.save_checkpoint(workdir / ckpt.CHECKPOINT_DIR, {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
         "epoch": pos.epoch, "step": pos.step, "batch_in_epoch": pos.batch_in_epoch, "best_top1": pos.best_top1,
@@ -75,7 +76,7 @@ def write(workdir: Path, *, model: nn.Module, optimizer: Any, scaler: torch.amp.
         "config": cfg.to_dict(), "engine": engine_name, "world_size": plan.world_size,
         "global_batch": plan.global_batch, "accumulate": plan.accumulate, "per_gpu_batch": plan.per_gpu_batch,
         "run_id": run_id},
-        epoch=pos.epoch, step=pos.step, keep_last=cfg.train.keep_last, is_best=is_best)
+        epoch=pos.epoch, step=pos.step, keep_last=cfg.train.keep_last, is_best=is_best, then=then)
 
 
 def _checkpoint_bytes(model: nn.Module, resume: str | None, workdir: Path) -> int:
@@ -119,7 +120,18 @@ def load(resume: str | None, workdir: Path, *, start_over: bool, model: nn.Modul
     return path, state
 
 
-def position_of(state: Mapping[str, Any], path: Path) -> dict[str, Any]:
-    """What rank 0 broadcasts of a loaded checkpoint: the loop position, the saved batch plan, its path."""
-    return {**{key: state[key] for key in POSITION_KEYS}, **{key: state[key] for key in PLAN_KEYS if key in state},
-            "path": str(path)}
+def position_of(state: Mapping[str, Any], path: Path, workdir: Path,
+                say: Callable[[str], None]) -> dict[str, Any]:
+    """What rank 0 broadcasts of a loaded checkpoint: the loop position, the saved batch plan, its path.
+
+    A run that has evaluated has a ``best.pt``; when it is missing (deleted, or lost by an older version to
+    a kill during its write) the best accuracy is forgotten, so that the next evaluation writes one.
+    """
+    position = {**{key: state[key] for key in POSITION_KEYS},
+                **{key: state[key] for key in PLAN_KEYS if key in state}, "path": str(path)}
+    best = workdir / ckpt.CHECKPOINT_DIR / ckpt.BEST_NAME
+    if math.isfinite(position["best_top1"]) and not best.is_file():
+        say(f"warning: {best} is missing although the run has evaluated (best top-1 "
+            f"{position['best_top1']:.2f} %); the next evaluation writes it")
+        position["best_top1"] = -math.inf
+    return position

@@ -23,6 +23,7 @@ loss, 4 data error, 5 checkpoint error, 75 stopped by the time-limit warning (th
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import sys
@@ -44,7 +45,7 @@ from tsm_dist.commands.check_data import check_file_lists, preflight
 from tsm_dist.distributed.engine import Engine, started
 from tsm_dist.commands.exit_codes import (
     EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_NONFINITE, EXIT_OK, EXIT_STORAGE, CheckpointError,
-    CoordinatedError, StorageError, run_main, storage_problem,
+    CoordinatedError, StorageError, UsageError, run_main, storage_problem,
 )
 from tsm_dist.training.evaluate import evaluate
 from tsm_dist.training.memory_format import to_memory_format
@@ -172,13 +173,14 @@ class Trainer:
     def resume(self, resume: str | None, start_over: bool = False) -> None:
         """5. resume on rank 0, then broadcast parameters, optimizer state and the loop position."""
         engine = self.engine
-        loaded, error = None, None
+        loaded, error, shared = None, None, None
         if self.root:
             try:
                 self.resume_path, loaded = train_state.load(
                     resume, self.workdir, start_over=start_over, model=self.model, optimizer=self.optimizer,
-                    model_config=self.cfg.to_dict()["model"], say=lambda text: print(f"tsm-dist train: {text}",
-                                                                                     file=sys.stderr))
+                    model_config=self.cfg.to_dict()["model"], say=_say)
+                if loaded is not None:
+                    shared = train_state.position_of(loaded, self.resume_path, self.workdir, say=_say)
             except CheckpointError as exc:
                 error = (str(exc), EXIT_CHECKPOINT)
             except WorkdirInUse as exc:
@@ -190,7 +192,6 @@ class Trainer:
             raise CoordinatedError(*error)
         if loaded is not None:
             self.run_id = str(loaded.get("run_id") or self.run_id)
-        shared = None if loaded is None else train_state.position_of(loaded, self.resume_path)
         position = engine.broadcast_object(shared)
         engine.broadcast_state(self.model, self.optimizer)
         train_state.seed(self.cfg.train.seed * 1000003 + engine.rank)  # dropout and augmentation differ between ranks
@@ -354,7 +355,7 @@ class Trainer:
             self.log.evaluation(result, pos.epoch, pos.step)
             self.train_model.train()
         if cfg.train.checkpoint_every_epochs and (pos.epoch % cfg.train.checkpoint_every_epochs == 0 or last):
-            self.save(is_best)
+            self.save(is_best, ending=("completed", EXIT_OK) if last else None)
         self.log.epoch_done(pos.epoch, pos.step, top1)
         if not last:  # after the last epoch the run is complete, whatever arrived
             warned, terminated = self.engine.allreduce_sum(
@@ -370,27 +371,40 @@ class Trainer:
             return
         level = 2 if terminated > 0 else 1  # SIGTERM on any rank wins over the warning: a cancel sticks
         self.pos.epoch_end_pending = epoch_end_pending
-        self.save()
-        raise Stopped("preempted" if level == 1 else "terminated", exit_code_for(level),
-                      stop_message(level, self.pos.step))
+        status, code = "preempted" if level == 1 else "terminated", exit_code_for(level)
+        self.save(ending=(status, code))
+        raise Stopped(status, code, stop_message(level, self.pos.step))
 
-    def save(self, is_best: bool = False) -> None:
-        """Every rank contributes its random state; rank 0 writes the checkpoint."""
-        shared = self.engine.allgather_object((train_state.rng_state(), _finite(self.model)))
-        if not all(finite for _, finite in shared):
+    def save(self, is_best: bool = False, ending: tuple[str, int] | None = None) -> None:
+        """Every rank contributes its random state; rank 0 writes the checkpoint.
+
+        ``ending``: the run ends with this checkpoint, as (status, exit code). Rank 0 then writes the ``end``
+        record the moment the checkpoint is in place, before any further collective: after a stop signal
+        the launcher's SIGKILL follows soon (mpirun: 1 s after its SIGTERM), and on a loaded machine it
+        came between the checkpoint and an end record written later.
+        """
+        skipped = self._skipped_here() if ending else []
+        shared = self.engine.allgather_object((train_state.rng_state(), _finite(self.model), skipped))
+        if not all(finite for _, finite, _ in shared):
             raise Diverged("the model's weights are NaN or Inf", self.pos)
+        end = None
+        if ending is not None:
+            videos = _union([shard for _, _, shard in shared])
+            end = functools.partial(self.log.end, *ending, self.pos.step, self.pos.epoch, videos)
         error = None
         if self.root:
             try:
                 train_state.write(self.workdir, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
-                                  pos=self.pos, rngs=[rng for rng, _ in shared], cfg=self.cfg,
-                                  engine_name=self.engine.name, plan=self.plan, run_id=self.run_id, is_best=is_best)
+                                  pos=self.pos, rngs=[rng for rng, _, _ in shared], cfg=self.cfg,
+                                  engine_name=self.engine.name, plan=self.plan, run_id=self.run_id, is_best=is_best,
+                                  then=end)
             except OSError as exc:
                 error = (f"{storage_problem(exc, exc.filename or self.workdir / CHECKPOINT_DIR)}; training "
                          "stopped, the previous checkpoint is kept")
         error = self.engine.broadcast_object(error)  # every rank stops with the same code
         if error:
             raise CoordinatedError(error, EXIT_STORAGE)
+        self.log.ended = self.log.ended or ending is not None
 
     def finish(self, status: str, code: int, stop: StopSignals | None = None) -> int:
         """The ``end`` record (with the videos every shard skipped: reported, never silently lost).
@@ -399,15 +413,19 @@ class Trainer:
         (``horovodrun``, ``mpirun``) terminate the remaining ranks when the first one exits; from then
         on such a SIGTERM ends the process with ``code``, so every rank reports the same code.
         """
-        loaders = (self.train_loader, self.val_loader)
-        skipped = sorted({tuple(s) for shard in self.engine.allgather_object(
-            [s for loader in loaders if loader is not None for s in loader.skipped]) for s in shard})
-        self.log.end(status, code, self.pos.step, self.pos.epoch, skipped)
+        if not self.log.ended:  # not already written with the last checkpoint
+            skipped = _union(self.engine.allgather_object(self._skipped_here()))
+            self.log.end(status, code, self.pos.step, self.pos.epoch, skipped)
+        self.log.say_summary()
         self.engine.barrier()
         if stop is not None:
             stop.exit_on_signal(code)
         self.log.close_wandb(code)
         return code
+
+    def _skipped_here(self) -> list[Any]:
+        """The videos this rank's loaders skipped as unreadable: [video, reason] each."""
+        return [s for loader in (self.train_loader, self.val_loader) if loader is not None for s in loader.skipped]
 
     def release(self) -> None:
         """Drop the distributed model and optimizer while the engine still runs (see :func:`main`)."""
@@ -429,6 +447,15 @@ class StepTimes:
 def _signal_flags(stop: StopSignals) -> list[float]:
     """This rank's part of the stop decision: [time-limit warning or more, SIGTERM/SIGINT]."""
     return [float(stop.level >= 1), float(stop.level >= 2)]
+
+
+def _union(shards: list[list[Any]]) -> list[tuple[str, str]]:
+    """Every rank's skipped videos, once each, sorted."""
+    return sorted({tuple(s) for shard in shards for s in shard})
+
+
+def _say(text: str) -> None:
+    print(f"tsm-dist train: {text}", file=sys.stderr)
 
 
 def _wait(device: torch.device) -> None:
@@ -480,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.start_over and args.resume:
+        raise UsageError(f"{START_OVER_FLAG} starts a new run and --resume continues one: give one of them")
     accumulate = {} if args.accumulate is None else {"train.accumulate": args.accumulate}
     cfg = load_config(args.config, args.overrides, accumulate)  # every rank fails the same way; rank 0 says why
     workdir = args.workdir or str(Path("runs") / Path(args.config).stem)

@@ -128,17 +128,21 @@ def encoded_file(data: np.ndarray) -> io.BytesIO:
 
 def check_shard_sizes(out: str, meta: dict[str, Any]) -> None:
     """Before training: every shard exists with the size ``pack.json`` records (a stat each), so a pack
-    copied in part or damaged is one line at start, not a read error hours later."""
+    copied in part or damaged is one line at start, not a read error hours later. Also with
+    ``data.skip_corrupt``: a missing or cut shard is an incomplete copy of the set, not a bad video, and
+    skipping it would drop a whole part of the data set (docs/data.md)."""
     for shard in meta.get("shards", []):
         path = os.path.join(out, shard["file"])
         try:
             size = os.path.getsize(path)
         except OSError as err:
             raise DataError(f"{path}: shard of the packed set cannot be read ({err.strerror}); "
-                            f"check it with 'tsm-dist pack --verify {out}'") from None
+                            f"check it with 'tsm-dist pack --verify {out}' (data.skip_corrupt skips single bad "
+                            "videos, never a whole shard)") from None
         if size != shard["bytes"]:
             raise DataError(f"{path}: {size} bytes, pack.json records {shard['bytes']}; the pack is damaged or "
-                            f"was copied in part: check it with 'tsm-dist pack --verify {out}'")
+                            f"was copied in part: check it with 'tsm-dist pack --verify {out}' (data.skip_corrupt "
+                            "skips single bad videos, never a whole shard)")
 
 
 def load_packed(out: str, *, require_complete: bool = True) -> PackedSet:

@@ -271,6 +271,11 @@ def foreign_files(out: str) -> list[str]:
 
 
 def pack(args: PackOptions) -> int:
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        what = "the file list itself" if os.path.realpath(args.out) == os.path.realpath(args.list) else "a file"
+        print(f"tsm-dist pack: --out {args.out} is {what}; --out names the directory of the packed set",
+              file=sys.stderr)
+        return EXIT_USAGE
     records, bad_lines = read_file_list(args.list, skip_invalid=True)
     foreign = foreign_files(args.out)
     if foreign:

@@ -127,6 +127,9 @@ def run_study(argv: list[str]) -> int:
     from tsm_dist.scheduler.submit import SubmitError
 
     options, out, timeout, jobs, submit = parse_args(argv)
+    if out.exists() and not out.is_dir():
+        print(f"batch-study: --out {out} is a file; --out names the study's directory", file=sys.stderr)
+        return 2
     try:
         plan = plan_study(options)
     except ValueError as exc:
@@ -164,7 +167,12 @@ def collect_main(argv: list[str]) -> int:
         return 2
     from tsm_dist.studies.batch_size.submit import refresh
 
-    refresh(json.loads((args.out / PLAN_FILE).read_text()), args.out.resolve(), args.wait)
+    try:
+        plan = json.loads((args.out / PLAN_FILE).read_text())
+    except (ValueError, OSError) as exc:
+        print(f"batch-study collect: {args.out / PLAN_FILE} cannot be read as a study plan ({exc})", file=sys.stderr)
+        return 2
+    refresh(plan, args.out.resolve(), args.wait)
     print(report(args.out, last_n=args.last_n))
     return 0
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from tsm_dist.commands.arguments import choice_list, name_list
 from tsm_dist.runlog.records import METRICS_FILE, MetricsError
+from tsm_dist.state.identity import START_OVER_FLAG, run_files
 from tsm_dist.studies.scaling.collect import RunSummary, summarize_run
 from tsm_dist.studies.runconfig import measurement_overrides, model_config_item, write_run_config
 from tsm_dist.studies.runner import LAUNCHERS, launch_prefix, run_logged, tail
@@ -175,12 +176,14 @@ def run_study(opts: StudyOptions) -> list[IORow]:
             if math.isnan(macs):
                 macs = count_macs(cfg)  # same model and input for every loader
             workdir = out / "runs" / tag
+            # a fresh measurement: an earlier study's run of this tag moves to previous/, not appended to
+            again = [START_OVER_FLAG] if run_files(workdir) else []
             command = launch_prefix(opts.launcher, opts.ranks) + [
-                sys.executable, "-m", "tsm_dist.training.train", "--config", str(config_path), "--workdir", str(workdir)]
+                sys.executable, "-m", "tsm_dist.training.train", "--config", str(config_path), "--workdir", str(workdir),
+                *again]
             if opts.dry_run:
                 print("$ " + shlex.join(command))
                 continue
-            (workdir / METRICS_FILE).unlink(missing_ok=True)  # a fresh measurement, not appended to
             error = run_logged(command, opts.ranks, workdir / "train.log", opts.timeout)
             summary = None
             if error:
