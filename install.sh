@@ -208,13 +208,24 @@ else
 fi
 
 # --- 7. tsm_dist itself (editable) and the rest: pyyaml, wandb, PyAV, numpy, matplotlib, pytest -------
-say "installing tsm_dist (editable) with its dependencies"
-if [ -z "$HOROVOD_SKIPPED" ] && [ -n "$MPICC" ]; then
-  pipq --no-build-isolation -e "$ROOT[test]"
-else  # without Horovod or mpi4py: its other dependencies, so that pip does not try to build those two
-  mapfile -t DEPS < <("$PY" "$ROOT/tools/install_gpu.py" deps --setup-cfg "$ROOT/setup.cfg")
-  pipq --no-build-isolation --no-deps -e "$ROOT"
-  pipq "${DEPS[@]}"
+# An editable install follows the source by itself; it is redone only when what pip read changes (the
+# package metadata, this checkout, the variant below) or tsm_dist no longer imports from this checkout.
+SELF_STAMP="$VENV/.tsm_dist-self.key"
+SELF_KEY=$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" 2>/dev/null | sha1sum | cut -c1-10)
+SELF_KEY="$SELF_KEY|$ROOT|${HOROVOD_SKIPPED:-hvd}|${MPICC:+mpi}"
+if [ -f "$SELF_STAMP" ] && [ "$(cat "$SELF_STAMP")" = "$SELF_KEY" ] &&
+   [ "$("$PY" -I -c 'import os, tsm_dist; print(os.path.dirname(os.path.dirname(os.path.realpath(tsm_dist.__file__))))' 2>/dev/null)" = "$(realpath "$ROOT")" ]; then
+  say "tsm_dist: already installed (editable, $ROOT; setup.cfg unchanged)"
+else
+  say "installing tsm_dist (editable) with its dependencies"
+  if [ -z "$HOROVOD_SKIPPED" ] && [ -n "$MPICC" ]; then
+    pipq --no-build-isolation -e "$ROOT[test]"
+  else  # without Horovod or mpi4py: its other dependencies, so that pip does not try to build those two
+    mapfile -t DEPS < <("$PY" "$ROOT/tools/install_gpu.py" deps --setup-cfg "$ROOT/setup.cfg")
+    pipq --no-build-isolation --no-deps -e "$ROOT"
+    pipq "${DEPS[@]}"
+  fi
+  echo "$SELF_KEY" >"$SELF_STAMP"
 fi
 
 # --- 8. what was built --------------------------------------------------------------------------------

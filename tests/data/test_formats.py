@@ -97,6 +97,20 @@ def test_kinetics_cli_writes_classes_and_reports_missing_videos(tmp_path, capsys
     assert read_file_list(str(tmp_path / "val.txt"), num_classes=2)[0][1].label == 0
 
 
+def test_kinetics_cli_with_every_video_missing_is_a_data_error_naming_one(tmp_path, capsys):
+    """Not "wrote 0 videos" and exit 0 (issue 32): how many are missing and where one was looked for."""
+    csv_path = _write(tmp_path / "train.csv", KINETICS_CSV)
+    (tmp_path / "videos").mkdir()
+    out = tmp_path / "train.txt"
+    argv = ["kinetics", "--csv", csv_path, "--write-classes", str(tmp_path / "classes.txt"), "--out", str(out),
+            "--root", str(tmp_path / "videos")]
+    assert convert_main(argv) == 4
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("convert: all 3 videos are missing under ") and "nothing written" in err, err
+    assert f"e.g. {tmp_path / 'videos' / 'abc_000010_000020.mp4'} (" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
 def test_sthv2_json(tmp_path):
     labels = _write(
         tmp_path / "labels.json",

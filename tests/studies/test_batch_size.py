@@ -92,10 +92,11 @@ def test_table_and_figures_from_run_records(tmp_path):
     _write_run(tmp_path, runs[2], [10.0, 50.0, 60.0])
     _write_run(tmp_path, runs[3], [10.0, float("nan")], status="failed")
     text = report(tmp_path)
-    # batch 16: seeds 65 and 55 (means of the last 2) -> 60 +- 7.1; batch 64*: one seed failed
+    # batch 16: seeds 65 and 55 (means of the last 2) -> 60 +- 7.1; batch 64*: one seed failed, so the row
+    # stands on one seed: no "+- 0.0" spread, and its status says so (issue 32)
     # (steps per epoch, steps done, warmup steps and the peak rate from the runs' headers)
     assert "| sgd | 2 | 16 | 128 | 4 | 12 | 2 | 0.1 | 60.0 +- 7.1 | 7.1 | 2/2 | 10 | completed |" in text
-    assert "| sgd | 8* | 64* | 512 | 4 | 12 | 2 | 0.4 | 25.0 +- 0.0 | 7.1 | 1/2 | 10 | failed |" in text
+    assert "| sgd | 8* | 64* | 512 | 4 | 12 | 2 | 0.4 | 25.0 | 7.1 | 1/2 | 10 | 1/2 seeds (the rest: failed) |" in text
     rows = list(csv.DictReader((tmp_path / "table.csv").open()))
     assert [r["batch"] for r in rows] == ["16", "64"] and rows[1]["simulated"] == "True"
     assert (rows[0]["steps_per_epoch"], rows[0]["total_steps"]) == ("4", "12")

@@ -89,8 +89,9 @@ def preflight(train_loader: Any, val_loader: Any, *, rank: int, size: int) -> li
 
 
 # --------------------------------------------------------------------------------- check-data
-def _progress(items: Iterable[Any], total: int, label: str) -> Iterator[Any]:
-    """tqdm when it is installed and stderr is a terminal; a line every 10 % otherwise."""
+def _progress(items: Iterable[Any], total: int, label: str, verb: str = "probed") -> Iterator[Any]:
+    """tqdm when it is installed and stderr is a terminal; a line every 10 % otherwise (``verb``: what
+    was done to each video: probed, or for a pack checked against its index)."""
     try:
         from tqdm import tqdm
 
@@ -103,7 +104,7 @@ def _progress(items: Iterable[Any], total: int, label: str) -> Iterator[Any]:
     for done, item in enumerate(items, 1):
         yield item
         if done % step == 0 or done == total:
-            print(f"{label}: {done}/{total} videos probed", file=sys.stderr, flush=True)
+            print(f"{label}: {done}/{total} videos {verb}", file=sys.stderr, flush=True)
 
 
 def _probe_one(planner: Any, i: int) -> str | None:
@@ -146,7 +147,9 @@ def check_list(cfg: Config, key: str, threads: int = 8) -> tuple[int, list[tuple
         planner.restrict_codecs(DALI_CPU_CODECS, DALI_CPU_HINT)
     with ThreadPoolExecutor(threads) as pool:
         reasons = pool.map(lambda i: _probe_one(planner, i), range(len(records)))
-        for i, reason in enumerate(_progress(reasons, len(records), f"data.{key}")):
+        # a pack's videos are not probed: the planner reads their facts from the index
+        verb = "checked against the pack's index (not probed)" if videos.packed else "probed"
+        for i, reason in enumerate(_progress(reasons, len(records), f"data.{key}", verb)):
             if reason and records[i].where not in damaged:
                 r = records[i]
                 bad.append((f"{r.resolve(videos.root)} (listed at {r.where})", reason))

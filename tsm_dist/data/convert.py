@@ -11,7 +11,7 @@ Kinetics rows (``label,youtube_id,time_start,time_end,split[,...]``) become
 sorted class names (``--write-classes``) or an existing ``classes.txt`` (``--classes``), so that
 train and validation agree. Something-Something entries map their ``template`` (without brackets)
 through the labels file; paths default to ``{id}.webm``. With ``--root`` the videos are checked and
-missing ones are left out and reported. Errors name the annotation file and line or entry.
+missing ones are left out and reported; when every video is missing nothing is written (exit 4). Errors name the annotation file and line or entry.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import sys
 from typing import Sequence
 
 from tsm_dist.data.errors import FileListError
+from tsm_dist.errors import EXIT_DATA
 from tsm_dist.data.filelist import VideoRecord, read_class_names, write_class_names, write_file_list
 
 KINETICS_TEMPLATE = "{youtube_id}_{time_start:06d}_{time_end:06d}.mp4"
@@ -127,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.root:
         records, missing = _keep_existing(records, args.root)
+        if missing and not records:  # an empty list would only fail later, on the cluster, as "0 videos"
+            example = missing[0]
+            print(f"convert: all {len(missing)} videos are missing under {args.root}, e.g. "
+                  f"{example.resolve(args.root)} ({example.where}); nothing written to {args.out} "
+                  "(check --root and --template)", file=sys.stderr)
+            return EXIT_DATA
         if missing:
             shown = ", ".join(f"{r.path} ({r.where})" for r in missing[:5])
             print(f"convert: {len(missing)} videos missing under {args.root}, left out: {shown}"

@@ -118,6 +118,7 @@ def build_rows(plan: dict[str, Any], results: list[RunResult]) -> list[BatchRow]
         spec = next(s for s in plan["runs"] if (s["optimizer"], s["batch"]) == (optimizer, batch))
         ok = [r for r in group if r.status == "completed" and math.isfinite(r.top1)]
         mean, std = mean_std([r.top1 for r in ok]) if ok else (NAN, NAN)
+        std = std if len(ok) > 1 else NAN  # one seed has no spread: "-", not "+- 0.0"
         failed = sorted({r.status for r in group if r not in ok})
         rows.append(BatchRow(
             optimizer=optimizer, gpus=batch // spec["per_rank_batch"], ranks=spec["ranks"],
@@ -131,8 +132,15 @@ def build_rows(plan: dict[str, Any], results: list[RunResult]) -> list[BatchRow]
             peak_lr=next((r.peak_lr for r in group if math.isfinite(r.peak_lr)), NAN),
             wall_s=mean_std([r.wall_s for r in group if math.isfinite(r.wall_s)])[0]
             if any(math.isfinite(r.wall_s) for r in group) else NAN,
-            status="completed" if not failed else "; ".join(failed)))
+            status=_status(len(ok), len(group), failed)))
     return rows
+
+
+def _status(ok: int, seeds: int, failed: list[str]) -> str:
+    """"completed", or what the row's numbers stand on: "1/3 seeds (the rest: not run)" in a partial study."""
+    if not failed:
+        return "completed"
+    return f"{ok}/{seeds} seeds (the rest: {'; '.join(failed)})" if ok else "; ".join(failed)
 
 
 def plan_order(plan: dict[str, Any], optimizer: str) -> int:
@@ -141,7 +149,7 @@ def plan_order(plan: dict[str, Any], optimizer: str) -> int:
 
 
 def _cell(value: float, fmt: str) -> str:
-    return fmt.format(value) if math.isfinite(value) else "-"
+    return fmt.format(value) if math.isfinite(value) else ("" if fmt.startswith(" +-") else "-")
 
 
 def markdown_table(plan: dict[str, Any], rows: list[BatchRow]) -> str:
@@ -158,7 +166,7 @@ def markdown_table(plan: dict[str, Any], rows: list[BatchRow]) -> str:
         lines.append(
             f"| {r.optimizer} | {gpus} | {r.batch:,}{'*' if r.simulated else ''} | {r.frames_per_batch:,} | "
             f"{r.steps_per_epoch:,} | {r.steps:,} | {r.warmup_steps:,} | {_cell(r.peak_lr, '{:.3g}')} | "
-            f"{_cell(r.top1_mean, '{:.1f}')} +- {_cell(r.top1_std, '{:.1f}')} | {_cell(r.top1_ckpt_std, '{:.1f}')} | "
+            f"{_cell(r.top1_mean, '{:.1f}')}{_cell(r.top1_std, ' +- {:.1f}')} | {_cell(r.top1_ckpt_std, '{:.1f}')} | "
             f"{r.seeds_ok}/{r.seeds} | {_cell(r.wall_s, '{:.0f}')} | {r.status} |")
     lines += ["", f"`*`: simulated: {rows[0].ranks if rows else '?'} ranks with gradient accumulation (K micro-batches "
               "per step, each with its own batch-norm statistics), as the paper's 512* and 1024* nodes."]

@@ -1,11 +1,11 @@
-"""The I/O study (paper, Fig. 9b and Table 10): does data loading hide under compute, per model and loader?
+r"""The I/O study (paper, Fig. 9b and Table 10): does data loading hide under compute, per model and loader?
 
 On one node, trains each model for a few timed steps with each video loader (DALI, PyAV) and reads the
 trainer's per-step records: ``data_time`` is the time a step waited for its batch, i.e. I/O *not hidden*
 by compute, next to ``compute_time``. With the models' compute/IO ratio (multiply-accumulates per clip /
 input values per clip, Table 10) it shows why TSM8f (8 frames) hides its I/O where I3D (16, 32) cannot:
 
-    python -m tsm_dist.io_study --config configs/tsm8f_r50_kinetics400.yaml \
+    tsm-dist io-study --config configs/tsm8f_r50_kinetics400.yaml \
         --models tsm8f_r50,i3d3x3x3_r50,i3d3x1x1_r50 --loaders dali,pyav --ranks 6 --out runs/io
 
 ``--packed DIR`` (or ``auto``: pack the config's training list into OUT/packed) adds the packed layout
@@ -76,7 +76,7 @@ def count_macs(cfg: "Config") -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tsm_dist.io_study", description=__doc__,
+    parser = argparse.ArgumentParser(prog="tsm-dist io-study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path, help="base training config on real videos")
     parser.add_argument("--models", type=name_list,

@@ -74,7 +74,7 @@ class SweepPlan:
     def load(cls, out_dir: Path) -> "SweepPlan":
         path = Path(out_dir) / PLAN_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no sweep plan here; run 'python -m tsm_dist.scaling_sweep "
+            raise FileNotFoundError(f"{path}: no sweep plan here; run 'tsm-dist sweep "
                                     f"... --out {out_dir}' first")
         data: dict[str, Any] = json.loads(path.read_text())
         try:

@@ -1,14 +1,15 @@
-"""The scaling study (paper, "Scalability in distributed training"; Table 12, Fig. 9c, Fig. 12).
+r"""The scaling study (paper, "Scalability in distributed training"; Table 12, Fig. 9c, Fig. 12).
 
 Plans one training run per (engine, model, node count), renders and submits it as an LSF/Slurm job or runs
 it here with MPI ranks standing in for nodes, and collects clips/s, scalability, batch sizes, epoch times
-and a cost-model projection into a CSV, a Markdown table and two plots:
+and a cost-model projection into a CSV, a Markdown table and two plots (``tsm-dist sweep`` is
+``python -m tsm_dist.scaling_sweep``):
 
-    python -m tsm_dist.scaling_sweep --scheduler lsf --config configs/tsm8f_r50_kinetics400.yaml \
+    tsm-dist sweep --scheduler lsf --config configs/tsm8f_r50_kinetics400.yaml \
         --nodes 1,2,4,8,16,32,64,128,256 --gpus-per-node 6 --models tsm8f_r50,i3d3x3x3_r50,i3d3x1x1_r50 \
         --per-gpu-batch 8 --steps 50 --warmup-steps 10 --simulate-nodes 512,1024 --out runs/summit --submit
-    python -m tsm_dist.scaling_sweep collect runs/summit
-    python -m tsm_dist.scaling_sweep project --machine summit --step-time 0.72 --per-gpu-batch 16
+    tsm-dist sweep collect runs/summit
+    tsm-dist sweep project --machine summit --step-time 0.72 --per-gpu-batch 16
 
 ``project`` needs no allocation: it projects from a given single-node step time with the machine
 profile's nominal links (clearly labelled as a projection).
@@ -45,7 +46,7 @@ CPU_MACHINE = "cpu_nodes"  # the default of a CPU sweep (--gpus-per-node 0) on L
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tsm_dist.scaling_sweep", description=__doc__,
+    parser = argparse.ArgumentParser(prog="tsm-dist sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scheduler", required=True, choices=SCHEDULERS)
     parser.add_argument("--config", required=True, type=Path, help="base training config (YAML)")
@@ -342,7 +343,7 @@ def run_sweep(argv: list[str]) -> int:
         except SubmitError as err:  # the jobs queued before it keep their ids in sweep.json
             print(f"scaling_sweep: error: {err}", file=sys.stderr)
             return 2
-        print(f"submitted; when the jobs are done: python -m tsm_dist.scaling_sweep collect {out} "
+        print(f"submitted; when the jobs are done: tsm-dist sweep collect {out} "
               f"(--wait SECONDS waits for them)")
         return 0
     run_local(plan, out, args.launcher, args.timeout, not args.no_bench)
@@ -351,7 +352,7 @@ def run_sweep(argv: list[str]) -> int:
 
 
 def collect_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tsm_dist.scaling_sweep collect",
+    parser = argparse.ArgumentParser(prog="tsm-dist sweep collect",
                                      description="Tabulate and plot a finished sweep directory.")
     parser.add_argument("out", type=Path, help="the sweep's --out directory")
     parser.add_argument("--machine", help="machine profile for unmeasured links (default: the sweep's)")
@@ -385,7 +386,7 @@ def project_main(argv: list[str]) -> int:
     from tsm_dist.studies.scaling.projection import model_sizes, parse_step_times, project_rows, projection_table
 
     parser = argparse.ArgumentParser(
-        prog="python -m tsm_dist.scaling_sweep project",
+        prog="tsm-dist sweep project",
         description="Project speed and scalability on a machine profile from a single-node step time, with "
                     "the ring-allreduce cost model and the profile's nominal links (nothing is run).")
     parser.add_argument("--machine", default="summit", help="machine profile name or YAML (default summit)")
