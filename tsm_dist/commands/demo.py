@@ -153,7 +153,8 @@ def next_steps(workdir: Path, config: Path, sets: list[str]) -> str:
              f"--num-clips 10 --num-crops 3 {' '.join(sets)}"),
             ("model statistics (Tables 10/11)", f"{tool} profile --models tsm8f_r50,i3d3x3x3_r50,i3d3x1x1_r50"),
             ("deploy: online TSM, stream", "docs/deploy.md (train with model.online=true, export, stream)"),
-            ("batch-size study (Table 12)", "docs/studies.md#the-batch-size-study")]
+            ("batch-size study (Table 12)", f"{tool} batch-study --quick (the full study: docs/studies.md, "
+                                            "\"The batch-size study\")")]
     width = max(len(name) for name, _ in rows)
     return "\nnext:\n" + "\n".join(f"  {name + ':':<{width + 1}} {what}" for name, what in rows)
 
