@@ -140,8 +140,9 @@ def test_on_a_terminal_the_bar_shows_the_epoch_as_the_records_count_it(tmp_path)
     _checked_against_records(workdir)
     # the same run's 2 checkpoints, evaluated with --last-n 5: the answer says 5 were asked (issue 32)
     sets = [a for s in [*TINY, "engine.name=torch", "data.num_samples=16"] for a in ("--set", s)]
-    result = run_bounded([PYTHON, "-m", "tsm_dist.evaluate", "--config", CONFIG, "--workdir", str(workdir),
-                          "--last-n", "5", *sets], timeout=180, env=launcher_env(PYTHONPATH=str(REPO)), cwd=REPO)
+    result = run_bounded([PYTHON, "-m", "tsm_dist.training.evaluate", "--config", CONFIG, "--workdir",
+                          str(workdir), "--last-n", "5", *sets], timeout=180, env=launcher_env(PYTHONPATH=str(REPO)),
+                         cwd=REPO)
     assert result.returncode == 0, result.stdout[-2000:]
     summary = next(line for line in result.stdout.splitlines() if line.startswith("mean +- std over 2"))
     assert summary.endswith(f"(only 2: 5 asked (--last-n / eval.last_n), {workdir / 'checkpoints'} holds 2)")

@@ -68,8 +68,8 @@ def test_a_marked_block_runs_as_written(page, line, text, tmp_path):
 
 def test_the_study_commands_call_themselves_by_their_documented_name():
     """``tsm-dist sweep --help`` said ``python -m tsm_dist.scaling_sweep`` and ran its example lines together."""
-    from tsm_dist.studies.io_study import build_parser as io_parser
-    from tsm_dist.studies.sweep import build_parser as sweep_parser
+    from tsm_dist.studies.data_io.study import build_parser as io_parser
+    from tsm_dist.studies.scaling.sweep import build_parser as sweep_parser
 
     sweep, io = sweep_parser().format_help(), io_parser().format_help()
     assert sweep.startswith("usage: tsm-dist sweep ") and io.startswith("usage: tsm-dist io-study ")
