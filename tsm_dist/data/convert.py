@@ -23,7 +23,7 @@ import sys
 from typing import Sequence
 
 from tsm_dist.data.errors import FileListError
-from tsm_dist.errors import EXIT_DATA
+from tsm_dist.commands.exit_codes import EXIT_DATA
 from tsm_dist.data.filelist import VideoRecord, read_class_names, write_class_names, write_file_list
 
 KINETICS_TEMPLATE = "{youtube_id}_{time_start:06d}_{time_end:06d}.mp4"
