@@ -8,6 +8,7 @@ from typing import Iterator, Protocol, Sequence, runtime_checkable
 import torch
 
 from tsm_dist.data.augment import MEAN, STD
+from tsm_dist.data.sharding import batches_per_epoch
 from tsm_dist.data.clips import ClipPlanner, ClipSpec
 from tsm_dist.data.pack.format import ByteReader
 
@@ -93,6 +94,28 @@ class VideoLoader(ABC):
         if self.view_shape[0] == 1:
             clips = clips[:, 0]
         return clips, labels.to(self.device)
+
+
+class GeneratedLoader:
+    """The epoch position of a loader that makes its clips in memory (random, procedural): ``len`` batches
+    per epoch and the batch where the next iteration starts after :meth:`set_epoch`."""
+
+    def __init__(self, num_samples: int, batch_size: int, num_shards: int) -> None:
+        self._len = batches_per_epoch(num_samples, batch_size, num_shards)
+        self._epoch = 0
+        self._start_batch = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= self._len:
+            raise ValueError(f"start_batch {start_batch} is outside [0, {self._len}]")
+        self._epoch, self._start_batch = epoch, start_batch
+
+    def _take_start_batch(self) -> int:
+        start, self._start_batch = self._start_batch, 0
+        return start
 
 
 def normalization(device: torch.device | str = "cpu", scale: float = 255.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,8 +19,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from tsm_dist.data.loader import Batch, normalization
-from tsm_dist.data.sharding import PAD, batches_per_epoch, shard_slots
+from tsm_dist.data.loader import Batch, GeneratedLoader, normalization
+from tsm_dist.data.sharding import PAD, shard_slots
 
 SPLITS = {"train": 0, "val": 1}
 
@@ -45,7 +45,7 @@ def render_clip(preset: str, scene_seed: int, split: str, index: int, num_frames
     return frames, label
 
 
-class ProceduralLoader:
+class ProceduralLoader(GeneratedLoader):
     """A :class:`tsm_dist.data.loader.Loader` of rendered clips (``num_samples`` in the split)."""
 
     def __init__(self, *, num_samples: int, batch_size: int, num_frames: int, crop_size: int, num_classes: int,
@@ -66,19 +66,9 @@ class ProceduralLoader:
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
         self.device = torch.device(device)
         self.skipped: list[tuple[str, str]] = []
-        self._len = batches_per_epoch(num_samples, batch_size, num_shards)
+        super().__init__(num_samples, batch_size, num_shards)
         self._mean, self._std = normalization(self.device)
         self._clips: dict[int, tuple[np.ndarray, int]] = {}
-        self._epoch = 0
-        self._start_batch = 0
-
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= self._len:
-            raise ValueError(f"start_batch {start_batch} is outside [0, {self._len}]")
-        self._epoch, self._start_batch = epoch, start_batch
 
     def clip(self, index: int) -> tuple[np.ndarray, int]:
         """Clip ``index``'s uint8 frames and label, rendered on first use."""
@@ -88,7 +78,7 @@ class ProceduralLoader:
         return self._clips[index]
 
     def __iter__(self) -> Iterator[Batch]:
-        start, self._start_batch = self._start_batch, 0
+        start = self._take_start_batch()
         slots = shard_slots(self.num_samples, batch_size=self.batch_size, shard_id=self.shard_id,
                             num_shards=self.num_shards, train=self.train, seed=self.seed, epoch=self._epoch)
         empty = (np.zeros((self.num_frames, self.size, self.size, 3), np.uint8), PAD)

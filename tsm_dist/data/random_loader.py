@@ -10,8 +10,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from tsm_dist.data.loader import Batch
-from tsm_dist.data.sharding import batches_per_epoch
+from tsm_dist.data.loader import Batch, GeneratedLoader
 
 POOL_BATCHES = 2
 
@@ -20,7 +19,7 @@ def _seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
 
 
-class RandomLoader:
+class RandomLoader(GeneratedLoader):
     """A :class:`tsm_dist.data.loader.Loader` of random clips (``num_samples`` per epoch over all shards)."""
 
     def __init__(
@@ -45,23 +44,13 @@ class RandomLoader:
         self.seed = seed
         self.device = torch.device(device)
         self.skipped: list[tuple[str, str]] = []
-        self._len = batches_per_epoch(num_samples, batch_size, num_shards)
+        super().__init__(num_samples, batch_size, num_shards)
         view = (num_frames, 3, crop_size, crop_size) if views == 1 else (views, num_frames, 3, crop_size, crop_size)
         self._shape = (batch_size, *view)
         self._pool: list[torch.Tensor] = []
-        self._epoch = 0
-        self._start_batch = 0
-
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= self._len:
-            raise ValueError(f"start_batch {start_batch} is outside [0, {self._len}]")
-        self._epoch, self._start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[Batch]:
-        start, self._start_batch = self._start_batch, 0
+        start = self._take_start_batch()
         generator = torch.Generator(device=self.device)
         if not self._pool:
             generator.manual_seed(_seed(self.seed, self.shard_id))
