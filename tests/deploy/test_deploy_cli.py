@@ -133,7 +133,7 @@ def test_sidecar_says_what_outputs_are_and_stream_takes_its_frame_spacing(tmp_pa
     assert meta["frame_spacing"]["every"] == 4 and meta["preprocess"]["resize"]["method"] == "bilinear"
     assert "before softmax" in meta["output_meaning"]["logits"] and "mean" in meta["output_meaning"]["logits"]
     assert meta["output_meaning"]["new_cache_03"].startswith("feed as cache_03")
-    assert meta["shapes"]["logits"] == ["batch", 3]
+    assert meta["shapes"]["logits"] == ["batch", 3] and meta["graph_form"] == "concat"  # auto for MobileNetV2
     capsys.readouterr()
     jsonl = tmp_path / "f.jsonl"
     assert cli(["stream", "--model", str(out), "--video", "synthetic:0", "--quiet", "--jsonl", str(jsonl)]) == 0

@@ -26,6 +26,8 @@ from tsm_dist.commands.arguments import positive_int
 from tsm_dist.commands.exit_codes import UsageError
 from tsm_dist.config import Config, ConfigError, config_from_dict, load_config
 
+# the online graph form with the lower per-frame cost in onnxruntime, 1 thread (bench_online.py, docs/deploy.md)
+AUTO_FORM = {"VideoResNet": "delta", "VideoMobileNetV2": "concat"}
 SIDECAR_VERSION = 2  # 2: outputs, preprocess, frame_spacing
 
 
@@ -202,9 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--mode", choices=("online", "offline"), default="online")
-    p.add_argument("--graph-form", choices=("concat", "delta"), default="concat",
+    p.add_argument("--graph-form", choices=("auto", "concat", "delta"), default="auto",
                    help="online shift points as slices + concatenation, or as conv(x) + a 1/8-wide conv of the "
-                        "cache change on BN-folded weights (docs/deploy.md: per-frame cost)")
+                        "cache change on BN-folded weights; auto: the one measured cheaper per frame for the "
+                        "architecture (delta for ResNet, concat for MobileNetV2; docs/deploy.md)")
     p.add_argument("--size", type=positive_int, help="input height = width (default: the config's data.crop_size)")
     p.add_argument("--classes", help="class names, one per line (default: <data.root>/classes.txt if present)")
     p.add_argument("--out", required=True, help="the model file; the sidecar is FILE.json")
@@ -223,12 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--size {size} is below 32, the network's total stride")
     check_exportable(model, args.mode)
     start = time.perf_counter()
-    interface = export_graph(model, args.mode, args.format, args.out, size, form=args.graph_form)
+    form = args.graph_form if args.graph_form != "auto" else AUTO_FORM.get(type(model).__name__, "concat")
+    interface = export_graph(model, args.mode, args.format, args.out, size, form=form)
     seconds = time.perf_counter() - start
     meta = sidecar(model, cfg, args.mode, args.format, size, interface,
                    _class_names(args.classes, cfg, model.num_classes))
     meta["export_seconds"] = round(seconds, 3)
-    meta["graph_form"] = args.graph_form if args.mode == "online" else None
+    meta["graph_form"] = form if args.mode == "online" else None
     sidecar_path(args.out).write_text(json.dumps(meta, indent=1) + "\n")
     print(f"wrote {args.out} ({args.format}, {args.mode}, {len(interface['caches'])} caches, "
           f"{meta['cache_bytes_per_stream'] / 1e6:.3f} MB of cache per stream) and {sidecar_path(args.out)} "
