@@ -49,6 +49,18 @@ def _on_stop_signal(signum, frame):  # type: ignore[no-untyped-def]
     _os._exit(128 + signum)
 
 
+def outcome_decided() -> None:
+    """A command's exit code is decided (:func:`tsm_dist.commands.exit_codes.run_main` returns): a stop signal
+    from now on (a launcher ending the job's other ranks, a late Ctrl-C) must neither add a line nor turn the
+    code into a death by signal, so SIGINT and SIGTERM are ignored while the process exits. Ignored at the C
+    level on purpose: Python's finalization resets Python-level handlers to the default action, which is
+    how a signal in that window used to kill the process (-15 / -2 instead of the decided code). A hung exit
+    still ends with the scheduler's or the launcher's SIGKILL."""
+    if _os.getpid() == globals().get("_COMMAND_PID") and not _debug():
+        for sig in (_signal.SIGINT, _signal.SIGTERM):
+            _signal.signal(sig, _signal.SIG_IGN)
+
+
 # only for our commands (python -m tsm_dist.<module> imports this package while argv[0] is still "-m";
 # the console script is tsm-dist), never for a program that imports tsm_dist as a library
 if _sys.argv and _os.path.basename(_sys.argv[0]) in ("-m", "tsm-dist"):

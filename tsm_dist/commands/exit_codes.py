@@ -35,6 +35,7 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
+from tsm_dist import outcome_decided
 from tsm_dist.config import ConfigError
 from tsm_dist.data.errors import DataError, VideoError
 from tsm_dist.ranks.layout import launcher_layout
@@ -178,3 +179,5 @@ def run_main(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[
             traceback.print_exc()
             return exit_code(exc)
         return report(prog, exc)
+    finally:
+        outcome_decided()

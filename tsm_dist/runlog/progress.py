@@ -68,6 +68,9 @@ class Progress:
         """The end of ``epoch`` (1-based), after its evaluation: one line in a batch log (``evaluation``:
         e.g. "val top-1 87.5 % (best 87.5 %, epoch 3)")."""
         self._step = step
+        if self._bar is not None:  # the bar redraws at most every 0.1 s: a short epoch is shown once it ends
+            self._bar.set_description(self._epoch_text(epoch), refresh=False)
+            self._bar.refresh()
         if self._lines:
             self._line(f"{self._epoch_text(epoch)} done, step {step}/{self.total}", evaluation)
 
