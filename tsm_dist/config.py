@@ -153,6 +153,16 @@ class EngineConfig:
     # Two ranks on one GPU are refused (engine._refuse_shared_gpu); only a deliberate test of the
     # collective path on a one-GPU machine (benchmarks/gpu_acceptance.py) turns the refusal off.
     allow_shared_gpu: bool = False
+    # Elastic training (Horovod's elastic mode, Gloo controller; docs/training.md#elastic-training): ranks may
+    # leave or join without a restart. The state is committed every commit_every optimizer steps and at every
+    # epoch end; a failure rolls the survivors back to the last commit.
+    elastic: bool = False
+    elastic_min_ranks: int = 0  # horovodrun --min-np; 0: the starting world size
+    elastic_max_ranks: int = 0  # horovodrun --max-np; 0: the starting world size
+    commit_every: int = 50
+    # when the world size changes: keep the global batch (accumulation adapts, LR schedule unchanged) or the
+    # per-rank batch (the global batch follows the world size, the LR rescaled linearly)
+    on_resize: str = field(default="keep_global_batch", metadata=_choices("keep_global_batch", "keep_rank_batch"))
 
 
 @dataclass
@@ -269,12 +279,13 @@ def _check_ranges(cfg: Config) -> None:
                 "data.batch_size", "data.crop_size", "data.num_threads", "optim.base_batch",
                 "train.epochs", "train.accumulate", "train.keep_last", "log.interval",
                 "eval.num_clips", "eval.last_n", "engine.fusion_threshold_mb",
-                "engine.gradient_predivide_factor", "engine.timeout_s"]
+                "engine.gradient_predivide_factor", "engine.timeout_s", "engine.commit_every"]
     non_negative = ["optim.base_lr", "optim.weight_decay", "optim.warmup_epochs", "optim.clip_grad_norm",
                     "optim.momentum", "optim.trust_coefficient", "optim.eps", "train.max_steps", "train.global_batch", "data.num_samples",
                     "data.num_val_samples", "data.label_noise", "optim.warmup_min_steps",
                     "data.val_batch_size", "train.checkpoint_every_epochs", "train.eval_every_epochs",
-                    "engine.cycle_time_ms", "engine.stall_check_s", "engine.stall_shutdown_s", "log.progress_every_s"]
+                    "engine.cycle_time_ms", "engine.stall_check_s", "engine.stall_shutdown_s", "log.progress_every_s",
+                    "engine.elastic_min_ranks", "engine.elastic_max_ranks"]
     for key in positive + non_negative:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -294,6 +305,21 @@ def _check_ranges(cfg: Config) -> None:
         for key, default in (("timeline", ""), ("cycle_time_ms", 0.0)):
             if getattr(cfg.engine, key) != default:
                 raise ConfigError(f"engine.{key} is a Horovod option; unset it for engine.name=torch")
+    _check_elastic(cfg.engine)
+
+
+def _check_elastic(engine: EngineConfig) -> None:
+    """Elastic keys only with engine.elastic on Horovod, and a --min-np/--max-np pair horovodrun accepts."""
+    if not engine.elastic:
+        for key in ("elastic_min_ranks", "elastic_max_ranks"):
+            if getattr(engine, key):
+                raise ConfigError(f"engine.{key} is an elastic option; set engine.elastic: true or unset it")
+        return
+    if engine.name != "horovod":
+        raise ConfigError("engine.elastic needs engine.name=horovod (Horovod's elastic mode; torch.distributed has none here)")
+    low, high = engine.elastic_min_ranks, engine.elastic_max_ranks
+    if low and high and low > high:
+        raise ConfigError(f"engine.elastic_min_ranks={low} must be <= engine.elastic_max_ranks={high}")
 
 
 def resolve_model_options(model: ModelConfig) -> dict[str, Any]:

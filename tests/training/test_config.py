@@ -57,6 +57,13 @@ def test_unknown_section(tmp_path):
     ("model:\n  dropout: 1.5\n", r"model.dropout=1.5 must be in \[0, 1\)"),
     ("model: [1, 2]\n", r"section 'model' must be a mapping"),
     ("engine:\n  name: torch\n  timeline: /tmp/t.json\n", r"engine.timeline is a Horovod option"),
+    ("engine:\n  elastic: true\n  name: torch\n", r"engine.elastic needs engine.name=horovod"),
+    ("engine:\n  elastic: true\n  elastic_min_ranks: 4\n  elastic_max_ranks: 2\n",
+     r"engine.elastic_min_ranks=4 must be <= engine.elastic_max_ranks=2"),
+    ("engine:\n  elastic_max_ranks: 4\n", r"engine.elastic_max_ranks is an elastic option; set engine.elastic: true"),
+    ("engine:\n  elastic: true\n  commit_every: 0\n", r"engine.commit_every=0 must be > 0"),
+    ("engine:\n  elastic_min_ranks: -1\n", r"engine.elastic_min_ranks=-1 must be >= 0"),
+    ("engine:\n  on_resize: keep_lr\n", r"engine.on_resize='keep_lr' is not one of keep_global_batch, keep_rank_batch"),
 ])
 def test_wrong_types_and_values(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
