@@ -153,7 +153,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", default="1,2", help="comma list of onnxruntime intra-op thread counts")
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--forms", default="concat,delta", help="comma list of online graph forms (models/online.py)")
+    p.add_argument("--forms", default="concat,delta", help="comma list of online graph forms (tsm_dist/streaming/slots.py)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--cpu-time", action="store_true",
                    help="time CPU seconds of this process instead of wall-clock: on a loaded machine the time a "

@@ -67,7 +67,7 @@ def test_early_recognition_at_full_video_is_the_offline_clip_prediction(trained,
     from tsm_dist.deploy.early import early_curve
     from tsm_dist.deploy.export import trained_model
     from tsm_dist.deploy.frames import Preprocess, segment_frames
-    from tsm_dist.deploy.runtime import OnnxStream
+    from tsm_dist.streaming.onnx_stream import OnnxStream
 
     out = tmp_path / "m.onnx"
     assert cli(["export", "--checkpoint", str(trained), "--out", str(out)]) == 0

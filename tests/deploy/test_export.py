@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from tsm_dist.deploy.export import export_graph, sidecar_path
-from tsm_dist.deploy.runtime import OnnxStream, session
-from tsm_dist.models import OnlineTSM, build_model
-from tsm_dist.models.online import ExplicitCacheTSM
+from tsm_dist.deploy.runtime import session
+from tsm_dist.models import build_model
+from tsm_dist.streaming import ExplicitCacheTSM, OnlineTSM
+from tsm_dist.streaming.onnx_stream import OnnxStream
 
 pytest.importorskip("onnxruntime")
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from tsm_dist.cli import main as cli
 from tsm_dist.deploy.export import trained_model
-from tsm_dist.models import OnlineTSM, build_model
+from tsm_dist.models import build_model
+from tsm_dist.streaming import OnlineTSM
 
 
 # -- ops/temporal_shift.py -----------------------------------------------------------------------
@@ -368,7 +369,7 @@ def test_model_pretrained_takes_official_files_as_they_are(tmp_path, demo_file) 
 
 def test_imported_demo_exports_and_streams_in_onnxruntime(tmp_path, demo_file) -> None:
     pytest.importorskip("onnxruntime")
-    from tsm_dist.deploy.runtime import OnnxStream
+    from tsm_dist.streaming.onnx_stream import OnnxStream
 
     path, official = demo_file
     ours = tmp_path / "our.pt"

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tsm_dist.config import ConfigError, ModelConfig, resolve_model_options
-from tsm_dist.models import OnlineTSM, build_model
+from tsm_dist.models import build_model
+from tsm_dist.streaming import OnlineTSM
 from tsm_dist.models.mobilenet import InvertedResidual, make_divisible
 from tsm_dist.models.pretrained import load_pretrained
 

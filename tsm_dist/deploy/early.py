@@ -16,8 +16,8 @@ import numpy as np
 
 from tsm_dist.commands.arguments import non_negative_int, positive_int
 from tsm_dist.deploy.frames import Preprocess, segment_frames
-from tsm_dist.deploy.runtime import OnnxStream
 from tsm_dist.commands.exit_codes import UsageError
+from tsm_dist.streaming.onnx_stream import OnnxStream
 
 
 def early_curve(stream: OnnxStream, videos: list[tuple[str, int]], frames: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """``tsm-dist export``: a checkpoint -> an ONNX or TorchScript model and a sidecar JSON.
 
-Online (``--mode online``): the graph of :class:`tsm_dist.models.online.ExplicitCacheTSM`, inputs
+Online (``--mode online``): the graph of :class:`tsm_dist.streaming.step.ExplicitCacheTSM`, inputs
 ``frame`` ``(N, 3, H, W)`` and ``cache_00 ... cache_{K-1}``, outputs ``logits`` ``(N, classes)`` and
 ``new_cache_00 ...`` (same shapes): feed each frame with the previous call's new caches (zeros to
 start a stream). Offline (``--mode offline``): the clip model ``clips`` ``(N, T, 3, H, W)`` -> ``logits``.
@@ -80,7 +80,8 @@ def check_exportable(model: nn.Module, mode: str) -> None:
 def graph_module(model: nn.Module, mode: str, size: int, batch: int = 1, with_shift: bool = True,
                  form: str = "concat") -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str], list[str]]:
     """(module to trace, example inputs, input names, output names) for ``mode``."""
-    from tsm_dist.models.online import CatShiftClipModel, ExplicitCacheTSM
+    from tsm_dist.deploy.clip_graph import CatShiftClipModel
+    from tsm_dist.streaming.step import ExplicitCacheTSM
 
     if mode == "offline":
         clips = torch.zeros(batch, model.num_frames, 3, size, size)
@@ -88,8 +89,7 @@ def graph_module(model: nn.Module, mode: str, size: int, batch: int = 1, with_sh
     module = ExplicitCacheTSM(model, with_shift=with_shift, form=form)
     frame = torch.zeros(batch, 3, size, size)
     caches = tuple(torch.zeros(s) for s in module.cache_shapes(tuple(frame.shape)))
-    names = module.cache_names()
-    return module, (frame, *caches), ["frame", *names], ["logits", *[f"new_{n}" for n in names]]
+    return module, (frame, *caches), ["frame", *module.cache_names()], ["logits", *module.new_cache_names()]
 
 
 def export_graph(model: nn.Module, mode: str, fmt: str, out: str | Path, size: int,
@@ -116,7 +116,7 @@ def export_graph(model: nn.Module, mode: str, fmt: str, out: str | Path, size: i
                 torch.jit.save(traced, file)
     shapes = {n: ["batch", *t.shape[1:]] for n, t in zip((*in_names, *out_names), (*inputs, *results))}
     return {"inputs": in_names, "outputs": out_names, "shapes": shapes,
-            "caches": [{"input": n, "output": f"new_{n}", "shape": shapes[n]} for n in in_names[1:]]}
+            "caches": [{"input": i, "output": o, "shape": shapes[i]} for i, o in zip(in_names[1:], out_names[1:])]}
 
 
 def _fixed_output_sizes(path: str | Path, sizes: dict[str, torch.Size]) -> None:

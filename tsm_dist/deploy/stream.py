@@ -15,8 +15,8 @@ import time
 import numpy as np
 
 from tsm_dist.deploy.frames import Preprocess, iter_video
-from tsm_dist.deploy.runtime import OnnxStream
 from tsm_dist.commands.exit_codes import UsageError
+from tsm_dist.streaming.onnx_stream import OnnxStream
 from tsm_dist.data.errors import DataError
 
 

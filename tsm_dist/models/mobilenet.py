@@ -4,7 +4,7 @@ The shift sits where the official TSM code puts it: at the input of the residual
 inverted-residual block that has a residual connection and an expansion (stride 1, same width in
 and out, expand ratio 6; 10 of MobileNetV2's 17 blocks), so ``x + branch(shift(x))`` and the
 identity path keeps the frame's own features. Offline the shift is bi-directional; built online it
-is uni-directional and :class:`tsm_dist.models.online.OnlineTSM` streams it with one cache per
+is uni-directional and :class:`tsm_dist.streaming.online.OnlineTSM` streams it with one cache per
 shifted block.
 
 Module names follow torchvision's ``mobilenet_v2`` (``features.N.conv...``; the classifier is ``fc``

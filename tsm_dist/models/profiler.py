@@ -80,7 +80,7 @@ def online_cache_bytes(name: str, *, num_classes: int = 400, size: int = 224, de
                        width: int | None = None) -> int | None:
     """Shift-cache bytes per stream of ``name`` built online (one frame streamed on the meta device);
     None for a model without a shift (nothing to cache) or a 3D model (cannot stream)."""
-    from tsm_dist.models.online import OnlineTSM
+    from tsm_dist.streaming.online import OnlineTSM
 
     with torch.device("meta"):
         model = _build(name, num_classes, None, depth, width)

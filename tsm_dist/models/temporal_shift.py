@@ -73,9 +73,8 @@ def shifted_conv(x: Tensor, conv: nn.Conv2d, num_frames: int, groups: tuple[Grou
 class TemporalShift(nn.Module):
     """A shift point of the network: no parameters, knows its clip length, fold and direction.
 
-    In streaming mode (used by :class:`tsm_dist.models.online.OnlineTSM`, uni-directional only) every
-    call is one time step of the batch, ``(N, C, H, W)``: the moved channels come from a cache of the
-    previous step and the current ones are cached for the next, so no frame is ever recomputed.
+    It shifts whole clips; streaming one frame at a time replaces it by a cache slot
+    (:mod:`tsm_dist.streaming`).
     """
 
     def __init__(self, num_frames: int, fold_div: int = 8, direction: Direction = "bi") -> None:
@@ -89,8 +88,6 @@ class TemporalShift(nn.Module):
         self.num_frames = num_frames
         self.fold_div = fold_div
         self.direction: Direction = direction
-        self.streaming = False
-        self._cache: Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"num_frames={self.num_frames}, fold_div={self.fold_div}, direction={self.direction}"
@@ -100,46 +97,9 @@ class TemporalShift(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``shift(x)`` as a new tensor (the in-place placement, where it replaces the block input)."""
-        if self.streaming:
-            fold = self.groups(x.shape[1])[0][1]
-            out = x.clone()
-            out[:, :fold] = self._swap_cache(x[:, :fold].clone())
-            return out
         return shift_copy(x, self.num_frames, self.groups(x.shape[1]))
 
     def conv(self, x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
         """``(conv(shift(x)), x)`` leaving ``x`` intact (the residual placement); use the returned
         ``x`` as the block's identity (see :func:`shifted_conv2d_and_identity`)."""
-        if not self.streaming:
-            return shifted_conv(x, conv, self.num_frames, self.groups(x.shape[1]))
-        if torch.is_grad_enabled():
-            return conv(self.forward(x)), x
-        fold = self.groups(x.shape[1])[0][1]
-        xd = x.data
-        current = xd[:, :fold].clone()
-        xd[:, :fold] = self._swap_cache(current)
-        try:
-            return conv(x), x
-        finally:
-            xd[:, :fold] = current
-
-    # -- streaming -------------------------------------------------------------------------------
-    def start_stream(self) -> None:
-        if self.direction != "uni":
-            raise ValueError("streaming needs a uni-directional shift (build the model with online=True)")
-        self.streaming, self._cache = True, None
-
-    def stop_stream(self) -> None:
-        self.streaming, self._cache = False, None
-
-    def cache_nbytes(self) -> int:
-        return 0 if self._cache is None else self._cache.numel() * self._cache.element_size()
-
-    def _swap_cache(self, current: Tensor) -> Tensor:
-        """Return the previous step's channels (zeros at the first step); keep ``current`` (owned)."""
-        previous = torch.zeros_like(current) if self._cache is None else self._cache
-        if previous.shape != current.shape:
-            raise ValueError(f"stream changed shape from {tuple(previous.shape)} to {tuple(current.shape)};"
-                             " reset the stream before feeding another one")
-        self._cache = current
-        return previous
+        return shifted_conv(x, conv, self.num_frames, self.groups(x.shape[1]))

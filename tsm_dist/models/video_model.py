@@ -3,8 +3,8 @@
 Clips ``(N, T, 3, H, W)`` in, logits ``(N, num_classes)`` out. A 2D backbone sees the frames folded into
 the batch, ``(N*T, 3, H, W)``, and its per-frame logits are averaged (TSN's consensus); a 3D backbone sees
 ``(N, 3, T, H, W)`` and pools time itself. Then global pooling, dropout and the classifier. Also shared:
-the weight init, the input checks, and the stream control of the model's temporal shifts
-(:class:`tsm_dist.models.online.OnlineTSM`).
+the weight init and the input checks. Streaming frame by frame is :mod:`tsm_dist.streaming`'s, on a copy of
+the model whose shifts it replaces.
 
 A backbone subclass sets ``spec``, ``num_frames``, ``num_classes``, ``conv3d``, ``avgpool``, ``dropout`` and
 ``fc``, defines :meth:`VideoModel._backbone`, and calls :meth:`VideoModel._finish` at the end of its
@@ -37,7 +37,7 @@ class VideoModel(nn.Module, ABC):
     def _finish(self) -> None:
         """The end of a subclass's ``__init__``: initialize the weights, find the shifts."""
         self._init_weights()
-        # A plain tuple (not registered twice): the streaming checks run on every forward.
+        # A plain tuple (not registered twice)
         self._shifts = tuple(m for m in self.modules() if isinstance(m, TemporalShift))
 
     def _init_weights(self) -> None:
@@ -55,11 +55,7 @@ class VideoModel(nn.Module, ABC):
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 5 or x.shape[2] != 3:
             raise ValueError(f"expected clips shaped (N, T, 3, H, W), got {tuple(x.shape)}")
-        if self.streaming:
-            if x.shape[1] != 1:
-                raise ValueError("the model is streaming (OnlineTSM): one frame per call; "
-                                 "stop_stream() to run whole clips again")
-        elif self.spec.shift and x.shape[1] != self.num_frames:
+        if self.spec.shift and x.shape[1] != self.num_frames:
             raise ValueError(f"this TSM model shifts over num_frames={self.num_frames}, "
                              f"got clips of {x.shape[1]} frames")
 
@@ -68,11 +64,16 @@ class VideoModel(nn.Module, ABC):
             return clips.transpose(1, 2)  # (N, 3, T, H, W)
         return clips.flatten(0, 1)  # (N*T, 3, H, W)
 
+    def backbone_logits(self, x: Tensor) -> Tensor:
+        """Backbone, pooling and classifier on ``x`` in the backbone's layout (2D: frames ``(M, 3, H, W)``
+        -> ``(M, K)``), without the clip interface's checks and reshapes."""
+        feats = self.avgpool(self._backbone(x)).flatten(1)
+        return self.fc(self.dropout(feats))
+
     def _logits(self, clips: Tensor) -> Tensor:
         """Logits per frame (2D: ``(N*T, K)``) or per clip (3D: ``(N, K)``)."""
         self._check_input(clips)
-        feats = self.avgpool(self._backbone(self._to_backbone_layout(clips))).flatten(1)
-        return self.fc(self.dropout(feats))
+        return self.backbone_logits(self._to_backbone_layout(clips))
 
     def frame_logits(self, clips: Tensor) -> Tensor:
         """Per-frame logits ``(N, T, num_classes)`` of a 2D model (TSN's consensus averages them)."""
@@ -85,24 +86,5 @@ class VideoModel(nn.Module, ABC):
             return self._logits(clips)
         return self.frame_logits(clips).mean(dim=1)
 
-    # -- streaming (used by OnlineTSM) -------------------------------------------------------------
     def shift_modules(self) -> tuple[TemporalShift, ...]:
         return self._shifts
-
-    @property
-    def streaming(self) -> bool:
-        return any(s.streaming for s in self._shifts)
-
-    def start_stream(self) -> None:
-        """Each call now takes one time step ``(N, 1, 3, H, W)``; shift caches start at zero."""
-        if self.conv3d:
-            raise ValueError("a 3D model cannot stream frame by frame")
-        for s in self.shift_modules():
-            s.start_stream()
-
-    def stop_stream(self) -> None:
-        for s in self.shift_modules():
-            s.stop_stream()
-
-    def stream_cache_nbytes(self) -> int:
-        return sum(s.cache_nbytes() for s in self.shift_modules())

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tsm_dist.models import OnlineTSM, build_model
+from tsm_dist.models import build_model
+from tsm_dist.streaming import OnlineTSM
+from tsm_dist.streaming.slots import CacheSlot
 
 
 @pytest.mark.parametrize("depth,shift_place", [(18, "residual"), (26, "residual"), (26, "inplace")])
@@ -24,7 +26,7 @@ def test_online_equals_offline_unidirectional(depth: int, shift_place: str) -> N
     assert not torch.allclose(offline[:, 1:], still[:, 1:], atol=1e-4)
 
 
-def test_reset_starts_new_streams_and_offline_mode_returns() -> None:
+def test_reset_starts_new_streams_and_the_model_is_left_as_it_is() -> None:
     torch.manual_seed(0)
     model = build_model("tsm8f_r50", 4, num_frames=3, depth=18, width=8, online=True).eval()
     online = OnlineTSM(model)
@@ -33,12 +35,14 @@ def test_reset_starts_new_streams_and_offline_mode_returns() -> None:
         offline_b = model.frame_logits(b)
     for t in range(3):
         online(a[:, t])
-    with pytest.raises(ValueError, match="one frame per call"):
-        model(b)
+    with torch.no_grad():  # whole clips run on the model while it streams: nothing of it was changed
+        assert torch.equal(model.frame_logits(b), offline_b)
+    assert isinstance(online.step.model.layer1[0].shift, CacheSlot)
+    assert not any(isinstance(m, CacheSlot) for m in model.modules())
+    assert online.step.model.layer1[0].conv1.weight is model.layer1[0].conv1.weight  # weights shared
+    with pytest.raises(ValueError, match="changed shape"):
+        online(torch.randn(2, 3, 32, 32))
     online.reset()
-    assert not model.streaming
-    with torch.no_grad():
-        assert torch.allclose(model.frame_logits(b), offline_b)  # offline again, cache unused
     streamed_b = torch.stack([online(b[:, t]) for t in range(3)], dim=1)
     assert torch.allclose(streamed_b, offline_b, rtol=1e-4, atol=1e-5)
 
