@@ -211,7 +211,7 @@ def test_a_job_cancelled_while_pending_is_reported_as_such(cluster: SlurmCluster
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Held, then cancelled: no job log, no metrics; the study's status says it was cancelled before it
     started, not "the trainer did not start; see the job log"."""
-    from tsm_dist.scheduler.submit import RunSpec, refresh_status
+    from tsm_dist.scheduler.submit import JobSpec, refresh_status
 
     script = tmp_path / "job.sh"
     script.write_text(render_job("slurm", 1, 0, CONFIG, ranks_per_node=2, cpus_per_rank=1, time="00:10",
@@ -224,7 +224,7 @@ def test_a_job_cancelled_while_pending_is_reported_as_such(cluster: SlurmCluster
     fields = cluster.wait_final(job_id, 30)
     assert (fields["JobState"], fields["ExitCode"]) == ("CANCELLED", "0:0"), fields
     monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
-    run = RunSpec(tag="pending", config="c.yaml", workdir="run", job_id=str(job_id), status="submitted")
+    run = JobSpec(tag="pending", config="c.yaml", workdir="run", job_id=str(job_id), status="submitted")
     refresh_status([run], tmp_path, "slurm")
     assert run.status == "cancelled before it started (while pending: no metrics.jsonl, no job log)", run.status
     acct = cluster.sacct(job_id)

@@ -8,7 +8,7 @@ import pytest
 
 from tsm_dist.runlog import records
 from tsm_dist.runlog.records import MetricsLog, close_run, describe_run, finish_job, read_last_run
-from tsm_dist.scheduler.submit import (JobOptions, RunSpec, SubmitError, job_log, parse_job_id, render_jobs,
+from tsm_dist.scheduler.submit import (JobOptions, JobSpec, SubmitError, job_log, parse_job_id, render_jobs,
                                    run_outcome)
 from tsm_dist.studies.scaling.sweep import main as sweep_main
 
@@ -80,7 +80,7 @@ def test_the_batch_log_line_says_where_the_record_is(tmp_path):
 
 def test_cpu_jobs_render_without_a_gpu_request(tmp_path):
     (tmp_path / "c.yaml").write_text("{}\n")
-    runs = [RunSpec(tag="b16", config="c.yaml", workdir="runs/b16", run_nodes=2, overrides=["optim.lr=0.2"],
+    runs = [JobSpec(tag="b16", config="c.yaml", workdir="runs/b16", run_nodes=2, overrides=["optim.lr=0.2"],
                     then_module="tsm_dist.training.evaluate", then_args=["--last-n", "5"])]
     render_jobs(runs, tmp_path, JobOptions("slurm", gpus_per_node=0, ranks_per_node=4, cpus_per_rank=2))
     text = (tmp_path / runs[0].script).read_text()

@@ -5,7 +5,7 @@ one job script per run from ``jobs/job.sh.tmpl`` (through :func:`tsm_dist.schedu
 submits it with ``bsub``/``sbatch``, waits for the jobs and reads each run's outcome from its
 ``metrics.jsonl``. Paths of a run (config, workdir, script) are relative to the study directory ``out``::
 
-    runs = [RunSpec(tag="b64", config="jobs/b64/b64.yaml", workdir="runs/b64", run_nodes=2)]
+    runs = [JobSpec(tag="b64", config="jobs/b64/b64.yaml", workdir="runs/b64", run_nodes=2)]
     opts = JobOptions(scheduler="slurm", gpus_per_node=0, ranks_per_node=2, cpus_per_rank=1, time="00:20")
     render_jobs(runs, out, opts, command="python -m tsm_dist.batch_study ...")  # out/jobs/<tag>/job.sbatch
     submit_jobs(runs, out, opts.scheduler, on_submitted=lambda run: plan.save(out))
@@ -48,7 +48,7 @@ class StudyRun(Protocol):
 
 
 @dataclass
-class RunSpec:
+class JobSpec:
     """A plain :class:`StudyRun`, with trainer overrides and an optional program to run after training
     on the same allocation (``python -m then_module then_args``, e.g. an evaluation)."""
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tsm_dist.studies.batch_size.runs import PLAN_FILE, StudyRun, run_overrides
-from tsm_dist.scheduler.submit import JobOptions, RunSpec, refresh_status, render_jobs, submit_jobs, wait_for_jobs
+from tsm_dist.scheduler.submit import JobOptions, JobSpec, refresh_status, render_jobs, submit_jobs, wait_for_jobs
 
 
-def job_specs(plan: dict[str, Any], out: Path) -> list[RunSpec]:
+def job_specs(plan: dict[str, Any], out: Path) -> list[JobSpec]:
     """Write every run's config and return its job spec (paths relative to ``out``)."""
     from tsm_dist.config import dump_config, load_config
 
@@ -26,13 +26,13 @@ def job_specs(plan: dict[str, Any], out: Path) -> list[RunSpec]:
             (out / config).parent.mkdir(parents=True, exist_ok=True)
             dump_config(load_config(plan["config"], [*plan["overrides"], *run_overrides(run)]), out / config)
         recorded = plan.get("jobs", {}).get(run.tag, {})
-        specs.append(RunSpec(tag=run.tag, config=str(config), workdir=f"runs/{run.tag}", run_nodes=run.nodes,
+        specs.append(JobSpec(tag=run.tag, config=str(config), workdir=f"runs/{run.tag}", run_nodes=run.nodes,
                              script=recorded.get("script", ""), job_id=recorded.get("job_id", ""),
                              status=recorded.get("status", "planned")))
     return specs
 
 
-def save_jobs(plan: dict[str, Any], specs: Sequence[RunSpec], out: Path) -> None:
+def save_jobs(plan: dict[str, Any], specs: Sequence[JobSpec], out: Path) -> None:
     plan["jobs"] = {s.tag: {"script": s.script, "job_id": s.job_id, "status": s.status} for s in specs}
     (out / PLAN_FILE).write_text(json.dumps(plan, indent=2))
 
