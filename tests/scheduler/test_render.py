@@ -160,7 +160,9 @@ def all_variants() -> list[str]:
             render_job("lsf", 2, 6, CONFIG, project="P", resource_sets="per-node", requeue=False),
             render_job("lsf", 2, 0, CONFIG, project="P", resource_sets="per-node", ranks_per_node=2),
             render_job("slurm", 2, 4, CONFIG, env=["NCCL_SOCKET_IFNAME=ib0", "X=a b"]),
-            render_job("slurm", 1, 0, CONFIG, ranks_per_node=2, cpus_per_rank=1, controller="mpi", requeue=False)]
+            render_job("slurm", 1, 0, CONFIG, ranks_per_node=2, cpus_per_rank=1, controller="mpi", requeue=False),
+            render_job("slurm", 3, 4, CONFIG, overrides=[*ELASTIC, "engine.elastic_max_ranks=8"]),
+            render_job("lsf", 2, 6, CONFIG, project="P", overrides=ELASTIC, requeue=False)]
 
 
 def test_every_variant_is_valid_bash(tmp_path: Path) -> None:
@@ -373,3 +375,148 @@ def test_a_killed_rank_ends_the_job_with_the_code_rank_0_decided(tmp_path: Path)
     assert code == 1, output[-3000:]
     assert "exit code 1, as the end record decided (the launcher's: 137)" in output, output[-3000:]
     assert "rank 1 was lost" in output and "requeue" not in output.split("ranks exited with status")[1]
+
+
+# ------------------------------------------------------------------ elastic jobs (engine.elastic)
+ELASTIC = ["engine.elastic=true"]
+
+
+def launcher_line(script: str) -> str:
+    return next(line for line in script.splitlines() if line.startswith("run_ranks "))
+
+
+def test_elastic_slurm_script_starts_horovodrun_with_host_discovery() -> None:
+    text = render_job("slurm", 3, 4, CONFIG, job_name="el",
+                      overrides=[*ELASTIC, "engine.elastic_max_ranks=8", "engine.elastic_min_ranks=4"])
+    sbatch = directives(text, "#SBATCH")
+    # a failed node must not end the allocation; the time-limit warning goes to this shell, which passes it on
+    assert "--no-kill" in sbatch and "--signal=B:USR1@180" in sbatch and "--signal=USR1@180" not in sbatch
+    assert launcher_line(text) == ('run_ranks "$TSM_DIST_PYTHON" -m tsm_dist.ranks.elastic_run --gloo -np 8 --min-np 4 '
+                                   '--max-np 8 --host-discovery-script "$DISCOVER_HOSTS" \\')
+    assert 'DISCOVER_HOSTS="$TSM_DIST_ROOT/launch/discover_hosts.sh --slots 4"' in text
+    assert '"$TSM_DIST_ROOT/launch/rank.sh" --controller none --cpus-per-rank "$CPUS_PER_RANK" --' in text
+    assert "8 of 12 slot(s) at start, 4 slot(s) spare, never fewer than 4 rank(s)" in text
+    assert "run_ranks srun" not in text and "--network-interface" not in text and 'scontrol requeue "$JOB_ID"' in text
+    assert "$DISCOVER_HOSTS --check-ssh || exit 2" in text
+
+
+@pytest.mark.parametrize("settings, nodes, expected", [
+    ([], 3, "-np 12 --min-np 12 --max-np 12"),  # 0: the starting world size
+    (["engine.elastic_max_ranks=8"], 3, "-np 8 --min-np 8 --max-np 8"),  # one node's slots kept spare
+    (["engine.elastic_min_ranks=6"], 3, "-np 12 --min-np 6 --max-np 12"),  # goes on with 6 of 12
+    (["engine.elastic_max_ranks=16"], 3, "-np 12 --min-np 12 --max-np 16"),  # more only if hosts are added
+    ([], 1, "-np 4 --min-np 4 --max-np 4 --network-interface lo"),  # horovodrun needs 2 hosts to find a NIC
+])
+def test_elastic_rank_counts(settings: list[str], nodes: int, expected: str) -> None:
+    text = render_job("slurm", nodes, 4, CONFIG, overrides=ELASTIC + settings)
+    assert f"elastic_run --gloo {expected} --host-discovery-script" in launcher_line(text)
+
+
+def test_elastic_options_and_refusals() -> None:
+    text = render_job("slurm", 2, 4, CONFIG, overrides=ELASTIC, network_interface="ib0",
+                      launcher_args="--blacklist-cooldown-range 60 600")
+    assert "--gloo -np 8 --min-np 8 --max-np 8 --network-interface ib0 --blacklist-cooldown-range 60 600" in text
+    with pytest.raises(RenderError, match=r"engine.elastic_min_ranks=9 exceeds the 8 rank\(s\)"):
+        render_job("slurm", 2, 4, CONFIG, overrides=[*ELASTIC, "engine.elastic_min_ranks=9"])
+    with pytest.raises(RenderError, match="engine.elastic: bench.allreduce after training needs the fixed"):
+        render_job("slurm", 2, 4, CONFIG, overrides=ELASTIC, then_module="bench.allreduce")
+
+
+def test_elastic_lsf_script() -> None:
+    text = render_job("lsf", 2, 6, CONFIG, project="P", overrides=ELASTIC, controller="gloo")
+    assert "run_ranks jsrun" not in text and "-wa USR1" in "".join(directives(text, "#BSUB"))
+    assert "--gloo -np 12 --min-np 12 --max-np 12 --host-discovery-script" in launcher_line(text)
+    assert 'discover_hosts.sh --slots 6"' in text and "--controller none" in text and 'brequeue "$JOB_ID"' in text
+
+
+def test_elastic_false_renders_the_usual_script() -> None:
+    plain = render_job("slurm", 2, 4, CONFIG, job_name="t")
+    off = render_job("slurm", 2, 4, CONFIG, job_name="t", overrides=["engine.elastic=false"])
+    assert off.replace(" --set engine.elastic=false", "") == plain
+    assert "horovodrun" not in plain and "DISCOVER_HOSTS" not in plain and "--no-kill" not in plain
+
+
+# A stand-in trainer, started by the real per-rank wrapper (tsm_dist.ranks.start) under the real elastic
+# horovodrun: it waits for a stop signal, writes rank 0's end record as the trainer does, then stops after
+# a checkpoint that takes longer than horovodrun's own 5 s grace.
+FAKE_TRAINER = r"""
+import os, signal, sys, time
+from pathlib import Path
+from tsm_dist.runlog.records import MetricsLog, end_record, header_record
+workdir = Path(sys.argv[sys.argv.index("--workdir") + 1])
+rank = int(os.environ["HOROVOD_RANK"])
+got = []
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda n, f: got.append(signal.Signals(n).name))
+log = MetricsLog(workdir / "metrics.jsonl")
+if rank == 0:
+    log.write(header_record(config="c", engine="horovod", world_size=int(os.environ["HOROVOD_SIZE"]), local_size=2,
+                            model="m", num_frames=1, per_gpu_batch=1, accumulate=1, global_batch=2, params=1))
+(workdir / f"ready{rank}").touch()
+deadline = time.monotonic() + 60
+while not got and time.monotonic() < deadline:
+    time.sleep(0.05)
+with open(os.environ["CALLS"], "a") as calls:
+    calls.write(f"rank {rank} got {got[0] if got else 'nothing'}\n")
+time.sleep(float(os.environ.get("CHECKPOINT_S", "0")))
+code = 75 if got == ["SIGUSR1"] else 143
+if rank == 0:
+    log.write(end_record(status="preempted" if code == 75 else "terminated", step=1, epoch=0, exit_code=code))
+sys.exit(code)
+"""
+
+
+def _run_elastic_script(tmp_path: Path, sig: signal.Signals, checkpoint_s: float) -> tuple[int, str, list[str]]:
+    from conftest import PYTHON, launcher_env
+
+    root = tmp_path / "root"  # TSM_DIST_ROOT: the real discovery script, a rank.sh that runs the stand-in
+    (root / "launch").mkdir(parents=True)
+    (root / "fake_trainer.py").write_text(FAKE_TRAINER)
+    (root / "launch" / "discover_hosts.sh").write_text((REPO / "launch" / "discover_hosts.sh").read_text())
+    (root / "launch" / "rank.sh").write_text(
+        '#!/bin/bash\nexec "$TSM_DIST_PYTHON" -m tsm_dist.ranks.start --module fake_trainer "$@"\n')
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(RECORDER)
+    for tool in [*(root / "launch").iterdir(), bin_dir / "scontrol"]:
+        tool.chmod(0o755)
+    workdir, calls = tmp_path / "run", tmp_path / "calls.txt"
+    script = tmp_path / "job.sh"
+    script.write_text(render_job("slurm", 1, 0, CONFIG, ranks_per_node=2, cpus_per_rank=1, workdir=str(workdir),
+                                 overrides=ELASTIC, python=PYTHON))
+    env = launcher_env(**SLURM_ENV, TSM_DIST_ROOT=str(root), CALLS=str(calls), CHECKPOINT_S=str(checkpoint_s),
+                       SLURM_JOB_NODELIST="localhost", SLURM_TASKS_PER_NODE="2")
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    proc = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not all((workdir / f"ready{r}").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.1)
+        os.killpg(proc.pid, sig)  # the batch shell and horovodrun, as the scheduler signals them
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out, calls.read_text().splitlines() if calls.exists() else []
+
+
+@pytest.mark.multirank
+def test_elastic_script_passes_the_warning_to_the_ranks_and_requeues(tmp_path: Path) -> None:
+    rc, out, calls = _run_elastic_script(tmp_path, signal.SIGUSR1, checkpoint_s=0)
+    assert sorted(calls[:2]) == ["rank 0 got SIGUSR1", "rank 1 got SIGUSR1"], f"{calls}\n{out}"
+    assert "elastic: 2 of 2 slot(s) at start, never fewer than 2 rank(s); hosts now: localhost:2" in out, out
+    assert rc == PREEMPTED_EXIT_CODE and calls[2:] == ["scontrol requeue 4242"], f"{calls}\n{out}"
+    assert "exit code 75, as the end record decided (the launcher's: 1)" in out, out
+
+
+@pytest.mark.multirank
+def test_elastic_script_gives_the_ranks_more_than_horovodruns_5_s_after_sigterm(tmp_path: Path) -> None:
+    """horovodrun itself kills its ranks 5 s after a SIGTERM; the job's launcher leaves them their checkpoint."""
+    rc, out, calls = _run_elastic_script(tmp_path, signal.SIGTERM, checkpoint_s=7)
+    ranks = [c for c in calls if not c.startswith("scontrol show")]  # (was it a Slurm preemption?)
+    assert sorted(ranks) == ["rank 0 got SIGTERM", "rank 1 got SIGTERM"], f"{calls}\n{out}"
+    assert "SIGTERM received: the ranks checkpoint and stop by themselves" in out, out
+    assert rc == TERMINATED_EXIT_CODE and "terminated at step 1" in out, out
+    assert "exit code 143, as the end record decided (the launcher's: 1)" in out and "requeueing" not in out, out

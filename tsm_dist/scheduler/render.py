@@ -98,16 +98,36 @@ def parse_time(value: str | None) -> tuple[str, int]:
     return f"{int(m.group(1)):02d}:{m.group(2)}", minutes
 
 
-def _check_config(config: str, overrides: Sequence[str]) -> str:
+def _check_config(config: str, overrides: Sequence[str]) -> Any:
     """The config must exist and load (typos surface here, not hours later in the queue)."""
     from tsm_dist.config import ConfigError, load_config
 
     if not Path(config).is_file():
         raise RenderError(f"--config {config}: no such file")
     try:
-        return load_config(config, list(overrides)).model.name
+        return load_config(config, list(overrides))
     except ConfigError as err:
         raise RenderError(f"--config {config}: {err}") from None
+
+
+def _elastic_launch(engine: Any, nodes: int, ranks_node: int, launcher_args: str,
+                    network_interface: str | None) -> dict[str, Any]:
+    """Template context of an elastic launch (``engine.elastic``): horovodrun's arguments and the host
+    discovery script's. The job starts ``-np`` ranks on the first hosts; slots beyond ``elastic_max_ranks``
+    stay free as spares, which horovodrun uses when a host is blacklisted."""
+    slots = nodes * ranks_node
+    low, high = engine.elastic_min_ranks, engine.elastic_max_ranks
+    start = min(high or slots, slots)
+    low = low or start
+    if low > start:
+        raise RenderError(f"engine.elastic_min_ranks={low} exceeds the {start} rank(s) this job starts with "
+                          f"({nodes} node(s) x {ranks_node})")
+    nic = network_interface or ("lo" if nodes == 1 else None)  # one node: every rank is local
+    args = (f"--gloo -np {start} --min-np {low} --max-np {max(high, start)}" +
+            (f" --network-interface {shlex.quote(nic)}" if nic else "") + (f" {launcher_args}" if launcher_args else ""))
+    spare = f", {slots - start} slot(s) spare" if slots > start else ""
+    return {"horovodrun_args": args, "discover_args": f"--slots {ranks_node}",
+            "elastic_summary": f"{start} of {slots} slot(s) at start{spare}, never fewer than {low} rank(s)"}
 
 
 def render_template(template: str, context: dict[str, Any], flags: set[str]) -> str:
@@ -175,24 +195,10 @@ def _slurm_launch(model: str, nodes: int, gpus_per_node: int, controller: str | 
     return chosen, ranks_node, cpus_per_rank, ctx
 
 
-def render_job(scheduler: str, nodes: int, gpus_per_node: int, config: str, *, project: str | None = None,
-               time: str | None = None, accumulate: int | None = None, job_name: str | None = None,
-               workdir: str | None = None, overrides: Sequence[str] = (), ranks_per_node: int | None = None,
-               cpus_per_rank: int | None = None, resource_sets: str = "per-gpu", controller: str | None = None,
-               queue: str | None = None, requeue: bool = True, warn_seconds: int = DEFAULT_WARN_SECONDS,
-               alloc_flags: str = "smt4", env: Sequence[str] = (), launcher_args: str = "",
-               python: str | None = None, repo: str | None = None, check_config: bool = True,
-               template: str | Path | None = None, command: str | None = None,
-               then_module: str | None = None, then_args: Sequence[str] = (), then_why: str = "") -> str:
-    """The job script text. Raises :class:`RenderError` naming the bad option.
-
-    ``then_module``: a second per-rank program (``python -m then_module then_args``) started with the
-    same launcher and resource sets after training succeeded, e.g. the scaling sweep's allreduce
-    microbenchmark, which must measure the allocation the training ran on.
-    """
-    from tsm_dist.state.stop_signals import PREEMPTED_EXIT_CODE, TERMINATED_EXIT_CODE
-    from tsm_dist.runlog.records import METRICS_FILE
-
+def _check_options(scheduler: str, nodes: int, gpus_per_node: int, accumulate: int | None,
+                   cpus_per_rank: int | None, time: str | None, requeue: bool, warn_seconds: int,
+                   env: Sequence[str]) -> str:
+    """The options that need no config; returns the normalised ``--time``."""
     if scheduler not in SCHEDULERS:
         raise RenderError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     if nodes < 1:
@@ -210,19 +216,53 @@ def render_job(scheduler: str, nodes: int, gpus_per_node: int, config: str, *, p
     bad_env = [e for e in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", e)]
     if bad_env:
         raise RenderError(f"--env {bad_env[0]!r}: expected NAME=VALUE")
-    model = _check_config(config, overrides) if check_config else Path(config).stem
+    return time_text
+
+
+def render_job(scheduler: str, nodes: int, gpus_per_node: int, config: str, *, project: str | None = None,
+               time: str | None = None, accumulate: int | None = None, job_name: str | None = None,
+               workdir: str | None = None, overrides: Sequence[str] = (), ranks_per_node: int | None = None,
+               cpus_per_rank: int | None = None, resource_sets: str = "per-gpu", controller: str | None = None,
+               queue: str | None = None, requeue: bool = True, warn_seconds: int = DEFAULT_WARN_SECONDS,
+               alloc_flags: str = "smt4", env: Sequence[str] = (), launcher_args: str = "",
+               python: str | None = None, repo: str | None = None, check_config: bool = True,
+               network_interface: str | None = None,
+               template: str | Path | None = None, command: str | None = None,
+               then_module: str | None = None, then_args: Sequence[str] = (), then_why: str = "") -> str:
+    """The job script text. Raises :class:`RenderError` naming the bad option.
+
+    ``then_module``: a second per-rank program (``python -m then_module then_args``) started with the
+    same launcher and resource sets after training succeeded, e.g. the scaling sweep's allreduce
+    microbenchmark, which must measure the allocation the training ran on.
+    """
+    from tsm_dist.state.stop_signals import PREEMPTED_EXIT_CODE, TERMINATED_EXIT_CODE
+    from tsm_dist.runlog.records import METRICS_FILE
+
+    time_text = _check_options(scheduler, nodes, gpus_per_node, accumulate, cpus_per_rank, time, requeue,
+                               warn_seconds, env)
+    cfg = _check_config(config, overrides) if check_config else None
+    model = cfg.model.name if cfg is not None else Path(config).stem
+    elastic = cfg is not None and cfg.engine.elastic
+    if elastic and then_module:
+        raise RenderError(f"engine.elastic: {then_module} after training needs the fixed allocation of a "
+                          f"non-elastic job")
     gpu = gpus_per_node > 0
     if scheduler == "lsf":
         if not project:
             raise RenderError("--project is required for LSF (#BSUB -P): the allocation to charge, e.g. ABC123")
-        chosen, ranks_node, cpus, ctx = _lsf_launch(model, nodes, gpus_per_node, controller, cpus_per_rank,
-                                                    resource_sets, ranks_per_node, launcher_args)
+        chosen, ranks_node, cpus, ctx = _lsf_launch(model, nodes, gpus_per_node, None if elastic else controller,
+                                                    cpus_per_rank, resource_sets, ranks_per_node, launcher_args)
     else:
         chosen, ranks_node, cpus, ctx = _slurm_launch(model, nodes, gpus_per_node, controller, cpus_per_rank,
                                                       ranks_per_node, launcher_args)
     name = job_name or f"{Path(config).stem}-{nodes}n" + (f"{gpus_per_node}g" if gpu else f"{ranks_node}r")
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
         raise RenderError(f"--job-name {name!r}: use letters, digits and . _ + - only")
+    if elastic:  # horovodrun (Gloo) sets every rank's Horovod environment
+        chosen = "none"
+        ctx.update(_elastic_launch(cfg.engine, nodes, ranks_node, launcher_args, network_interface))
+        ctx["description"] = (f"{model}: {nodes} node(s) x " + (f"{gpus_per_node} GPU(s)" if gpu else
+                              f"{ranks_node} CPU rank(s)") + f", elastic: horovodrun --gloo, {ctx['elastic_summary']}")
     rank_args = [f"--controller {chosen}"] + ([] if gpu else ["--gpus none"])
     train = [f"--accumulate {accumulate}"] if accumulate else []
     train += [f"--set {shlex.quote(o)}" for o in overrides]
@@ -248,6 +288,8 @@ def render_job(scheduler: str, nodes: int, gpus_per_node: int, config: str, *, p
         flags.add("requeue")
     if then_module:
         flags.add("then")
+    if elastic:
+        flags.add("elastic")
     text = Path(template or TEMPLATE).read_text()
     return render_template(text, ctx, flags)
 
@@ -284,7 +326,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alloc-flags", default="smt4", help="LSF -alloc_flags (default smt4; e.g. 'smt4 nvme')")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="export this in the job (site NCCL settings, ...); repeatable")
-    p.add_argument("--launcher-args", default="", help="extra arguments for jsrun / srun")
+    p.add_argument("--launcher-args", default="", help="extra arguments for jsrun / srun (elastic: horovodrun)")
+    p.add_argument("--network-interface",
+                   help="elastic jobs: horovodrun --network-interface (e.g. ib0); default: detected by horovodrun "
+                        "across the hosts, lo on one node")
     p.add_argument("--python", help="interpreter on the compute nodes (default: this one)")
     p.add_argument("--repo", help="tsm_dist checkout on the compute nodes (default: this one)")
     return p
@@ -314,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             resource_sets=args.resource_sets, controller=args.controller, queue=args.queue,
             requeue=args.requeue, warn_seconds=args.warn_seconds, alloc_flags=args.alloc_flags, env=args.env,
             launcher_args=args.launcher_args, python=args.python, repo=args.repo,
+            network_interface=args.network_interface,
             command="tsm-dist render-job " + " ".join(shlex.quote(a) for a in _without_output(argv)))
     except RenderError as err:
         print(f"tsm-dist render-job: error: {err}", file=sys.stderr)
