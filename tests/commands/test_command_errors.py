@@ -107,6 +107,19 @@ def test_stream_on_a_truncated_video_is_a_data_error(model, data, tmp_path):
     assert "skip_corrupt" not in line  # a training option, no help here
 
 
+def test_stream_on_a_video_cut_after_some_frames_streams_them_and_says_the_rest_is_missing(model, data, tmp_path):
+    """FFmpeg decodes a cut-off file's frames and stops without an error: the stream shows the frames there
+    are, then one data-error line with the counts (it exited 0 with fewer frames before)."""
+    video = next((data / "videos").rglob("*.webm")).read_bytes()
+    cut = tmp_path / "cut.webm"
+    cut.write_bytes(video[: len(video) * 6 // 10])
+    jsonl = tmp_path / "frames.jsonl"
+    result = _run("stream", "--model", str(model), "--video", str(cut), "--quiet", "--every", "1", "--jsonl", str(jsonl))
+    line = _one_line(result, EXIT_DATA, "data error", str(cut), "truncated", "frame(s) decoded", "promises")
+    streamed = len(jsonl.read_text().splitlines())
+    assert 0 < streamed and f"{streamed} frame(s) decoded" in line  # --every 1: every decoded frame streamed
+
+
 @pytest.mark.parametrize("option, value, words", [("--frames", "0", ("--frames", "must be >= 1")),
                                                   ("--limit", "-1", ("--limit", "must be >= 0"))])
 def test_early_recognition_refuses_bad_counts(model, data, option, value, words):

@@ -20,7 +20,7 @@ class VideoInfo:
     codec: str
 
 
-def _promised_frames(container: "av.container.InputContainer", stream: "av.video.stream.VideoStream") -> tuple[int, bool]:
+def promised_frames(container: "av.container.InputContainer", stream: "av.video.stream.VideoStream") -> tuple[int, bool]:
     """(frames the container's header promises, whether that is an exact count); (0, False) if unknown.
 
     MP4/AVI headers hold the exact count; Matroska/WebM only a duration, which times the frame rate
@@ -31,6 +31,11 @@ def _promised_frames(container: "av.container.InputContainer", stream: "av.video
     if container.duration and rate:
         return int(round(container.duration / 1_000_000 * float(rate))), False
     return 0, False
+
+
+def is_short(present: int, promised: int, exact: bool) -> bool:
+    """Fewer frames than the header promises: below an exact count, or 10 % below an estimate."""
+    return bool(promised) and (present < promised if exact else present < 0.9 * promised - 1)
 
 
 def probe_video(path: str, where: str = "") -> VideoInfo:
@@ -53,7 +58,7 @@ def probe_video(path: str, where: str = "") -> VideoInfo:
                 nonempty += bool(packet.size)
                 present += bool(packet.size) or packet.pts is not None
             count = stream.frames or nonempty
-            promised, exact = _promised_frames(container, stream)
+            promised, exact = promised_frames(container, stream)
     except VideoError:
         raise
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as err:
@@ -62,7 +67,7 @@ def probe_video(path: str, where: str = "") -> VideoInfo:
         raise VideoError(path, "video has no frames", where)
     # Truncated is not short: a file cut off by a failed copy still promises its frames; clips
     # planned from the promise would read frames that are not there (DALI pads them silently).
-    if promised and (present < promised if exact else present < 0.9 * promised - 1):
+    if is_short(present, promised, exact):
         raise VideoError(path, f"truncated: the container promises {promised} frames but only {present} are in "
                                f"the file (an interrupted copy or download?)", where)
     if height <= 0 or width <= 0:

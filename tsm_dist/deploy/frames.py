@@ -35,20 +35,32 @@ def synthetic_video(spec: str, frames: int = 32, size: int = 64) -> np.ndarray:
 
 
 def iter_video(path: str) -> Iterator[np.ndarray]:
-    """RGB frames (H, W, 3) uint8 of ``path`` (or a ``synthetic:`` spec), decoded one at a time."""
+    """RGB frames (H, W, 3) uint8 of ``path`` (or a ``synthetic:`` spec), decoded one at a time.
+
+    A file that ends before the frames its header promises (cut off by a failed copy: FFmpeg decodes what
+    is there and stops without an error) raises :class:`VideoError` after its last frame, so a stream's
+    consumer has had every frame there is and still learns that the rest is missing."""
     if path.startswith(SYNTHETIC):
         yield from synthetic_video(path)
         return
     import av
 
     from tsm_dist.data.errors import VideoError
+    from tsm_dist.data.probe import is_short, promised_frames
 
+    decoded = 0
     try:
         with av.open(path) as container:
-            for frame in container.decode(container.streams.video[0]):
+            stream = container.streams.video[0]
+            promised, exact = promised_frames(container, stream)
+            for frame in container.decode(stream):
+                decoded += 1
                 yield frame.to_ndarray(format="rgb24")
     except (av.FFmpegError, IndexError, OSError) as err:
-        raise VideoError(path, f"decoding failed ({err})", "") from err
+        raise VideoError(path, f"decoding failed after {decoded} frame(s) ({err})", "") from err
+    if is_short(decoded, promised, exact):
+        raise VideoError(path, f"truncated: {decoded} frame(s) decoded, the container promises "
+                               f"{'' if exact else 'about '}{promised} (an interrupted copy or download?)", "")
 
 
 def segment_frames(path: str, count: int) -> np.ndarray:
