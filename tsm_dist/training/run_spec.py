@@ -4,21 +4,17 @@ The config arrives with every model option filled in (:func:`tsm_dist.config.loa
 once, through the registry); this adds what depends on the world: the batch plan (per-rank batch, ranks,
 accumulation K) and, once the loader knows how many steps an epoch has, the learning-rate schedule. The
 trainer, the checkpoint (which stores the resolved config and the plan) and the identity check on resume
-read these values; nothing downstream re-derives them.
+read these values; nothing downstream re-derives them. What a resume compares of the model is
+:func:`tsm_dist.state.checkpoint.model_identity`.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
 
 from tsm_dist.config import Config
 from tsm_dist.training.batch_plan import BatchPlan, plan_batch
 from tsm_dist.training.lr_schedule import LRSchedule
-
-# model options that do not change what a checkpoint's weights mean (a resume may change them)
-NOT_IDENTITY = ("pretrained", "dropout")
-
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -35,10 +31,6 @@ class RunSpec:
         """The schedule of this plan: linear scaling to the plan's global batch, warmup and decay per epoch."""
         return LRSchedule.from_config(self.config.optim, global_batch=self.batch.global_batch,
                                       steps_per_epoch=steps_per_epoch, epochs=self.config.train.epochs)
-
-    def model_identity(self) -> dict[str, Any]:
-        """What the model section builds (every option but :data:`NOT_IDENTITY`): what a resume compares."""
-        return {k: v for k, v in self.config.to_dict()["model"].items() if k not in NOT_IDENTITY}
 
 
 def resolve_run(cfg: Config, world_size: int) -> RunSpec:
