@@ -1,0 +1,122 @@
+"""Elastic job scripts (``engine.elastic: true``) on a real single-host Slurm cluster (tests/slurm_cluster.py).
+
+The rendered script starts the real trainer on 2 CPU ranks with ``python -m tsm_dist.ranks.elastic_run``
+(horovodrun --gloo, elastic) and ``launch/discover_hosts.sh`` reading the job's ``SLURM_JOB_NODELIST``:
+
+- the job trains to the end through horovodrun and the discovery script;
+- the time-limit warning as ``#SBATCH --signal=B:USR1@T`` sends it (``scancel --batch --signal=USR1``: the
+  batch shell only): the shell passes it to the ranks, they checkpoint and exit 75, horovodrun exits 1, the
+  script requeues on the end record's 75 and the requeued job resumes; every step runs once;
+- a plain ``scancel`` (SIGTERM to every process of the job, horovodrun included): the ranks checkpoint and
+  write their ``end`` record, the cancel sticks.
+
+Run them one session at a time: ``flock /work/slurm.lock pytest tests/scheduler/test_slurm_elastic.py``.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import SlurmCluster, trainer_cluster
+from tsm_dist.runlog.records import read_records
+from tsm_dist.scheduler.render import render_job
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = str(REPO / "configs" / "synthetic_tsm.yaml")
+TINY = ["data.backend=random", "data.batch_size=4", "data.crop_size=32", "model.width=8", "model.num_frames=4",
+        "log.wandb=disabled", "log.interval=1", "log.progress=false", "train.eval_every_epochs=0",
+        "engine.elastic=true"]
+JOB_TIMEOUT_S = 240
+# 800 clips / (2 ranks x 4) = 100 steps per epoch, 200 in all: long enough to be signalled mid-run
+LONG, LONG_STEPS = ["data.num_samples=800", "train.epochs=2"], 200
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    with trainer_cluster(tmp_path_factory.mktemp("slurm_elastic")) as c:
+        yield c
+
+
+def _submit(cluster: SlurmCluster, tmp_path: Path, settings: list[str]) -> tuple[int, Path]:
+    workdir = tmp_path / "run"
+    script = tmp_path / "job.sh"
+    script.write_text(render_job("slurm", 1, 0, CONFIG, ranks_per_node=2, cpus_per_rank=1, time="00:10",
+                                 workdir=str(workdir), job_name="elastic", overrides=TINY + settings,
+                                 warn_seconds=60, python=sys.executable))
+    return cluster.sbatch(script, cwd=tmp_path), workdir
+
+
+def _log(tmp_path: Path, job_id: int) -> str:
+    path = tmp_path / f"elastic-{job_id}.out"
+    return path.read_text(errors="replace") if path.exists() else "(no job output)"
+
+
+def _records(workdir: Path, kind: str) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    return [r for r in read_records(path) if r["type"] == kind] if path.exists() else []
+
+
+def _wait_for_step(cluster: SlurmCluster, tmp_path: Path, job_id: int, workdir: Path, step: int) -> None:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not any(r["step"] >= step for r in _records(workdir, "step")):
+        assert time.monotonic() < deadline, f"no step {step} after {JOB_TIMEOUT_S} s\n{_log(tmp_path, job_id)}"
+        assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), _log(tmp_path, job_id)
+        time.sleep(0.2)
+
+
+def test_elastic_job_trains_through_horovodrun_and_host_discovery(cluster: SlurmCluster, tmp_path: Path) -> None:
+    job_id, workdir = _submit(cluster, tmp_path, ["data.num_samples=32", "train.epochs=2"])  # 4 steps per epoch
+    fields = cluster.wait_final(job_id, JOB_TIMEOUT_S)
+    log = _log(tmp_path, job_id)
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{log}\n{cluster.logs()}"
+    assert "elastic: 2 of 2 slot(s) at start, never fewer than 2 rank(s); hosts now: localhost:2" in log, log
+    assert "tsm-dist launch: horovodrun, 2 rank(s)" in log and "controller none" in log, log
+    headers, ends = _records(workdir, "header"), _records(workdir, "end")
+    assert headers and all(h["world_size"] == 2 for h in headers), headers
+    assert ends[-1]["status"] == "completed" and ends[-1]["step"] == 8, ends
+    assert [r["step"] for r in _records(workdir, "step")] == list(range(1, 9))
+
+
+def test_the_warning_to_the_batch_shell_reaches_the_ranks_and_the_job_resumes(cluster: SlurmCluster,
+                                                                               tmp_path: Path) -> None:
+    job_id, workdir = _submit(cluster, tmp_path, LONG)
+    _wait_for_step(cluster, tmp_path, job_id, workdir, 3)
+    # what '#SBATCH --signal=B:USR1@T' sends before the time limit: the batch shell alone
+    cluster._run(["scancel", "--batch", "--signal=USR1", str(job_id)])
+    cluster.wait(job_id, lambda f: int(f.get("Restarts", 0)) >= 1, JOB_TIMEOUT_S)
+    cluster.release_now(job_id)
+    fields = cluster.wait_final(job_id, JOB_TIMEOUT_S)
+    log = _log(tmp_path, job_id)
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{log}"
+    assert "exit code 75, as the end record decided (the launcher's: 1)" in log and "preempted: requeueing job" in log
+    ends = _records(workdir, "end")
+    assert [e["status"] for e in ends] == ["preempted", "completed"], ends
+    assert 3 <= ends[0]["step"] < LONG_STEPS and ends[1]["step"] == LONG_STEPS, ends
+    headers = _records(workdir, "header")
+    assert len(headers) == 2 and f"_s{ends[0]['step']:08d}.pt" in (headers[1]["resumed_from"] or ""), headers
+    steps = [r["step"] for r in _records(workdir, "step")]
+    assert steps == list(range(1, LONG_STEPS + 1)), steps[:5] + ["..."] + steps[-5:]
+
+
+def test_scancel_reaches_horovodrun_and_the_ranks_still_checkpoint(cluster: SlurmCluster, tmp_path: Path) -> None:
+    job_id, workdir = _submit(cluster, tmp_path, LONG)
+    _wait_for_step(cluster, tmp_path, job_id, workdir, 3)
+    cluster.scancel(job_id)  # SIGTERM to every process of the job, horovodrun included; SIGKILL after KillWait
+    fields = cluster.wait_final(job_id, JOB_TIMEOUT_S)
+    deadline = time.monotonic() + 30
+    while not _records(workdir, "end") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = _log(tmp_path, job_id)
+    ends = _records(workdir, "end")
+    assert fields["JobState"] == "CANCELLED" and [e["status"] for e in ends] == ["terminated"], f"{ends}\n{log}"
+    assert sorted(workdir.glob(f"checkpoints/ckpt_e*_s{ends[0]['step']:08d}.pt")), sorted(workdir.glob("checkpoints/*"))
+    assert "SIGTERM received: the ranks checkpoint and stop by themselves" in log, log
+    time.sleep(5)  # a requeue would show up by now
+    after = cluster.job(job_id)
+    assert after["JobState"] == "CANCELLED" and after.get("Restarts", "0") == "0", after
+    assert "requeueing" not in log and "Submitted batch job" not in log, log
