@@ -81,13 +81,15 @@ class SlurmCluster:
     declared, not real: the jobs of the tests are small)."""
 
     def __init__(self, root: Path, cpus: int = 2, nodes: int = 1, preempt_requeue: bool = False,
-                 accounting: bool = False) -> None:
+                 accounting: bool = False, node_names: tuple[str, ...] = ()) -> None:
         self.root = Path(root)
         self.preempt_requeue = preempt_requeue
         self.accounting = accounting  # slurmdbd on a MariaDB server of its own (sacct)
         self.dbd_port = 0
         self.cpus = cpus
         self.nodes = [NODE] if nodes == 1 else [EMULATED_NODE.format(i) for i in range(nodes)]
+        if node_names:  # names that resolve to this host (elastic tests: horovodrun starts those ranks without ssh)
+            self.nodes = list(node_names)
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket.2"
         self._procs: dict[str, subprocess.Popen] = {}

@@ -10,10 +10,16 @@ The rendered script starts the real trainer on 2 CPU ranks with ``python -m tsm_
 - a plain ``scancel`` (SIGTERM to every process of the job, horovodrun included): the ranks checkpoint and
   write their ``end`` record, the cancel sticks.
 
+On two Slurm nodes whose names resolve to this host (so horovodrun starts their ranks without ssh, as it
+would on a real node pair with ssh), one rank per node:
+
+- the job trains across both hosts of the allocation;
+
 Run them one session at a time: ``flock /work/slurm.lock pytest tests/scheduler/test_slurm_elastic.py``.
 """
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from pathlib import Path
@@ -120,3 +126,52 @@ def test_scancel_reaches_horovodrun_and_the_ranks_still_checkpoint(cluster: Slur
     after = cluster.job(job_id)
     assert after["JobState"] == "CANCELLED" and after.get("Restarts", "0") == "0", after
     assert "requeueing" not in log and "Submitted batch job" not in log, log
+
+
+# ------------------------------------------------------------------ two nodes (names of this host)
+def local_names() -> tuple[str, ...]:
+    """Names in /etc/hosts besides ``localhost`` that resolve to an address of this machine, as Horovod tests it
+    (Slurm takes ``localhost`` for this host's own name and refuses a second node beside it)."""
+    from horovod.runner.util import network
+
+    local = network.get_local_host_addresses()
+    names = {n for line in Path("/etc/hosts").read_text().splitlines() if not line.lstrip().startswith("#")
+             for n in line.split()[1:]}
+    found = []
+    for name in sorted(names - {"localhost"}):
+        try:
+            if socket.gethostbyname(name) in local:
+                found.append(name)
+        except OSError:
+            continue
+    return tuple(found)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory):
+    names = local_names()[:2]
+    if len(names) < 2:
+        pytest.skip(f"two names of this host are needed in /etc/hosts, found {names}")
+    with trainer_cluster(tmp_path_factory.mktemp("slurm_elastic2"), node_names=names) as c:
+        yield c
+
+
+def _submit_two(cluster: SlurmCluster, tmp_path: Path, settings: list[str]) -> tuple[int, Path]:
+    workdir = tmp_path / "run"
+    script = tmp_path / "job.sh"
+    script.write_text(render_job("slurm", 2, 0, CONFIG, ranks_per_node=1, cpus_per_rank=1, time="00:10",
+                                 workdir=str(workdir), job_name="elastic", overrides=TINY + settings,
+                                 warn_seconds=60, python=sys.executable, network_interface="lo"))
+    return cluster.sbatch(script, cwd=tmp_path), workdir
+
+
+def test_elastic_job_trains_across_two_hosts(two_nodes: SlurmCluster, tmp_path: Path) -> None:
+    job_id, workdir = _submit_two(two_nodes, tmp_path, ["data.num_samples=32", "train.epochs=2"])
+    fields = two_nodes.wait_final(job_id, JOB_TIMEOUT_S)
+    log = _log(tmp_path, job_id)
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{log}\n{two_nodes.logs()}"
+    first, second = two_nodes.nodes
+    assert f"hosts now: {first}:1 {second}:1 " in log, log
+    headers, ends = _records(workdir, "header"), _records(workdir, "end")
+    assert headers and all(h["world_size"] == 2 for h in headers), headers
+    assert ends[-1]["status"] == "completed" and ends[-1]["step"] == 8, ends
