@@ -2,7 +2,7 @@
 # One-command install of tsm_dist and its distributed stack into ./.venv:
 #   torch (kept if you bring one) -> OpenMPI (system/module, or apt) -> Horovod 0.28.1 (patched to C++17,
 #   PyTorch + Gloo + MPI controllers, NCCL ops when torch has CUDA; wheel cached) -> mpi4py (same MPI)
-#   -> NVIDIA DALI -> tsm_dist (editable) with pyyaml, wandb, PyAV, pytest.
+#   -> NVIDIA DALI -> tsm_dist (editable) with pyyaml, wandb, PyAV, pytest -> the shift's C++ ops (g++).
 # Idempotent: a second run only checks.
 # Air-gapped GPU nodes (no internet, no apt, a CUDA torch already there):
 #   ./install.sh --wheelhouse DIR [--with-dali]   on a login node: download into DIR what the node lacks
@@ -228,6 +228,14 @@ else
   echo "$SELF_KEY" >"$SELF_STAMP"
 fi
 
-# --- 8. what was built --------------------------------------------------------------------------------
+# --- 8. the temporal shift's C++ ops (g++ and torch's headers; without them the Python kernels run) ----
+# Keyed by their source and this torch, so a rerun after a pull rebuilds them only when either changed.
+if "$PY" -m tsm_dist.commands.shift_ops build >"$LOGS/shift-ops.log" 2>&1; then
+  say "$(tail -n 1 "$LOGS/shift-ops.log")"
+else
+  say "shift ops not built, the Python kernels run instead (same results, slower on small models): $LOGS/shift-ops.log"
+fi
+
+# --- 9. what was built --------------------------------------------------------------------------------
 [ -n "$HOROVOD_SKIPPED" ] || "$VENV/bin/horovodrun" --check-build
 "$PY" -m tsm_dist.commands.selfcheck --summary

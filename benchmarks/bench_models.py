@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tsm_dist.models.shift_kernels as sk
+from tsm_dist.models import shift_native
 from tsm_dist.models import build_model
 from tsm_dist.models.temporal_shift import TemporalShift, shift_groups, temporal_shift
 
@@ -111,10 +112,22 @@ def comparison_models(what: str, batch: int, size: int, channels_last: bool) -> 
         return model.to(memory_format=torch.channels_last) if channels_last else model
 
     models = {"TSN": build(False), "TSN control": build(False), "TSM": build(True)}
+    if shift_native.available():  # the same TSM on the Python kernels, for the C++ ops' gain
+        models["TSM, Python kernels"] = build(True)
     torch.manual_seed(1)
     clips = torch.randn(batch, models["TSM"].num_frames, 3, size, size)
     labels = torch.randint(0, classes, (batch,))
-    return {n: _train_step(m, clips, labels) for n, m in models.items()}
+    steps = {n: _train_step(m, clips, labels) for n, m in models.items()}
+    if "TSM, Python kernels" in steps:
+        steps["TSM, Python kernels"] = _python_kernels(steps["TSM, Python kernels"])
+    return steps
+
+
+def _python_kernels(step: Callable[[], None]) -> Callable[[], None]:
+    def python_step() -> None:
+        with shift_native.turned_off():
+            step()
+    return python_step
 
 
 class _ShiftTimer:
@@ -195,10 +208,10 @@ def bench_small(args: argparse.Namespace) -> None:
               f"{args.warmup} warm-up, {'process CPU time' if args.cpu_time else 'wall time'}")
         times = _interleaved(steps, args.rounds, args.warmup, clock)
         for name, samples in times.items():
-            print(f"{name:<12} step median {statistics.median(samples) * 1e3:7.2f} ms  min {min(samples) * 1e3:7.2f}")
-        for name in ("TSN control", "TSM"):
+            print(f"{name:<20} step median {statistics.median(samples) * 1e3:7.2f} ms  min {min(samples) * 1e3:7.2f}")
+        for name in [n for n in times if n != "TSN"]:
             ratios = [t / b - 1 for t, b in zip(times[name], times["TSN"])]
-            print(f"{name:<12} vs TSN per round: {_summary(ratios)}; ratio of medians "
+            print(f"{name:<20} vs TSN per round: {_summary(ratios)}; ratio of medians "
                   f"{statistics.median(times[name]) / statistics.median(times['TSN']) - 1:+.2%}")
 
 

@@ -1,25 +1,34 @@
 """Temporal shift semantics on known values, the fused in-place shift, and their gradients."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 import torch
 from torch import nn
 from torch.autograd import gradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tsm_dist.models import build_model, shift_kernels
+from tsm_dist.models import build_model, shift_kernels, shift_native
 from tsm_dist.models.shift_kernels import shift_copy, shifted_conv2d_and_identity
 from tsm_dist.models.temporal_shift import TemporalShift, shift_groups, shifted_conv, temporal_shift
 
 
-@pytest.fixture(params=["copy", "in-place"])
-def kernel_path(request, monkeypatch) -> str:
-    """Both CPU paths of the fused shift: small tensors are shifted while copying (the conv reads the copy);
-    ``SMALL_NUMEL = 0`` sends them through the in-place kernels that large tensors and GPUs take (channels-last
-    tensors with short moved runs still copy)."""
+@pytest.fixture(params=["native", "copy", "in-place"])
+def kernel_path(request, monkeypatch) -> Iterator[str]:
+    """The three CPU paths of the fused shift: small tensors are shifted while copying, by the C++ op
+    (``native``, when ./install.sh built it: see test_the_shift_ops_are_built) or by the Python kernels
+    (``copy``); ``SMALL_NUMEL = 0`` sends them through the Python in-place kernels that large tensors and GPUs
+    take (channels-last tensors with short moved runs still copy)."""
+    if request.param == "native":
+        if not shift_native.available():
+            pytest.skip(f"the shift's C++ ops: {shift_native.why_not()}")
+        yield request.param
+        return
     if request.param == "in-place":
         monkeypatch.setattr(shift_kernels, "SMALL_NUMEL", 0)
-    return request.param
+    with shift_native.turned_off():
+        yield request.param
 
 
 def _clip(n: int, t: int, c: int, hw: int = 1, dtype=torch.float64) -> torch.Tensor:

@@ -50,6 +50,14 @@ def _dali() -> str:
     return f"DALI {dali.__version__}"
 
 
+def _shift_ops() -> str:
+    try:
+        from tsm_dist.models import shift_native
+    except ImportError as exc:  # a torch without the parts the models need (install.sh's tests fake one)
+        return f"shift ops: not checked ({exc})"
+    return shift_native.summary()
+
+
 def libcuda_problem(load: "Callable[[str], object] | None" = None) -> str:
     """One line when a CUDA torch cannot use Horovod's GPU allreduce for lack of the *unversioned*
     ``libcuda.so`` (its fused-buffer kernels open the driver by that name; a node often has only the
@@ -80,7 +88,8 @@ def stack_summary() -> str:
         device += f"; {problem}" if problem else ""
     else:
         device = "cpu"
-    return f"tsm_dist stack: torch {torch.__version__} ({device}) | {_horovod()} | {_mpi()} | {_dali()}"
+    return (f"tsm_dist stack: torch {torch.__version__} ({device}) | {_horovod()} | {_mpi()} | {_dali()} | "
+            f"{_shift_ops()}")
 
 
 def _worker() -> int:

@@ -27,6 +27,10 @@ their moved channels are runs too short to move fast in place (:func:`_short_run
 whole copy, a copy per group and one zero fill, and the backward's move-back is one whole add (the sum
 autograd makes anyway), an add per group and one copy. The views of every path come from a per-layout cache
 (:func:`_layout`), so a call computes no strides in Python.
+
+The small-tensor CPU training step runs without Python when the shift's C++ ops are built
+(:mod:`tsm_dist.models.shift_native`, by ./install.sh): one op whose forward is a one-pass shifted copy and the
+conv, and whose backward is ``convolution_backward`` and a one-pass move-back in place (:func:`_runs_native`).
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+import tsm_dist.models.shift_native as shift_native
 
 # (first channel, end channel, offset): frame t of those channels takes frame t + offset. The groups of
 # one shift are adjacent and start at channel 0 (see temporal_shift.shift_groups).
@@ -407,6 +413,21 @@ def _with_strides(grad: Tensor, dtype: torch.dtype, stride: Sequence[int]) -> Te
     return torch.empty_strided(grad.shape, tuple(stride), dtype=dtype, device=grad.device).copy_(grad)
 
 
+@functools.lru_cache(maxsize=64)
+def _native_groups(groups: tuple[Group, ...]) -> tuple[int, list[int]]:
+    return _fold(groups), [off for _, _, off in groups]
+
+
+def _runs_native(x: Tensor, weight: Tensor, bias: Tensor | None, groups: tuple[Group, ...]) -> bool:
+    """Whether the C++ op (:mod:`shift_native`) runs this layer's training step: the small-tensor CPU case
+    (:func:`_shifts_while_copying`), where the Python of :class:`_ShiftedConvFn` is most of the shift's cost,
+    for a dense 4-d input with the conv's dtype and no autocast, when the library is built."""
+    return (_shifts_while_copying(x, groups) and x.dim() == 4 and weight.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype) and not torch.is_autocast_enabled("cpu")
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+            and shift_native.available())
+
+
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -423,6 +444,10 @@ def shifted_conv2d_and_identity(x: Tensor, weight: Tensor, bias: Tensor | None, 
     conv = (_pair(stride), _pair(padding), _pair(dilation), conv_groups)
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if _runs_native(x, weight, bias, groups):
+            fold, offsets = _native_groups(groups)
+            return torch.ops.tsm_dist.shifted_conv2d(x, weight, bias, *conv[:3], conv_groups, num_frames, fold,
+                                                     offsets), x
         return _ShiftedConvFn.apply(x, weight, bias, conv, num_frames, groups)
     check_frames(x, num_frames)
     if _shifts_while_copying(x, groups):

@@ -1,0 +1,121 @@
+"""The shift's C++ ops (tsm_dist/models/csrc/shift_ops.cpp): built by install.sh, bit-exact against the reference
+shift, taken by small CPU layers in training, and replaced by the Python kernels when they are not there."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tsm_dist.models import build_model, shift_native
+from tsm_dist.models.temporal_shift import shift_groups, shifted_conv, temporal_shift
+
+needs_ops = pytest.mark.skipif(not shift_native.available(), reason=f"shift ops: {shift_native.why_not()}")
+
+
+def test_the_shift_ops_are_built() -> None:
+    """./install.sh builds them (g++ is there: it builds Horovod); a failed build shows here, not only as speed."""
+    if os.environ.get("TSM_DIST_SHIFT_NATIVE") == "0":
+        pytest.skip("TSM_DIST_SHIFT_NATIVE=0")
+    assert shift_native.available(), shift_native.why_not()
+    assert shift_native.library_path().is_file()
+
+
+def _ops(direction: str, channels: int, fold_div: int) -> tuple[int, list[int]]:
+    groups = shift_groups(channels, fold_div, direction)
+    return groups[0][1], [off for _, _, off in groups]
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("direction", ["bi", "uni"])
+@pytest.mark.parametrize("channels,fold_div,frames", [(16, 8, 4), (24, 8, 3), (64, 8, 5), (40, 4, 2), (3, 1, 3),
+                                                      (256, 8, 4), (16, 8, 1)])
+def test_shift_copy_and_in_place_move_back_equal_the_reference_bit_for_bit(dtype, memory_format, direction: str,
+                                                                          channels: int, fold_div: int,
+                                                                          frames: int) -> None:
+    """Folds 1, 2, 3, 8, 10 and 32 (fixed-size and general copies), one-frame clips, both layouts."""
+    if direction == "bi" and 2 * (channels // fold_div) > channels:
+        pytest.skip("no room for two groups")
+    torch.manual_seed(0)
+    x = torch.randn(2 * frames, channels, 3, 5).to(dtype=dtype, memory_format=memory_format)
+    fold, offsets = _ops(direction, channels, fold_div)
+    got = torch.ops.tsm_dist.shift_copy(x, frames, fold, offsets)
+    assert torch.equal(got, temporal_shift(x, frames, fold_div, direction)) and got.stride() == x.stride()
+    moved = x.clone()
+    torch.ops.tsm_dist.shift_(moved, frames, fold, [-o for o in offsets])
+    # the adjoint of the shift: a frame's group goes back where it came from (what autograd gives the reference)
+    ref_x = x.double().requires_grad_()
+    (want,) = torch.autograd.grad(temporal_shift(ref_x, frames, fold_div, direction), [ref_x], x.double())
+    assert torch.equal(moved, want.to(dtype))
+
+
+@needs_ops
+def test_the_ops_name_what_they_cannot_take() -> None:
+    with pytest.raises(RuntimeError, match="dense NCHW or channels-last"):
+        torch.ops.tsm_dist.shift_copy(torch.zeros(8, 16, 4, 4)[:, :, :, ::2], 4, 2, [1, -1])
+    with pytest.raises(RuntimeError, match="not a multiple of num_frames=3"):
+        torch.ops.tsm_dist.shift_copy(torch.zeros(8, 16, 4, 4), 3, 2, [1, -1])
+    with pytest.raises(RuntimeError, match="do not fit 16 channels"):
+        torch.ops.tsm_dist.shift_copy(torch.zeros(8, 16, 4, 4), 4, 9, [1, -1])
+
+
+class _Names(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _train_ops(x: torch.Tensor, conv: nn.Conv2d) -> list[str]:
+    with _Names() as names:
+        y, identity = shifted_conv(x, conv, 4, shift_groups(x.shape[1], 8))
+        (y.square().sum() + identity.sum()).backward()
+    return names.names
+
+
+@needs_ops
+def test_small_cpu_layers_train_through_the_op_and_others_do_not() -> None:
+    """The op takes the small-tensor CPU training step; a non-dense input, autocast and a large input keep the
+    Python kernels (in-place for the large one), all with the reference's results."""
+    conv = nn.Conv2d(16, 8, 3, padding=1, bias=False)
+    x = torch.randn(8, 16, 5, 5, requires_grad=True)
+    assert "tsm_dist.shift_copy.default" in _train_ops(x, conv)
+    assert "tsm_dist.shift_.default" in _train_ops(x, conv)
+    with shift_native.turned_off():
+        assert not any(n.startswith("tsm_dist") for n in _train_ops(x, conv))
+    sparse = torch.randn(8, 16, 5, 10)[:, :, :, ::2].requires_grad_()
+    assert not any(n.startswith("tsm_dist") for n in _train_ops(sparse, conv))
+    y, _ = shifted_conv(sparse, conv, 4, shift_groups(16, 8))
+    assert torch.equal(y, conv(temporal_shift(sparse, 4, 8)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not any(n.startswith("tsm_dist") for n in _train_ops(x, conv))
+    large = torch.randn(8, 16, 128, 130, requires_grad=True)
+    assert not any(n.startswith("tsm_dist") for n in _train_ops(large, nn.Conv2d(16, 2, 1, bias=False)))
+
+
+def test_without_the_library_the_python_kernels_give_the_same_training_step(monkeypatch, tmp_path) -> None:
+    """A checkout whose ops are not built (or were built for another source or torch) trains on the Python
+    kernels: available() says why, and a whole network's outputs and gradients equal the op's bit for bit."""
+
+    def step() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_model("tsm8f_r50", 5, num_frames=4, depth=18, width=16, dropout=0.0)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(torch.randn(2, 4, 3, 32, 32))
+        out.square().sum().backward()
+        return [out.detach()] + [p.grad for p in model.parameters()]
+
+    with_ops = step()
+    monkeypatch.setenv("TSM_DIST_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setattr(shift_native, "_state", {})
+    assert not shift_native.available() and "not built" in shift_native.why_not()
+    assert shift_native.summary().startswith("shift ops: Python (")
+    without = step()
+    assert all(torch.equal(a, b) for a, b in zip(with_ops, without))

@@ -1,0 +1,281 @@
+// The temporal shift's small-tensor CPU path without Python: ops registered with torch.library
+// (namespace tsm_dist), built by tsm_dist/models/shift_native.py (install.sh runs it) and loaded with
+// torch.ops.load_library. Python falls back to shift_kernels.py's kernels when this is not built.
+//
+//   tsm_dist::shift_copy(x, num_frames, fold, offsets) -> shift(x), a new tensor in x's layout
+//   tsm_dist::shift_(x, num_frames, fold, offsets) -> x shifted in place (the backward's move-back)
+//   tsm_dist::shifted_conv2d(x, weight, bias?, stride, padding, dilation, groups, num_frames, fold,
+//                            offsets) -> conv2d(shift(x)), differentiable (a C++ autograd Function)
+//
+// Group g is channels [g*fold, (g+1)*fold): frame t of it takes frame t + offsets[g] of its clip, zero
+// where that is outside the clip (the shift of temporal_shift.py, bit for bit). Tensors are
+// (N*T, C, H, W), dense in NCHW or channels-last order; one pass writes every output element once.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using at::IntArrayRef;
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kMaxGroups = 2;
+constexpr int64_t kGrainElements = 1 << 15;  // a thread's smallest share of a pass
+
+// A dense (N*T, C, H, W) tensor as frames of C channels by P pixels.
+struct Geometry {
+  int64_t frames, channels, pixels, num_frames, fold, groups;
+  int64_t offsets[kMaxGroups];
+  bool channels_last;
+
+  int64_t frame_size() const { return channels * pixels; }
+  int64_t moved() const { return groups * fold; }
+  // Where group g's data for frame n (t = n % T) comes from; -1: outside the clip (zero).
+  int64_t source(int64_t n, int64_t g) const {
+    const int64_t t = n % num_frames + offsets[g];
+    return t < 0 || t >= num_frames ? -1 : n + offsets[g];
+  }
+};
+
+Geometry geometry(const Tensor& x, int64_t num_frames, int64_t fold, IntArrayRef offsets) {
+  TORCH_CHECK(x.dim() == 4, "tsm_dist shift: expected (N*T, C, H, W), got ", x.dim(), " dims");
+  TORCH_CHECK(x.device().is_cpu(), "tsm_dist shift: CPU tensors only");
+  TORCH_CHECK(num_frames >= 1 && x.size(0) % num_frames == 0, "tsm_dist shift: batch dim ", x.size(0),
+              " is not a multiple of num_frames=", num_frames);
+  const int64_t groups = static_cast<int64_t>(offsets.size());
+  TORCH_CHECK(groups >= 1 && groups <= kMaxGroups && fold >= 1 && groups * fold <= x.size(1),
+              "tsm_dist shift: ", groups, " groups of ", fold, " channels do not fit ", x.size(1), " channels");
+  const bool contiguous = x.is_contiguous();
+  TORCH_CHECK(contiguous || x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "tsm_dist shift: x must be dense NCHW or channels-last");
+  Geometry g{x.size(0), x.size(1), x.size(2) * x.size(3), num_frames, fold, groups, {0, 0}, !contiguous};
+  for (int64_t i = 0; i < groups; ++i) g.offsets[i] = offsets[i];  // any offset: outside the clip is zero
+  return g;
+}
+
+int64_t grain(const Geometry& g, int64_t items_per_unit) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, items_per_unit));
+}
+
+// count runs of ``fold`` values, ``stride`` apart, from src to dst; the usual folds get a fixed-size copy.
+template <typename T, int64_t Fold>
+void copy_fixed_runs(const T* src, T* dst, int64_t stride, int64_t count) {
+  for (int64_t r = 0; r < count; ++r) std::copy_n(src + r * stride, Fold, dst + r * stride);
+}
+
+template <typename T>
+void copy_runs(const T* src, T* dst, int64_t fold, int64_t stride, int64_t count) {
+  switch (fold) {
+    case 1: return copy_fixed_runs<T, 1>(src, dst, stride, count);
+    case 2: return copy_fixed_runs<T, 2>(src, dst, stride, count);
+    case 4: return copy_fixed_runs<T, 4>(src, dst, stride, count);
+    case 8: return copy_fixed_runs<T, 8>(src, dst, stride, count);
+    case 16: return copy_fixed_runs<T, 16>(src, dst, stride, count);
+    default:
+      for (int64_t r = 0; r < count; ++r) std::copy_n(src + r * stride, fold, dst + r * stride);
+  }
+}
+
+// Frame n of out = frame n of shift(x).
+template <typename T>
+void shift_frame(const T* x, T* out, const Geometry& g, int64_t n) {
+  const int64_t frame = g.frame_size(), p = g.pixels, c = g.channels, fold = g.fold, moved = g.moved();
+  const T* src[kMaxGroups];
+  for (int64_t i = 0; i < g.groups; ++i) {
+    const int64_t s = g.source(n, i);
+    src[i] = s < 0 ? nullptr : x + s * frame;
+  }
+  const T* here = x + n * frame;
+  T* o = out + n * frame;
+  if (!g.channels_last) {  // a group's channels are one run of fold * P values per frame
+    for (int64_t i = 0; i < g.groups; ++i) {
+      if (src[i]) {
+        std::memcpy(o + i * fold * p, src[i] + i * fold * p, sizeof(T) * fold * p);
+      } else {
+        std::memset(o + i * fold * p, 0, sizeof(T) * fold * p);
+      }
+    }
+    std::memcpy(o + moved * p, here + moved * p, sizeof(T) * (c - moved) * p);
+    return;
+  }
+  // A pixel's channels are together, a group is fold values per pixel: copy the whole frame at memory
+  // speed, then overwrite the moved values while the frame is still in L1.
+  std::memcpy(o, here, sizeof(T) * frame);
+  for (int64_t i = 0; i < g.groups; ++i) {
+    T* op = o + i * fold;
+    if (!src[i]) {
+      for (int64_t px = 0; px < p; ++px) std::fill_n(op + px * c, fold, T(0));
+      continue;
+    }
+    copy_runs(src[i] + i * fold, op, fold, c, p);
+  }
+  (void)moved;
+}
+
+// Group i of frame n of x = that group of frame source(n, i), in place: frames are visited in the order
+// that reads every source before it is overwritten (ascending for offset > 0, descending otherwise).
+template <typename T>
+void shift_clip_inplace(T* x, const Geometry& g, int64_t clip) {
+  const int64_t frame = g.frame_size(), p = g.pixels, c = g.channels, fold = g.fold, t_len = g.num_frames;
+  for (int64_t i = 0; i < g.groups; ++i) {
+    if (g.offsets[i] == 0) continue;  // nothing moves (and a frame would be copied onto itself)
+    for (int64_t step = 0; step < t_len; ++step) {
+      const int64_t n = clip * t_len + (g.offsets[i] > 0 ? step : t_len - 1 - step);
+      const int64_t s = g.source(n, i);
+      T* dst = x + n * frame;
+      const T* src = s < 0 ? nullptr : x + s * frame;
+      if (!g.channels_last) {
+        if (src) {
+          std::memcpy(dst + i * fold * p, src + i * fold * p, sizeof(T) * fold * p);
+        } else {
+          std::memset(dst + i * fold * p, 0, sizeof(T) * fold * p);
+        }
+        continue;
+      }
+      if (src) {
+        copy_runs(src + i * fold, dst + i * fold, fold, c, p);
+      } else {
+        for (int64_t px = 0; px < p; ++px) std::fill_n(dst + px * c + i * fold, fold, T(0));
+      }
+    }
+  }
+}
+
+Tensor shift_copy_cpu(const Tensor& x, int64_t num_frames, int64_t fold, IntArrayRef offsets) {
+  const Geometry g = geometry(x, num_frames, fold, offsets);
+  Tensor out = at::empty_like(x);  // x is dense: its strides are kept
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tsm_dist::shift_copy", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.frames, grain(g, g.frame_size()), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) shift_frame(src, dst, g, n);
+    });
+  });
+  return out;
+}
+
+Tensor& shift_inplace_cpu(Tensor& x, int64_t num_frames, int64_t fold, IntArrayRef offsets) {
+  const Geometry g = geometry(x, num_frames, fold, offsets);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tsm_dist::shift_", [&] {
+    scalar_t* data = x.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.frames / num_frames, grain(g, g.frame_size() * num_frames),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t clip = begin; clip < end; ++clip) shift_clip_inplace(data, g, clip);
+                     });
+  });
+  return x;
+}
+
+// The dispatcher's handles: calls through them are seen by dispatch modes (the op counter) and profilers.
+Tensor call_shift_copy(const Tensor& x, int64_t num_frames, int64_t fold, IntArrayRef offsets) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("tsm_dist::shift_copy", "")
+                       .typed<Tensor(const Tensor&, int64_t, int64_t, IntArrayRef)>();
+  return op.call(x, num_frames, fold, offsets);
+}
+
+Tensor& call_shift_(Tensor& x, int64_t num_frames, int64_t fold, IntArrayRef offsets) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("tsm_dist::shift_", "")
+                       .typed<Tensor&(Tensor&, int64_t, int64_t, IntArrayRef)>();
+  return op.call(x, num_frames, fold, offsets);
+}
+
+std::vector<int64_t> opposite(const std::vector<int64_t>& offsets) {
+  std::vector<int64_t> back(offsets);
+  for (auto& o : back) o = -o;
+  return back;
+}
+
+// A tensor with exactly ``strides`` (a parameter's gradient must have the parameter's: DDP and Horovod
+// buckets expect it, and a channels-last weight would otherwise get a contiguous gradient).
+Tensor with_strides(const Tensor& t, IntArrayRef strides) {
+  if (t.strides() == strides) return t;
+  return at::empty_strided(t.sizes(), strides, t.options()).copy_(t);
+}
+
+// conv2d(shift(x)): the conv reads a shifted copy of x, kept for the weight gradient; the input gradient
+// is moved back in place in convolution_backward's fresh result (x's identity-path gradient is added by
+// autograd, as for any tensor used twice).
+struct ShiftedConv : public torch::autograd::Function<ShiftedConv> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                        std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                        int64_t groups, int64_t num_frames, int64_t fold, std::vector<int64_t> offsets) {
+    Tensor shifted = call_shift_copy(x, num_frames, fold, offsets);
+    Tensor y = at::convolution(shifted, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
+    ctx->save_for_backward({shifted, weight});
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["padding"] = padding;
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["num_frames"] = num_frames;
+    ctx->saved_data["fold"] = fold;
+    ctx->saved_data["offsets"] = offsets;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &shifted = saved[0], &weight = saved[1];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                   has_bias && ctx->needs_input_grad(2)};
+    const std::vector<int64_t> bias_size{weight.size(0)};
+    auto [grad_x, grad_w, grad_b] = at::convolution_backward(
+        grads[0], shifted, weight, has_bias ? std::optional<IntArrayRef>(bias_size) : std::nullopt,
+        ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+        ctx->saved_data["dilation"].toIntVector(), false, {0, 0}, ctx->saved_data["groups"].toInt(), mask);
+    if (grad_x.defined()) {
+      // convolution_backward's result is fresh: ours to move back in place (made dense if it is not).
+      if (!grad_x.is_contiguous(grad_x.suggest_memory_format())) {
+        grad_x = grad_x.contiguous(shifted.suggest_memory_format());
+      }
+      call_shift_(grad_x, ctx->saved_data["num_frames"].toInt(), ctx->saved_data["fold"].toInt(),
+                  opposite(ctx->saved_data["offsets"].toIntVector()));
+    }
+    if (grad_w.defined()) grad_w = with_strides(grad_w, weight.strides());
+    return {grad_x, grad_w, grad_b, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor shifted_conv2d_autograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                               IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
+                               int64_t num_frames, int64_t fold, IntArrayRef offsets) {
+  return ShiftedConv::apply(x, weight, bias, stride.vec(), padding.vec(), dilation.vec(), groups, num_frames, fold,
+                            offsets.vec());
+}
+
+Tensor shifted_conv2d_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                          IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
+                          int64_t num_frames, int64_t fold, IntArrayRef offsets) {
+  return at::convolution(call_shift_copy(x, num_frames, fold, offsets), weight, bias, stride, padding, dilation,
+                         false, {0, 0}, groups);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tsm_dist, m) {
+  m.def("shift_copy(Tensor x, int num_frames, int fold, int[] offsets) -> Tensor");
+  m.def("shift_(Tensor(a!) x, int num_frames, int fold, int[] offsets) -> Tensor(a!)");
+  m.def("shifted_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
+        "int groups, int num_frames, int fold, int[] offsets) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tsm_dist, CPU, m) {
+  m.impl("shift_copy", &shift_copy_cpu);
+  m.impl("shift_", &shift_inplace_cpu);
+  m.impl("shifted_conv2d", &shifted_conv2d_cpu);
+}
+
+TORCH_LIBRARY_IMPL(tsm_dist, Autograd, m) {
+  m.impl("shifted_conv2d", &shifted_conv2d_autograd);
+}

@@ -1,0 +1,118 @@
+"""The shift's C++ ops (``csrc/shift_ops.cpp``): built once at install time, loaded if built.
+
+A small shifted layer on a CPU costs more in Python than in data (docs/models.md, issue #27), so its
+training path runs as one op, ``torch.ops.tsm_dist.shifted_conv2d``, whose forward and backward are C++.
+The library is built by ``./install.sh`` (``python -m tsm_dist.commands.shift_ops build``: g++ and torch's
+headers, no ninja, about a minute) into the venv, under a name keyed by the source and the torch build, so a
+changed source or another torch never loads a stale library. Nothing is compiled at run time: when the
+library is missing or does not load, :func:`available` is False and the Python kernels of
+:mod:`tsm_dist.models.shift_kernels` run instead (same results, bit for bit). ``TSM_DIST_SHIFT_NATIVE=0``
+turns the ops off (benchmarks compare both paths that way).
+
+    python -m tsm_dist.commands.shift_ops build    # compile (no-op when built); one line
+    python -m tsm_dist.commands.shift_ops status   # whether it is built and loads, one line
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "shift_ops.cpp"
+_state: dict[str, object] = {}
+
+
+def _key() -> str:
+    """The source, the torch build and the interpreter: any change names another library."""
+    parts = [SOURCE.read_bytes(), torch.__version__.encode(), str(torch.version.git_version).encode(),
+             str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(), sys.version.encode(), platform.machine().encode()]
+    return hashlib.sha1(b"\0".join(parts)).hexdigest()[:12]
+
+
+def library_path() -> Path:
+    base = os.environ.get("TSM_DIST_NATIVE_DIR") or str(Path(sys.prefix) / "lib" / "tsm_dist-native")
+    return Path(base) / f"shift_ops-{_key()}.so"
+
+
+def _compile_command(output: Path) -> list[str]:
+    from torch.utils import cpp_extension
+
+    torch_lib = Path(torch.__file__).parent / "lib"
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    # -fopenmp: at::parallel_for is OpenMP code in torch's headers; libgomp.so.1 resolves to torch's own.
+    return [os.environ.get("CXX", "g++"), "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", abi, *includes,
+            str(SOURCE), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{torch_lib}",
+            "-o", str(output)]
+
+
+def build() -> Path:
+    """Compile the library unless it is there; raises RuntimeError with the compiler's last lines."""
+    target = library_path()
+    if target.exists():
+        return target
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler}) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        partial = Path(tmp) / target.name
+        done = subprocess.run(_compile_command(partial), capture_output=True, text=True)
+        if done.returncode:
+            tail = "\n".join((done.stderr or done.stdout).splitlines()[-15:])
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}:\n{tail}")
+        os.replace(partial, target)  # atomic: ranks that load it never see half a file
+    for stale in target.parent.glob("shift_ops-*.so"):  # other sources' or torches' (a loaded one stays mapped)
+        if stale != target:
+            stale.unlink(missing_ok=True)
+    return target
+
+
+def available() -> bool:
+    """Whether the ops are loaded (loading them on the first call); False means the Python kernels run."""
+    if "loaded" not in _state:
+        _state["loaded"], _state["why"] = _load()
+    return bool(_state["loaded"])
+
+
+def why_not() -> str:
+    available()
+    return str(_state["why"])
+
+
+@contextlib.contextmanager
+def turned_off() -> Iterator[None]:
+    """The Python kernels run inside (tests and benchmarks compare both paths in one process)."""
+    available()
+    saved = dict(_state)
+    _state.update(loaded=False, why="turned off by shift_native.turned_off()")
+    try:
+        yield
+    finally:
+        _state.update(saved)
+
+
+def _load() -> tuple[bool, str]:
+    if os.environ.get("TSM_DIST_SHIFT_NATIVE", "1") == "0":
+        return False, "turned off by TSM_DIST_SHIFT_NATIVE=0"
+    path = library_path()
+    if not path.exists():
+        return False, f"not built for this source and torch (run ./install.sh, or python -m tsm_dist.commands.shift_ops build)"
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as exc:
+        return False, f"{path.name} does not load: {str(exc).splitlines()[0]}"
+    return True, "loaded"
+
+
+def summary() -> str:
+    return "shift ops: C++" if available() else f"shift ops: Python ({why_not()})"
