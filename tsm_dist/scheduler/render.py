@@ -298,7 +298,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tsm-dist render-job", description=(
         "Render an LSF (jsrun) or Slurm (srun) job script that trains with one rank per GPU (or CPU ranks) "
         "and requeues itself when the trainer stops at the time-limit warning (exit code 75; after SIGTERM, "
-        "exit 143, it does not: a cancel sticks)."))
+        "exit 143, it does not: a cancel sticks). With engine.elastic: true in the config, horovodrun's elastic "
+        "mode starts the ranks on the hosts of the allocation instead (docs/launch.md#elastic-training)."))
     p.add_argument("--scheduler", required=True, choices=SCHEDULERS)
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, required=True, help="0 renders the CPU variant")
