@@ -113,7 +113,7 @@ def _check_config(config: str, overrides: Sequence[str]) -> Any:
 def _elastic_launch(engine: Any, nodes: int, ranks_node: int, launcher_args: str,
                     network_interface: str | None) -> dict[str, Any]:
     """Template context of an elastic launch (``engine.elastic``): horovodrun's arguments and the host
-    discovery script's. The job starts ``-np`` ranks on the first hosts; slots beyond ``elastic_max_ranks``
+    discovery script's. The job starts ``-np`` ranks; the slots beyond ``elastic_max_ranks``
     stay free as spares, which horovodrun uses when a host is blacklisted."""
     slots = nodes * ranks_node
     low, high = engine.elastic_min_ranks, engine.elastic_max_ranks
