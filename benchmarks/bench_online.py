@@ -2,12 +2,13 @@
 clip model run per new frame (the sliding-window alternative); cache bytes; export time.
 
     python benchmarks/bench_online.py                       # ResNet-50 and MobileNetV2 at 224, 1 and 2 threads
-    python benchmarks/bench_online.py --models tsm8f_mbv2 --rounds 40 --threads 1 --forms concat,delta
+    python benchmarks/bench_online.py --models tsm8f_mbv2 --rounds 40 --threads 1 --forms concat,mask --cpu-time
 
 Each model is exported from the same weights as: the online graph with explicit shift caches in each
-graph form (``--forms``: ``concat``, the shifted input as slices + concatenation; ``delta``, BN folded
-and ``conv(x) + conv_w[:, :fold](cache - x[:, :fold])``), the same graph without any shift (a 2D network
-per frame: no caches, no slices, no concatenation), and the offline 8-frame clip graph. On a shared
+graph form (``--forms``: ``concat``, the shifted input as slices + concatenation; ``mask`` and ``split``,
+convs only, tsm_dist/streaming/; a form that does not apply to a model is left out), the same graph
+without any shift (a 2D network per frame: no caches, no slices, no concatenation), and the offline
+8-frame clip graph. On a shared
 machine absolute times drift, so the variants are timed interleaved: every round runs each online form,
 then the 2D graph twice, then the online forms again in reverse order (ABBA), all on the same frame.
 Per form it reports the median of the per-round paired ratios online/2D (with IQR) and the ratio of
@@ -30,6 +31,8 @@ import torch
 from tsm_dist.deploy.export import export_graph
 from tsm_dist.deploy.runtime import session
 from tsm_dist.models import build_model
+from tsm_dist.streaming import GRAPH_FORMS
+from tsm_dist.streaming.split import split_applies
 
 
 def _export(model, mode: str, out: Path, size: int, with_shift: bool = True, form: str = "concat") -> tuple[dict, float]:
@@ -81,6 +84,7 @@ def _rounds(steps: dict, plain, clip, rounds: int) -> tuple[dict, list, list, li
 def bench_model(name: str, size: int, threads: list[int], rounds: int, workdir: Path, forms: list[str]) -> list[dict]:
     torch.manual_seed(0)
     model = build_model(name, 400, online=True).eval()
+    forms = [f for f in forms if f != "split" or split_applies(model)]
     exported = {f: _export(model, "online", workdir / f"{name}_{f}.onnx", size, form=f) for f in forms}
     _, plain_s = _export(model, "online", workdir / f"{name}_2d.onnx", size, with_shift=False)
     _, clip_s = _export(model, "offline", workdir / f"{name}_clip.onnx", size)
@@ -153,7 +157,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", default="1,2", help="comma list of onnxruntime intra-op thread counts")
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--forms", default="concat,delta", help="comma list of online graph forms (tsm_dist/streaming/slots.py)")
+    p.add_argument("--forms", default=",".join(GRAPH_FORMS), help="comma list of online graph forms (tsm_dist/streaming/)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--cpu-time", action="store_true",
                    help="time CPU seconds of this process instead of wall-clock: on a loaded machine the time a "

@@ -133,10 +133,25 @@ def test_sidecar_says_what_outputs_are_and_stream_takes_its_frame_spacing(tmp_pa
     assert meta["frame_spacing"]["every"] == 4 and meta["preprocess"]["resize"]["method"] == "bilinear"
     assert "before softmax" in meta["output_meaning"]["logits"] and "mean" in meta["output_meaning"]["logits"]
     assert meta["output_meaning"]["new_cache_03"].startswith("feed as cache_03")
-    assert meta["shapes"]["logits"] == ["batch", 3] and meta["graph_form"] == "concat"  # auto for MobileNetV2
+    assert meta["shapes"]["logits"] == ["batch", 3] and meta["graph_form"] == "mask"  # auto for MobileNetV2
     capsys.readouterr()
     jsonl = tmp_path / "f.jsonl"
     assert cli(["stream", "--model", str(out), "--video", "synthetic:0", "--quiet", "--jsonl", str(jsonl)]) == 0
     assert [json.loads(r)["frame"] for r in jsonl.read_text().splitlines()] == list(range(0, 32, 4))
     assert cli(["stream", "--model", str(out), "--video", "synthetic:0", "--quiet", "--every", "1"]) == 0
     assert "32 frames" in capsys.readouterr().out
+
+
+def test_graph_form_auto_per_architecture_and_split_only_for_resnet(tmp_path, capsys) -> None:
+    ckpt = _save(tmp_path, "tsm8f_r50", online="true")
+    assert cli(["export", "--checkpoint", str(ckpt), "--size", "32", "--out", str(tmp_path / "r.onnx")]) == 0
+    assert json.loads((tmp_path / "r.onnx.json").read_text())["graph_form"] == "split"
+    cfg = load_config(None, ["data.backend=random", "data.num_samples=4", "model.name=tsm8f_mbv2",
+                             "model.num_classes=3", "model.width=8", "model.online=true"])
+    ckpt = tmp_path / "mbv2.pt"
+    torch.save({"model": build_model("tsm8f_mbv2", 3, width=8, online=True).state_dict(), "config": cfg.to_dict()}, ckpt)
+    capsys.readouterr()
+    argv = ["export", "--checkpoint", str(ckpt), "--size", "32", "--out", str(tmp_path / "m.onnx")]
+    assert cli([*argv, "--graph-form", "split"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--graph-form split" in err[0] and not (tmp_path / "m.onnx").exists()

@@ -13,11 +13,14 @@ from tsm_dist.deploy.runtime import session
 from tsm_dist.models import build_model
 from tsm_dist.streaming import ExplicitCacheTSM, OnlineTSM
 from tsm_dist.streaming.onnx_stream import OnnxStream
+from tsm_dist.streaming.split import split_applies
+from tsm_dist.streaming.step import GRAPH_FORMS
 
 pytest.importorskip("onnxruntime")
 
 # small widths for speed; the same code as the full models
 SMALL = {"tsm8f_r50": dict(depth=18, width=16), "tsm8f_mbv2": dict(width=16)}
+BOTTLENECK = dict(depth=50, width=8)  # the split form's bottleneck blocks and downsample convs
 SIZE, T = 64, 5
 
 
@@ -26,7 +29,7 @@ def _calibrated(name: str, **options) -> torch.nn.Module:
     with unit variance lets MobileNetV2's signal fade (depthwise convs), so every output would look alike
     and a wrong cache would go unseen."""
     torch.manual_seed(0)
-    model = build_model(name, 7, num_frames=T, **SMALL[name], **options)
+    model = build_model(name, 7, num_frames=T, **{**SMALL[name], **options})
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -39,6 +42,8 @@ def _calibrated(name: str, **options) -> torch.nn.Module:
 
 
 def _online_model(name: str) -> torch.nn.Module:
+    if name == "r50_bottleneck":
+        return _calibrated("tsm8f_r50", online=True, **BOTTLENECK)
     return _calibrated(name, online=True)
 
 
@@ -49,8 +54,9 @@ def _write(model, mode, tmp_path, fmt="onnx", with_shift=True, form="concat"):
     return out, interface
 
 
-@pytest.mark.parametrize("form", ["concat", "delta"])
-@pytest.mark.parametrize("name", list(SMALL))
+@pytest.mark.parametrize("name, form", [("tsm8f_r50", "concat"), ("tsm8f_mbv2", "concat"), ("tsm8f_r50", "mask"),
+                                        ("tsm8f_mbv2", "mask"), ("tsm8f_r50", "split"), ("r50_bottleneck", "concat"),
+                                        ("r50_bottleneck", "split")])
 def test_online_onnx_equals_online_tsm_and_causal_offline(name: str, form: str, tmp_path) -> None:
     model = _online_model(name)
     clips = torch.randn(2, T, 3, SIZE, SIZE)
@@ -63,8 +69,11 @@ def test_online_onnx_equals_online_tsm_and_causal_offline(name: str, form: str, 
     assert len(interface["caches"]) == len(model.shift_modules()) > 0
     stream = OnnxStream(path)
     streamed_onnx = np.stack([stream(clips[:, t].numpy()) for t in range(T)], 1)
-    assert np.abs(streamed_onnx - streamed_torch.numpy()).max() <= 1e-4
-    assert np.abs(streamed_onnx - offline.numpy()).max() <= 1e-4
+    # fp32: onnxruntime folds each BN into its conv (as the split form does before export), which in a
+    # 50-layer net with calibrated BN statistics moves logits of magnitude ~5 by up to ~3e-4, in every form
+    tol = 1e-4 if name in SMALL else 1e-4 * float(np.abs(offline.numpy()).max())
+    assert np.abs(streamed_onnx - streamed_torch.numpy()).max() <= tol
+    assert np.abs(streamed_onnx - offline.numpy()).max() <= tol
     # the caches carry the past: without them frame 1 would differ from the offline model
     stream.reset()
     stream(clips[:, 0].numpy())
@@ -72,9 +81,11 @@ def test_online_onnx_equals_online_tsm_and_causal_offline(name: str, form: str, 
     alone = stream(clips[:, 1].numpy())
     assert np.abs(alone - offline[:, 1].numpy()).max() > 1e-3
     assert stream.cache_nbytes() == sum(4 * 2 * np.prod(c["shape"][1:]) for c in interface["caches"])
-    if form == "delta":  # every BN folded into its conv, no concatenation left at the shift points
-        _, ops = _graph_facts(path)
-        assert ops["BatchNormalization"] == 0 and ops["Concat"] == 0
+    _, ops = _graph_facts(path)
+    if form == "mask":  # convs only at the shift points: no slice or concatenation of a block input
+        assert ops["Slice"] == ops["Concat"] == ops["Split"] == 0
+    if form == "split":  # BN folded; one concatenation, of the last block's two parts
+        assert ops["BatchNormalization"] == 0 and ops["Slice"] == ops["Split"] == 0 and ops["Concat"] == 1
 
 
 @pytest.mark.parametrize("name", list(SMALL))
@@ -141,16 +152,20 @@ def test_graphs_are_static_but_the_batch(name: str, tmp_path) -> None:
     """Converters and runtimes take the graphs as they are: every size fixed but the batch, the fold a
     constant (no Shape -> Gather -> Div at each shift point)."""
     model = _online_model(name)
-    for mode, with_shift in (("online", True), ("online", False), ("offline", True)):
-        path, interface = _write(model, mode, tmp_path / f"{mode}_{with_shift}", with_shift=with_shift)
+    forms = [f for f in GRAPH_FORMS if f != "split" or split_applies(model)]
+    for mode, with_shift, form in (*(("online", True, f) for f in forms), ("online", False, "concat"),
+                                   ("offline", True, "concat")):
+        path, interface = _write(model, mode, tmp_path / f"{mode}_{with_shift}_{form}", with_shift=with_shift,
+                                 form=form)
         dims, ops = _graph_facts(path)
         assert all(d[0] == "batch" and all(isinstance(v, int) and v > 0 for v in d[1:]) for d in dims.values()), dims
         assert dims["logits"] == ["batch", 7] and interface["shapes"]["logits"] == ["batch", 7]
         assert ops["Div"] == 0
         if mode == "online":
             assert ops["Shape"] == 0 and ops["Gather"] == 0 and ops["Reshape"] == 0
-            # one cache out and one rest slice, one concatenation per shift point; nothing else
-            assert (ops["Slice"], ops["Concat"]) == (2 * len(interface["caches"]), len(interface["caches"]))
+            if form == "concat" and with_shift:
+                # one cache out and one rest slice, one concatenation per shift point; nothing else
+                assert (ops["Slice"], ops["Concat"]) == (2 * len(interface["caches"]), len(interface["caches"]))
             for cache in interface["caches"]:
                 assert dims[cache["input"]] == dims[cache["output"]] == cache["shape"]
         else:  # only the zero frame at the clip's border takes its size from the (dynamic) batch

@@ -25,9 +25,9 @@ from torch import nn
 from tsm_dist.commands.arguments import positive_int
 from tsm_dist.commands.exit_codes import UsageError
 from tsm_dist.config import Config, ConfigError, config_from_dict, load_config
+from tsm_dist.streaming.split import split_applies
+from tsm_dist.streaming.step import GRAPH_FORMS, auto_form
 
-# the online graph form with the lower per-frame cost in onnxruntime, 1 thread (bench_online.py, docs/deploy.md)
-AUTO_FORM = {"VideoResNet": "delta", "VideoMobileNetV2": "concat"}
 SIDECAR_VERSION = 2  # 2: outputs, preprocess, frame_spacing
 
 
@@ -204,10 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--mode", choices=("online", "offline"), default="online")
-    p.add_argument("--graph-form", choices=("auto", "concat", "delta"), default="auto",
-                   help="online shift points as slices + concatenation, or as conv(x) + a 1/8-wide conv of the "
-                        "cache change on BN-folded weights; auto: the one measured cheaper per frame for the "
-                        "architecture (delta for ResNet, concat for MobileNetV2; docs/deploy.md)")
+    p.add_argument("--graph-form", choices=("auto", *GRAPH_FORMS), default="auto",
+                   help="online shift points as slices + a concatenation (the official demo's graph), or in convs "
+                        "only: mask (any model) or split (ResNet); auto: the one measured cheapest per frame in "
+                        "onnxruntime for the architecture (split for ResNet, else mask; docs/deploy.md)")
     p.add_argument("--size", type=positive_int, help="input height = width (default: the config's data.crop_size)")
     p.add_argument("--classes", help="class names, one per line (default: <data.root>/classes.txt if present)")
     p.add_argument("--out", required=True, help="the model file; the sidecar is FILE.json")
@@ -226,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--size {size} is below 32, the network's total stride")
     check_exportable(model, args.mode)
     start = time.perf_counter()
-    form = args.graph_form if args.graph_form != "auto" else AUTO_FORM.get(type(model).__name__, "concat")
+    form = args.graph_form if args.graph_form != "auto" else auto_form(model)
+    if args.mode == "online" and form == "split" and not split_applies(model):
+        raise UsageError(f"--graph-form split needs a ResNet shifted at the residual branch, not {cfg.model.name}; "
+                         "use mask or concat")
     interface = export_graph(model, args.mode, args.format, args.out, size, form=form)
     seconds = time.perf_counter() - start
     meta = sidecar(model, cfg, args.mode, args.format, size, interface,

@@ -5,7 +5,8 @@ Where those caches live decides the rest, and all of it is here:
 
 * :mod:`~tsm_dist.streaming.slots`: the cache slot that stands in for a shift point (the channels it shifts in
   come from an input, the frame's own leave as an output) in its forms: a swap in place (PyTorch), slices and a
-  concatenation, or a conv of the change (graphs);
+  concatenation, or convs only (graphs);
+* :mod:`~tsm_dist.streaming.split`: ResNet's "split" graph form, block inputs carried as cache part and rest;
 * :mod:`~tsm_dist.streaming.step`: :class:`ExplicitCacheTSM`, one time step as a pure function
   ``(frame, *caches) -> (logits, *new caches)`` (what ``tsm-dist export`` traces);
 * :mod:`~tsm_dist.streaming.online`: :class:`OnlineTSM`, that step with the caches carried between calls in

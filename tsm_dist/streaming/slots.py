@@ -9,8 +9,9 @@ Forms (the same function, numerically):
 * ``"swap"``: the cached channels are written into the frame's tensor in place around the conv and restored
   after (no copy of the input; PyTorch without autograd only) — :class:`~tsm_dist.streaming.online.OnlineTSM`;
 * ``"concat"``: the cached channels and the rest as a concatenation, the official online demo's graph;
-* ``"delta"``: ``conv(x) + conv_w[:, :fold](cache - x[:, :fold])``, a 1/fold-wide conv of the change instead
-  of a copy of the whole input (on BN-folded weights: :func:`tsm_dist.streaming.step.fold_batchnorm`).
+* ``"mask"``: convs only, so that onnxruntime keeps every tensor in its blocked layout (docs/deploy.md): the
+  shifted input is ``conv1x1(cache, one-hot placement) + depthwise1x1(x, 0 on the cached channels, 1 after)``
+  and the new cache ``x[:, :fold]`` a 1x1 conv with one-hot weights (:func:`select_channels`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch.nn import functional as F
 
 from tsm_dist.models.temporal_shift import TemporalShift
 
-SLOT_FORMS = ("swap", "concat", "delta")
+SLOT_FORMS = ("swap", "concat", "mask")
 
 
 class CacheBoard:
@@ -92,13 +93,29 @@ class CacheSlot(nn.Module):
                 return conv(x), x
             finally:
                 x[:, :fold] = current
-        if self.form == "concat" or conv.groups != 1:
+        if self.form == "concat":
             return conv(self.forward(x)), x
-        current = x[:, :fold]
-        cached = self._swap(current)
-        # conv is linear: conv(shift(x)) = conv(x) + the conv of the shifted channels' change
-        delta = F.conv2d(cached - current, conv.weight[:, :fold], None, conv.stride, conv.padding, conv.dilation)
-        return conv(x) + delta, x
+        return conv(mask_input(x, self._swap(select_channels(x, fold)), fold)), x
+
+
+def select_channels(x: Tensor, fold: int) -> Tensor:
+    """``x[:, :fold]`` as a 1x1 conv with one-hot weights: exact (one product by 1, the others by 0) and,
+    unlike a Slice, computed by onnxruntime in the blocked layout the tensor already has."""
+    eye = torch.eye(fold, int(x.shape[1]), dtype=x.dtype, device=x.device)[:, :, None, None]
+    return F.conv2d(x, eye)
+
+
+def mask_input(x: Tensor, cached: Tensor, fold: int) -> Tensor:
+    """``cat(cached, x[:, fold:])`` in convs: a one-hot placement of the cache plus a depthwise mask of ``x``.
+    The conv that reads it keeps its fusions (MobileNetV2's expand conv + BN + ReLU6; the cheaper looking
+    ``conv(x, W zero on the cached columns) + conv(cache, W[:, :fold])`` puts an Add before the ReLU6, which
+    onnxruntime does not fuse in its blocked layout: a layout round trip of the expanded tensor instead)."""
+    channels = int(x.shape[1])
+    # built from Python numbers: a constant of the graph (an in-place write is traced as ScatterND)
+    mask = torch.tensor([0.0] * fold + [1.0] * (channels - fold), dtype=x.dtype, device=x.device)
+    place = torch.eye(channels, fold, dtype=x.dtype, device=x.device)[:, :, None, None]
+    # the placement conv first: onnxruntime fuses an Add into the conv of its first input
+    return F.conv2d(cached, place) + F.conv2d(x, mask[:, None, None, None], groups=channels)
 
 
 class NoShift(nn.Module):

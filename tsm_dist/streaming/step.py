@@ -1,7 +1,7 @@
 """One time step of an online model as a pure function, with every shift cache an explicit tensor:
 ``(frame (N, 3, H, W), *caches) -> (logits (N, K), *new caches)``. ``tsm-dist export`` traces it (the forms
-"concat" and "delta" of :mod:`tsm_dist.streaming.slots`); :class:`~tsm_dist.streaming.online.OnlineTSM` runs
-it in PyTorch (the form "swap").
+"concat" and "mask" of :mod:`tsm_dist.streaming.slots`, and ResNet's "split", :mod:`tsm_dist.streaming.split`);
+:class:`~tsm_dist.streaming.online.OnlineTSM` runs it in PyTorch (the form "swap").
 """
 from __future__ import annotations
 
@@ -11,10 +11,16 @@ import torch
 from torch import Tensor, nn
 
 from tsm_dist.streaming.slots import SLOT_FORMS, CacheBoard, CacheSlot, NoShift, check_streamable, replace_shifts
+from tsm_dist.streaming.split import split_applies, split_step
 
 # the forms a graph can carry ("swap" writes into tensors, which a graph does not express); docs/deploy.md
 # has their per-frame timings
-GRAPH_FORMS = ("concat", "delta")
+GRAPH_FORMS = ("concat", "mask", "split")
+
+
+def auto_form(model: nn.Module) -> str:
+    """The graph form measured cheapest per frame in onnxruntime for the architecture (docs/deploy.md)."""
+    return "split" if split_applies(model) else "mask"
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -48,7 +54,7 @@ class ExplicitCacheTSM(nn.Module):
     ``caches[i]`` holds shift point i's first ``C_i / fold_div`` channels of the previous frame,
     ``(N, C_i / fold_div, H_i, W_i)`` (:meth:`cache_shapes`); no caches (or zeros) start a stream. Shift points
     are numbered in module order. ``with_shift=False`` gives the same network without any shift (no caches).
-    The model is not changed: this module streams a copy of it that shares its weights ("delta" folds the
+    The model is not changed: this module streams a copy of it that shares its weights ("split" folds the
     BNs into new conv weights of its own).
     """
 
@@ -56,19 +62,21 @@ class ExplicitCacheTSM(nn.Module):
         super().__init__()
         if with_shift:
             check_streamable(model)
-        if form not in SLOT_FORMS:
-            raise ValueError(f"form must be one of {SLOT_FORMS}, got {form!r}")
+        if form not in (*SLOT_FORMS, "split"):
+            raise ValueError(f"form must be one of {(*SLOT_FORMS, 'split')}, got {form!r}")
+        if form == "split" and with_shift and not split_applies(model):
+            raise ValueError("the split form needs a ResNet shifted at the residual branch")
         self.form = form
         self.model = copy_sharing_tensors(model)
-        if form == "delta":
-            # the delta's Add sits between a conv and its BN, where no runtime folds the BN any more
+        if form == "split":  # its convs are cut into parts, each with its share of the BN
             fold_batchnorm(self.model.eval())
         if not with_shift:
             replace_shifts(self.model, lambda shift, i: NoShift())
             self._board = CacheBoard(0)
             return
         self._board = CacheBoard(len(model.shift_modules()))
-        replace_shifts(self.model, lambda shift, i: CacheSlot(shift, self._board, i, form))
+        slot_form = "concat" if form == "split" else form  # split_step reads the slots' shifts only
+        replace_shifts(self.model, lambda shift, i: CacheSlot(shift, self._board, i, slot_form))
 
     @property
     def num_caches(self) -> int:
@@ -95,7 +103,10 @@ class ExplicitCacheTSM(nn.Module):
         board = self._board
         board.start(caches)
         try:
-            logits = self.model.backbone_logits(frame)
+            if self.form == "split" and len(board):
+                logits, board.outputs = split_step(self.model, frame, board.inputs)
+            else:
+                logits = self.model.backbone_logits(frame)
         finally:
             new_caches = board.finish()
         return (logits, *new_caches)
