@@ -123,6 +123,17 @@ def comparison_models(what: str, batch: int, size: int, channels_last: bool) -> 
     return steps
 
 
+def _copy_path(step: Callable[[], None]) -> Callable[[], None]:
+    """The step with every CPU layer on the shift-while-copying path (the C++ op), large ones included."""
+    def copy_step() -> None:
+        small, sk.SMALL_NUMEL = sk.SMALL_NUMEL, 1 << 62
+        try:
+            step()
+        finally:
+            sk.SMALL_NUMEL = small
+    return copy_step
+
+
 def _python_kernels(step: Callable[[], None]) -> Callable[[], None]:
     def python_step() -> None:
         with shift_native.turned_off():
@@ -171,11 +182,15 @@ def bench_shift(args: argparse.Namespace) -> None:
         _use_shift(models["TSM8f, plain copy shift"], plain_copy_shift)
         models["TSM8f, reference shift"] = build_model("tsm8f_r50", 400)
         _use_shift(models["TSM8f, reference shift"], temporal_shift)
+    if args.copy_path and shift_native.available():
+        models["TSM8f, C++ copy path"] = build_model("tsm8f_r50", 400)
     for model in models.values():
         model.load_state_dict(tsn.state_dict())  # same weights: the shift is the only difference
     clips = torch.randn(args.batch, 8, 3, args.size, args.size)
     labels = torch.randint(0, 400, (args.batch,))
     steps = {name: _train_step(model, clips, labels) for name, model in models.items()}
+    if "TSM8f, C++ copy path" in steps:
+        steps["TSM8f, C++ copy path"] = _copy_path(steps["TSM8f, C++ copy path"])
     clock = "process CPU time" if args.cpu_time else "wall time"
     print(f"# shift overhead: training step (fwd+bwd+SGD), batch {args.batch} x 8 frames x {args.size}^2, "
           f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds after {args.warmup} warm-up, {clock}")
@@ -339,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1, help="clips per training step (shift benchmark)")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--copy-path", action="store_true",
+                   help="shift: also TSM8f with every layer shifted while copying by the C++ op (more memory)")
     p.add_argument("--compare", action="store_true",
                    help="also time the plain-copy and the reference shift (4 models in memory: noisier)")
     p.add_argument("--small", type=lambda v: v.split(","), default=["demo", "mbv2"],

@@ -45,12 +45,17 @@ def test_shift_copy_and_in_place_move_back_equal_the_reference_bit_for_bit(dtype
     fold, offsets = _ops(direction, channels, fold_div)
     got = torch.ops.tsm_dist.shift_copy(x, frames, fold, offsets)
     assert torch.equal(got, temporal_shift(x, frames, fold_div, direction)) and got.stride() == x.stride()
-    moved = x.clone()
-    torch.ops.tsm_dist.shift_(moved, frames, fold, [-o for o in offsets])
-    # the adjoint of the shift: a frame's group goes back where it came from (what autograd gives the reference)
-    ref_x = x.double().requires_grad_()
-    (want,) = torch.autograd.grad(temporal_shift(ref_x, frames, fold_div, direction), [ref_x], x.double())
-    assert torch.equal(moved, want.to(dtype))
+    # the adjoint of the shift (a frame's group goes back where it came from), alone and plus a direct gradient,
+    # rounded once as autograd's sum of the two gradients of the reference
+    direct = torch.randn_like(x)
+    ref_x = x.detach().requires_grad_()
+    (want,) = torch.autograd.grad(temporal_shift(ref_x, frames, fold_div, direction), [ref_x], x)
+    (want_sum,) = torch.autograd.grad([temporal_shift(ref_x, frames, fold_div, direction), ref_x], [ref_x],
+                                      [x, direct])
+    for add, expected in [(None, want), (direct, want_sum)]:
+        moved = x.clone()
+        torch.ops.tsm_dist.shift_add_(moved, add, frames, fold, [-o for o in offsets])
+        assert torch.equal(moved, expected)
 
 
 @needs_ops
@@ -61,6 +66,9 @@ def test_the_ops_name_what_they_cannot_take() -> None:
         torch.ops.tsm_dist.shift_copy(torch.zeros(8, 16, 4, 4), 3, 2, [1, -1])
     with pytest.raises(RuntimeError, match="do not fit 16 channels"):
         torch.ops.tsm_dist.shift_copy(torch.zeros(8, 16, 4, 4), 4, 9, [1, -1])
+    with pytest.raises(RuntimeError, match="direct must have x's sizes, strides and dtype"):
+        torch.ops.tsm_dist.shift_add_(torch.zeros(8, 16, 4, 4), torch.zeros(8, 16, 4, 4).to(
+            memory_format=torch.channels_last), 4, 2, [1, -1])
 
 
 class _Names(TorchDispatchMode):
@@ -87,7 +95,7 @@ def test_small_cpu_layers_train_through_the_op_and_others_do_not() -> None:
     conv = nn.Conv2d(16, 8, 3, padding=1, bias=False)
     x = torch.randn(8, 16, 5, 5, requires_grad=True)
     assert "tsm_dist.shift_copy.default" in _train_ops(x, conv)
-    assert "tsm_dist.shift_.default" in _train_ops(x, conv)
+    assert "tsm_dist.shift_add_.default" in _train_ops(x, conv)
     with shift_native.turned_off():
         assert not any(n.startswith("tsm_dist") for n in _train_ops(x, conv))
     sparse = torch.randn(8, 16, 5, 10)[:, :, :, ::2].requires_grad_()

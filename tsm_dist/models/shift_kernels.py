@@ -447,7 +447,7 @@ def shifted_conv2d_and_identity(x: Tensor, weight: Tensor, bias: Tensor | None, 
         if _runs_native(x, weight, bias, groups):
             fold, offsets = _native_groups(groups)
             return torch.ops.tsm_dist.shifted_conv2d(x, weight, bias, *conv[:3], conv_groups, num_frames, fold,
-                                                     offsets), x
+                                                     offsets)
         return _ShiftedConvFn.apply(x, weight, bias, conv, num_frames, groups)
     check_frames(x, num_frames)
     if _shifts_while_copying(x, groups):

@@ -3,9 +3,10 @@
 // torch.ops.load_library. Python falls back to shift_kernels.py's kernels when this is not built.
 //
 //   tsm_dist::shift_copy(x, num_frames, fold, offsets) -> shift(x), a new tensor in x's layout
-//   tsm_dist::shift_(x, num_frames, fold, offsets) -> x shifted in place (the backward's move-back)
+//   tsm_dist::shift_add_(x, direct?, num_frames, fold, offsets) -> x = shift(x) + direct in place (the
+//                            backward's move-back, with the identity path's gradient)
 //   tsm_dist::shifted_conv2d(x, weight, bias?, stride, padding, dilation, groups, num_frames, fold,
-//                            offsets) -> conv2d(shift(x)), differentiable (a C++ autograd Function)
+//                            offsets) -> (conv2d(shift(x)), x), differentiable (a C++ autograd Function)
 //
 // Group g is channels [g*fold, (g+1)*fold): frame t of it takes frame t + offsets[g] of its clip, zero
 // where that is outside the clip (the shift of temporal_shift.py, bit for bit). Tensors are
@@ -120,32 +121,48 @@ void shift_frame(const T* x, T* out, const Geometry& g, int64_t n) {
   (void)moved;
 }
 
-// Group i of frame n of x = that group of frame source(n, i), in place: frames are visited in the order
-// that reads every source before it is overwritten (ascending for offset > 0, descending otherwise).
+// count runs of ``len`` values, ``stride`` apart: dst = src + direct, either of which may be absent (zero).
 template <typename T>
-void shift_clip_inplace(T* x, const Geometry& g, int64_t clip) {
+void add_runs(T* dst, const T* src, const T* direct, int64_t len, int64_t stride, int64_t count) {
+  for (int64_t r = 0; r < count; ++r) {
+    T* d = dst + r * stride;
+    const T* s = src ? src + r * stride : nullptr;
+    const T* a = direct ? direct + r * stride : nullptr;
+    if (s && a) {
+      for (int64_t k = 0; k < len; ++k) d[k] = s[k] + a[k];
+    } else if (s) {
+      std::copy_n(s, len, d);
+    } else if (a) {
+      std::copy_n(a, len, d);
+    } else {
+      std::fill_n(d, len, T(0));
+    }
+  }
+}
+
+// x = shift(x) + direct for one clip, in place in x (direct may be null): group i of frame n takes that group
+// of frame source(n, i), visiting frames in the order that reads every source before it is overwritten
+// (ascending for offset > 0, descending otherwise); the channels that stay only add direct.
+template <typename T>
+void shift_add_clip(T* x, const T* direct, const Geometry& g, int64_t clip) {
   const int64_t frame = g.frame_size(), p = g.pixels, c = g.channels, fold = g.fold, t_len = g.num_frames;
+  const int64_t moved = g.moved();
+  // a group's values in a frame: one run of fold * P (NCHW) or P runs of fold, C apart (channels-last)
+  const int64_t len = g.channels_last ? fold : fold * p, stride = g.channels_last ? c : 0;
+  const int64_t count = g.channels_last ? p : 1, step_in = g.channels_last ? 1 : p;
   for (int64_t i = 0; i < g.groups; ++i) {
-    if (g.offsets[i] == 0) continue;  // nothing moves (and a frame would be copied onto itself)
+    if (g.offsets[i] == 0 && !direct) continue;  // nothing moves (and a frame would be copied onto itself)
     for (int64_t step = 0; step < t_len; ++step) {
       const int64_t n = clip * t_len + (g.offsets[i] > 0 ? step : t_len - 1 - step);
-      const int64_t s = g.source(n, i);
-      T* dst = x + n * frame;
-      const T* src = s < 0 ? nullptr : x + s * frame;
-      if (!g.channels_last) {
-        if (src) {
-          std::memcpy(dst + i * fold * p, src + i * fold * p, sizeof(T) * fold * p);
-        } else {
-          std::memset(dst + i * fold * p, 0, sizeof(T) * fold * p);
-        }
-        continue;
-      }
-      if (src) {
-        copy_runs(src + i * fold, dst + i * fold, fold, c, p);
-      } else {
-        for (int64_t px = 0; px < p; ++px) std::fill_n(dst + px * c + i * fold, fold, T(0));
-      }
+      const int64_t s = g.source(n, i), at = n * frame + i * fold * step_in;
+      add_runs(x + at, s < 0 ? nullptr : x + s * frame + i * fold * step_in, direct ? direct + at : nullptr, len,
+               stride, count);
     }
+  }
+  if (!direct) return;
+  for (int64_t t = 0; t < t_len; ++t) {
+    const int64_t at = (clip * t_len + t) * frame + moved * step_in;
+    add_runs(x + at, x + at, direct + at, g.channels_last ? c - moved : (c - moved) * p, stride, count);
   }
 }
 
@@ -162,13 +179,19 @@ Tensor shift_copy_cpu(const Tensor& x, int64_t num_frames, int64_t fold, IntArra
   return out;
 }
 
-Tensor& shift_inplace_cpu(Tensor& x, int64_t num_frames, int64_t fold, IntArrayRef offsets) {
+Tensor& shift_add_cpu(Tensor& x, const std::optional<Tensor>& direct, int64_t num_frames, int64_t fold,
+                      IntArrayRef offsets) {
   const Geometry g = geometry(x, num_frames, fold, offsets);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tsm_dist::shift_", [&] {
+  const bool add = direct.has_value() && direct->defined();
+  TORCH_CHECK(!add || (direct->sizes() == x.sizes() && direct->strides() == x.strides() &&
+                       direct->scalar_type() == x.scalar_type()),
+              "tsm_dist::shift_add_: direct must have x's sizes, strides and dtype");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tsm_dist::shift_add_", [&] {
     scalar_t* data = x.mutable_data_ptr<scalar_t>();
+    const scalar_t* d = add ? direct->const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, g.frames / num_frames, grain(g, g.frame_size() * num_frames),
                      [&](int64_t begin, int64_t end) {
-                       for (int64_t clip = begin; clip < end; ++clip) shift_clip_inplace(data, g, clip);
+                       for (int64_t clip = begin; clip < end; ++clip) shift_add_clip(data, d, g, clip);
                      });
   });
   return x;
@@ -182,11 +205,12 @@ Tensor call_shift_copy(const Tensor& x, int64_t num_frames, int64_t fold, IntArr
   return op.call(x, num_frames, fold, offsets);
 }
 
-Tensor& call_shift_(Tensor& x, int64_t num_frames, int64_t fold, IntArrayRef offsets) {
+Tensor& call_shift_add_(Tensor& x, const std::optional<Tensor>& direct, int64_t num_frames, int64_t fold,
+                        IntArrayRef offsets) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tsm_dist::shift_", "")
-                       .typed<Tensor&(Tensor&, int64_t, int64_t, IntArrayRef)>();
-  return op.call(x, num_frames, fold, offsets);
+                       .findSchemaOrThrow("tsm_dist::shift_add_", "")
+                       .typed<Tensor&(Tensor&, const std::optional<Tensor>&, int64_t, int64_t, IntArrayRef)>();
+  return op.call(x, direct, num_frames, fold, offsets);
 }
 
 std::vector<int64_t> opposite(const std::vector<int64_t>& offsets) {
@@ -202,16 +226,19 @@ Tensor with_strides(const Tensor& t, IntArrayRef strides) {
   return at::empty_strided(t.sizes(), strides, t.options()).copy_(t);
 }
 
-// conv2d(shift(x)): the conv reads a shifted copy of x, kept for the weight gradient; the input gradient
-// is moved back in place in convolution_backward's fresh result (x's identity-path gradient is added by
-// autograd, as for any tensor used twice).
+// (conv2d(shift(x)), x): the conv reads a shifted copy of x, kept for the weight gradient. x comes back as the
+// block's identity, so that the backward gets both of x's gradients: the shifted path's, moved back in place in
+// convolution_backward's fresh result, and the identity's, added in the same pass (the sum autograd would make
+// anyway for a tensor used twice).
 struct ShiftedConv : public torch::autograd::Function<ShiftedConv> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                        std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                        int64_t groups, int64_t num_frames, int64_t fold, std::vector<int64_t> offsets) {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                               const std::optional<Tensor>& bias, std::vector<int64_t> stride,
+                               std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                               int64_t num_frames, int64_t fold, std::vector<int64_t> offsets) {
     Tensor shifted = call_shift_copy(x, num_frames, fold, offsets);
     Tensor y = at::convolution(shifted, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
     ctx->save_for_backward({shifted, weight});
+    ctx->set_materialize_grads(false);  // an unused identity adds nothing (no zero tensor to add)
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["dilation"] = dilation;
@@ -220,59 +247,71 @@ struct ShiftedConv : public torch::autograd::Function<ShiftedConv> {
     ctx->saved_data["fold"] = fold;
     ctx->saved_data["offsets"] = offsets;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    return y;
+    return {y, x};  // x returned unmodified: autograd makes it a view of x with this node as its grad_fn
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &shifted = saved[0], &weight = saved[1];
+    const Tensor &shifted = saved[0], &weight = saved[1], &grad_identity = grads[1];
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                   has_bias && ctx->needs_input_grad(2)};
-    const std::vector<int64_t> bias_size{weight.size(0)};
-    auto [grad_x, grad_w, grad_b] = at::convolution_backward(
-        grads[0], shifted, weight, has_bias ? std::optional<IntArrayRef>(bias_size) : std::nullopt,
-        ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
-        ctx->saved_data["dilation"].toIntVector(), false, {0, 0}, ctx->saved_data["groups"].toInt(), mask);
+    Tensor grad_x, grad_w, grad_b;
+    if (grads[0].defined()) {
+      const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                     has_bias && ctx->needs_input_grad(2)};
+      const std::vector<int64_t> bias_size{weight.size(0)};
+      std::tie(grad_x, grad_w, grad_b) = at::convolution_backward(
+          grads[0], shifted, weight, has_bias ? std::optional<IntArrayRef>(bias_size) : std::nullopt,
+          ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+          ctx->saved_data["dilation"].toIntVector(), false, {0, 0}, ctx->saved_data["groups"].toInt(), mask);
+    }
     if (grad_x.defined()) {
       // convolution_backward's result is fresh: ours to move back in place (made dense if it is not).
       if (!grad_x.is_contiguous(grad_x.suggest_memory_format())) {
         grad_x = grad_x.contiguous(shifted.suggest_memory_format());
       }
-      call_shift_(grad_x, ctx->saved_data["num_frames"].toInt(), ctx->saved_data["fold"].toInt(),
-                  opposite(ctx->saved_data["offsets"].toIntVector()));
+      const bool fused = grad_identity.defined() && grad_identity.strides() == grad_x.strides() &&
+                         grad_identity.scalar_type() == grad_x.scalar_type();
+      call_shift_add_(grad_x, fused ? std::optional<Tensor>(grad_identity) : std::nullopt,
+                      ctx->saved_data["num_frames"].toInt(), ctx->saved_data["fold"].toInt(),
+                      opposite(ctx->saved_data["offsets"].toIntVector()));
+      if (grad_identity.defined() && !fused) grad_x.add_(grad_identity);
+    } else {
+      grad_x = grad_identity;
     }
     if (grad_w.defined()) grad_w = with_strides(grad_w, weight.strides());
     return {grad_x, grad_w, grad_b, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
-Tensor shifted_conv2d_autograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                               IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
-                               int64_t num_frames, int64_t fold, IntArrayRef offsets) {
-  return ShiftedConv::apply(x, weight, bias, stride.vec(), padding.vec(), dilation.vec(), groups, num_frames, fold,
-                            offsets.vec());
+std::tuple<Tensor, Tensor> shifted_conv2d_autograd(const Tensor& x, const Tensor& weight,
+                                                   const std::optional<Tensor>& bias, IntArrayRef stride,
+                                                   IntArrayRef padding, IntArrayRef dilation, int64_t groups,
+                                                   int64_t num_frames, int64_t fold, IntArrayRef offsets) {
+  auto out = ShiftedConv::apply(x, weight, bias, stride.vec(), padding.vec(), dilation.vec(), groups, num_frames,
+                                fold, offsets.vec());
+  return {out[0], out[1]};
 }
 
-Tensor shifted_conv2d_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                          IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation, int64_t groups,
-                          int64_t num_frames, int64_t fold, IntArrayRef offsets) {
-  return at::convolution(call_shift_copy(x, num_frames, fold, offsets), weight, bias, stride, padding, dilation,
-                         false, {0, 0}, groups);
+std::tuple<Tensor, Tensor> shifted_conv2d_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                              IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
+                                              int64_t groups, int64_t num_frames, int64_t fold, IntArrayRef offsets) {
+  return {at::convolution(call_shift_copy(x, num_frames, fold, offsets), weight, bias, stride, padding, dilation,
+                          false, {0, 0}, groups),
+          x.alias()};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(tsm_dist, m) {
   m.def("shift_copy(Tensor x, int num_frames, int fold, int[] offsets) -> Tensor");
-  m.def("shift_(Tensor(a!) x, int num_frames, int fold, int[] offsets) -> Tensor(a!)");
-  m.def("shifted_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
-        "int groups, int num_frames, int fold, int[] offsets) -> Tensor");
+  m.def("shift_add_(Tensor(a!) x, Tensor? direct, int num_frames, int fold, int[] offsets) -> Tensor(a!)");
+  m.def("shifted_conv2d(Tensor(a) x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
+        "int groups, int num_frames, int fold, int[] offsets) -> (Tensor, Tensor(a))");
 }
 
 TORCH_LIBRARY_IMPL(tsm_dist, CPU, m) {
   m.impl("shift_copy", &shift_copy_cpu);
-  m.impl("shift_", &shift_inplace_cpu);
+  m.impl("shift_add_", &shift_add_cpu);
   m.impl("shifted_conv2d", &shifted_conv2d_cpu);
 }
 
