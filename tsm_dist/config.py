@@ -317,6 +317,9 @@ def _check_elastic(engine: EngineConfig) -> None:
         return
     if engine.name != "horovod":
         raise ConfigError("engine.elastic needs engine.name=horovod (Horovod's elastic mode; torch.distributed has none here)")
+    if engine.cycle_time_ms:
+        raise ConfigError("engine.cycle_time_ms must stay 0 with engine.elastic: Horovod 0.28.1 crashes re-initializing "
+                          "after a lost rank when the cycle time and the fusion threshold are both set")
     low, high = engine.elastic_min_ranks, engine.elastic_max_ranks
     if low and high and low > high:
         raise ConfigError(f"engine.elastic_min_ranks={low} must be <= engine.elastic_max_ranks={high}")

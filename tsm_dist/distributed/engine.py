@@ -11,6 +11,10 @@ Two engines behind one interface, chosen by ``engine.name`` in the config:
 The train loop calls, in this order: :meth:`Engine.init`, :meth:`distribute`,
 :meth:`broadcast_state`, then per step :meth:`no_sync` around each non-final backward,
 :meth:`synchronize` (the step's gradients are averaged after it), and :meth:`step`.
+
+Elastic training (``engine.elastic``, Horovod only) adds :meth:`elastic_state` and :meth:`elastic_run`:
+Horovod's elastic loop around the training, with a state whose commit, restore and sync are our code's
+(:mod:`tsm_dist.training.elastic` decides what a commit holds).
 """
 from __future__ import annotations
 
@@ -45,7 +49,9 @@ def horovod_env(cfg: EngineConfig, on_gpu: bool, env: Mapping[str, str]) -> dict
         knobs["HOROVOD_STALL_CHECK_DISABLE"] = "1"
     if cfg.cycle_time_ms:
         knobs["HOROVOD_CYCLE_TIME"] = f"{cfg.cycle_time_ms:g}"
-    elif not on_gpu and "HOROVOD_CYCLE_TIME" not in env:
+    elif not on_gpu and "HOROVOD_CYCLE_TIME" not in env and not cfg.elastic:
+        # not in an elastic run: Horovod 0.28.1 segfaults in its re-init after a lost rank when the cycle time
+        # and the fusion threshold are both set (docs/training.md, "Elastic training")
         knobs["HOROVOD_CYCLE_TIME"] = f"{CPU_CYCLE_TIME_MS:g}"
     if cfg.timeline:
         knobs["HOROVOD_TIMELINE"] = cfg.timeline
@@ -147,6 +153,11 @@ class Engine:
             self._started_here = True
         self._dist = dist
         self._layout = (dist.get_rank(), dist.get_world_size(), local_rank, local_size)
+
+    def refresh_layout(self) -> None:
+        """Rank, size and local layout again, after Horovod's elastic reset (shutdown + init) renumbered the ranks."""
+        hvd = self._hvd
+        self._layout = (hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
 
     @property
     def rank(self) -> int:
@@ -365,6 +376,51 @@ class Engine:
             while not self._hvd.poll(handle):
                 time.sleep(pause)
                 pause = min(2 * pause, 1e-3)
+
+    def set_accumulate(self, optimizer: torch.optim.Optimizer, accumulate: int) -> None:
+        """A new K for the distributed optimizer (an elastic run's world changed); DDP counts nothing itself."""
+        if self._hvd is not None:
+            optimizer.set_backward_passes_per_step(accumulate)
+
+    # ------------------------------------------------------------------------------- elastic
+    def elastic_state(self, commits: Any) -> Any:
+        """Horovod's elastic state around ``commits`` (``save``, ``restore``, ``sync``, ``reset``): Horovod calls
+        them on a commit, after a failed collective, when the ranks meet again, and after its reset (this
+        engine's layout is refreshed first). ``state.commit()`` saves, then raises Horovod's
+        ``HostsUpdatedInterrupt`` on every rank together when hosts were added or removed."""
+        if self._hvd is None or os.environ.get("HOROVOD_ELASTIC") != "1":
+            raise CoordinatedError("engine.elastic: true needs Horovod's elastic launcher (horovodrun --min-np/--max-np "
+                                   "with --host-discovery-script, as the rendered job scripts start it); this job was "
+                                   "started without it: set engine.elastic: false or launch it elastically", EXIT_CONFIG)
+        from horovod.common.elastic import State
+
+        hvd, engine = self._hvd, self
+
+        class CommittedState(State):
+            def __init__(self) -> None:
+                super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
+
+            def save(self) -> None:
+                commits.save()
+
+            def restore(self) -> None:
+                commits.restore()
+
+            def sync(self) -> None:
+                engine.refresh_layout()
+                commits.sync()
+
+            def reset(self) -> None:
+                engine.refresh_layout()
+                commits.reset()
+
+        return CommittedState()
+
+    def elastic_run(self, func: Any, state: Any, *args: Any) -> Any:
+        """``func(state, *args)`` under Horovod's elastic loop: after a failed collective the survivors restore
+        the last commit, every rank re-initializes Horovod with the new set of ranks, syncs from rank 0 and
+        calls ``func`` again; a new rank starts by that sync."""
+        return self._hvd.elastic.run(func)(state, *args)
 
     def step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
         """Optimizer step on gradients already synchronized (and unscaled and clipped by the caller)."""

@@ -65,6 +65,21 @@ class RunLog:
         if shown and (self.best is None or result["top1"] > self.best[0]):
             self.best = (float(result["top1"]), epoch)
 
+    def membership(self, record: dict[str, Any], total_steps: int) -> None:
+        """An elastic run's ranks changed: the record, one log line, and the progress' new step count."""
+        if self.metrics is None:
+            return
+        self.metrics.write(record)
+        back, at = record["rolled_back_to"], record["continues_at"]
+        print(f"tsm-dist train: elastic: {record['old_world']} -> {record['new_world']} ranks ({record['cause']}); "
+              f"rolled back to the commit at step {back['step']} (epoch {back['epoch']}), {record['steps_lost']} "
+              f"step(s) lost; continuing at step {at['step']} under {record['plan']}"
+              + (f"; {record['note']}" if record.get("note") else ""), file=sys.stderr, flush=True)
+        if self._wandb is not None:
+            self._wandb.log({"elastic/world_size": record["new_world"]}, step=at["step"])
+        if self._progress is not None:
+            self._progress.renumber(total_steps, at["step"])
+
     def epoch_done(self, epoch: int, step: int, top1: float | None = None) -> None:
         """The end of ``epoch`` (1-based, as the checkpoint and eval record count it): one progress line
         in a batch log, with this epoch's validation top-1 when it was evaluated."""

@@ -48,6 +48,15 @@ class Progress:
         self._window: list[dict[str, float]] = []  # the step values since the last line
         self._step, self._epoch = initial, 0
 
+    def renumber(self, total_steps: int, step: int) -> None:
+        """An elastic run's new batch plan numbers its steps anew: the new total and position; the rate
+        (and the ETA) counts from here."""
+        self.total, self._step = total_steps, step
+        if self._bar is not None:
+            self._bar.total, self._bar.n = total_steps, step
+            self._bar.refresh()
+        self._start_step, self._start_t = step, self._clock()
+
     def update(self, step: int, epoch: int, **values: float) -> None:
         """The step just taken, in the (1-based) ``epoch`` it belongs to; ``values``: loss, lr, clips_s and,
         for timed steps, data_time and step_time (the data-wait share)."""

@@ -9,7 +9,12 @@ One JSON object per line, each with a ``type``:
   ``clips_per_sec_total``. The step that found a non-finite loss is logged with loss and LR only;
 * ``eval`` -- after an evaluation: ``top1``, ``top5``, ``loss``, ``num_samples``;
 * ``end`` -- how the run ended: ``status`` (completed, preempted -- the time-limit warning --, terminated
-  -- SIGTERM --, failed) and the videos it skipped.
+  -- SIGTERM --, failed) and the videos it skipped;
+* ``membership`` -- an elastic run's ranks changed (``engine.elastic``): old and new world size, the cause,
+  the commit the run rolled back to, the steps lost, where it continues and under which batch plan. Step
+  records written before it with steps past ``rolled_back_to`` were undone; :func:`read_last_run` drops
+  them. An elastic run's step records also say which clips they trained (``data_epoch``, ``clip_start``,
+  ``clips``: a slice of the epoch's global clip order) and when (``time``).
 
 The file is appended to across restarts; :func:`read_last_run` returns the records after the last header.
 A run whose ranks died before any of them wrote its ``end`` record gets one from its job script
@@ -35,6 +40,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "step": ("epoch", "step", "loss", "lr"),
     "eval": ("epoch", "step", "top1", "top5", "loss", "num_samples"),
     "end": ("time", "status", "step", "epoch"),
+    "membership": ("time", "old_world", "new_world", "rolled_back_to", "steps_lost", "continues_at"),
 }
 TIMING = ("data_time", "compute_time", "sync_time", "step_time")  # step records of timed steps
 
@@ -56,10 +62,10 @@ def header_record(**fields: Any) -> dict[str, Any]:
 
 
 def step_record(*, epoch: float, step: int, loss: float, lr: float, clips_per_step: int = 0,
-                world_size: int = 1, **timing: float) -> dict[str, Any]:
+                world_size: int = 1, position: dict[str, Any] | None = None, **timing: float) -> dict[str, Any]:
     """A step record; with ``timing`` (the four ``TIMING`` keys) also clips/s from ``clips_per_step``
-    (per rank) and ``world_size``."""
-    record = _record("step", {"epoch": epoch, "step": step, "loss": loss, "lr": lr})
+    (per rank) and ``world_size``; ``position``: the clips it trained (elastic runs)."""
+    record = _record("step", {"epoch": epoch, "step": step, "loss": loss, "lr": lr, **(position or {})})
     if timing:
         missing = [key for key in TIMING if key not in timing]
         if missing:
@@ -80,6 +86,11 @@ def end_record(*, status: str, step: int, epoch: int, skipped: list[list[str]] |
     """How the run ended: ``status`` completed, preempted (USR1), terminated (SIGTERM) or failed; ``skipped`` lists [video, reason]."""
     return _record("end", {"time": time.time(), "status": status, "step": step, "epoch": epoch,
                            "skipped": skipped or [], **fields})
+
+
+def membership_record(**fields: Any) -> dict[str, Any]:
+    """An elastic run's change of ranks (see the module's description)."""
+    return _record("membership", {"time": time.time(), **fields})
 
 
 class MetricsLog:
@@ -137,6 +148,7 @@ class RunRecords:
     evals: list[dict[str, Any]] = field(default_factory=list)
     # None: still running, or killed without a word (the job scripts then append a failed one: close_run)
     end: dict[str, Any] | None = None
+    membership: list[dict[str, Any]] = field(default_factory=list)  # an elastic run's changes of ranks
 
     @property
     def status(self) -> str:
@@ -158,6 +170,9 @@ def read_last_run(path: str | Path, since: int = 0) -> RunRecords:
             run.evals.append(record)
         elif record["type"] == "end":
             run.end = record
+        elif record["type"] == "membership":  # the steps after the commit it rolled back to were undone
+            run.membership.append(record)
+            run.steps = [s for s in run.steps if s["step"] <= record["rolled_back_to"]["step"]]
     run.steps.sort(key=lambda r: r["step"])
     return run
 
@@ -205,7 +220,12 @@ def describe_run(path: str | Path, since: int = 0) -> str:
     last = run.evals[-1] if run.evals else None
     accuracy = (f"; last evaluation (epoch {last['epoch']}): top-1 {float(last['top1']):.2f} %, top-5 "
                 f"{float(last['top5']):.2f} %" if last else "; no evaluation in this run")
-    return f"run record: {path}: {run.status}{cause} at {where}{accuracy}"
+    changes = ""
+    if run.membership:
+        sizes = " -> ".join(str(w) for w in [run.membership[0]["old_world"], *(m["new_world"] for m in run.membership)])
+        lost = sum(int(m["steps_lost"]) for m in run.membership)
+        changes = f"; elastic: ranks {sizes} ({len(run.membership)} change(s), {lost} step(s) lost)"
+    return f"run record: {path}: {run.status}{cause} at {where}{accuracy}{changes}"
 
 
 def _appended_since(path: Path, since: int) -> int | None:

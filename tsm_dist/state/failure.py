@@ -80,6 +80,16 @@ def _read(directory: Path, pattern: str) -> list[dict[str, Any]]:
     return sorted(found, key=lambda n: n["rank"])
 
 
+def noted_failure(workdir: Path) -> PeerFailed | None:
+    """The failure a rank noted before it exited (its own error, not a kill), if any: an elastic run stops on it
+    instead of going on without that rank (its error would meet the ranks its work moves to)."""
+    failed = _read(workdir / NOTES_DIR, "rank*.json")
+    if not failed:
+        return None
+    first = failed[0]
+    return PeerFailed(f"rank {first['rank']} failed: {first['cause']}", int(first["code"]), quiet=True)
+
+
 def peer_failure(workdir: Path, exc: BaseException, rank: int, size: int,
                  wait: float = NOTE_WAIT_S) -> PeerFailed:
     """What a survivor of a failed collective says and exits with: the failed rank's note, or (none came

@@ -49,3 +49,27 @@ def plan_batch(cfg: Config, world_size: int) -> BatchPlan:
                 f"but train.accumulate={accumulate}; set only one of them")
         accumulate = derived
     return BatchPlan(per_gpu_batch=per_gpu, world_size=world_size, accumulate=accumulate)
+
+
+def plan_for_world(base: BatchPlan, world_size: int, on_resize: str) -> BatchPlan:
+    """The plan of an elastic run (``engine.on_resize``) on ``world_size`` ranks, from the plan it started with.
+
+    ``keep_global_batch``: the per-rank batch stays and accumulation K absorbs the new world, so every step
+    still sees ``base.global_batch`` clips (and the LR schedule is unchanged). ``keep_rank_batch``: the per-rank
+    batch and K stay, the global batch follows the world (the LR schedule of the new plan scales with it).
+    """
+    if on_resize == "keep_rank_batch":
+        return BatchPlan(per_gpu_batch=base.per_gpu_batch, world_size=world_size, accumulate=base.accumulate)
+    per_pass = base.per_gpu_batch * world_size
+    if base.global_batch % per_pass:
+        raise ConfigError(
+            f"engine.on_resize=keep_global_batch: the global batch {base.global_batch} is not a multiple of "
+            f"data.batch_size={base.per_gpu_batch} x {world_size} ranks = {per_pass}; choose a global batch that "
+            "every world size between engine.elastic_min_ranks and engine.elastic_max_ranks divides, or "
+            "engine.on_resize=keep_rank_batch")
+    return BatchPlan(per_gpu_batch=base.per_gpu_batch, world_size=world_size, accumulate=base.global_batch // per_pass)
+
+
+def elastic_world_sizes(min_ranks: int, max_ranks: int, start: int) -> range:
+    """The world sizes an elastic run may take (the config's bounds; 0: the starting world size)."""
+    return range(min_ranks or start, (max_ranks or start) + 1)

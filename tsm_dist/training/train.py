@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -57,6 +57,8 @@ from tsm_dist.state.failure import record_failure
 from tsm_dist.runlog.account import RunLog
 from tsm_dist.state.identity import START_OVER_FLAG, WorkdirInUse, new_run_id
 from tsm_dist.training.run_spec import RunSpec, resolve_run
+from tsm_dist.training.batch_plan import BatchPlan
+from tsm_dist.training.elastic import Elastic
 from tsm_dist.state.train_state import Position
 
 
@@ -73,9 +75,10 @@ def train(cfg: Config, workdir: str | Path, *, resume: str | None = None, start_
         # the run resolved once for this world: the batch plan, and every consumer gets these values
         trainer = Trainer(resolve_run(cfg, engine.size), engine, Path(workdir), model_builder, loader_builder)
         try:
-            trainer.resume(resume, start_over=start_over)
-            trainer.open_logs()
-            status, code = trainer.loop(stop)
+            start = functools.partial(trainer.start, resume, start_over)
+            if trainer.elastic is None:
+                start()
+            status, code = trainer.loop(stop, start)
             return trainer.finish(status, code, stop)
         except (Exception, KeyboardInterrupt) as exc:
             stopped = record_failure(trainer.log.metrics, exc, trainer.pos, workdir=trainer.workdir,
@@ -122,14 +125,19 @@ class Trainer:
         self.run_id = new_run_id()  # rank 0's is the run's; a resumed run keeps its checkpoint's
         self.log = RunLog()  # metrics.jsonl, wandb, progress: opened on rank 0 only
         check_file_lists(cfg)  # a missing list: one line with the resolved path and how to make the set
+        self._loader_builder = loader_builder
         self._build_data(loader_builder)
-        self._check_data()
+        if not cfg.engine.elastic:  # elastic: in start(), the first collective Horovod's elastic loop runs
+            self._check_data()
         self._build_model(model_builder)
+        self._clips_at = (0, 0)  # (epoch, clips of it before the step being taken), for elastic step records
+        self.elastic = Elastic(self) if cfg.engine.elastic else None
 
     def _build_data(self, loader_builder: LoaderBuilder | None) -> None:
         # 2. sharded loaders: rank r reads shard r of size; every shard has the same number of batches
         cfg, plan, K = self.cfg, self.plan, self.K
         self.train_loader = build_loader_from_config(cfg, self.engine, train=True, builder=loader_builder)
+        self.loader_world = (self.engine.rank, self.engine.size)  # the shard the loaders read
         self.val_loader = (build_loader_from_config(cfg, self.engine, train=False, builder=loader_builder)
                            if cfg.train.eval_every_epochs and has_val_set(cfg) else None)
         self.steps_per_epoch = len(self.train_loader) // K
@@ -170,6 +178,26 @@ class Trainer:
         # Horovod's wrapper is a new optimizer over the same parameter groups, without their state
         self.train_model, self.optimizer = self.engine.distribute(model, optimizer, accumulate=self.K)
 
+    def start(self, resume: str | None, start_over: bool = False) -> None:
+        """5. resume and open the logs (an elastic run checks its data here too: its first collectives)."""
+        if self.elastic is not None:
+            self._check_data()
+        self.resume(resume, start_over=start_over)
+        self.open_logs()
+
+    def fit_plan(self, plan: BatchPlan) -> None:
+        """An elastic run's new world: this plan's loaders (rebuilt for the new shard count: a DALI pipeline
+        cannot change its shard), K, steps per epoch and LR schedule."""
+        self.run, self.plan, self.K = RunSpec(config=self.cfg, batch=plan), plan, plan.accumulate
+        self.train_loader = self.val_loader = None
+        gc.collect()  # the old pipelines' memory before the new ones take theirs
+        self._build_data(self._loader_builder)
+        self.engine.set_accumulate(self.optimizer, self.K)
+
+    @property
+    def ordered_prefix(self) -> bool:
+        return _ordered_prefix(self.train_loader)
+
     def resume(self, resume: str | None, start_over: bool = False) -> None:
         """5. resume on rank 0, then broadcast parameters, optimizer state and the loop position."""
         engine = self.engine
@@ -203,7 +231,7 @@ class Trainer:
         engine = self.engine
         try:
             where = continue_under(position, self.plan,
-                                   self.steps_per_epoch, ordered_prefix=_ordered_prefix(self.train_loader),
+                                   self.steps_per_epoch, ordered_prefix=self.ordered_prefix,
                                    path=position["path"])
         except CheckpointError as exc:
             raise CoordinatedError(str(exc), EXIT_CHECKPOINT) from None
@@ -234,15 +262,24 @@ class Trainer:
             resumed_from=str(self.resume_path) if self.resume_path else None, versions=versions(),
             hardware=hardware()), total_steps=self.total_steps, step=self.pos.step)
 
+    def open_logs_if_root(self) -> None:
+        """An elastic run whose rank 0 died: the new rank 0 opens the run's account (a new header record)."""
+        if self.root and self.log.metrics is None:
+            self.open_logs()
+
     # ------------------------------------------------------------------------------ loop
-    def loop(self, stop: StopSignals) -> tuple[str, int]:
-        """6. epochs of optimizer steps until done or stopped: (status, exit code).
+    def loop(self, stop: StopSignals, start: Callable[[], None]) -> tuple[str, int]:
+        """6. epochs of optimizer steps until done or stopped: (status, exit code). An elastic run calls
+        ``start`` first, inside Horovod's elastic loop (:mod:`tsm_dist.training.elastic`).
 
         The one place a stop becomes an outcome: every rank raises the same :class:`Stopped` after the
         same step, and rank 0 says why in one line.
         """
         try:
-            self._epochs(stop)
+            if self.elastic is not None:
+                self.elastic.run(start, self._epochs, stop)
+            else:
+                self._epochs(stop)
         except Stopped as stopped:
             if self.root:
                 print(f"tsm-dist train: {stopped}", file=sys.stderr, flush=True)
@@ -262,7 +299,11 @@ class Trainer:
                 if pos.step >= self.total_steps:
                     break
                 self.train_step(batches, stop)
+                if self.elastic is not None:
+                    self.elastic.after_step()
             self.end_of_epoch(stop)
+            if self.elastic is not None and pos.epoch < cfg.train.epochs and pos.step < self.total_steps:
+                self.elastic.commit()
 
     # ------------------------------------------------------------------------------ step
     def train_step(self, batches: Iterator[Any], stop: StopSignals) -> None:
@@ -274,6 +315,7 @@ class Trainer:
         lr = self.schedule(pos.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self._clips_at = (pos.epoch, pos.batch_in_epoch * self.plan.per_gpu_batch * self.engine.size)
         times = self.accumulate_and_step(batches, timed)
         pos.step += 1
         pos.batch_in_epoch += self.K
@@ -333,9 +375,13 @@ class Trainer:
     def step_record(self, loss: float, lr: float, **timing: float) -> dict[str, Any]:
         """The step record (rank means) of the step just taken; ``timing``: see :func:`records.step_record`."""
         step = self.pos.step
+        position = None
+        if self.elastic is not None:  # which clips of the epoch's global order this step trained, and when
+            position = {"data_epoch": self._clips_at[0], "clip_start": self._clips_at[1],
+                        "clips": self.plan.global_batch, "world_size": self.engine.size, "time": time.time()}
         return records.step_record(epoch=round(step / self.steps_per_epoch, 4), step=step, loss=loss, lr=lr,
                                    clips_per_step=self.plan.per_gpu_batch * self.K, world_size=self.engine.size,
-                                   **timing)
+                                   position=position, **timing)
 
     def end_of_epoch(self, stop: StopSignals) -> None:
         """8. end of an epoch (or of max_steps): evaluate, rank 0 checkpoints, then a stop signal that arrived
