@@ -37,8 +37,10 @@ def _demo_config(*overrides: str) -> Any:
 
     return load_config(REPO / "configs" / "synthetic_tsm.yaml", [
         "data.backend=procedural", "data.num_samples=480", "data.num_val_samples=0", "data.batch_size=4",
+        "train.eval_every_epochs=0",
         "train.global_batch=24", "train.epochs=2", "log.interval=1", "log.wandb=disabled", "log.progress=false",
-        "engine.elastic=true", "engine.elastic_min_ranks=2", "engine.elastic_max_ranks=3", *overrides])
+        "engine.elastic=true", "engine.elastic_min_ranks=2", "engine.elastic_max_ranks=3", "engine.commit_every=5",
+        *overrides])
 
 
 def _copy_setup(cfg: Any) -> tuple[Any, ...]:

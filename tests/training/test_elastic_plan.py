@@ -64,3 +64,16 @@ def test_the_reader_drops_the_steps_a_membership_change_rolled_back(tmp_path):
     assert [(s["step"], s["clip_start"]) for s in run.steps] == [(1, 0), (2, 12), (3, 24), (4, 0), (5, 12), (6, 24)]
     assert len(run.membership) == 1 and json.loads(path.read_text().splitlines()[-3])["type"] == "membership"
     assert "elastic: ranks 3 -> 2 (1 change(s), 1 step(s) lost)" in records.describe_run(path)
+
+
+def test_an_elastic_run_started_without_the_elastic_launcher_is_one_line(tmp_path):
+    from conftest import REPO, VENV_BIN, launcher_env, run_bounded
+
+    result = run_bounded([str(VENV_BIN / "tsm-dist"), "train", "--config", str(REPO / "configs" / "synthetic_tsm.yaml"),
+                          "--workdir", str(tmp_path / "run"), *[a for s in (
+                              "data.backend=random", "data.num_samples=8", "data.batch_size=4", "data.crop_size=32",
+                              "model.width=8", "model.num_frames=2", "log.wandb=disabled", "engine.elastic=true")
+                              for a in ("--set", s)]], timeout=240, env=launcher_env())
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stdout[-3000:]
+    assert "engine.elastic: true needs Horovod's elastic launcher" in lines[0]
