@@ -2,6 +2,7 @@
 
     python benchmarks/bench_models.py shift       # TSM8f vs TSN (and a TSN control copy) training step, 224x224
     python benchmarks/bench_models.py small       # the demo's network and MobileNetV2-TSM at its size: TSM vs TSN
+    python benchmarks/bench_models.py profile     # the demo's step by category (torch.profiler): TSN, TSM, TSM on Python
     python benchmarks/bench_models.py layers      # the fused shift's extra time per shifted layer, summed per step
     python benchmarks/bench_models.py ops         # dispatched aten ops per training step, two batch sizes
     python benchmarks/bench_models.py throughput  # TSM8f : I3D3x3x3 : I3D3x1x1 inference clips/s
@@ -53,10 +54,19 @@ def _use_shift(model: torch.nn.Module, shift_fn: Callable[[torch.Tensor, int, in
             lambda self, x, conv: (conv(shift_fn(x, self.num_frames, self.fold_div)), x), shift)
 
 
+def _median_ci(values: list[float]) -> tuple[float, float]:
+    """A distribution-free 95 % confidence interval of the median: the order statistics n/2 -+ 0.98 sqrt(n)
+    (the binomial rank interval), so a benchmark states what its rounds can resolve."""
+    ordered, n = sorted(values), len(values)
+    k = max(0, int(n / 2 - 0.98 * n ** 0.5))
+    return ordered[k], ordered[min(n - 1, n - 1 - k)]
+
+
 def _summary(values: list[float]) -> str:
     q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
-    return (f"median {statistics.median(values):+.2%}  IQR [{q[0]:+.2%}, {q[2]:+.2%}]  "
-            f"min {min(values):+.2%}  max {max(values):+.2%}  (n={len(values)})")
+    low, high = _median_ci(values)
+    return (f"median {statistics.median(values):+.2%} (95% CI [{low:+.2%}, {high:+.2%}])  IQR [{q[0]:+.2%}, "
+            f"{q[2]:+.2%}]  min {min(values):+.2%}  max {max(values):+.2%}  (n={len(values)})")
 
 
 def _interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int,
@@ -230,6 +240,44 @@ def bench_small(args: argparse.Namespace) -> None:
                   f"{statistics.median(times[name]) / statistics.median(times['TSN']) - 1:+.2%}")
 
 
+# profiler event -> category of the step breakdown (self CPU time; an event's children are counted apart)
+_CATEGORIES = (("shift: Python of the autograd.Function", ("_ShiftedConvFn",)),
+               ("shift: C++ op's dispatch and autograd node", ("tsm_dist::shifted_conv2d", "ShiftedConv")),
+               ("shift: C++ passes (shift_copy, shift_add_)", ("tsm_dist::shift",)),
+               ("convolutions (fwd + bwd)", ("aten::mkldnn_convolution", "aten::convolution_backward")),
+               ("aten copies, fills, adds", ("aten::copy_", "aten::fill_", "aten::zero_", "aten::add", "aten::cat")),
+               ("batch norm, ReLU, pooling", ("batch_norm", "threshold", "relu", "clamp", "max_pool")))
+
+
+def _category(key: str) -> str:
+    return next((name for name, marks in _CATEGORIES if any(m in key for m in marks)), "the rest")
+
+
+def bench_profile(args: argparse.Namespace) -> None:
+    """torch.profiler over whole training steps of the demo's network, one profiled step per model and round,
+    interleaved: self CPU time per category and step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = comparison_models("demo", args.small_batch, args.small_size, channels_last=True)
+    steps.pop("TSN control")
+    per_step = {name: collections.Counter() for name in steps}
+    for r in range(args.warmup + args.rounds):
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            if r < args.warmup:
+                steps[name]()
+                continue
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                steps[name]()
+            for event in prof.key_averages():
+                per_step[name][_category(event.key)] += event.self_cpu_time_total / args.rounds / 1e3
+    print(f"# demo step breakdown, self CPU ms per step (torch.profiler, {args.rounds} interleaved rounds after "
+          f"{args.warmup}, {torch.get_num_threads()} threads; the profiler's overhead inflates the Python rows)")
+    print(f"{'category':<46}" + "".join(f"{n:>24}" for n in per_step))
+    for category in [c for c, _ in _CATEGORIES] + ["the rest", "total"]:
+        row = [sum(c.values()) if category == "total" else c[category] for c in per_step.values()]
+        print(f"{category:<46}" + "".join(f"{v:>16.2f} ({v - row[0]:+5.2f})" for v in row))
+
+
 class _OpCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
@@ -349,7 +397,8 @@ def bench_throughput(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["shift", "small", "layers", "ops", "throughput", "all"], nargs="?", default="all")
+    p.add_argument("what", choices=["shift", "small", "profile", "layers", "ops", "throughput", "all"], nargs="?",
+                   default="all")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=1, help="clips per training step (shift benchmark)")
     p.add_argument("--rounds", type=int, default=30)
@@ -377,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_shift(args)
     if args.what == "small":
         bench_small(args)
+    if args.what == "profile":
+        bench_profile(args)
     if args.what == "layers":
         bench_layers(args)
     if args.what == "ops":
