@@ -14,11 +14,17 @@ On two Slurm nodes whose names resolve to this host (so horovodrun starts their 
 would on a real node pair with ssh), one rank per node:
 
 - the job trains across both hosts of the allocation;
+- one node's rank is SIGKILLed (``engine.elastic_min_ranks=1``): horovodrun blacklists that host, the other
+  rank rolls back to its last commit and the job completes on 1 rank, every step trained;
+- one node is written into the exclude file: the discovery script drops it and the job completes on 1 rank;
+- three nodes, 2 ranks (one node spare): a rank is SIGKILLed and the spare node takes its place.
 
 Run them one session at a time: ``flock /work/slurm.lock pytest tests/scheduler/test_slurm_elastic.py``.
 """
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import sys
 import time
@@ -175,3 +181,93 @@ def test_elastic_job_trains_across_two_hosts(two_nodes: SlurmCluster, tmp_path: 
     headers, ends = _records(workdir, "header"), _records(workdir, "end")
     assert headers and all(h["world_size"] == 2 for h in headers), headers
     assert ends[-1]["status"] == "completed" and ends[-1]["step"] == 8, ends
+
+
+def _rank_pids_on(job_id: int, host: str) -> list[int]:
+    """The rank processes (tsm_dist.ranks.start) that horovodrun started for ``host`` in job ``job_id``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(i.split("=", 1) for i in (proc / "environ").read_text().split("\0") if "=" in i)
+            cmd = (proc / "cmdline").read_text()
+        except (OSError, ValueError):
+            continue
+        if env.get("SLURM_JOB_ID") == str(job_id) and env.get("HOROVOD_HOSTNAME") == host and \
+                "tsm_dist.ranks.start" in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+# 160 clips / (2 ranks x 4) = 20 steps per epoch, 40 in all; a commit every 5 steps
+SHORT, SHORT_STEPS = ["data.num_samples=160", "train.epochs=2", "engine.commit_every=5",
+                      "engine.elastic_min_ranks=1"], 40
+
+
+def _assert_went_on_with_one_rank(cluster: SlurmCluster, tmp_path: Path, job_id: int, workdir: Path) -> None:
+    fields = cluster.wait_final(job_id, JOB_TIMEOUT_S)
+    log = _log(tmp_path, job_id)
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{log}"
+    ends = _records(workdir, "end")
+    assert [(e["status"], e["step"]) for e in ends] == [("completed", SHORT_STEPS)], f"{ends}\n{log}"
+    changes = _records(workdir, "membership")
+    assert [(m["old_world"], m["new_world"]) for m in changes] == [(2, 1)], f"{changes}\n{log}"
+    # every step trained (one rolled back and done again is written twice), the last ones on the one rank left
+    steps = {r["step"]: r for r in _records(workdir, "step")}
+    assert sorted(steps) == list(range(1, SHORT_STEPS + 1)), sorted(steps)
+    assert steps[SHORT_STEPS]["world_size"] == 1, steps[SHORT_STEPS]
+
+
+def test_a_rank_killed_on_one_node_leaves_the_job_training_on_the_other(two_nodes: SlurmCluster,
+                                                                       tmp_path: Path) -> None:
+    job_id, workdir = _submit_two(two_nodes, tmp_path, SHORT)
+    _wait_for_step(two_nodes, tmp_path, job_id, workdir, 7)
+    victims = _rank_pids_on(job_id, two_nodes.nodes[1])
+    assert victims, f"no rank of job {job_id} on {two_nodes.nodes[1]}"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)  # the node's rank is gone: horovodrun blacklists the host
+    _assert_went_on_with_one_rank(two_nodes, tmp_path, job_id, workdir)
+
+
+def test_a_node_written_into_the_exclude_file_leaves_the_job(two_nodes: SlurmCluster, tmp_path: Path) -> None:
+    job_id, workdir = _submit_two(two_nodes, tmp_path, SHORT)
+    _wait_for_step(two_nodes, tmp_path, job_id, workdir, 7)
+    (workdir / "exclude_hosts").write_text(f"{two_nodes.nodes[1]}  # the health check found it bad\n")
+    _assert_went_on_with_one_rank(two_nodes, tmp_path, job_id, workdir)
+
+
+@pytest.fixture(scope="module")
+def three_nodes(tmp_path_factory: pytest.TempPathFactory):
+    names = ("127.0.0.1", *local_names()[:2])  # an address is a node name Slurm accepts, and it is local
+    if len(names) < 3:
+        pytest.skip(f"two names of this host are needed in /etc/hosts, found {names[1:]}")
+    with trainer_cluster(tmp_path_factory.mktemp("slurm_elastic3"), node_names=names) as c:
+        yield c
+
+
+def test_a_spare_node_replaces_a_lost_one(three_nodes: SlurmCluster, tmp_path: Path) -> None:
+    """3 nodes, 2 ranks (engine.elastic_max_ranks=2): the third node waits; the second node's rank is killed,
+    horovodrun blacklists that host and starts a rank on the spare, which gets the state by broadcast."""
+    workdir, script = tmp_path / "run", tmp_path / "job.sh"
+    script.write_text(render_job("slurm", 3, 0, CONFIG, ranks_per_node=1, cpus_per_rank=1, time="00:10",
+                                 workdir=str(workdir), job_name="elastic", python=sys.executable,
+                                 network_interface="lo", overrides=[*TINY, *SHORT[:3], "engine.elastic_max_ranks=2"]))
+    job_id = three_nodes.sbatch(script, cwd=tmp_path)
+    _wait_for_step(three_nodes, tmp_path, job_id, workdir, 7)
+    # which node stays spare is Horovod's choice (its first host order is a set's)
+    busy = [n for n in three_nodes.nodes if _rank_pids_on(job_id, n)]
+    assert len(busy) == 2, f"ranks on {busy}, expected 2 of {three_nodes.nodes}"
+    killed_at = time.time()
+    for pid in _rank_pids_on(job_id, busy[1]):
+        os.kill(pid, signal.SIGKILL)
+    fields = three_nodes.wait_final(job_id, JOB_TIMEOUT_S)
+    log = _log(tmp_path, job_id)
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{log}"
+    assert "2 of 3 slot(s) at start, 1 slot(s) spare, never fewer than 2 rank(s)" in log, log
+    ends, changes = _records(workdir, "end"), _records(workdir, "membership")
+    assert [(e["status"], e["step"]) for e in ends] == [("completed", SHORT_STEPS)], f"{ends}\n{log}"
+    assert changes and all(m["new_world"] == 2 for m in changes), f"{changes}\n{log}"
+    steps = {r["step"]: r for r in _records(workdir, "step")}
+    assert sorted(steps) == list(range(1, SHORT_STEPS + 1)) and steps[SHORT_STEPS]["world_size"] == 2, sorted(steps)
+    again = min(r["time"] for r in _records(workdir, "step") if r["time"] > changes[0]["time"])
+    print(f"spare node: rank SIGKILLed -> membership record {changes[0]['time'] - killed_at:.1f} s, -> first step "
+          f"after it {again - killed_at:.1f} s (load {os.getloadavg()[0]:.1f})")
