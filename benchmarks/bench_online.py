@@ -32,7 +32,7 @@ from tsm_dist.deploy.export import export_graph
 from tsm_dist.deploy.runtime import session
 from tsm_dist.models import build_model
 from tsm_dist.streaming import GRAPH_FORMS
-from tsm_dist.streaming.split import split_applies
+from tsm_dist.streaming.step import split_applies
 
 
 def _export(model, mode: str, out: Path, size: int, with_shift: bool = True, form: str = "concat") -> tuple[dict, float]:

@@ -142,7 +142,7 @@ def test_sidecar_says_what_outputs_are_and_stream_takes_its_frame_spacing(tmp_pa
     assert "32 frames" in capsys.readouterr().out
 
 
-def test_graph_form_auto_per_architecture_and_split_only_for_resnet(tmp_path, capsys) -> None:
+def test_graph_form_auto_per_architecture_and_split_where_it_applies(tmp_path, capsys) -> None:
     ckpt = _save(tmp_path, "tsm8f_r50", online="true")
     assert cli(["export", "--checkpoint", str(ckpt), "--size", "32", "--out", str(tmp_path / "r.onnx")]) == 0
     assert json.loads((tmp_path / "r.onnx.json").read_text())["graph_form"] == "split"
@@ -152,6 +152,12 @@ def test_graph_form_auto_per_architecture_and_split_only_for_resnet(tmp_path, ca
     torch.save({"model": build_model("tsm8f_mbv2", 3, width=8, online=True).state_dict(), "config": cfg.to_dict()}, ckpt)
     capsys.readouterr()
     argv = ["export", "--checkpoint", str(ckpt), "--size", "32", "--out", str(tmp_path / "m.onnx")]
+    assert cli(argv) == 0 and json.loads((tmp_path / "m.onnx.json").read_text())["graph_form"] == "mask"
+    assert cli([*argv, "--graph-form", "split"]) == 0
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["graph_form"] == "split"
+    inplace = _save(tmp_path, "tsm8f_r50", online="true", shift_place="inplace")  # the shift on the block input
+    capsys.readouterr()
+    argv = ["export", "--checkpoint", str(inplace), "--size", "32", "--out", str(tmp_path / "i.onnx")]
     assert cli([*argv, "--graph-form", "split"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--graph-form split" in err[0] and not (tmp_path / "m.onnx").exists()
+    assert len(err) == 1 and "--graph-form split" in err[0] and not (tmp_path / "i.onnx").exists()

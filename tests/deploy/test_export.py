@@ -13,8 +13,7 @@ from tsm_dist.deploy.runtime import session
 from tsm_dist.models import build_model
 from tsm_dist.streaming import ExplicitCacheTSM, OnlineTSM
 from tsm_dist.streaming.onnx_stream import OnnxStream
-from tsm_dist.streaming.split import split_applies
-from tsm_dist.streaming.step import GRAPH_FORMS
+from tsm_dist.streaming.step import GRAPH_FORMS, split_applies
 
 pytest.importorskip("onnxruntime")
 
@@ -55,7 +54,7 @@ def _write(model, mode, tmp_path, fmt="onnx", with_shift=True, form="concat"):
 
 
 @pytest.mark.parametrize("name, form", [("tsm8f_r50", "concat"), ("tsm8f_mbv2", "concat"), ("tsm8f_r50", "mask"),
-                                        ("tsm8f_mbv2", "mask"), ("tsm8f_r50", "split"), ("r50_bottleneck", "concat"),
+                                        ("tsm8f_mbv2", "mask"), ("tsm8f_r50", "split"), ("tsm8f_mbv2", "split"), ("r50_bottleneck", "concat"),
                                         ("r50_bottleneck", "split")])
 def test_online_onnx_equals_online_tsm_and_causal_offline(name: str, form: str, tmp_path) -> None:
     model = _online_model(name)
@@ -84,8 +83,9 @@ def test_online_onnx_equals_online_tsm_and_causal_offline(name: str, form: str, 
     _, ops = _graph_facts(path)
     if form == "mask":  # convs only at the shift points: no slice or concatenation of a block input
         assert ops["Slice"] == ops["Concat"] == ops["Split"] == 0
-    if form == "split":  # BN folded; one concatenation, of the last block's two parts
-        assert ops["BatchNormalization"] == 0 and ops["Slice"] == ops["Split"] == 0 and ops["Concat"] == 1
+    if form == "split":  # BN folded; ResNet: one concatenation, of the last block's two parts; MobileNetV2: none
+        assert ops["BatchNormalization"] == 0 and ops["Slice"] == ops["Split"] == 0
+        assert ops["Concat"] == (0 if name == "tsm8f_mbv2" else 1)
 
 
 @pytest.mark.parametrize("name", list(SMALL))

@@ -25,8 +25,7 @@ from torch import nn
 from tsm_dist.commands.arguments import positive_int
 from tsm_dist.commands.exit_codes import UsageError
 from tsm_dist.config import Config, ConfigError, config_from_dict, load_config
-from tsm_dist.streaming.split import split_applies
-from tsm_dist.streaming.step import GRAPH_FORMS, auto_form
+from tsm_dist.streaming.step import GRAPH_FORMS, auto_form, split_applies
 
 SIDECAR_VERSION = 2  # 2: outputs, preprocess, frame_spacing
 
@@ -206,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("online", "offline"), default="online")
     p.add_argument("--graph-form", choices=("auto", *GRAPH_FORMS), default="auto",
                    help="online shift points as slices + a concatenation (the official demo's graph), or in convs "
-                        "only: mask (any model) or split (ResNet); auto: the one measured cheapest per frame in "
+                        "only: mask (any model) or split (ResNet, MobileNetV2); auto: the one measured cheapest per frame in "
                         "onnxruntime for the architecture (split for ResNet, else mask; docs/deploy.md)")
     p.add_argument("--size", type=positive_int, help="input height = width (default: the config's data.crop_size)")
     p.add_argument("--classes", help="class names, one per line (default: <data.root>/classes.txt if present)")
@@ -228,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     form = args.graph_form if args.graph_form != "auto" else auto_form(model)
     if args.mode == "online" and form == "split" and not split_applies(model):
-        raise UsageError(f"--graph-form split needs a ResNet shifted at the residual branch, not {cfg.model.name}; "
+        raise UsageError(f"--graph-form split needs a ResNet or MobileNetV2 shifted at the residual branch, "
+                         f"not {cfg.model.name} as configured; "
                          "use mask or concat")
     interface = export_graph(model, args.mode, args.format, args.out, size, form=form)
     seconds = time.perf_counter() - start

@@ -7,6 +7,7 @@ Where those caches live decides the rest, and all of it is here:
   come from an input, the frame's own leave as an output) in its forms: a swap in place (PyTorch), slices and a
   concatenation, or convs only (graphs);
 * :mod:`~tsm_dist.streaming.split`: ResNet's "split" graph form, block inputs carried as cache part and rest;
+  :mod:`~tsm_dist.streaming.split_mbv2` MobileNetV2's;
 * :mod:`~tsm_dist.streaming.step`: :class:`ExplicitCacheTSM`, one time step as a pure function
   ``(frame, *caches) -> (logits, *new caches)`` (what ``tsm-dist export`` traces);
 * :mod:`~tsm_dist.streaming.online`: :class:`OnlineTSM`, that step with the caches carried between calls in

@@ -21,7 +21,7 @@ from tsm_dist.streaming.slots import select_channels
 Pair = tuple[Tensor, Tensor]  # (head, tail): a block input's first `fold` channels and the rest
 
 
-def split_applies(model: nn.Module) -> bool:
+def applies(model: nn.Module) -> bool:
     """A ResNet whose shifts sit at the residual branch (the paper's placement), without temporal pooling."""
     blocks = [b for name in ("layer1", "layer2", "layer3", "layer4") for b in getattr(model, name, ())]
     return (bool(blocks) and all(getattr(b, "shift_place", None) == "residual" for b in blocks)

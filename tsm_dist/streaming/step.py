@@ -1,6 +1,7 @@
 """One time step of an online model as a pure function, with every shift cache an explicit tensor:
 ``(frame (N, 3, H, W), *caches) -> (logits (N, K), *new caches)``. ``tsm-dist export`` traces it (the forms
-"concat" and "mask" of :mod:`tsm_dist.streaming.slots`, and ResNet's "split", :mod:`tsm_dist.streaming.split`);
+"concat" and "mask" of :mod:`tsm_dist.streaming.slots`, and "split": ResNet's, :mod:`tsm_dist.streaming.split`, and
+MobileNetV2's, :mod:`tsm_dist.streaming.split_mbv2`);
 :class:`~tsm_dist.streaming.online.OnlineTSM` runs it in PyTorch (the form "swap").
 """
 from __future__ import annotations
@@ -11,16 +12,23 @@ import torch
 from torch import Tensor, nn
 
 from tsm_dist.streaming.slots import SLOT_FORMS, CacheBoard, CacheSlot, NoShift, check_streamable, replace_shifts
-from tsm_dist.streaming.split import split_applies, split_step
+from tsm_dist.streaming.split import applies as resnet_split_applies, split_step as resnet_split_step
+from tsm_dist.streaming.split_mbv2 import applies as mbv2_split_applies, split_step as mbv2_split_step
 
 # the forms a graph can carry ("swap" writes into tensors, which a graph does not express); docs/deploy.md
 # has their per-frame timings
 GRAPH_FORMS = ("concat", "mask", "split")
 
 
+def split_applies(model: nn.Module) -> bool:
+    """Whether the "split" form has a step for ``model``'s architecture (ResNet or MobileNetV2)."""
+    return resnet_split_applies(model) or mbv2_split_applies(model)
+
+
 def auto_form(model: nn.Module) -> str:
-    """The graph form measured cheapest per frame in onnxruntime for the architecture (docs/deploy.md)."""
-    return "split" if split_applies(model) else "mask"
+    """The graph form measured cheapest per frame in onnxruntime for the architecture (docs/deploy.md): split for
+    ResNet, mask otherwise (MobileNetV2's split form measured slower than its mask form)."""
+    return "split" if resnet_split_applies(model) else "mask"
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -65,7 +73,7 @@ class ExplicitCacheTSM(nn.Module):
         if form not in (*SLOT_FORMS, "split"):
             raise ValueError(f"form must be one of {(*SLOT_FORMS, 'split')}, got {form!r}")
         if form == "split" and with_shift and not split_applies(model):
-            raise ValueError("the split form needs a ResNet shifted at the residual branch")
+            raise ValueError("the split form needs a ResNet or MobileNetV2 shifted at the residual branch")
         self.form = form
         self.model = copy_sharing_tensors(model)
         if form == "split":  # its convs are cut into parts, each with its share of the BN
@@ -104,7 +112,8 @@ class ExplicitCacheTSM(nn.Module):
         board.start(caches)
         try:
             if self.form == "split" and len(board):
-                logits, board.outputs = split_step(self.model, frame, board.inputs)
+                step = resnet_split_step if resnet_split_applies(self.model) else mbv2_split_step
+                logits, board.outputs = step(self.model, frame, board.inputs)
             else:
                 logits = self.model.backbone_logits(frame)
         finally:
