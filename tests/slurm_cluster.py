@@ -347,8 +347,8 @@ PartitionName={PARTITION} Nodes={",".join(self.nodes)} Default=YES MaxTime=INFIN
         return "\n".join(parts)
 
 
-def task_pids(job_id: int | str, rank: int) -> list[int]:
-    """Python processes of one task of a job (found by the environment srun gave them)."""
+def job_pids(job_id: int | str, env_match: dict[str, str], command: str = "tsm_dist") -> list[int]:
+    """Processes of a job whose command line holds ``command`` and whose environment has ``env_match``."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
@@ -356,9 +356,29 @@ def task_pids(job_id: int | str, rank: int) -> list[int]:
             cmd = (proc / "cmdline").read_text()
         except (OSError, ValueError):
             continue
-        if env.get("SLURM_JOB_ID") == str(job_id) and env.get("SLURM_PROCID") == str(rank) and "tsm_dist" in cmd:
+        if env.get("SLURM_JOB_ID") == str(job_id) and command in cmd and \
+                all(env.get(k) == v for k, v in env_match.items()):
             pids.append(int(proc.name))
     return pids
+
+
+def task_pids(job_id: int | str, rank: int) -> list[int]:
+    """Python processes of one task of a job (found by the environment srun gave them)."""
+    return job_pids(job_id, {"SLURM_PROCID": str(rank)})
+
+
+def job_log(directory: Path, job_name: str, job_id: int) -> str:
+    """A batch job's output (``#SBATCH --output=<name>-%j.out`` in the submit directory)."""
+    path = Path(directory) / f"{job_name}-{job_id}.out"
+    return path.read_text(errors="replace") if path.exists() else "(no job output)"
+
+
+def job_records(workdir: Path, kind: str) -> list[dict]:
+    """The records of one type in a run's metrics.jsonl ([] before the trainer wrote it)."""
+    from tsm_dist.runlog.records import read_records
+
+    path = Path(workdir) / "metrics.jsonl"
+    return [r for r in read_records(path) if r["type"] == kind] if path.exists() else []
 
 
 def _accepts(port: int) -> bool:

@@ -32,8 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, trainer_cluster
-from tsm_dist.runlog.records import read_records
+from slurm_cluster import SlurmCluster, job_log, job_pids, job_records, trainer_cluster
 from tsm_dist.scheduler.render import render_job
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -54,23 +53,21 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         yield c
 
 
-def _submit(cluster: SlurmCluster, tmp_path: Path, settings: list[str]) -> tuple[int, Path]:
+def _submit(cluster: SlurmCluster, tmp_path: Path, settings: list[str], nodes: int = 1) -> tuple[int, Path]:
+    """One node: 2 ranks on it; several: one rank per node, Gloo on loopback (every node is this host)."""
     workdir = tmp_path / "run"
     script = tmp_path / "job.sh"
-    script.write_text(render_job("slurm", 1, 0, CONFIG, ranks_per_node=2, cpus_per_rank=1, time="00:10",
-                                 workdir=str(workdir), job_name="elastic", overrides=TINY + settings,
-                                 warn_seconds=60, python=sys.executable))
+    script.write_text(render_job("slurm", nodes, 0, CONFIG, ranks_per_node=2 if nodes == 1 else 1, cpus_per_rank=1,
+                                 time="00:10", workdir=str(workdir), job_name="elastic", overrides=TINY + settings,
+                                 warn_seconds=60, python=sys.executable, network_interface="lo" if nodes > 1 else None))
     return cluster.sbatch(script, cwd=tmp_path), workdir
 
 
 def _log(tmp_path: Path, job_id: int) -> str:
-    path = tmp_path / f"elastic-{job_id}.out"
-    return path.read_text(errors="replace") if path.exists() else "(no job output)"
+    return job_log(tmp_path, "elastic", job_id)
 
 
-def _records(workdir: Path, kind: str) -> list[dict]:
-    path = workdir / "metrics.jsonl"
-    return [r for r in read_records(path) if r["type"] == kind] if path.exists() else []
+_records = job_records
 
 
 def _wait_for_step(cluster: SlurmCluster, tmp_path: Path, job_id: int, workdir: Path, step: int) -> None:
@@ -162,17 +159,8 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory):
         yield c
 
 
-def _submit_two(cluster: SlurmCluster, tmp_path: Path, settings: list[str]) -> tuple[int, Path]:
-    workdir = tmp_path / "run"
-    script = tmp_path / "job.sh"
-    script.write_text(render_job("slurm", 2, 0, CONFIG, ranks_per_node=1, cpus_per_rank=1, time="00:10",
-                                 workdir=str(workdir), job_name="elastic", overrides=TINY + settings,
-                                 warn_seconds=60, python=sys.executable, network_interface="lo"))
-    return cluster.sbatch(script, cwd=tmp_path), workdir
-
-
 def test_elastic_job_trains_across_two_hosts(two_nodes: SlurmCluster, tmp_path: Path) -> None:
-    job_id, workdir = _submit_two(two_nodes, tmp_path, ["data.num_samples=32", "train.epochs=2"])
+    job_id, workdir = _submit(two_nodes, tmp_path, ["data.num_samples=32", "train.epochs=2"], nodes=2)
     fields = two_nodes.wait_final(job_id, JOB_TIMEOUT_S)
     log = _log(tmp_path, job_id)
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{log}\n{two_nodes.logs()}"
@@ -184,18 +172,8 @@ def test_elastic_job_trains_across_two_hosts(two_nodes: SlurmCluster, tmp_path: 
 
 
 def _rank_pids_on(job_id: int, host: str) -> list[int]:
-    """The rank processes (tsm_dist.ranks.start) that horovodrun started for ``host`` in job ``job_id``."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            env = dict(i.split("=", 1) for i in (proc / "environ").read_text().split("\0") if "=" in i)
-            cmd = (proc / "cmdline").read_text()
-        except (OSError, ValueError):
-            continue
-        if env.get("SLURM_JOB_ID") == str(job_id) and env.get("HOROVOD_HOSTNAME") == host and \
-                "tsm_dist.ranks.start" in cmd:
-            pids.append(int(proc.name))
-    return pids
+    """The rank processes that horovodrun started for ``host`` in job ``job_id``."""
+    return job_pids(job_id, {"HOROVOD_HOSTNAME": host}, "tsm_dist.ranks.start")
 
 
 # 160 clips / (2 ranks x 4) = 20 steps per epoch, 40 in all; a commit every 5 steps
@@ -219,7 +197,7 @@ def _assert_went_on_with_one_rank(cluster: SlurmCluster, tmp_path: Path, job_id:
 
 def test_a_rank_killed_on_one_node_leaves_the_job_training_on_the_other(two_nodes: SlurmCluster,
                                                                        tmp_path: Path) -> None:
-    job_id, workdir = _submit_two(two_nodes, tmp_path, SHORT)
+    job_id, workdir = _submit(two_nodes, tmp_path, SHORT, nodes=2)
     _wait_for_step(two_nodes, tmp_path, job_id, workdir, 7)
     victims = _rank_pids_on(job_id, two_nodes.nodes[1])
     assert victims, f"no rank of job {job_id} on {two_nodes.nodes[1]}"
@@ -229,7 +207,7 @@ def test_a_rank_killed_on_one_node_leaves_the_job_training_on_the_other(two_node
 
 
 def test_a_node_written_into_the_exclude_file_leaves_the_job(two_nodes: SlurmCluster, tmp_path: Path) -> None:
-    job_id, workdir = _submit_two(two_nodes, tmp_path, SHORT)
+    job_id, workdir = _submit(two_nodes, tmp_path, SHORT, nodes=2)
     _wait_for_step(two_nodes, tmp_path, job_id, workdir, 7)
     (workdir / "exclude_hosts").write_text(f"{two_nodes.nodes[1]}  # the health check found it bad\n")
     _assert_went_on_with_one_rank(two_nodes, tmp_path, job_id, workdir)
@@ -247,11 +225,7 @@ def three_nodes(tmp_path_factory: pytest.TempPathFactory):
 def test_a_spare_node_replaces_a_lost_one(three_nodes: SlurmCluster, tmp_path: Path) -> None:
     """3 nodes, 2 ranks (engine.elastic_max_ranks=2): the third node waits; the second node's rank is killed,
     horovodrun blacklists that host and starts a rank on the spare, which gets the state by broadcast."""
-    workdir, script = tmp_path / "run", tmp_path / "job.sh"
-    script.write_text(render_job("slurm", 3, 0, CONFIG, ranks_per_node=1, cpus_per_rank=1, time="00:10",
-                                 workdir=str(workdir), job_name="elastic", python=sys.executable,
-                                 network_interface="lo", overrides=[*TINY, *SHORT[:3], "engine.elastic_max_ranks=2"]))
-    job_id = three_nodes.sbatch(script, cwd=tmp_path)
+    job_id, workdir = _submit(three_nodes, tmp_path, [*SHORT[:3], "engine.elastic_max_ranks=2"], nodes=3)
     _wait_for_step(three_nodes, tmp_path, job_id, workdir, 7)
     # which node stays spare is Horovod's choice (its first host order is a set's)
     busy = [n for n in three_nodes.nodes if _rank_pids_on(job_id, n)]

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import URGENT, SlurmCluster, task_pids, trainer_cluster
+from slurm_cluster import URGENT, SlurmCluster, job_log, job_records, task_pids, trainer_cluster
 from tsm_dist.scheduler.render import render_job
-from tsm_dist.runlog.records import read_records
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -59,13 +58,10 @@ def _submit(cluster: SlurmCluster, tmp_path: Path, settings: list[str], controll
 
 
 def _job_log(tmp_path: Path, job_id: int) -> str:
-    log = tmp_path / f"slurmtest-{job_id}.out"
-    return log.read_text(errors="replace") if log.exists() else "(no job output)"
+    return job_log(tmp_path, "slurmtest", job_id)
 
 
-def _records(workdir: Path, kind: str) -> list[dict]:
-    path = workdir / "metrics.jsonl"
-    return [r for r in read_records(path) if r["type"] == kind] if path.exists() else []
+_records = job_records
 
 
 def _assert_completed(cluster: SlurmCluster, tmp_path: Path, job_id: int, workdir: Path, steps: int) -> str:
