@@ -162,7 +162,7 @@ def all_variants() -> list[str]:
             render_job("slurm", 2, 4, CONFIG, env=["NCCL_SOCKET_IFNAME=ib0", "X=a b"]),
             render_job("slurm", 1, 0, CONFIG, ranks_per_node=2, cpus_per_rank=1, controller="mpi", requeue=False),
             render_job("slurm", 3, 4, CONFIG, overrides=[*ELASTIC, "engine.elastic_max_ranks=8"]),
-            render_job("lsf", 2, 6, CONFIG, project="P", overrides=ELASTIC, requeue=False)]
+            render_job("lsf", 2, 6, CONFIG, project="P", overrides=ELASTIC, requeue=False, network_interface="ib0")]
 
 
 def test_every_variant_is_valid_bash(tmp_path: Path) -> None:
@@ -423,10 +423,14 @@ def test_elastic_options_and_refusals() -> None:
 
 
 def test_elastic_lsf_script() -> None:
-    text = render_job("lsf", 2, 6, CONFIG, project="P", overrides=ELASTIC, controller="gloo")
+    text = render_job("lsf", 2, 6, CONFIG, project="P", overrides=ELASTIC, controller="gloo", network_interface="ib0")
     assert "run_ranks jsrun" not in text and "-wa USR1" in "".join(directives(text, "#BSUB"))
-    assert "--gloo -np 12 --min-np 12 --max-np 12 --host-discovery-script" in launcher_line(text)
+    assert "--gloo -np 12 --min-np 12 --max-np 12 --network-interface ib0 --host-discovery-script" in \
+        launcher_line(text)
     assert 'discover_hosts.sh --slots 6"' in text and "--controller none" in text and 'brequeue "$JOB_ID"' in text
+    # horovodrun 0.28.1 does not look for an interface under LSF (tsm_dist.ranks.elastic_run)
+    with pytest.raises(RenderError, match="engine.elastic on LSF needs --network-interface"):
+        render_job("lsf", 2, 6, CONFIG, project="P", overrides=ELASTIC)
 
 
 def test_elastic_false_renders_the_usual_script() -> None:
@@ -466,7 +470,13 @@ sys.exit(code)
 """
 
 
-def _run_elastic_script(tmp_path: Path, sig: signal.Signals, checkpoint_s: float) -> tuple[int, str, list[str]]:
+# the allocations the discovery script reads: Slurm's node list; LSF's hosts with Summit's launch node first
+ELASTIC_ALLOCATION = {"slurm": {**SLURM_ENV, "SLURM_JOB_NODELIST": "localhost", "SLURM_TASKS_PER_NODE": "2"},
+                      "lsf": {**LSF_ENV, "LSB_MCPU_HOSTS": "batch1 1 localhost 42"}}
+
+
+def _run_elastic_script(tmp_path: Path, sig: signal.Signals, checkpoint_s: float,
+                        scheduler: str = "slurm") -> tuple[int, str, list[str]]:
     from conftest import PYTHON, launcher_env
 
     root = tmp_path / "root"  # TSM_DIST_ROOT: the real discovery script, a rank.sh that runs the stand-in
@@ -477,15 +487,17 @@ def _run_elastic_script(tmp_path: Path, sig: signal.Signals, checkpoint_s: float
         '#!/bin/bash\nexec "$TSM_DIST_PYTHON" -m tsm_dist.ranks.start --module fake_trainer "$@"\n')
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(RECORDER)
-    for tool in [*(root / "launch").iterdir(), bin_dir / "scontrol"]:
+    for name in ("scontrol", "brequeue"):
+        (bin_dir / name).write_text(RECORDER)
+    for tool in [*(root / "launch").iterdir(), *bin_dir.iterdir()]:
         tool.chmod(0o755)
     workdir, calls = tmp_path / "run", tmp_path / "calls.txt"
     script = tmp_path / "job.sh"
-    script.write_text(render_job("slurm", 1, 0, CONFIG, ranks_per_node=2, cpus_per_rank=1, workdir=str(workdir),
-                                 overrides=ELASTIC, python=PYTHON))
-    env = launcher_env(**SLURM_ENV, TSM_DIST_ROOT=str(root), CALLS=str(calls), CHECKPOINT_S=str(checkpoint_s),
-                       SLURM_JOB_NODELIST="localhost", SLURM_TASKS_PER_NODE="2")
+    options = dict(cpus_per_rank=1) if scheduler == "slurm" else dict(project="P", resource_sets="per-node")
+    script.write_text(render_job(scheduler, 1, 0, CONFIG, ranks_per_node=2, workdir=str(workdir), overrides=ELASTIC,
+                                 python=PYTHON, **options))
+    env = launcher_env(**ELASTIC_ALLOCATION[scheduler], TSM_DIST_ROOT=str(root), CALLS=str(calls),
+                       CHECKPOINT_S=str(checkpoint_s))
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     proc = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -503,11 +515,13 @@ def _run_elastic_script(tmp_path: Path, sig: signal.Signals, checkpoint_s: float
 
 
 @pytest.mark.multirank
-def test_elastic_script_passes_the_warning_to_the_ranks_and_requeues(tmp_path: Path) -> None:
-    rc, out, calls = _run_elastic_script(tmp_path, signal.SIGUSR1, checkpoint_s=0)
+@pytest.mark.parametrize("scheduler, requeue", [("slurm", "scontrol requeue 4242"), ("lsf", "brequeue 777")])
+def test_elastic_script_passes_the_warning_to_the_ranks_and_requeues(tmp_path: Path, scheduler: str,
+                                                                     requeue: str) -> None:
+    rc, out, calls = _run_elastic_script(tmp_path, signal.SIGUSR1, checkpoint_s=0, scheduler=scheduler)
     assert sorted(calls[:2]) == ["rank 0 got SIGUSR1", "rank 1 got SIGUSR1"], f"{calls}\n{out}"
-    assert "elastic: 2 of 2 slot(s) at start, never fewer than 2 rank(s); hosts now: localhost:2" in out, out
-    assert rc == PREEMPTED_EXIT_CODE and calls[2:] == ["scontrol requeue 4242"], f"{calls}\n{out}"
+    assert "elastic: 2 of 2 slot(s) at start, never fewer than 2 rank(s); hosts now: localhost:2 " in out, out
+    assert rc == PREEMPTED_EXIT_CODE and calls[2:] == [requeue], f"{calls}\n{out}"
     assert "exit code 75, as the end record decided (the launcher's: 1)" in out, out
 
 

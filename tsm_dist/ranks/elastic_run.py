@@ -1,7 +1,9 @@
 """``horovodrun`` for elastic job scripts: ``python -m tsm_dist.ranks.elastic_run <horovodrun arguments>``.
 
-It is Horovod's own launcher (horovod.runner.launch) with one change. Slurm and LSF signal every process of
-a job on cancel or preemption, horovodrun included, and horovodrun 0.28.1 answers SIGTERM/SIGINT by
+It is Horovod's own launcher (horovod.runner.launch) with two changes. Under LSF (``LSB_JOBID`` set)
+horovodrun 0.28.1 skips its network interface detection and then fails in its elastic mode (``TypeError``
+in ``get_driver_ip(None)``) even when ``--network-interface`` was given: here the given interfaces are used.
+And: Slurm and LSF signal every process of a job on cancel or preemption, horovodrun included, and horovodrun 0.28.1 answers SIGTERM/SIGINT by
 terminating its ranks and killing them 5 s later (safe_shell_exec.GRACEFUL_TERMINATION_TIME_S, fixed): too
 short for the ranks' checkpoint; SIGUSR1 (the time-limit warning, where it reaches every process) would
 kill it outright. Here horovodrun leaves the stopping to the ranks, which got the same signal (or the job
@@ -14,6 +16,7 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import Any, Callable
 
 
 def _shutdown_event() -> threading.Event:
@@ -27,10 +30,20 @@ def _shutdown_event() -> threading.Event:
     return threading.Event()
 
 
+def _given_interfaces_under_lsf(find: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps horovod.runner.driver.driver_service.get_common_interfaces, which answers None under LSF."""
+    def common_interfaces(settings: Any, *args: Any, **kwargs: Any) -> Any:
+        found = find(settings, *args, **kwargs)
+        return found if found is not None else settings.nics
+    return common_interfaces
+
+
 def main(argv: list[str] | None = None) -> int:
     from horovod.runner import gloo_run, launch
 
     gloo_run.register_shutdown_event = _shutdown_event
+    gloo_run.driver_service.get_common_interfaces = _given_interfaces_under_lsf(
+        gloo_run.driver_service.get_common_interfaces)
     sys.argv = ["horovodrun", *(sys.argv[1:] if argv is None else argv)]
     try:
         launch.run_commandline()

@@ -110,7 +110,7 @@ def _check_config(config: str, overrides: Sequence[str]) -> Any:
         raise RenderError(f"--config {config}: {err}") from None
 
 
-def _elastic_launch(engine: Any, nodes: int, ranks_node: int, launcher_args: str,
+def _elastic_launch(engine: Any, scheduler: str, nodes: int, ranks_node: int, launcher_args: str,
                     network_interface: str | None) -> dict[str, Any]:
     """Template context of an elastic launch (``engine.elastic``): horovodrun's arguments and the host
     discovery script's. The job starts ``-np`` ranks; the slots beyond ``elastic_max_ranks``
@@ -123,6 +123,9 @@ def _elastic_launch(engine: Any, nodes: int, ranks_node: int, launcher_args: str
         raise RenderError(f"engine.elastic_min_ranks={low} exceeds the {start} rank(s) this job starts with "
                           f"({nodes} node(s) x {ranks_node})")
     nic = network_interface or ("lo" if nodes == 1 else None)  # one node: every rank is local
+    if scheduler == "lsf" and nic is None:
+        raise RenderError("engine.elastic on LSF needs --network-interface (e.g. ib0): horovodrun skips its "
+                          "interface detection under LSF")
     args = (f"--gloo -np {start} --min-np {low} --max-np {max(high, start)}" +
             (f" --network-interface {shlex.quote(nic)}" if nic else "") + (f" {launcher_args}" if launcher_args else ""))
     spare = f", {slots - start} slot(s) spare" if slots > start else ""
@@ -260,7 +263,7 @@ def render_job(scheduler: str, nodes: int, gpus_per_node: int, config: str, *, p
         raise RenderError(f"--job-name {name!r}: use letters, digits and . _ + - only")
     if elastic:  # horovodrun (Gloo) sets every rank's Horovod environment
         chosen = "none"
-        ctx.update(_elastic_launch(cfg.engine, nodes, ranks_node, launcher_args, network_interface))
+        ctx.update(_elastic_launch(cfg.engine, scheduler, nodes, ranks_node, launcher_args, network_interface))
         ctx["description"] = (f"{model}: {nodes} node(s) x " + (f"{gpus_per_node} GPU(s)" if gpu else
                               f"{ranks_node} CPU rank(s)") + f", elastic: horovodrun --gloo, {ctx['elastic_summary']}")
     rank_args = [f"--controller {chosen}"] + ([] if gpu else ["--gpus none"])
