@@ -32,7 +32,8 @@ from tiny_run import TensorLoader, TinyNet, config  # noqa: E402
 
 pytestmark = pytest.mark.multirank
 
-SAMPLES, BATCH, GLOBAL, EPOCHS = 36, 2, 12, 6  # 3 steps per epoch on 2 or 3 ranks (K = 3 or 2)
+# 4 steps per epoch on 2 or 3 ranks: keep_global_batch K = 3 or 2 (12 clips); keep_rank_batch K = 2 (8 or 12)
+SAMPLES, BATCH, GLOBAL, EPOCHS = 48, 2, 12, 5
 HOSTS = ["localhost", "127.0.0.1", socket.gethostname()]
 
 
@@ -45,8 +46,9 @@ class SlowLoader(TensorLoader):
             yield batch
 
 
-def _overrides(elastic: bool, max_steps: int = 0) -> dict[str, Any]:
-    values: dict[str, Any] = {"data.num_samples": SAMPLES, "data.batch_size": BATCH, "train.global_batch": GLOBAL,
+def _overrides(elastic: bool, max_steps: int, on_resize: str) -> dict[str, Any]:
+    batch = ({"train.global_batch": GLOBAL} if on_resize == "keep_global_batch" else {"train.accumulate": 2})
+    values: dict[str, Any] = {"data.num_samples": SAMPLES, "data.batch_size": BATCH, **batch,
                               "train.epochs": EPOCHS, "train.max_steps": max_steps,
                               "train.checkpoint_every_epochs": 1, "optim.warmup_epochs": 1,
                               # no tensor fusion: Gloo's ring splits a fused buffer into one chunk per rank, and
@@ -54,12 +56,15 @@ def _overrides(elastic: bool, max_steps: int = 0) -> dict[str, Any]:
                               # with 3 ranks that changes the last bit (a + b is b + a; (a + b) + c is not)
                               "engine.fusion_threshold_mb": 1e-6}
     if elastic:
+        # keep_rank_batch: a commit every step, so that some are a step size the new plan cannot continue
+        # from exactly (12 clips of 8-clip steps) and the run falls back to the epoch-end commit
         values.update({"engine.elastic": True, "engine.elastic_min_ranks": 2, "engine.elastic_max_ranks": 3,
-                       "engine.commit_every": 2})
+                       "engine.commit_every": 2 if on_resize == "keep_global_batch" else 1,
+                       "engine.on_resize": on_resize})
     return values
 
 
-def rank_main(out: Path, mode: str, max_steps: int, resume: str) -> None:
+def rank_main(out: Path, mode: str, max_steps: int, resume: str, on_resize: str) -> None:
     from tsm_dist.training.train import train
 
     built: list[Any] = []
@@ -76,7 +81,7 @@ def rank_main(out: Path, mode: str, max_steps: int, resume: str) -> None:
 
     host = os.environ["HOROVOD_HOSTNAME"] if mode == "elastic" else "plain"
     (out / "pids").mkdir(exist_ok=True)
-    cfg = config("horovod", **_overrides(mode == "elastic", max_steps))
+    cfg = config("horovod", **_overrides(mode == "elastic", max_steps, on_resize))
     code = train(cfg, out / "run", resume=resume or None, model_builder=model_builder, loader_builder=loader_builder)
     torch.save({"code": code, "params": built[-1].state_dict()}, out / f"final_{host}_{os.getpid()}.pt")
 
@@ -94,16 +99,17 @@ def _discovery(out: Path, hosts: list[str]) -> Path:
     return script
 
 
-def _elastic_cmd(out: Path, np: int) -> list[str]:
+def _elastic_cmd(out: Path, np: int, on_resize: str) -> list[str]:
     return [str(VENV_BIN / "horovodrun"), "-np", str(np), "--min-np", "2", "--max-np", "3",
             "--host-discovery-script", str(out / "discover.sh"), "--network-interface", "lo",
-            PYTHON, __file__, str(out), "elastic", "0", ""]
+            PYTHON, __file__, str(out), "elastic", "0", "", on_resize]
 
 
-def _run_elastic(out: Path, np: int, when_step: int, act: Any, timeout: float = 300) -> tuple[int, str]:
+def _run_elastic(out: Path, np: int, when_step: int, act: Any, on_resize: str = "keep_global_batch",
+                 timeout: float = 300) -> tuple[int, str]:
     """Start the elastic job in its own session; once a step past ``when_step`` is logged, ``act()``."""
     metrics = out / "run" / "metrics.jsonl"
-    proc = subprocess.Popen(_elastic_cmd(out, np), env=launcher_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_elastic_cmd(out, np, on_resize), env=launcher_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
@@ -131,7 +137,7 @@ def _records(metrics: Path) -> list[dict[str, Any]]:
         return []
 
 
-def _reference(out: Path, first: int, second: int, commit_step: int) -> dict[str, torch.Tensor]:
+def _reference(out: Path, first: int, second: int, commit_step: int, on_resize: str) -> dict[str, torch.Tensor]:
     """The uninterrupted run with the same world-size schedule: ``first`` ranks up to the commit, then
     ``second`` ranks resumed from there (the same rule an elastic change follows)."""
     out.mkdir()
@@ -139,7 +145,7 @@ def _reference(out: Path, first: int, second: int, commit_step: int) -> dict[str
         # the elastic job's layout (one rank per host name): Gloo sums 3 ranks' gradients in its order
         hosts = ",".join(f"{h}:1" for h in HOSTS[:np])
         cmd = [str(VENV_BIN / "horovodrun"), "-np", str(np), "-H", hosts, "--gloo", "--network-interface", "lo",
-               PYTHON, __file__, str(out), "plain", str(max_steps), resume]
+               PYTHON, __file__, str(out), "plain", str(max_steps), resume, on_resize]
         result = run_bounded(cmd, timeout=240)
         assert result.returncode == 0, result.stdout[-4000:]
     finals = sorted(out.glob("final_plain_*.pt"), key=lambda p: p.stat().st_mtime)
@@ -161,7 +167,8 @@ def _finals(out: Path, hosts: list[str]) -> list[dict[str, Any]]:
     return [torch.load(p, weights_only=False) for h in hosts for p in out.glob(f"final_{h}_*.pt")]
 
 
-def _check_run(tmp_path: Path, out: Path, hosts: list[str], change_is: tuple[int, int, str]) -> dict[str, Any]:
+def _check_run(tmp_path: Path, out: Path, hosts: list[str], change_is: tuple[int, int, str],
+               on_resize: str = "keep_global_batch") -> dict[str, Any]:
     """One membership change as expected, every clip once, and the final parameters of every rank equal to the
     uninterrupted run's with the same world sizes; returns the change."""
     metrics = out / "run" / "metrics.jsonl"
@@ -172,23 +179,35 @@ def _check_run(tmp_path: Path, out: Path, hosts: list[str], change_is: tuple[int
     _check_every_clip_once(metrics)
     finals = _finals(out, hosts)
     assert len(finals) == len(hosts) and all(f["code"] == 0 for f in finals)
-    reference = _reference(tmp_path / "reference", change_is[0], change_is[1], change["rolled_back_to"]["step"])
+    reference = _reference(tmp_path / "reference", change_is[0], change_is[1], change["rolled_back_to"]["step"],
+                           on_resize)
     for final in finals:
         assert all(torch.equal(final["params"][k], reference[k]) for k in reference)
     return change
 
 
-def test_a_killed_rank_rolls_back_and_training_completes_on_two(tmp_path):
+@pytest.mark.parametrize("on_resize", ["keep_global_batch", "keep_rank_batch"])
+def test_a_killed_rank_rolls_back_and_training_completes_on_two(tmp_path, on_resize):
     out = tmp_path / "elastic"
     out.mkdir()
     _discovery(out, HOSTS)
     victim = out / "pids" / "rank2.pid"
-    code, output = _run_elastic(out, 3, 4, lambda: os.kill(int(victim.read_text()), signal.SIGKILL))
+    code, output = _run_elastic(out, 3, 5, lambda: os.kill(int(victim.read_text()), signal.SIGKILL), on_resize)
     assert code == 0, output[-4000:]
     assert "elastic: 3 -> 2 ranks (rank lost)" in output
     survivors = [h for h in HOSTS if any(out.glob(f"final_{h}_*.pt"))]
-    change = _check_run(tmp_path, out, survivors, (3, 2, "rank lost"))
-    assert len(survivors) == 2 and change["rolled_back_to"]["step"] % 2 == 0 and change["steps_lost"] >= 0
+    change = _check_run(tmp_path, out, survivors, (3, 2, "rank lost"), on_resize)
+    assert len(survivors) == 2 and change["steps_lost"] >= 0
+    back = change["rolled_back_to"]
+    if on_resize == "keep_global_batch":
+        assert back["step"] % 2 == 0 and change["plan"] == "2 rank(s) x batch 2 x accumulate 3 = 12 clips per step"
+    else:  # the global batch follows the world; 12-clip steps into an epoch continue as 8-clip steps only in pairs
+        assert change["plan"] == "2 rank(s) x batch 2 x accumulate 2 = 8 clips per step"
+        if change["note"]:  # 12 or 36 clips into the epoch (1 or 3 steps): back to the epoch-end commit
+            assert back["batch_in_epoch"] == 0 and "not a whole number of the new plan's steps" in change["note"]
+        else:  # 24 clips (2 steps) into the epoch, or at its start: exact where it was
+            assert back["batch_in_epoch"] * 6 % 8 == 0, change
+        assert change["peak_lr"] < read_records(out / "run" / "metrics.jsonl")[0]["peak_lr"]
 
 
 def test_an_added_host_joins_at_the_next_commit(tmp_path):
@@ -202,4 +221,4 @@ def test_an_added_host_joins_at_the_next_commit(tmp_path):
 
 
 if __name__ == "__main__":
-    rank_main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    rank_main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
