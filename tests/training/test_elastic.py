@@ -186,18 +186,20 @@ def _check_run(tmp_path: Path, out: Path, hosts: list[str], change_is: tuple[int
     return change
 
 
-@pytest.mark.parametrize("on_resize", ["keep_global_batch", "keep_rank_batch"])
-def test_a_killed_rank_rolls_back_and_training_completes_on_two(tmp_path, on_resize):
+# rank 0 killed: a survivor becomes rank 0 and takes over the run's account (checkpoints, metrics.jsonl)
+@pytest.mark.parametrize("on_resize, rank", [("keep_global_batch", 2), ("keep_rank_batch", 2), ("keep_global_batch", 0)])
+def test_a_killed_rank_rolls_back_and_training_completes_on_two(tmp_path, on_resize, rank):
     out = tmp_path / "elastic"
     out.mkdir()
     _discovery(out, HOSTS)
-    victim = out / "pids" / "rank2.pid"
+    victim = out / "pids" / f"rank{rank}.pid"
     code, output = _run_elastic(out, 3, 5, lambda: os.kill(int(victim.read_text()), signal.SIGKILL), on_resize)
     assert code == 0, output[-4000:]
     assert "elastic: 3 -> 2 ranks (rank lost)" in output
     survivors = [h for h in HOSTS if any(out.glob(f"final_{h}_*.pt"))]
     change = _check_run(tmp_path, out, survivors, (3, 2, "rank lost"), on_resize)
     assert len(survivors) == 2 and change["steps_lost"] >= 0
+    assert sum(r["type"] == "header" for r in read_records(out / "run" / "metrics.jsonl")) == 1
     back = change["rolled_back_to"]
     if on_resize == "keep_global_batch":
         assert back["step"] % 2 == 0 and change["plan"] == "2 rank(s) x batch 2 x accumulate 3 = 12 clips per step"

@@ -29,16 +29,20 @@ class RunLog:
         self.ended = False  # the end record is written (every rank: set where rank 0 writes it)
         self._ending: tuple[str, int, int] | None = None
 
-    def open(self, workdir: Path, cfg: Config, header: dict[str, Any], total_steps: int, step: int) -> None:
-        """The resolved config beside the run, wandb, the metrics file with its header record, the progress line."""
+    def open(self, workdir: Path, cfg: Config, header: dict[str, Any], total_steps: int, step: int, *,
+             continued: bool = False) -> None:
+        """The resolved config beside the run, wandb, the metrics file with its header record, the progress line.
+        ``continued``: an elastic run's new rank 0 takes over the account of the run under way (no new header:
+        the records so far are this run's)."""
         workdir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, workdir / "config.yaml")
         self._wandb = WandbRun(cfg.log.wandb, cfg.log.project, workdir, cfg.to_dict())
         path = workdir / records.METRICS_FILE
-        if header.get("resumed_from"):  # the best evaluation so far may be from before the resume
+        if header.get("resumed_from") or continued:  # the best evaluation so far may be from before
             self.best = _best_evaluation(path)
         self.metrics = records.MetricsLog(path)
-        self.metrics.write(records.header_record(config=cfg.to_dict(), **header))
+        if not continued:
+            self.metrics.write(records.header_record(config=cfg.to_dict(), **header))
         self._workdir, self._epochs, self._started = workdir, cfg.train.epochs, time.monotonic()
         self._progress = Progress(total_steps, enabled=cfg.log.progress, initial=step, epochs=cfg.train.epochs,
                                   every_s=cfg.log.progress_every_s)

@@ -246,8 +246,9 @@ class Trainer:
         if position["world_size"] == engine.size:
             train_state.set_rng_state(position["rng"][engine.rank])
 
-    def open_logs(self) -> None:
-        """Rank 0: the resolved config, wandb, ``metrics.jsonl`` with its header record, the progress line."""
+    def open_logs(self, continued: bool = False) -> None:
+        """Rank 0: the resolved config, wandb, ``metrics.jsonl`` with its header record, the progress line
+        (``continued``: an elastic run's new rank 0, see :meth:`RunLog.open`)."""
         if not self.root:
             return
         engine, plan = self.engine, self.plan
@@ -260,12 +261,12 @@ class Trainer:
             warmup_steps=self.schedule.warmup_steps,
             params=sum(p.numel() for p in self.model.parameters()),
             resumed_from=str(self.resume_path) if self.resume_path else None, versions=versions(),
-            hardware=hardware()), total_steps=self.total_steps, step=self.pos.step)
+            hardware=hardware()), total_steps=self.total_steps, step=self.pos.step, continued=continued)
 
     def open_logs_if_root(self) -> None:
-        """An elastic run whose rank 0 died: the new rank 0 opens the run's account (a new header record)."""
+        """An elastic run whose rank 0 died: the new rank 0 takes over the run's account."""
         if self.root and self.log.metrics is None:
-            self.open_logs()
+            self.open_logs(continued=True)
 
     # ------------------------------------------------------------------------------ loop
     def loop(self, stop: StopSignals, start: Callable[[], None]) -> tuple[str, int]:
