@@ -127,3 +127,9 @@ def test_without_the_library_the_python_kernels_give_the_same_training_step(monk
     assert shift_native.summary().startswith("shift ops: Python (")
     without = step()
     assert all(torch.equal(a, b) for a, b in zip(with_ops, without))
+
+
+def test_an_install_without_the_cpp_source_runs_the_python_kernels(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(shift_native, "SOURCE", tmp_path / "shift_ops.cpp")
+    monkeypatch.setattr(shift_native, "_state", {})
+    assert not shift_native.available() and "is missing" in shift_native.why_not()

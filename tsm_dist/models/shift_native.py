@@ -104,6 +104,8 @@ def turned_off() -> Iterator[None]:
 def _load() -> tuple[bool, str]:
     if os.environ.get("TSM_DIST_SHIFT_NATIVE", "1") == "0":
         return False, "turned off by TSM_DIST_SHIFT_NATIVE=0"
+    if not SOURCE.is_file():
+        return False, f"{SOURCE} is missing (an install without the C++ source)"
     path = library_path()
     if not path.exists():
         return False, f"not built for this source and torch (run ./install.sh, or python -m tsm_dist.commands.shift_ops build)"
