@@ -185,8 +185,24 @@ def _check_run(tmp_path: Path, out: Path, hosts: list[str], change_is: tuple[int
     reference = _reference(tmp_path / "reference", change_is[0], change_is[1], change["rolled_back_to"]["step"],
                            on_resize)
     for final in finals:
-        assert all(torch.equal(final["params"][k], reference[k]) for k in reference)
+        _assert_equal_up_to_drift(final["params"], reference)
     return change
+
+
+# The parameters are bit-equal to the reference in most runs. In some (1 failure in a CI run of this session),
+# a step's logged loss already differs in float32's last bit in the 3-rank phase, before any rank is lost (step
+# 4 of 20; the rank was killed after step 5), so the difference does not come from the rollback; its cause is not
+# found (a 3-rank sum's order, or a kernel path that depends on buffer alignment, are the candidates). 16 steps
+# spread it to 6.9e-6 on parameters up to 6.2. A wrong rollback (a step skipped or trained twice, a clip missed,
+# a wrong LR) changes a whole step (the loss moves by 0.1 or more per step here), far beyond a drift in the last
+# bits, so the check allows 1e-4 and says how far the run was.
+DRIFT = 1e-4
+
+
+def _assert_equal_up_to_drift(params: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert params.keys() == reference.keys()
+    worst = max((params[k].double() - reference[k].double()).abs().max().item() for k in reference)
+    assert worst <= DRIFT, f"final parameters differ from the reference run by up to {worst:.3g} (> {DRIFT})"
 
 
 # rank 0 killed: a survivor becomes rank 0 and takes over the run's account (checkpoints, metrics.jsonl). Its
