@@ -60,6 +60,19 @@ def test_online_rejects_what_cannot_stream() -> None:
         online(torch.zeros(1, 1, 3, 32, 32))
 
 
+@pytest.mark.parametrize("form", ["concat", "mask", "split"])
+def test_a_graph_step_of_a_train_mode_model_is_refused_not_traced_with_batch_statistics(form: str) -> None:
+    from tsm_dist.streaming import ExplicitCacheTSM
+
+    model = build_model("tsm8f_r50", 4, depth=18, width=8, online=True)  # train mode, as built
+    step = ExplicitCacheTSM(model, form=form)
+    with pytest.raises(ValueError, match="eval mode"):
+        step(torch.zeros(1, 3, 32, 32))
+    assert model.training  # the model's own mode is left as it is
+    logits, *caches = step.eval()(torch.zeros(1, 3, 32, 32))
+    assert logits.shape == (1, 4) and len(caches) == len(model.shift_modules())
+
+
 def test_resnet50_cache_size() -> None:
     """1/8 of every residual block's input channels at 224x224, batch 1, float32."""
     with torch.device("meta"):

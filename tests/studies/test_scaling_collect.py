@@ -194,3 +194,18 @@ def test_a_cpu_sweep_is_plotted_and_linked_as_cpu_ranks(tmp_path, monkeypatch):
     rows = {r.nodes: r for r in outputs.rows}
     assert "profile gpubox: NVLink 1.0, a GPU link: this sweep ran CPU ranks, nominal) because" in \
         rows[2].projection_links
+
+
+def test_a_run_whose_ranks_changed_is_no_measurement_and_its_row_says_so(tmp_path):
+    plan, profile = make_sweep(tmp_path)
+    path = tmp_path / "runs/horovod_m_n2/metrics.jsonl"
+    log = MetricsLog(path)  # an elastic run lost a rank after its last timed step (appended)
+    log.write(records.membership_record(old_world=4, new_world=3, cause="rank lost",
+                                        rolled_back_to={"step": WARMUP + STEPS, "epoch": 0, "batch_in_epoch": 0},
+                                        steps_lost=0, continues_at={"step": WARMUP + STEPS, "epoch": 0,
+                                                                    "batch_in_epoch": 1}))
+    log.close()
+    outputs = collect(tmp_path, str(profile))
+    rows = {r.nodes: r for r in outputs.rows}
+    assert "the run's ranks changed (4 -> 3): its steps are not a measurement at one world size" in rows[2].status
+    assert rows[2].timed_steps == 0 and rows[4].timed_steps == STEPS

@@ -111,3 +111,14 @@ def test_dry_run_without_the_file_list_uses_the_known_data_set_size_and_says_so(
     assert "use data.num_samples, 5,000 clips" in capsys.readouterr().err
     assert main([*argv, *base]) == 2
     assert "pass --dataset-size (or set data.num_samples)" in capsys.readouterr().err
+
+
+def test_a_measurement_run_keeps_its_ranks_when_the_base_config_is_elastic(tmp_path):
+    from tsm_dist.studies.runconfig import measurement_overrides, write_run_config
+
+    base = yaml.safe_load(open("configs/synthetic_tsm.yaml"))
+    base.setdefault("engine", {}).update(name="horovod", elastic=True, elastic_min_ranks=2, elastic_max_ranks=8)
+    (tmp_path / "elastic.yaml").write_text(yaml.safe_dump(base))
+    cfg = write_run_config(tmp_path / "elastic.yaml", "tsm8f_r50", measurement_overrides(12), tmp_path / "run.yaml")
+    assert (cfg.engine.elastic, cfg.engine.elastic_min_ranks, cfg.engine.elastic_max_ranks) == (False, 0, 0)
+    assert yaml.safe_load((tmp_path / "run.yaml").read_text())["engine"]["elastic"] is False

@@ -154,6 +154,13 @@ class RunRecords:
     def status(self) -> str:
         return str(self.end["status"]) if self.end else "running"
 
+    def world_sizes(self) -> str:
+        """The run's world sizes in order, "4 -> 3 -> 4" (one number when its ranks never changed)."""
+        sizes = [self.header.get("world_size"), *(m["new_world"] for m in self.membership)]
+        if self.membership:
+            sizes[0] = self.membership[0]["old_world"]
+        return " -> ".join(str(w) for w in sizes)
+
 
 def read_last_run(path: str | Path, since: int = 0) -> RunRecords:
     """The last run of an (appended) metrics file, of those started after byte ``since``; steps sorted by
@@ -222,9 +229,8 @@ def describe_run(path: str | Path, since: int = 0) -> str:
                 f"{float(last['top5']):.2f} %" if last else "; no evaluation in this run")
     changes = ""
     if run.membership:
-        sizes = " -> ".join(str(w) for w in [run.membership[0]["old_world"], *(m["new_world"] for m in run.membership)])
         lost = sum(int(m["steps_lost"]) for m in run.membership)
-        changes = f"; elastic: ranks {sizes} ({len(run.membership)} change(s), {lost} step(s) lost)"
+        changes = f"; elastic: ranks {run.world_sizes()} ({len(run.membership)} change(s), {lost} step(s) lost)"
     return f"run record: {path}: {run.status}{cause} at {where}{accuracy}{changes}"
 
 

@@ -63,7 +63,7 @@ class ExplicitCacheTSM(nn.Module):
     ``(N, C_i / fold_div, H_i, W_i)`` (:meth:`cache_shapes`); no caches (or zeros) start a stream. Shift points
     are numbered in module order. ``with_shift=False`` gives the same network without any shift (no caches).
     The model is not changed: this module streams a copy of it that shares its weights ("split" folds the
-    BNs into new conv weights of its own).
+    BNs into new conv weights of its own). It takes the model's mode and runs in eval mode only.
     """
 
     def __init__(self, model: nn.Module, *, with_shift: bool = True, form: str = "concat") -> None:
@@ -76,6 +76,7 @@ class ExplicitCacheTSM(nn.Module):
             raise ValueError("the split form needs a ResNet or MobileNetV2 shifted at the residual branch")
         self.form = form
         self.model = copy_sharing_tensors(model)
+        self.train(model.training)  # the model's mode; forward refuses train mode
         if form == "split":  # its convs are cut into parts, each with its share of the BN
             fold_batchnorm(self.model.eval())
         if not with_shift:
@@ -106,6 +107,8 @@ class ExplicitCacheTSM(nn.Module):
         return [tuple(t.shape) for t in outputs[1:]]
 
     def forward(self, frame: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
+        if self.training:  # a frame alone cannot reproduce a clip's batch statistics (nor can a traced graph)
+            raise ValueError("an online step runs the model in eval mode; call .eval() first")
         if frame.dim() != 4 or frame.shape[1] != 3:
             raise ValueError(f"expected one frame per stream shaped (N, 3, H, W), got {tuple(frame.shape)}")
         board = self._board

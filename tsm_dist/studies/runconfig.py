@@ -11,11 +11,14 @@ if TYPE_CHECKING:
 
 
 def measurement_overrides(total_steps: int) -> list[str]:
-    """Stop after ``total_steps``, log every optimizer step, and skip evaluation, checkpoints and wandb."""
+    """Stop after ``total_steps``, log every optimizer step, skip evaluation, checkpoints and wandb, and
+    keep the ranks fixed (not elastic)."""
     return [f"train.max_steps={total_steps}",
             # one record per optimizer step so the warm-up steps can be cut exactly
             "log.interval=1", "log.wandb=disabled", "log.progress=false",
-            "train.eval_every_epochs=0", "train.checkpoint_every_epochs=0"]
+            "train.eval_every_epochs=0", "train.checkpoint_every_epochs=0",
+            # a measurement at N ranks keeps N ranks: an elastic run would go on timing another world
+            "engine.elastic=false", "engine.elastic_min_ranks=0", "engine.elastic_max_ranks=0"]
 
 
 # The paper's clips span a 64-frame window: a 2D model (TSN, TSM) samples it in T segments, a 3D model

@@ -111,6 +111,9 @@ def summarize_run(path: Path, warmup_steps: int) -> RunSummary:
     """Average the step records of ``path`` after the first ``warmup_steps`` optimizer steps."""
     run = read_last_run(path)  # the file is appended to: only the last run in it is the measurement
     header = run.header
+    if run.membership:  # an elastic run that lost or gained ranks timed more than one world
+        raise MetricsError(f"{path}: the run's ranks changed ({run.world_sizes()}): its steps are not a "
+                           f"measurement at one world size")
     timed = run.steps[warmup_steps:]
     if not timed:
         raise MetricsError(f"{path}: {len(run.steps)} step record(s), none after the {warmup_steps} warm-up "
