@@ -144,6 +144,22 @@ def _train(data: Path, workdir: Path, *sets: str) -> subprocess.CompletedProcess
                        env=launcher_env(PYTHONPATH=str(REPO)), cwd=REPO)
 
 
+@pytest.mark.parametrize("weights, words", [("foreign", "not a PyTorch file"),
+                                            ("wide", "conv1.weight has shape (16, 3, 7, 7), the model needs (8, 3, 7, 7)")])
+def test_a_pretrained_file_that_cannot_initialise_the_model_is_one_line(data, tmp_path, weights, words):
+    import torch
+
+    from tsm_dist.models import build_model
+
+    path = tmp_path / f"{weights}.pth"
+    if weights == "foreign":  # else: a wider network's weights
+        path.write_text("not weights\n")
+    else:
+        torch.save(build_model("tsn8f_r50", 4, depth=18, width=16).state_dict(), path)
+    _one_line(_train(data, tmp_path / "w", "model.depth=18", f"model.pretrained={path}"), EXIT_CHECKPOINT,
+              "checkpoint error: model.pretrained:", str(path), words)
+
+
 def test_training_on_a_directory_without_pack_json_says_what_it_is(data, tmp_path):
     folder = tmp_path / "train.pack"
     folder.mkdir()

@@ -85,3 +85,22 @@ def test_mismatched_files_are_errors_naming_file_and_key(imagenet_file, tmp_path
     torch.save({"weights": [1, 2]}, junk)
     with pytest.raises(ValueError, match="junk.pth: not a state_dict"):
         build_model("tsn8f_r50", 5, pretrained=str(junk), **SMALL)
+
+
+def test_unreadable_files_are_errors_saying_why_in_a_few_words(tmp_path: Path) -> None:
+    import argparse
+
+    from tsm_dist.models.pretrained import PretrainedError
+
+    foreign = tmp_path / "notes.pth"
+    foreign.write_text("not weights\n")
+    objects = tmp_path / "objects.pth"
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, objects)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(objects.read_bytes()[:100])
+    cases = [(foreign, "not a PyTorch file"), (objects, r"Python objects beyond tensors .*argparse.Namespace"),
+             (cut, "a damaged or truncated archive")]
+    for path, why in cases:
+        with pytest.raises(PretrainedError, match=why) as caught:
+            build_model("tsn8f_r50", 5, pretrained=str(path), **SMALL)
+        assert str(path) in str(caught.value) and "weights_only" not in str(caught.value)

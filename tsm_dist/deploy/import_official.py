@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from tsm_dist.commands.exit_codes import CheckpointError, UsageError
+from tsm_dist.models.pretrained import load_tensor_file
 
 _NAME_FOLD = re.compile(r"_shift(\d+)_")
 _NAME_SEGMENTS = re.compile(r"_segment(\d+)")
@@ -29,13 +29,7 @@ _DEMO_FOLD = 8
 def read_official(path: str | Path) -> tuple[dict[str, Tensor], str | None]:
     """The file's tensors (``module.`` stripped) and the ``arch`` main.py recorded, if any."""
     path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist") from None
-    except Exception as exc:  # a truncated archive, or pickled objects beyond tensors and numbers
-        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    obj = load_tensor_file(path, CheckpointError)
     arch = obj.get("arch") if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

@@ -92,11 +92,17 @@ def flip_label_map(cfg: Config) -> dict[int, int] | None:
 
 
 def build_model_from_config(cfg: Config, builder: ModelBuilder | None = None) -> "nn.Module":
+    from tsm_dist.commands.exit_codes import CheckpointError
+    from tsm_dist.models.pretrained import PretrainedError
+
     m = cfg.model  # every option filled in when the config was loaded
-    return (builder or default_model_builder())(
-        m.name, num_classes=m.num_classes, num_frames=m.num_frames, dropout=m.dropout, fold_div=m.fold_div,
-        shift_place=m.shift_place, depth=m.depth, width=m.width, pretrained=m.pretrained, online=m.online,
-        classifier_init=m.classifier_init)
+    try:
+        return (builder or default_model_builder())(
+            m.name, num_classes=m.num_classes, num_frames=m.num_frames, dropout=m.dropout, fold_div=m.fold_div,
+            shift_place=m.shift_place, depth=m.depth, width=m.width, pretrained=m.pretrained, online=m.online,
+            classifier_init=m.classifier_init)
+    except PretrainedError as exc:  # the same file on every rank: one line from rank 0
+        raise CheckpointError(f"model.pretrained: {exc}") from None
 
 
 def build_loader_from_config(cfg: Config, engine: "Engine", *, train: bool, builder: LoaderBuilder | None = None,
