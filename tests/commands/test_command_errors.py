@@ -98,6 +98,14 @@ def test_stream_and_early_recognition_on_a_corrupt_model_are_one_line(corrupt_mo
               EXIT_CHECKPOINT, "checkpoint error", f"model {corrupt_model} cannot be loaded by onnxruntime")
 
 
+def test_stream_and_early_recognition_of_a_missing_model_name_the_model(data, tmp_path):
+    missing = tmp_path / "absent.onnx"
+    _one_line(_run("stream", "--model", str(missing), "--video", str(data / "x.webm")), EXIT_CONFIG,
+              "config error", f"model {missing} does not exist")
+    _one_line(_run("early-recognition", "--model", str(missing), "--list", str(data / "val.txt")), EXIT_CONFIG,
+              "config error", f"model {missing} does not exist")
+
+
 def test_stream_on_a_truncated_video_is_a_data_error(model, data, tmp_path):
     video = next((data / "videos").rglob("*.webm")).read_bytes()
     truncated = tmp_path / "truncated.webm"

@@ -36,7 +36,12 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_corrupt_checkpoint_is_named(tmp_path):
     bad = tmp_path / "ckpt_e0001_s00000001.pt"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(CheckpointError, match=f"checkpoint {bad} cannot be read"):
+    with pytest.raises(CheckpointError, match=rf"checkpoint {bad} cannot be read \(not a PyTorch checkpoint: no zip"):
+        ckpt.load_checkpoint(bad)
+    good = tmp_path / "good.pt"
+    ckpt.atomic_save({"model": {"w": torch.ones(1000)}}, good)
+    bad.write_bytes(good.read_bytes()[:200])  # cut off in a copy
+    with pytest.raises(CheckpointError, match="a damaged or truncated archive; RuntimeError: PytorchStreamReader"):
         ckpt.load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         ckpt.resolve_resume(str(tmp_path / "missing.pt"), tmp_path)

@@ -36,6 +36,8 @@ def sidecar_path(model_path: str | Path) -> Path:
 
 def read_sidecar(model_path: str | Path) -> dict[str, Any]:
     path = sidecar_path(model_path)
+    if not Path(model_path).exists():
+        raise UsageError(f"model {model_path} does not exist")
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

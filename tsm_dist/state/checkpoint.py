@@ -179,6 +179,16 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     return removed
 
 
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why: a file that is no archive at all says so (pickle's own error reads a byte of text as an opcode)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":
+        return "not a PyTorch checkpoint: no zip archive"
+    text = str(exc).splitlines()[0].split(". ")[0] if str(exc) else ""
+    return f"a damaged or truncated archive; {type(exc).__name__}: {text}"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's state; :class:`CheckpointError` naming the file if it is missing or unreadable."""
     path = Path(path)
@@ -189,7 +199,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except IsADirectoryError:
         raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file") from None
     except Exception as exc:  # torch raises several types for truncated/corrupt archives
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read ({_unreadable(path, exc)})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"checkpoint {path} is not a tsm_dist checkpoint (no 'model' entry)")
     return state
