@@ -134,13 +134,13 @@ def comparison_models(what: str, batch: int, size: int, channels_last: bool) -> 
 
 
 def _copy_path(step: Callable[[], None]) -> Callable[[], None]:
-    """The step with every CPU layer on the shift-while-copying path (the C++ op), large ones included."""
+    """The step with every CPU layer read by its conv from a shifted copy (the C++ op's other method)."""
     def copy_step() -> None:
-        small, sk.SMALL_NUMEL = sk.SMALL_NUMEL, 1 << 62
+        saved, sk.NATIVE_COPY_NUMEL = sk.NATIVE_COPY_NUMEL, 1 << 62
         try:
             step()
         finally:
-            sk.SMALL_NUMEL = small
+            sk.NATIVE_COPY_NUMEL = saved
     return copy_step
 
 
@@ -194,6 +194,8 @@ def bench_shift(args: argparse.Namespace) -> None:
         _use_shift(models["TSM8f, reference shift"], temporal_shift)
     if args.copy_path and shift_native.available():
         models["TSM8f, C++ copy path"] = build_model("tsm8f_r50", 400)
+    if args.python_kernels and shift_native.available():
+        models["TSM8f, Python kernels"] = build_model("tsm8f_r50", 400)
     for model in models.values():
         model.load_state_dict(tsn.state_dict())  # same weights: the shift is the only difference
     clips = torch.randn(args.batch, 8, 3, args.size, args.size)
@@ -201,6 +203,8 @@ def bench_shift(args: argparse.Namespace) -> None:
     steps = {name: _train_step(model, clips, labels) for name, model in models.items()}
     if "TSM8f, C++ copy path" in steps:
         steps["TSM8f, C++ copy path"] = _copy_path(steps["TSM8f, C++ copy path"])
+    if "TSM8f, Python kernels" in steps:
+        steps["TSM8f, Python kernels"] = _python_kernels(steps["TSM8f, Python kernels"])
     clock = "process CPU time" if args.cpu_time else "wall time"
     print(f"# shift overhead: training step (fwd+bwd+SGD), batch {args.batch} x 8 frames x {args.size}^2, "
           f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds after {args.warmup} warm-up, {clock}")
@@ -211,16 +215,24 @@ def bench_shift(args: argparse.Namespace) -> None:
     for name in [n for n in times if n != "TSN"]:
         ratios = [t / b - 1 for t, b in zip(times[name], base)]
         print(f"{name:<24} overhead vs TSN per round: {_summary(ratios)}")
+    _time_python_moves(steps, statistics.median(base))
+
+
+def _time_python_moves(steps: dict[str, Callable[[], None]], tsn_step: float) -> None:
+    """The Python kernels' in-place moves and matmuls inside their TSM8f steps (the C++ op's are not Python)."""
+    name = "TSM8f, Python kernels" if shift_native.available() else "TSM8f"
+    if name not in steps:
+        return
     moves, matmuls = [], []
     with _ShiftTimer() as timer:
         for _ in range(3):
             timer.seconds = dict.fromkeys(timer.seconds, 0.0)
-            steps["TSM8f"]()
+            steps[name]()
             matmuls.append(timer.seconds["_weight_grad_1x1"])
             moves.append(timer.seconds["_shift_inplace"] + timer.seconds["_unshift_inplace"])
     for what, samples in [("in-place moves (shift + undo)", moves), ("1x1 weight gradients by matmul", matmuls)]:
-        print(f"{what} inside a TSM8f step: {statistics.median(samples) * 1e3:.1f} ms = "
-              f"{statistics.median(samples) / statistics.median(base):.2%} of the median TSN step")
+        print(f"{what} inside a {name} step: {statistics.median(samples) * 1e3:.1f} ms = "
+              f"{statistics.median(samples) / tsn_step:.2%} of the median TSN step")
 
 
 def bench_small(args: argparse.Namespace) -> None:
@@ -405,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--copy-path", action="store_true",
                    help="shift: also TSM8f with every layer shifted while copying by the C++ op (more memory)")
+    p.add_argument("--python-kernels", action="store_true",
+                   help="shift: also TSM8f on the Python kernels (what runs where the C++ op is not built)")
     p.add_argument("--compare", action="store_true",
                    help="also time the plain-copy and the reference shift (4 models in memory: noisier)")
     p.add_argument("--small", type=lambda v: v.split(","), default=["demo", "mbv2"],

@@ -14,15 +14,18 @@ from tsm_dist.models.shift_kernels import shift_copy, shifted_conv2d_and_identit
 from tsm_dist.models.temporal_shift import TemporalShift, shift_groups, shifted_conv, temporal_shift
 
 
-@pytest.fixture(params=["native", "copy", "in-place"])
+@pytest.fixture(params=["native", "native-copy", "copy", "in-place"])
 def kernel_path(request, monkeypatch) -> Iterator[str]:
-    """The three CPU paths of the fused shift: small tensors are shifted while copying, by the C++ op
-    (``native``, when ./install.sh built it: see test_the_shift_ops_are_built) or by the Python kernels
-    (``copy``); ``SMALL_NUMEL = 0`` sends them through the Python in-place kernels that large tensors and GPUs
-    take (channels-last tensors with short moved runs still copy)."""
-    if request.param == "native":
+    """The four CPU paths of the fused shift: the C++ op (when ./install.sh built it: see
+    test_the_shift_ops_are_built) shifts x in place around the conv (``native``) or, with
+    ``NATIVE_COPY_NUMEL`` above the input's size, reads a shifted copy (``native-copy``); without the op, the
+    Python kernels shift small tensors while copying (``copy``), and ``SMALL_NUMEL = 0`` sends them through
+    the Python in-place kernels that GPUs take (channels-last tensors with short moved runs still copy)."""
+    if request.param.startswith("native"):
         if not shift_native.available():
             pytest.skip(f"the shift's C++ ops: {shift_native.why_not()}")
+        if request.param == "native-copy":
+            monkeypatch.setattr(shift_kernels, "NATIVE_COPY_NUMEL", 1 << 62)
         yield request.param
         return
     if request.param == "in-place":

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tsm_dist.models import build_model, shift_native
+from tsm_dist.models import build_model, shift_kernels, shift_native
 from tsm_dist.models.temporal_shift import shift_groups, shifted_conv, temporal_shift
 
 needs_ops = pytest.mark.skipif(not shift_native.available(), reason=f"shift ops: {shift_native.why_not()}")
@@ -89,13 +89,16 @@ def _train_ops(x: torch.Tensor, conv: nn.Conv2d) -> list[str]:
 
 
 @needs_ops
-def test_small_cpu_layers_train_through_the_op_and_others_do_not() -> None:
-    """The op takes the small-tensor CPU training step; a non-dense input, autocast and a large input keep the
-    Python kernels (in-place for the large one), all with the reference's results."""
+def test_dense_cpu_layers_train_through_the_op_and_others_do_not(monkeypatch) -> None:
+    """The op takes every dense CPU training step, small and large, shifting x in place (no shifted copy) unless
+    the input is at most NATIVE_COPY_NUMEL elements; a non-dense input and autocast keep the Python kernels,
+    all with the reference's results."""
     conv = nn.Conv2d(16, 8, 3, padding=1, bias=False)
     x = torch.randn(8, 16, 5, 5, requires_grad=True)
+    names = _train_ops(x, conv)  # the mode sees the ops below autograd: shifted_conv2d's backward calls shift_add_
+    assert "tsm_dist.shift_add_.default" in names and "tsm_dist.shift_copy.default" not in names
+    monkeypatch.setattr(shift_kernels, "NATIVE_COPY_NUMEL", x.numel())
     assert "tsm_dist.shift_copy.default" in _train_ops(x, conv)
-    assert "tsm_dist.shift_add_.default" in _train_ops(x, conv)
     with shift_native.turned_off():
         assert not any(n.startswith("tsm_dist") for n in _train_ops(x, conv))
     sparse = torch.randn(8, 16, 5, 10)[:, :, :, ::2].requires_grad_()
@@ -105,7 +108,72 @@ def test_small_cpu_layers_train_through_the_op_and_others_do_not() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not any(n.startswith("tsm_dist") for n in _train_ops(x, conv))
     large = torch.randn(8, 16, 128, 130, requires_grad=True)
-    assert not any(n.startswith("tsm_dist") for n in _train_ops(large, nn.Conv2d(16, 2, 1, bias=False)))
+    names = _train_ops(large, nn.Conv2d(16, 2, 1, bias=False))
+    assert "tsm_dist.shift_add_.default" in names and "tsm_dist.shift_copy.default" not in names
+
+
+def _shifted(x: torch.Tensor, frames: int, fold: int, offsets: list[int]) -> torch.Tensor:
+    """The shift for any offsets: channels [g*fold, (g+1)*fold) of frame t take frame t + offsets[g], zero
+    outside the clip (the reference shift's rule, which temporal_shift implements for offsets of one)."""
+    out = x.clone()
+    for g, off in enumerate(offsets):
+        for t in range(frames):
+            dst = out[t::frames, g * fold:(g + 1) * fold]
+            dst.copy_(x[t + off::frames, g * fold:(g + 1) * fold] if 0 <= t + off < frames else torch.zeros_like(dst))
+    return out
+
+
+@needs_ops
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape,frames,fold,offsets", [
+    ((8, 16, 5, 7), 4, 2, [1, -1]), ((6, 24, 3, 3), 3, 3, [-1]), ((3, 16, 4, 4), 1, 2, [1, -1]),
+    ((10, 16, 3, 2), 5, 4, [2, -3]), ((6, 8, 2, 3), 3, 2, [5, -4]),  # pushed out by more than a frame, or all
+    ((8, 64, 20, 21), 4, 8, [1, -1]), ((4, 16, 48, 48), 4, 2, [1, -1])])  # several chunks per group
+def test_the_in_place_op_equals_the_reference_and_leaves_x_bit_identical(threads: int, dtype, memory_format, shape,
+                                                                         frames: int, fold: int,
+                                                                         offsets: list[int]) -> None:
+    """shifted_conv2d shifting x in place: its output, x's gradient (with the identity path's), the weight and
+    bias gradients equal a conv of the shifted copy bit for bit, and x is bit-identical and unversioned after
+    the forward and after the backward (the frames a group pushes out of its clip are kept and put back)."""
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(shape).to(dtype=dtype, memory_format=memory_format).requires_grad_()
+        conv = nn.Conv2d(shape[1], 6, 3, padding=1).to(dtype=dtype, memory_format=memory_format)
+        before, version = x.detach().clone(), x._version
+        y, identity = torch.ops.tsm_dist.shifted_conv2d(x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1], 1,
+                                                        frames, fold, offsets, True)
+        assert torch.equal(x.detach(), before) and x._version == version
+        ref_x = before.clone().requires_grad_()
+        ref = conv(_shifted(ref_x, frames, fold, offsets))
+        assert torch.equal(y, ref)
+        g, gi = torch.randn_like(ref), torch.randn_like(ref_x)
+        got = torch.autograd.grad((y, identity), [x, conv.weight, conv.bias], (g, gi))
+        want = torch.autograd.grad((ref, ref_x), [ref_x, conv.weight, conv.bias], (g, gi))
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert torch.equal(x.detach(), before) and x._version == version
+        with torch.no_grad():  # the op's CPU kernel (no autograd) shifts in place too
+            assert torch.equal(torch.ops.tsm_dist.shifted_conv2d(x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1],
+                                                                 1, frames, fold, offsets, True)[0], ref)
+        assert torch.equal(x.detach(), before)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+@needs_ops
+@pytest.mark.parametrize("grad", [True, False])
+def test_an_error_inside_the_in_place_op_leaves_x_restored(grad: bool) -> None:
+    """x is shifted while the conv runs: a conv that raises (a weight for other channels) must not leave it
+    shifted."""
+    x = torch.randn(8, 16, 4, 4).requires_grad_(grad)
+    before = x.detach().clone()
+    with pytest.raises(RuntimeError, match="channels"):
+        torch.ops.tsm_dist.shifted_conv2d(x, torch.randn(4, 12, 1, 1), None, [1, 1], [0, 0], [1, 1], 1, 4, 2,
+                                          [1, -1], True)
+    assert torch.equal(x.detach(), before)
 
 
 def test_without_the_library_the_python_kernels_give_the_same_training_step(monkeypatch, tmp_path) -> None:

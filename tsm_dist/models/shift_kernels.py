@@ -28,9 +28,11 @@ whole copy, a copy per group and one zero fill, and the backward's move-back is 
 autograd makes anyway), an add per group and one copy. The views of every path come from a per-layout cache
 (:func:`_layout`), so a call computes no strides in Python.
 
-The small-tensor CPU training step runs without Python when the shift's C++ ops are built
-(:mod:`tsm_dist.models.shift_native`, by ./install.sh): one op whose forward is a one-pass shifted copy and the
-conv, and whose backward is ``convolution_backward`` and a one-pass move-back in place (:func:`_runs_native`).
+A CPU training step runs without Python when the shift's C++ ops are built (:mod:`tsm_dist.models.shift_native`,
+by ./install.sh; :func:`_runs_native`): one op that shifts x in place around the conv and restores it (the frames
+pushed out of each clip kept aside), shifts it again around ``convolution_backward`` for the weight gradient, and
+moves the input gradient back in place with the identity's added, so no layer input is copied at all. There the
+Python kernels above run only on GPUs, under autocast, for non-dense inputs, or when the library is not built.
 """
 from __future__ import annotations
 
@@ -49,6 +51,10 @@ import tsm_dist.models.shift_native as shift_native
 Group = tuple[int, int, int]
 # On a CPU, layer inputs up to this many elements are shifted while copying (see _shifts_while_copying).
 SMALL_NUMEL = 1 << 18  # 1 MB of float32: every shifted layer of the demo-sized models, none of R50 at 224²
+# The C++ op shifts layer inputs of more than this many elements in place, smaller ones while copying (the
+# conv reads a shifted copy). In place measured as fast or faster at every size (docs/models.md), so 0: the copy
+# is kept as the benchmarks' comparison (bench_models.py --copy-path) and is tested like every path.
+NATIVE_COPY_NUMEL = 0
 
 
 def check_frames(x: Tensor, num_frames: int) -> None:
@@ -418,11 +424,11 @@ def _native_groups(groups: tuple[Group, ...]) -> tuple[int, list[int]]:
     return _fold(groups), [off for _, _, off in groups]
 
 
-def _runs_native(x: Tensor, weight: Tensor, bias: Tensor | None, groups: tuple[Group, ...]) -> bool:
-    """Whether the C++ op (:mod:`shift_native`) runs this layer's training step: the small-tensor CPU case
-    (:func:`_shifts_while_copying`), where the Python of :class:`_ShiftedConvFn` is most of the shift's cost,
-    for a dense 4-d input with the conv's dtype and no autocast, when the library is built."""
-    return (_shifts_while_copying(x, groups) and x.dim() == 4 and weight.dtype == x.dtype
+def _runs_native(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether the C++ op (:mod:`shift_native`) runs this layer's training step: any CPU layer with a dense
+    4-d input in the conv's dtype and no autocast, when the library is built (GPUs, autocast and non-dense
+    inputs keep :class:`_ShiftedConvFn`)."""
+    return (x.device.type == "cpu" and x.dim() == 4 and weight.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype) and not torch.is_autocast_enabled("cpu")
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
             and shift_native.available())
@@ -444,10 +450,10 @@ def shifted_conv2d_and_identity(x: Tensor, weight: Tensor, bias: Tensor | None, 
     conv = (_pair(stride), _pair(padding), _pair(dilation), conv_groups)
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        if _runs_native(x, weight, bias, groups):
+        if _runs_native(x, weight, bias):
             fold, offsets = _native_groups(groups)
             return torch.ops.tsm_dist.shifted_conv2d(x, weight, bias, *conv[:3], conv_groups, num_frames, fold,
-                                                     offsets)
+                                                     offsets, x.numel() > NATIVE_COPY_NUMEL)
         return _ShiftedConvFn.apply(x, weight, bias, conv, num_frames, groups)
     check_frames(x, num_frames)
     if _shifts_while_copying(x, groups):

@@ -1,16 +1,18 @@
-// The temporal shift's small-tensor CPU path without Python: ops registered with torch.library
-// (namespace tsm_dist), built by tsm_dist/models/shift_native.py (install.sh runs it) and loaded with
-// torch.ops.load_library. Python falls back to shift_kernels.py's kernels when this is not built.
+// The temporal shift's CPU training path without Python: ops registered with torch.library (namespace tsm_dist),
+// built by tsm_dist/models/shift_native.py (install.sh runs it) and loaded with torch.ops.load_library. Python
+// falls back to shift_kernels.py's kernels when this is not built.
 //
 //   tsm_dist::shift_copy(x, num_frames, fold, offsets) -> shift(x), a new tensor in x's layout
 //   tsm_dist::shift_add_(x, direct?, num_frames, fold, offsets) -> x = shift(x) + direct in place (the
 //                            backward's move-back, with the identity path's gradient)
 //   tsm_dist::shifted_conv2d(x, weight, bias?, stride, padding, dilation, groups, num_frames, fold,
-//                            offsets) -> (conv2d(shift(x)), x), differentiable (a C++ autograd Function)
+//                            offsets, in_place=True) -> (conv2d(shift(x)), x), differentiable (a C++ autograd
+//                            Function); in_place: x is shifted in place around the conv and its weight gradient
+//                            and restored (no copy, no extra memory), otherwise the conv reads a shifted copy
 //
 // Group g is channels [g*fold, (g+1)*fold): frame t of it takes frame t + offsets[g] of its clip, zero
 // where that is outside the clip (the shift of temporal_shift.py, bit for bit). Tensors are
-// (N*T, C, H, W), dense in NCHW or channels-last order; one pass writes every output element once.
+// (N*T, C, H, W), dense in NCHW or channels-last order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -66,23 +68,34 @@ int64_t grain(const Geometry& g, int64_t items_per_unit) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, items_per_unit));
 }
 
-// count runs of ``fold`` values, ``stride`` apart, from src to dst; the usual folds get a fixed-size copy.
-template <typename T, int64_t Fold>
-void copy_fixed_runs(const T* src, T* dst, int64_t stride, int64_t count) {
-  for (int64_t r = 0; r < count; ++r) std::copy_n(src + r * stride, Fold, dst + r * stride);
+// count runs of len values from src (runs src_stride apart) to dst (runs dst_stride apart); the usual lengths
+// get a fixed-size copy.
+template <typename T, int64_t Len>
+void copy_fixed_runs(const T* src, int64_t src_stride, T* dst, int64_t dst_stride, int64_t count) {
+  for (int64_t r = 0; r < count; ++r) std::copy_n(src + r * src_stride, Len, dst + r * dst_stride);
 }
 
 template <typename T>
-void copy_runs(const T* src, T* dst, int64_t fold, int64_t stride, int64_t count) {
-  switch (fold) {
-    case 1: return copy_fixed_runs<T, 1>(src, dst, stride, count);
-    case 2: return copy_fixed_runs<T, 2>(src, dst, stride, count);
-    case 4: return copy_fixed_runs<T, 4>(src, dst, stride, count);
-    case 8: return copy_fixed_runs<T, 8>(src, dst, stride, count);
-    case 16: return copy_fixed_runs<T, 16>(src, dst, stride, count);
-    default:
-      for (int64_t r = 0; r < count; ++r) std::copy_n(src + r * stride, fold, dst + r * stride);
+void copy_runs(const T* src, int64_t src_stride, T* dst, int64_t dst_stride, int64_t len, int64_t count) {
+  if (count == 1 || (src_stride == len && dst_stride == len)) {
+    std::memcpy(dst, src, sizeof(T) * len * count);
+    return;
   }
+  switch (len) {
+    case 1: return copy_fixed_runs<T, 1>(src, src_stride, dst, dst_stride, count);
+    case 2: return copy_fixed_runs<T, 2>(src, src_stride, dst, dst_stride, count);
+    case 4: return copy_fixed_runs<T, 4>(src, src_stride, dst, dst_stride, count);
+    case 8: return copy_fixed_runs<T, 8>(src, src_stride, dst, dst_stride, count);
+    case 16: return copy_fixed_runs<T, 16>(src, src_stride, dst, dst_stride, count);
+    case 32: return copy_fixed_runs<T, 32>(src, src_stride, dst, dst_stride, count);
+    default:
+      for (int64_t r = 0; r < count; ++r) std::copy_n(src + r * src_stride, len, dst + r * dst_stride);
+  }
+}
+
+template <typename T>
+void zero_runs(T* dst, int64_t stride, int64_t len, int64_t count) {
+  for (int64_t r = 0; r < count; ++r) std::fill_n(dst + r * stride, len, T(0));
 }
 
 // Frame n of out = frame n of shift(x).
@@ -116,7 +129,7 @@ void shift_frame(const T* x, T* out, const Geometry& g, int64_t n) {
       for (int64_t px = 0; px < p; ++px) std::fill_n(op + px * c, fold, T(0));
       continue;
     }
-    copy_runs(src[i] + i * fold, op, fold, c, p);
+    copy_runs(src[i] + i * fold, c, op, c, fold, p);
   }
   (void)moved;
 }
@@ -166,6 +179,182 @@ void shift_add_clip(T* x, const T* direct, const Geometry& g, int64_t clip) {
   }
 }
 
+// count runs of len values: dst = a + b, either of which may be absent (zero); each with its own run stride. The
+// usual lengths get a fixed-length loop (which the compiler unrolls).
+template <typename T, int64_t Len>
+void sum_fixed_runs(T* dst, int64_t dst_stride, const T* a, int64_t a_stride, const T* b, int64_t b_stride,
+                    int64_t count) {
+  for (int64_t r = 0; r < count; ++r) {
+    T* d = dst + r * dst_stride;
+    const T *x = a + r * a_stride, *y = b + r * b_stride;
+    for (int64_t k = 0; k < Len; ++k) d[k] = x[k] + y[k];
+  }
+}
+
+template <typename T>
+void sum_runs(T* dst, int64_t dst_stride, const T* a, int64_t a_stride, const T* b, int64_t b_stride, int64_t len,
+              int64_t count) {
+  if (!a || !b) {
+    if (a || b) return copy_runs(a ? a : b, a ? a_stride : b_stride, dst, dst_stride, len, count);
+    return zero_runs(dst, dst_stride, len, count);
+  }
+  switch (len) {
+    case 1: return sum_fixed_runs<T, 1>(dst, dst_stride, a, a_stride, b, b_stride, count);
+    case 2: return sum_fixed_runs<T, 2>(dst, dst_stride, a, a_stride, b, b_stride, count);
+    case 4: return sum_fixed_runs<T, 4>(dst, dst_stride, a, a_stride, b, b_stride, count);
+    case 8: return sum_fixed_runs<T, 8>(dst, dst_stride, a, a_stride, b, b_stride, count);
+    case 16: return sum_fixed_runs<T, 16>(dst, dst_stride, a, a_stride, b, b_stride, count);
+    case 32: return sum_fixed_runs<T, 32>(dst, dst_stride, a, a_stride, b, b_stride, count);
+    default:
+      for (int64_t r = 0; r < count; ++r) {
+        T* d = dst + r * dst_stride;
+        const T *x = a + r * a_stride, *y = b + r * b_stride;
+        for (int64_t k = 0; k < len; ++k) d[k] = x[k] + y[k];
+      }
+  }
+}
+
+// Channels-last pixels per work item (about 16 KB of a frame: with their T frames' moved values, they stay in L2).
+int64_t pixel_chunk(const Geometry& g) { return std::max<int64_t>(1, 4096 / g.channels); }
+
+// Channels-last: shift_add_clip for pixels [p0, p0 + count) of one clip. A pixel's moved channels share its cache
+// lines, so their values of all T frames go into a small buffer first; then each frame's pixels get direct added
+// in one contiguous (vectorised) pass, and the moved channels are overwritten with their sums while the frame is
+// still in L1 (instead of a pass per group and a strided one for the rest).
+template <typename T>
+void shift_add_pixels(T* x, const T* direct, const Geometry& g, int64_t clip, int64_t p0, int64_t count,
+                      std::vector<T>& buffer) {
+  const int64_t t_len = g.num_frames, moved = g.moved(), c = g.channels, fold = g.fold;
+  buffer.resize(t_len * count * moved);
+  T* buf = buffer.data();
+  auto at = [&](int64_t t) { return (clip * t_len + t) * g.frame_size() + p0 * c; };
+  for (int64_t t = 0; t < t_len; ++t) copy_runs(x + at(t), c, buf + t * count * moved, moved, moved, count);
+  for (int64_t t = 0; t < t_len; ++t) {
+    if (direct) {
+      T* d = x + at(t);
+      const T* a = direct + at(t);
+      for (int64_t k = 0; k < count * c; ++k) d[k] += a[k];
+    }
+    for (int64_t i = 0; i < g.groups; ++i) {
+      const int64_t s = t + g.offsets[i];
+      sum_runs(x + at(t) + i * fold, c, s >= 0 && s < t_len ? buf + s * count * moved + i * fold : nullptr, moved,
+               direct ? direct + at(t) + i * fold : nullptr, c, fold, count);
+    }
+  }
+}
+
+// x shifted in place for as long as this lives (the conv and its weight gradient read x itself, no copy): the
+// moved channels of each clip go along time, the frames a group pushes out of its clip (|offset| of T) kept aside;
+// the destructor moves everything back and puts those frames back, so x is bit-identical afterwards, also when the
+// code in between throws. Pure copies, so bit-exact. x is written through its data pointer: its autograd version
+// does not change (nothing reads x in between: the guard's owner runs the conv on this thread, and CPU autograd
+// runs one node at a time). NCHW moves each group's (frame, channel) planes, in the frame order that reads every
+// source before it is overwritten; channels-last, where a pixel's moved channels share its cache lines, takes a
+// chunk of pixels at a time: their moved values of all T frames into a small buffer, then written back shifted,
+// so x's lines are read and written once per pass whatever the number of groups.
+class ShiftedInPlace {
+ public:
+  ShiftedInPlace(const Tensor& x, const Geometry& g) : x_(x), g_(g) {
+    for (int64_t i = 0; i < g.groups; ++i) lost_ = std::max(lost_, lost(i));
+    // a work item: NCHW, a clip, a group and 2k values of its plane; channels-last, a clip and pixel_chunk pixels
+    units_ = g.channels_last ? g.pixels : g.fold * g.pixels;
+    chunk_ = g.channels_last ? pixel_chunk(g) : 2048;
+    chunks_ = (units_ + chunk_ - 1) / chunk_;
+    if (lost_) saved_ = at::empty({g.frames / g.num_frames * g.groups * lost_ * g.fold * g.pixels}, x.options());
+    run(true);
+  }
+  ~ShiftedInPlace() { run(false); }
+  ShiftedInPlace(const ShiftedInPlace&) = delete;
+  ShiftedInPlace& operator=(const ShiftedInPlace&) = delete;
+
+ private:
+  int64_t lost(int64_t i) const { return std::min(std::abs(g_.offsets[i]), g_.num_frames); }
+  // the first frame group i pushes out of the clip: [0, L) when it takes later frames, [T-L, T) otherwise
+  int64_t first_lost(int64_t i) const { return g_.offsets[i] > 0 ? 0 : g_.num_frames - lost(i); }
+
+  void run(bool forward) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_.scalar_type(), "tsm_dist::shift_in_place", [&] {
+      scalar_t* data = x_.mutable_data_ptr<scalar_t>();
+      scalar_t* keep = lost_ ? saved_.mutable_data_ptr<scalar_t>() : nullptr;
+      const int64_t groups = g_.channels_last ? 1 : g_.groups, items = g_.frames / g_.num_frames * groups * chunks_;
+      const int64_t item_values = std::min(chunk_, units_) * (g_.channels_last ? g_.channels : 1) * g_.num_frames;
+      at::parallel_for(0, items, std::max<int64_t>(1, kGrainElements / item_values), [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> buffer;
+        for (int64_t item = begin; item < end; ++item) {
+          if (g_.channels_last) {
+            move_pixels(data, keep, item / chunks_, item % chunks_, forward, buffer);
+          } else {
+            move_planes(data, keep, item / chunks_ / g_.groups, item / chunks_ % g_.groups, item % chunks_, forward);
+          }
+        }
+      });
+    });
+  }
+
+  template <typename T>
+  T* kept(T* keep, int64_t clip, int64_t i, int64_t l) const {
+    return keep + ((clip * g_.groups + i) * lost_ + l) * g_.fold * g_.pixels;
+  }
+
+  // NCHW: values [u0, u1) of group i's plane (fold * P values per frame) in one clip.
+  template <typename T>
+  void move_planes(T* x, T* keep, int64_t clip, int64_t i, int64_t chunk, bool forward) const {
+    const int64_t offset = forward ? g_.offsets[i] : -g_.offsets[i], t_len = g_.num_frames;
+    if (offset == 0) return;
+    const int64_t u0 = chunk * chunk_, len = std::min(units_, u0 + chunk_) - u0, first = first_lost(i);
+    auto at = [&](int64_t t) { return x + (clip * t_len + t) * g_.frame_size() + i * g_.fold * g_.pixels + u0; };
+    if (forward) {
+      for (int64_t l = 0; l < lost(i); ++l) std::memcpy(kept(keep, clip, i, l) + u0, at(first + l), sizeof(T) * len);
+    }
+    for (int64_t step = 0; step < t_len; ++step) {
+      const int64_t t = offset > 0 ? step : t_len - 1 - step, s = t + offset;
+      if (s >= 0 && s < t_len) {
+        std::memcpy(at(t), at(s), sizeof(T) * len);
+      } else if (forward) {
+        std::fill_n(at(t), len, T(0));
+      } else {  // moving back, the frames without a source are exactly the ones pushed out
+        std::memcpy(at(t), kept(keep, clip, i, t - first) + u0, sizeof(T) * len);
+      }
+    }
+  }
+
+  // Channels-last: pixels of one chunk in one clip, every group.
+  template <typename T>
+  void move_pixels(T* x, T* keep, int64_t clip, int64_t chunk, bool forward, std::vector<T>& buffer) const {
+    const Geometry& g = g_;
+    const int64_t p0 = chunk * chunk_, count = std::min(units_, p0 + chunk_) - p0, t_len = g.num_frames;
+    const int64_t moved = g.moved(), c = g.channels, fold = g.fold;
+    buffer.resize(t_len * count * moved);
+    T* buf = buffer.data();
+    auto at = [&](int64_t t) { return x + (clip * t_len + t) * g.frame_size() + p0 * c; };
+    for (int64_t t = 0; t < t_len; ++t) copy_runs(at(t), c, buf + t * count * moved, moved, moved, count);
+    for (int64_t i = 0; i < g.groups && forward; ++i) {
+      for (int64_t l = 0; l < lost(i); ++l) {
+        copy_runs(buf + (first_lost(i) + l) * count * moved + i * fold, moved, kept(keep, clip, i, l) + p0 * fold,
+                  fold, fold, count);
+      }
+    }
+    for (int64_t t = 0; t < t_len; ++t) {
+      for (int64_t i = 0; i < g.groups; ++i) {
+        const int64_t s = t + (forward ? g.offsets[i] : -g.offsets[i]);
+        T* dst = at(t) + i * fold;
+        if (s >= 0 && s < t_len) {
+          copy_runs(buf + s * count * moved + i * fold, moved, dst, c, fold, count);
+        } else if (forward) {
+          zero_runs(dst, c, fold, count);
+        } else {  // moving back, the frames without a source are exactly the ones pushed out
+          copy_runs(kept(keep, clip, i, t - first_lost(i)) + p0 * fold, fold, dst, c, fold, count);
+        }
+      }
+    }
+  }
+
+  Tensor x_;
+  Geometry g_;
+  Tensor saved_;
+  int64_t lost_ = 0, units_ = 0, chunk_ = 1, chunks_ = 1;
+};
+
 Tensor shift_copy_cpu(const Tensor& x, int64_t num_frames, int64_t fold, IntArrayRef offsets) {
   const Geometry g = geometry(x, num_frames, fold, offsets);
   Tensor out = at::empty_like(x);  // x is dense: its strides are kept
@@ -189,9 +378,21 @@ Tensor& shift_add_cpu(Tensor& x, const std::optional<Tensor>& direct, int64_t nu
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "tsm_dist::shift_add_", [&] {
     scalar_t* data = x.mutable_data_ptr<scalar_t>();
     const scalar_t* d = add ? direct->const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, g.frames / num_frames, grain(g, g.frame_size() * num_frames),
+    if (!g.channels_last) {
+      at::parallel_for(0, g.frames / num_frames, grain(g, g.frame_size() * num_frames),
+                       [&](int64_t begin, int64_t end) {
+                         for (int64_t clip = begin; clip < end; ++clip) shift_add_clip(data, d, g, clip);
+                       });
+      return;
+    }
+    const int64_t chunk = pixel_chunk(g), chunks = (g.pixels + chunk - 1) / chunk;
+    at::parallel_for(0, g.frames / num_frames * chunks, grain(g, chunk * g.channels * num_frames),
                      [&](int64_t begin, int64_t end) {
-                       for (int64_t clip = begin; clip < end; ++clip) shift_add_clip(data, d, g, clip);
+                       std::vector<scalar_t> buffer;
+                       for (int64_t item = begin; item < end; ++item) {
+                         const int64_t p0 = item % chunks * chunk;
+                         shift_add_pixels(data, d, g, item / chunks, p0, std::min(chunk, g.pixels - p0), buffer);
+                       }
                      });
   });
   return x;
@@ -226,7 +427,9 @@ Tensor with_strides(const Tensor& t, IntArrayRef strides) {
   return at::empty_strided(t.sizes(), strides, t.options()).copy_(t);
 }
 
-// (conv2d(shift(x)), x): the conv reads a shifted copy of x, kept for the weight gradient. x comes back as the
+// (conv2d(shift(x)), x): the conv reads x shifted in place (ShiftedInPlace), or a shifted copy of x kept for the
+// weight gradient; the in-place method saves x itself (alive anyway: the block's identity and the previous ReLU's
+// output) and shifts it again around convolution_backward, so no layer input is ever copied. x comes back as the
 // block's identity, so that the backward gets both of x's gradients: the shifted path's, moved back in place in
 // convolution_backward's fresh result, and the identity's, added in the same pass (the sum autograd would make
 // anyway for a tensor used twice).
@@ -234,10 +437,18 @@ struct ShiftedConv : public torch::autograd::Function<ShiftedConv> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                                const std::optional<Tensor>& bias, std::vector<int64_t> stride,
                                std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
-                               int64_t num_frames, int64_t fold, std::vector<int64_t> offsets) {
-    Tensor shifted = call_shift_copy(x, num_frames, fold, offsets);
-    Tensor y = at::convolution(shifted, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
-    ctx->save_for_backward({shifted, weight});
+                               int64_t num_frames, int64_t fold, std::vector<int64_t> offsets, bool in_place) {
+    Tensor y, input;
+    if (in_place) {
+      ShiftedInPlace shifted(x, geometry(x, num_frames, fold, offsets));
+      y = at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
+      input = x;  // kept for the weight gradient, shifted again there
+    } else {
+      input = call_shift_copy(x, num_frames, fold, offsets);
+      y = at::convolution(input, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
+    }
+    ctx->save_for_backward({input, weight});
+    ctx->saved_data["in_place"] = in_place;
     ctx->set_materialize_grads(false);  // an unused identity adds nothing (no zero tensor to add)
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
@@ -252,22 +463,32 @@ struct ShiftedConv : public torch::autograd::Function<ShiftedConv> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &shifted = saved[0], &weight = saved[1], &grad_identity = grads[1];
+    const Tensor &input = saved[0], &weight = saved[1], &grad_identity = grads[1];
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     Tensor grad_x, grad_w, grad_b;
     if (grads[0].defined()) {
       const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                      has_bias && ctx->needs_input_grad(2)};
       const std::vector<int64_t> bias_size{weight.size(0)};
-      std::tie(grad_x, grad_w, grad_b) = at::convolution_backward(
-          grads[0], shifted, weight, has_bias ? std::optional<IntArrayRef>(bias_size) : std::nullopt,
-          ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
-          ctx->saved_data["dilation"].toIntVector(), false, {0, 0}, ctx->saved_data["groups"].toInt(), mask);
+      auto conv_backward = [&] {
+        return at::convolution_backward(
+            grads[0], input, weight, has_bias ? std::optional<IntArrayRef>(bias_size) : std::nullopt,
+            ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+            ctx->saved_data["dilation"].toIntVector(), false, {0, 0}, ctx->saved_data["groups"].toInt(), mask);
+      };
+      if (ctx->saved_data["in_place"].toBool() && mask[1]) {  // only the weight gradient reads the input's values
+        ShiftedInPlace shifted(input, geometry(input, ctx->saved_data["num_frames"].toInt(),
+                                               ctx->saved_data["fold"].toInt(),
+                                               ctx->saved_data["offsets"].toIntVector()));
+        std::tie(grad_x, grad_w, grad_b) = conv_backward();
+      } else {
+        std::tie(grad_x, grad_w, grad_b) = conv_backward();
+      }
     }
     if (grad_x.defined()) {
       // convolution_backward's result is fresh: ours to move back in place (made dense if it is not).
       if (!grad_x.is_contiguous(grad_x.suggest_memory_format())) {
-        grad_x = grad_x.contiguous(shifted.suggest_memory_format());
+        grad_x = grad_x.contiguous(input.suggest_memory_format());
       }
       const bool fused = grad_identity.defined() && grad_identity.strides() == grad_x.strides() &&
                          grad_identity.scalar_type() == grad_x.scalar_type();
@@ -279,25 +500,31 @@ struct ShiftedConv : public torch::autograd::Function<ShiftedConv> {
       grad_x = grad_identity;
     }
     if (grad_w.defined()) grad_w = with_strides(grad_w, weight.strides());
-    return {grad_x, grad_w, grad_b, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {grad_x, grad_w, grad_b, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 std::tuple<Tensor, Tensor> shifted_conv2d_autograd(const Tensor& x, const Tensor& weight,
                                                    const std::optional<Tensor>& bias, IntArrayRef stride,
                                                    IntArrayRef padding, IntArrayRef dilation, int64_t groups,
-                                                   int64_t num_frames, int64_t fold, IntArrayRef offsets) {
+                                                   int64_t num_frames, int64_t fold, IntArrayRef offsets,
+                                                   bool in_place) {
   auto out = ShiftedConv::apply(x, weight, bias, stride.vec(), padding.vec(), dilation.vec(), groups, num_frames,
-                                fold, offsets.vec());
+                                fold, offsets.vec(), in_place);
   return {out[0], out[1]};
 }
 
 std::tuple<Tensor, Tensor> shifted_conv2d_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                               IntArrayRef stride, IntArrayRef padding, IntArrayRef dilation,
-                                              int64_t groups, int64_t num_frames, int64_t fold, IntArrayRef offsets) {
-  return {at::convolution(call_shift_copy(x, num_frames, fold, offsets), weight, bias, stride, padding, dilation,
-                          false, {0, 0}, groups),
-          x.alias()};
+                                              int64_t groups, int64_t num_frames, int64_t fold, IntArrayRef offsets,
+                                              bool in_place) {
+  if (!in_place) {
+    return {at::convolution(call_shift_copy(x, num_frames, fold, offsets), weight, bias, stride, padding, dilation,
+                            false, {0, 0}, groups),
+            x.alias()};
+  }
+  ShiftedInPlace shifted(x, geometry(x, num_frames, fold, offsets));
+  return {at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, groups), x.alias()};
 }
 
 }  // namespace
@@ -306,7 +533,7 @@ TORCH_LIBRARY(tsm_dist, m) {
   m.def("shift_copy(Tensor x, int num_frames, int fold, int[] offsets) -> Tensor");
   m.def("shift_add_(Tensor(a!) x, Tensor? direct, int num_frames, int fold, int[] offsets) -> Tensor(a!)");
   m.def("shifted_conv2d(Tensor(a) x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
-        "int groups, int num_frames, int fold, int[] offsets) -> (Tensor, Tensor(a))");
+        "int groups, int num_frames, int fold, int[] offsets, bool in_place=True) -> (Tensor, Tensor(a))");
 }
 
 TORCH_LIBRARY_IMPL(tsm_dist, CPU, m) {
