@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import PYTHON, VENV_BIN, launcher_env, run_bounded  # noqa: E402
 from tsm_dist.runlog.records import read_last_run, read_records  # noqa: E402
-from tiny_run import TensorLoader, TinyNet, config  # noqa: E402
+from tiny_run import SIZE, TensorLoader, TinyNet, config  # noqa: E402
 
 pytestmark = pytest.mark.multirank
 
@@ -65,23 +65,32 @@ def _overrides(elastic: bool, max_steps: int, on_resize: str) -> dict[str, Any]:
 
 
 def rank_main(out: Path, mode: str, max_steps: int, resume: str, on_resize: str) -> None:
+    from tsm_dist.data.video_loader import build_video_loader
     from tsm_dist.training.train import train
 
     built: list[Any] = []
+    videos = mode == "dali"  # real videos through DALI's CPU reader (out/data), every pipeline rebuilt on a change
 
     def model_builder(name: str, *, num_classes: int, num_frames: int, dropout: float, **_: Any) -> Any:
         built.append(TinyNet(num_classes, num_frames, dropout))
         return built[-1]
 
     def loader_builder(file_list: Any, root: Any, *, batch_size: int, shard_id: int, num_shards: int, seed: int,
-                       train: bool, num_samples: int, **_: Any) -> TensorLoader:
+                       train: bool, num_samples: int | None = None, **options: Any) -> Any:
         if train:  # the rank this process has now (a change renumbers the ranks)
             (out / "pids" / f"rank{shard_id}.pid").write_text(str(os.getpid()))
+        if videos:
+            return build_video_loader(file_list, root, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+                                      seed=seed, train=train, num_samples=num_samples, **options)
         return SlowLoader(num_samples, batch_size, shard_id, num_shards, seed, train)
 
-    host = os.environ["HOROVOD_HOSTNAME"] if mode == "elastic" else "plain"
+    host = os.environ["HOROVOD_HOSTNAME"] if mode in ("elastic", "dali") else "plain"
     (out / "pids").mkdir(exist_ok=True)
-    cfg = config("horovod", **_overrides(mode == "elastic", max_steps, on_resize))
+    overrides = _overrides(mode != "plain", max_steps, on_resize)
+    if videos:
+        overrides.update({"data.backend": "dali", "data.root": str(out / "data"), "data.train_list": "train.txt",
+                          "data.crop_size": SIZE, "data.scale_size": SIZE, "data.num_threads": 1})
+    cfg = config("horovod", **overrides)
     code = train(cfg, out / "run", resume=resume or None, model_builder=model_builder, loader_builder=loader_builder)
     torch.save({"code": code, "params": built[-1].state_dict()}, out / f"final_{host}_{os.getpid()}.pt")
 
@@ -99,17 +108,17 @@ def _discovery(out: Path, hosts: list[str]) -> Path:
     return script
 
 
-def _elastic_cmd(out: Path, np: int, on_resize: str) -> list[str]:
+def _elastic_cmd(out: Path, np: int, on_resize: str, mode: str = "elastic") -> list[str]:
     return [str(VENV_BIN / "horovodrun"), "-np", str(np), "--min-np", "2", "--max-np", "3",
             "--host-discovery-script", str(out / "discover.sh"), "--network-interface", "lo",
-            PYTHON, __file__, str(out), "elastic", "0", "", on_resize]
+            PYTHON, __file__, str(out), mode, "0", "", on_resize]
 
 
 def _run_elastic(out: Path, np: int, when_step: int, act: Any, on_resize: str = "keep_global_batch",
-                 timeout: float = 300) -> tuple[int, str]:
+                 timeout: float = 300, mode: str = "elastic") -> tuple[int, str]:
     """Start the elastic job in its own session; once a step past ``when_step`` is logged, ``act()``."""
     metrics = out / "run" / "metrics.jsonl"
-    proc = subprocess.Popen(_elastic_cmd(out, np, on_resize), env=launcher_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_elastic_cmd(out, np, on_resize, mode), env=launcher_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
@@ -231,6 +240,28 @@ def test_a_killed_rank_rolls_back_and_training_completes_on_two(tmp_path, on_res
         else:  # 24 clips (2 steps) into the epoch, or at its start: exact where it was
             assert back["batch_in_epoch"] * 6 % 8 == 0, change
         assert change["peak_lr"] < read_records(out / "run" / "metrics.jsonl")[0]["peak_lr"]
+
+
+def test_dali_pipelines_follow_a_lost_rank(tmp_path):
+    """Real VP9 videos through DALI's CPU reader: after the change every survivor rebuilds its pipeline for its
+    new shard, and the epoch goes on from the commit with every clip once. (No reference run: DALI's random
+    crops after the rollback are not those of an uninterrupted run.)"""
+    from tsm_dist.data.synthetic import make_synthetic
+
+    out = tmp_path / "elastic"
+    out.mkdir()
+    # 4 classes x 15 videos, the last 20 % of each class for validation: 48 training videos = SAMPLES
+    made = make_synthetic(str(out / "data"), videos_per_class=15, frames=8, size=16, seed=0)
+    assert len((out / "data" / "train.txt").read_text().splitlines()) == SAMPLES, made
+    _discovery(out, HOSTS)
+    victim = out / "pids" / "rank1.pid"
+    code, output = _run_elastic(out, 3, 5, lambda: os.kill(int(victim.read_text()), signal.SIGKILL), mode="dali")
+    assert code == 0, output[-4000:]
+    survivors = [h for h in HOSTS if any(out.glob(f"final_{h}_*.pt"))]
+    change = _check_run(tmp_path, out, survivors, (3, 2, "rank lost"), compare=False)
+    print("membership change:", change)
+    assert read_records(out / "run" / "metrics.jsonl")[0]["config"]["data"]["backend"] == "dali"
+    assert len(survivors) == 2 and change["plan"] == "2 rank(s) x batch 2 x accumulate 3 = 12 clips per step"
 
 
 def test_an_added_host_joins_at_the_next_commit(tmp_path):
