@@ -109,10 +109,12 @@ def _without_shift(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def comparison_models(what: str, batch: int, size: int, channels_last: bool) -> dict[str, Callable[[], None]]:
+def comparison_models(what: str, batch: int, size: int, channels_last: bool,
+                      copy_path: bool = False) -> dict[str, Callable[[], None]]:
     """Training steps of TSN, a TSN control copy and TSM with the same weights and input: ``r50`` is
     TSM8f-R50 with 400 classes, the small ones the demo's network (``demo``) and MobileNetV2-TSM at the
-    demo's size (``mbv2``, ``mbv2-online``: width 16, 4 classes, as the synthetic configs)."""
+    demo's size (``mbv2``, ``mbv2-online``: width 16, 4 classes, as the synthetic configs). Where the C++ op
+    is built, TSM on the Python kernels too, and with ``copy_path`` TSM on the op's shifted-copy method."""
     name, options, classes = ("tsm8f_r50", {}, 400) if what == "r50" else (*SMALL[what], 4)
 
     def build(shift: bool) -> torch.nn.Module:
@@ -124,12 +126,16 @@ def comparison_models(what: str, batch: int, size: int, channels_last: bool) -> 
     models = {"TSN": build(False), "TSN control": build(False), "TSM": build(True)}
     if shift_native.available():  # the same TSM on the Python kernels, for the C++ ops' gain
         models["TSM, Python kernels"] = build(True)
+        if copy_path:
+            models["TSM, C++ copy"] = build(True)
     torch.manual_seed(1)
     clips = torch.randn(batch, models["TSM"].num_frames, 3, size, size)
     labels = torch.randint(0, classes, (batch,))
     steps = {n: _train_step(m, clips, labels) for n, m in models.items()}
     if "TSM, Python kernels" in steps:
         steps["TSM, Python kernels"] = _python_kernels(steps["TSM, Python kernels"])
+    if "TSM, C++ copy" in steps:
+        steps["TSM, C++ copy"] = _copy_path(steps["TSM, C++ copy"])
     return steps
 
 
@@ -239,7 +245,8 @@ def bench_small(args: argparse.Namespace) -> None:
     """The demo's network and MobileNetV2-TSM at the demo's size: TSM vs TSN (and a TSN control copy)."""
     clock = time.process_time if args.cpu_time else time.perf_counter
     for what in args.small:
-        steps = comparison_models(what, args.small_batch, args.small_size, channels_last=True)
+        steps = comparison_models(what, args.small_batch, args.small_size, channels_last=True,
+                                  copy_path=args.copy_path)
         print(f"# {what}: TSM vs TSN training step, batch {args.small_batch} x 8 frames x {args.small_size}^2, "
               f"channels-last, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds after "
               f"{args.warmup} warm-up, {'process CPU time' if args.cpu_time else 'wall time'}")
@@ -416,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--copy-path", action="store_true",
-                   help="shift: also TSM8f with every layer shifted while copying by the C++ op (more memory)")
+                   help="shift, small: also TSM with every layer read from a shifted copy by the C++ op (more memory)")
     p.add_argument("--python-kernels", action="store_true",
                    help="shift: also TSM8f on the Python kernels (what runs where the C++ op is not built)")
     p.add_argument("--compare", action="store_true",

@@ -452,7 +452,7 @@ def shifted_conv2d_and_identity(x: Tensor, weight: Tensor, bias: Tensor | None, 
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         if _runs_native(x, weight, bias):
             fold, offsets = _native_groups(groups)
-            return torch.ops.tsm_dist.shifted_conv2d(x, weight, bias, *conv[:3], conv_groups, num_frames, fold,
+            return torch.ops.tsm_dist.shifted_conv2d.default(x, weight, bias, *conv[:3], conv_groups, num_frames, fold,
                                                      offsets, x.numel() > NATIVE_COPY_NUMEL)
         return _ShiftedConvFn.apply(x, weight, bias, conv, num_frames, groups)
     check_frames(x, num_frames)

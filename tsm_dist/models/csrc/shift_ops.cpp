@@ -273,6 +273,7 @@ class ShiftedInPlace {
   int64_t first_lost(int64_t i) const { return g_.offsets[i] > 0 ? 0 : g_.num_frames - lost(i); }
 
   void run(bool forward) {
+    if (std::all_of(g_.offsets, g_.offsets + g_.groups, [](int64_t o) { return o == 0; })) return;  // nothing moves
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_.scalar_type(), "tsm_dist::shift_in_place", [&] {
       scalar_t* data = x_.mutable_data_ptr<scalar_t>();
       scalar_t* keep = lost_ ? saved_.mutable_data_ptr<scalar_t>() : nullptr;
