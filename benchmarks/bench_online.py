@@ -9,11 +9,15 @@ graph form (``--forms``: ``concat``, the shifted input as slices + concatenation
 convs only, tsm_dist/streaming/; a form that does not apply to a model is left out), the same graph
 without any shift (a 2D network per frame: no caches, no slices, no concatenation), and the offline
 8-frame clip graph. On a shared
-machine absolute times drift, so the variants are timed interleaved: every round runs each online form,
-then the 2D graph twice, then the online forms again in reverse order (ABBA), all on the same frame.
-Per form it reports the median of the per-round paired ratios online/2D (with IQR) and the ratio of
-the minimum times (the least disturbed run of each). The clip model is timed every round too (one run =
-the cost of one new frame under a sliding window). ``uptime`` (the load) is printed before and after.
+machine absolute times drift, so the variants are timed interleaved: every round runs each online form
+and the 2D graph as a block of ``--block`` consecutive frames (a stream runs one graph frame after frame;
+the first frame of a block, which follows another graph, is not timed), the blocks in reverse order
+every other round (ABBA), all on the same frame. Every graph is called the way OnnxStream calls it
+(``--call binding``: inputs and outputs bound to buffers once, the caches swapped between frames) or
+with ``session.run`` and numpy feeds (``--call run``). Per form it reports the median of the per-round
+paired ratios online/2D (with IQR) and the ratio of the minimum times (the least disturbed run of
+each). The clip model is timed every round too (one run = the cost of one new frame under a sliding
+window). ``uptime`` (the load) is printed before and after.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from tsm_dist.deploy.export import export_graph
 from tsm_dist.deploy.runtime import session
 from tsm_dist.models import build_model
 from tsm_dist.streaming import GRAPH_FORMS
+from tsm_dist.streaming.onnx_stream import BoundStep
 from tsm_dist.streaming.step import split_applies
 
 
@@ -50,38 +55,51 @@ def _timed(run) -> float:
     return CLOCK() - start
 
 
-def _online_step(sess, interface: dict, frame: np.ndarray):
-    """One streamed frame: the previous call's new caches in, this call's out."""
-    caches = {c["input"]: np.zeros((1, *c["shape"][1:]), np.float32) for c in interface["caches"]}
-    out_names = ["logits", *[c["output"] for c in interface["caches"]]]
+def _step(sess, caches: list[dict], frame: np.ndarray, call: str, input_name: str = "frame"):
+    """One streamed frame, the previous call's new caches in, this call's out; ``call``: how a deployment
+    calls onnxruntime, the same for every graph: "binding" (buffers bound once, OnnxStream's way) or
+    "run" (``session.run`` with numpy feeds and outputs every call)."""
+    if call == "binding":
+        step = BoundStep(sess, caches, frame.shape[0], input_name)
+        return lambda: step(frame)
+    feeds = {c["input"]: np.zeros((frame.shape[0], *c["shape"][1:]), np.float32) for c in caches}
+    out_names = ["logits", *[c["output"] for c in caches]]
 
-    def step() -> None:
-        outs = sess.run(out_names, {"frame": frame, **caches})
-        caches.update({c["input"]: o for c, o in zip(interface["caches"], outs[1:])})
-    return step
+    def run() -> None:
+        outs = sess.run(out_names, {input_name: frame, **feeds})
+        feeds.update({c["input"]: o for c, o in zip(caches, outs[1:])})
+    return run
 
 
-def _rounds(steps: dict, plain, clip, rounds: int) -> tuple[dict, list, list, list]:
-    """Interleaved timing: per form its times and per-round ratios to the 2D graph run in the same round."""
+def _block(step, frames: int) -> list[float]:
+    """``frames`` consecutive frames of one graph, as a stream runs them; the first, which follows another
+    graph's run (its weights and arena out of the CPU caches), is not timed."""
+    step()
+    return [_timed(step) for _ in range(frames - 1)]
+
+
+def _rounds(steps: dict, plain, clip, rounds: int, block: int) -> tuple[dict, list, list, list]:
+    """Interleaved timing: per form its times and per-round ratios to the 2D graph run in the same round.
+    Each graph runs a block of frames per round; the order of the blocks reverses every round (ABBA)."""
     for step in (*steps.values(), plain, clip):  # warm-up: first runs allocate and plan
         step()
         step()
-    times = {f: [] for f in steps}
+    graphs = [*steps.items(), ("2d", plain)]
+    times = {name: [] for name, _ in graphs}
     ratios = {f: [] for f in steps}
-    t_2d, t_clip = [], []
-    for _ in range(rounds):
-        first = {f: _timed(step) for f, step in steps.items()}
-        b1, b2 = _timed(plain), _timed(plain)
-        second = {f: _timed(steps[f]) for f in reversed(list(steps))}
+    t_clip = []
+    for i in range(rounds):
+        timed = {name: _block(step, block) for name, step in (graphs if i % 2 == 0 else graphs[::-1])}
+        for name in times:
+            times[name] += timed[name]
         for f in steps:
-            times[f] += [first[f], second[f]]
-            ratios[f].append((first[f] + second[f]) / (b1 + b2))
-        t_2d += [b1, b2]
+            ratios[f].append(sum(timed[f]) / sum(timed["2d"]))
         t_clip.append(_timed(clip))
+    t_2d = times.pop("2d")
     return times, ratios, t_2d, t_clip
 
 
-def bench_model(name: str, size: int, threads: list[int], rounds: int, workdir: Path, forms: list[str]) -> list[dict]:
+def bench_model(name: str, size: int, threads: list[int], workdir: Path, forms: list[str], args) -> list[dict]:
     torch.manual_seed(0)
     model = build_model(name, 400, online=True).eval()
     forms = [f for f in forms if f != "split" or split_applies(model)]
@@ -95,16 +113,18 @@ def bench_model(name: str, size: int, threads: list[int], rounds: int, workdir: 
     cache_bytes = sum(4 * int(np.prod(c["shape"][1:])) for c in interface["caches"])
     rows = []
     for n in threads:
-        steps = {f: _online_step(session(workdir / f"{name}_{f}.onnx", n), exported[f][0], frame) for f in forms}
-        plain_sess, clip_sess = session(workdir / f"{name}_2d.onnx", n), session(workdir / f"{name}_clip.onnx", n)
-        times, ratios, t_2d, t_clip = _rounds(steps, lambda: plain_sess.run(["logits"], {"frame": frame}),
-                                              lambda: clip_sess.run(["logits"], {"clips": clip}), rounds)
+        steps = {f: _step(session(workdir / f"{name}_{f}.onnx", n), exported[f][0]["caches"], frame, args.call)
+                 for f in forms}
+        plain = _step(session(workdir / f"{name}_2d.onnx", n), [], frame, args.call)
+        clip_step = _step(session(workdir / f"{name}_clip.onnx", n), [], clip, args.call, "clips")
+        times, ratios, t_2d, t_clip = _rounds(steps, plain, clip_step, args.rounds, args.block)
         feeds = {"frame": frame, **{c["input"]: np.zeros((1, *c["shape"][1:]), np.float32) for c in interface["caches"]}}
         for f in forms:
             q = statistics.quantiles(ratios[f], n=4)
-            shares = op_shares(workdir / f"{name}_{f}.onnx", feeds, max(10, rounds), n)
+            shares = op_shares(workdir / f"{name}_{f}.onnx", feeds, max(10, args.rounds), n)
             rows.append({
-                "model": name, "form": f, "size": size, "threads": n, "rounds": rounds,
+                "model": name, "form": f, "size": size, "threads": n, "rounds": args.rounds, "block": args.block,
+                "call": args.call,
                 "online_op_shares": {k: round(v, 4) for k, v in shares.items()},
                 "online_ms": 1e3 * statistics.median(times[f]), "plain_2d_ms": 1e3 * statistics.median(t_2d),
                 "online_vs_2d": statistics.median(ratios[f]), "online_vs_2d_iqr": [q[0], q[2]],
@@ -157,24 +177,32 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", default="1,2", help="comma list of onnxruntime intra-op thread counts")
     p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--block", type=int, default=4,
+                   help="frames each graph runs per round, one after another as in a stream; the first is not timed")
+    p.add_argument("--call", choices=("binding", "run"), default="binding",
+                   help="how every graph is called: inputs and outputs bound to buffers once (OnnxStream) or "
+                        "session.run with numpy feeds and outputs every call")
     p.add_argument("--forms", default=",".join(GRAPH_FORMS), help="comma list of online graph forms (tsm_dist/streaming/)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--cpu-time", action="store_true",
                    help="time CPU seconds of this process instead of wall-clock: on a loaded machine the time a "
                         "run waits for a core is not counted (onnxruntime computes in the calling thread at 1 thread)")
     args = p.parse_args()
+    if args.block < 2:
+        p.error("--block must be >= 2 (the first frame of a block is not timed)")
     global CLOCK
     CLOCK = time.process_time if args.cpu_time else time.perf_counter
     print("uptime:", os.popen("uptime").read().strip(), flush=True)
     import onnxruntime
 
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {os.cpu_count()} cores, "
-          f"{'CPU' if args.cpu_time else 'wall-clock'} time", flush=True)
+          f"{'CPU' if args.cpu_time else 'wall-clock'} time, calls: {args.call}, {args.block} frames per graph "
+          "per round (the first not timed)", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            rows += bench_model(name, args.size, [int(t) for t in args.threads.split(",")], args.rounds, Path(tmp),
-                                args.forms.split(","))
+            rows += bench_model(name, args.size, [int(t) for t in args.threads.split(",")], Path(tmp),
+                                args.forms.split(","), args)
     print("uptime:", os.popen("uptime").read().strip())
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
