@@ -54,7 +54,8 @@ def _write(model, mode, tmp_path, fmt="onnx", with_shift=True, form="concat"):
 
 
 @pytest.mark.parametrize("name, form", [("tsm8f_r50", "concat"), ("tsm8f_mbv2", "concat"), ("tsm8f_r50", "mask"),
-                                        ("tsm8f_mbv2", "mask"), ("tsm8f_r50", "split"), ("tsm8f_mbv2", "split"), ("r50_bottleneck", "concat"),
+                                        ("tsm8f_mbv2", "mask"), ("tsm8f_r50", "sub"), ("tsm8f_mbv2", "sub"),
+                                        ("tsm8f_r50", "split"), ("tsm8f_mbv2", "split"), ("r50_bottleneck", "concat"),
                                         ("r50_bottleneck", "split")])
 def test_online_onnx_equals_online_tsm_and_causal_offline(name: str, form: str, tmp_path) -> None:
     model = _online_model(name)
@@ -81,7 +82,7 @@ def test_online_onnx_equals_online_tsm_and_causal_offline(name: str, form: str, 
     assert np.abs(alone - offline[:, 1].numpy()).max() > 1e-3
     assert stream.cache_nbytes() == sum(4 * 2 * np.prod(c["shape"][1:]) for c in interface["caches"])
     _, ops = _graph_facts(path)
-    if form == "mask":  # convs only at the shift points: no slice or concatenation of a block input
+    if form in ("mask", "sub"):  # no slice or concatenation of a block input at the shift points
         assert ops["Slice"] == ops["Concat"] == ops["Split"] == 0
     if form == "split":  # BN folded; ResNet: one concatenation, of the last block's two parts; MobileNetV2: none
         assert ops["BatchNormalization"] == 0 and ops["Slice"] == ops["Split"] == 0

@@ -206,9 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--mode", choices=("online", "offline"), default="online")
     p.add_argument("--graph-form", choices=("auto", *GRAPH_FORMS), default="auto",
-                   help="online shift points as slices + a concatenation (the official demo's graph), or in convs "
-                        "only: mask (any model) or split (ResNet, MobileNetV2); auto: the one measured cheapest per frame in "
-                        "onnxruntime for the architecture (split for ResNet, else mask; docs/deploy.md)")
+                   help="online shift points as slices + a concatenation (the official demo's graph), in convs "
+                        "only: mask (any model) or split (ResNet, MobileNetV2), or sub (any model: convs and a Sub on "
+                        "the caches); auto: the one measured cheapest per frame in onnxruntime for the architecture "
+                        "(split for ResNet, else sub; docs/deploy.md)")
     p.add_argument("--size", type=positive_int, help="input height = width (default: the config's data.crop_size)")
     p.add_argument("--classes", help="class names, one per line (default: <data.root>/classes.txt if present)")
     p.add_argument("--out", required=True, help="the model file; the sidecar is FILE.json")
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "online" and form == "split" and not split_applies(model):
         raise UsageError(f"--graph-form split needs a ResNet or MobileNetV2 shifted at the residual branch, "
                          f"not {cfg.model.name} as configured; "
-                         "use mask or concat")
+                         "use sub, mask or concat")
     interface = export_graph(model, args.mode, args.format, args.out, size, form=form)
     seconds = time.perf_counter() - start
     meta = sidecar(model, cfg, args.mode, args.format, size, interface,

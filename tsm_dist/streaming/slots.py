@@ -11,7 +11,10 @@ Forms (the same function, numerically):
 * ``"concat"``: the cached channels and the rest as a concatenation, the official online demo's graph;
 * ``"mask"``: convs only, so that onnxruntime keeps every tensor in its blocked layout (docs/deploy.md): the
   shifted input is ``conv1x1(cache, one-hot placement) + depthwise1x1(x, 0 on the cached channels, 1 after)``
-  and the new cache ``x[:, :fold]`` a 1x1 conv with one-hot weights (:func:`select_channels`).
+  and the new cache ``x[:, :fold]`` a 1x1 conv with one-hot weights (:func:`select_channels`);
+* ``"sub"``: as ``"mask"``, but the shifted input is ``x + conv1x1(cache - new cache, one-hot placement)``: the
+  difference is taken on the small NCHW caches instead of a depthwise pass over ``x``, and the new cache is
+  computed before the block's convs (:func:`add_difference`).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from torch.nn import functional as F
 
 from tsm_dist.models.temporal_shift import TemporalShift
 
-SLOT_FORMS = ("swap", "concat", "mask")
+SLOT_FORMS = ("swap", "concat", "mask", "sub")
 
 
 class CacheBoard:
@@ -95,7 +98,10 @@ class CacheSlot(nn.Module):
                 x[:, :fold] = current
         if self.form == "concat":
             return conv(self.forward(x)), x
-        return conv(mask_input(x, self._swap(select_channels(x, fold)), fold)), x
+        new = select_channels(x, fold)
+        if self.form == "sub":
+            return conv(add_difference(x, self._swap(new), new)), x
+        return conv(mask_input(x, self._swap(new), fold)), x
 
 
 def select_channels(x: Tensor, fold: int) -> Tensor:
@@ -116,6 +122,18 @@ def mask_input(x: Tensor, cached: Tensor, fold: int) -> Tensor:
     place = torch.eye(channels, fold, dtype=x.dtype, device=x.device)[:, :, None, None]
     # the placement conv first: onnxruntime fuses an Add into the conv of its first input
     return F.conv2d(cached, place) + F.conv2d(x, mask[:, None, None, None], groups=channels)
+
+
+def add_difference(x: Tensor, cached: Tensor, new: Tensor) -> Tensor:
+    """``cat(cached, x[:, fold:])`` as ``x + place(cached - new)``, ``new = x[:, :fold]``. Against
+    :func:`mask_input`, the depthwise pass over the C channels of ``x`` becomes a Sub on the fold channels of the
+    NCHW caches (the new one is converted for the graph's output anyway), and because the new cache feeds the
+    shifted input, onnxruntime computes it before the block's convs: with it scheduled after them (its place in
+    the mask form), ``x`` is still alive when the block's last conv adds the identity, which then copies ``x``
+    instead of accumulating into it (docs/deploy.md)."""
+    place = torch.eye(int(x.shape[1]), int(new.shape[1]), dtype=x.dtype, device=x.device)[:, :, None, None]
+    # the placement conv first: onnxruntime fuses an Add into the conv of its first input
+    return F.conv2d(cached - new, place) + x
 
 
 class NoShift(nn.Module):

@@ -1,6 +1,6 @@
 """One time step of an online model as a pure function, with every shift cache an explicit tensor:
 ``(frame (N, 3, H, W), *caches) -> (logits (N, K), *new caches)``. ``tsm-dist export`` traces it (the forms
-"concat" and "mask" of :mod:`tsm_dist.streaming.slots`, and "split": ResNet's, :mod:`tsm_dist.streaming.split`, and
+"concat", "mask" and "sub" of :mod:`tsm_dist.streaming.slots`, and "split": ResNet's, :mod:`tsm_dist.streaming.split`, and
 MobileNetV2's, :mod:`tsm_dist.streaming.split_mbv2`);
 :class:`~tsm_dist.streaming.online.OnlineTSM` runs it in PyTorch (the form "swap").
 """
@@ -17,7 +17,7 @@ from tsm_dist.streaming.split_mbv2 import applies as mbv2_split_applies, split_s
 
 # the forms a graph can carry ("swap" writes into tensors, which a graph does not express); docs/deploy.md
 # has their per-frame timings
-GRAPH_FORMS = ("concat", "mask", "split")
+GRAPH_FORMS = ("concat", "mask", "sub", "split")
 
 
 def split_applies(model: nn.Module) -> bool:
@@ -27,8 +27,8 @@ def split_applies(model: nn.Module) -> bool:
 
 def auto_form(model: nn.Module) -> str:
     """The graph form measured cheapest per frame in onnxruntime for the architecture (docs/deploy.md): split for
-    ResNet, mask otherwise (MobileNetV2's split form measured slower than its mask form)."""
-    return "split" if resnet_split_applies(model) else "mask"
+    ResNet, sub otherwise (on MobileNetV2 sub measured faster than mask and split, level with concat)."""
+    return "split" if resnet_split_applies(model) else "sub"
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
