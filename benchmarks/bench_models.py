@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import resource
 import statistics
 import time
 import types
@@ -70,7 +71,10 @@ def _summary(values: list[float]) -> str:
 
 
 def _interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int,
-                 clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+                 clock: Callable[[], float] = time.perf_counter,
+                 faults: dict[str, list[int]] | None = None) -> dict[str, list[float]]:
+    """Per model, the time of each round's step; ``faults`` receives each step's minor page faults (a fresh
+    allocation above glibc's mmap threshold is zero-filled page by page on first touch)."""
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -78,9 +82,12 @@ def _interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int,
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = clock()
             steps[name]()
             times[name].append(clock() - start)
+            if faults is not None:
+                faults.setdefault(name, []).append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     return times
 
 
@@ -214,9 +221,12 @@ def bench_shift(args: argparse.Namespace) -> None:
     clock = "process CPU time" if args.cpu_time else "wall time"
     print(f"# shift overhead: training step (fwd+bwd+SGD), batch {args.batch} x 8 frames x {args.size}^2, "
           f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds after {args.warmup} warm-up, {clock}")
-    times = _interleaved(steps, args.rounds, args.warmup, time.process_time if args.cpu_time else time.perf_counter)
+    faults: dict[str, list[int]] = {}
+    times = _interleaved(steps, args.rounds, args.warmup, time.process_time if args.cpu_time else time.perf_counter,
+                         faults)
     for name, samples in times.items():
-        print(f"{name:<24} step median {statistics.median(samples):.3f} s  min {min(samples):.3f}  max {max(samples):.3f}")
+        print(f"{name:<24} step median {statistics.median(samples):.3f} s  min {min(samples):.3f}  max {max(samples):.3f}"
+              f"  minor page faults per step: median {statistics.median(faults[name]):.0f}")
     base = times["TSN"]
     for name in [n for n in times if n != "TSN"]:
         ratios = [t / b - 1 for t, b in zip(times[name], base)]
@@ -250,9 +260,11 @@ def bench_small(args: argparse.Namespace) -> None:
         print(f"# {what}: TSM vs TSN training step, batch {args.small_batch} x 8 frames x {args.small_size}^2, "
               f"channels-last, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds after "
               f"{args.warmup} warm-up, {'process CPU time' if args.cpu_time else 'wall time'}")
-        times = _interleaved(steps, args.rounds, args.warmup, clock)
+        faults: dict[str, list[int]] = {}
+        times = _interleaved(steps, args.rounds, args.warmup, clock, faults)
         for name, samples in times.items():
-            print(f"{name:<20} step median {statistics.median(samples) * 1e3:7.2f} ms  min {min(samples) * 1e3:7.2f}")
+            print(f"{name:<20} step median {statistics.median(samples) * 1e3:7.2f} ms  min {min(samples) * 1e3:7.2f}"
+                  f"  minor page faults per step: median {statistics.median(faults[name]):.0f}")
         for name in [n for n in times if n != "TSN"]:
             ratios = [t / b - 1 for t, b in zip(times[name], times["TSN"])]
             print(f"{name:<20} vs TSN per round: {_summary(ratios)}; ratio of medians "

@@ -1,8 +1,7 @@
 """``tsm-dist demo``: TSM against TSN on the synthetic temporal-order set, 2 local Horovod ranks on CPU.
 
 Makes the synthetic set if it is missing, trains the small TSM and the matching TSN of
-configs/synthetic_tsm.yaml and configs/synthetic_tsn.yaml side by side (two ``horovodrun -np 2 --gloo`` jobs at
-the same time, so that their clips/s compare under the same load), evaluates
+configs/synthetic_tsm.yaml and configs/synthetic_tsn.yaml with ``horovodrun -np 2 --gloo``, evaluates
 the last checkpoints of both on 2 ranks, prints a table and writes ``demo.png`` (validation accuracy
 and training loss). The classes differ only in frame order, so TSM should reach ~100 % while TSN
 stays near chance (25 %). ``--quick`` runs a reduced version (tiny set, 2 epochs) for CI.
@@ -12,15 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from tsm_dist import package_files
+from tsm_dist.training.evaluate import mean_std
 from tsm_dist.commands.processes import find_tool, run_session
 from tsm_dist.runlog.records import METRICS_FILE, read_last_run
 from tsm_dist.studies.tables import pyplot
@@ -37,14 +35,14 @@ def configs_dir() -> Path:
     return found
 
 
-def _run(cmd: list[str], timeout: float, log_file: Path, tag: str = "") -> None:
-    """Run one multi-rank job; its output goes to the terminal (each line after ``tag``) and to ``log_file``."""
+def _run(cmd: list[str], timeout: float, log_file: Path) -> None:
+    """Run one multi-rank job; its output goes to the terminal and to ``log_file``."""
     print("$ " + " ".join(cmd), flush=True)
 
     with log_file.open("w") as log:
         def copy(line: str) -> None:
             log.write(line)
-            sys.stdout.write("  " + tag + line)
+            sys.stdout.write("  " + line)
             sys.stdout.flush()
 
         try:  # horovodrun and the ranks it started end together on a timeout
@@ -53,41 +51,6 @@ def _run(cmd: list[str], timeout: float, log_file: Path, tag: str = "") -> None:
             raise RuntimeError(f"timed out after {timeout:.0f}s: {' '.join(cmd)} (log: {log_file})") from None
     if code != 0:
         raise RuntimeError(f"exit code {code}: {' '.join(cmd)} (log: {log_file})")
-
-
-def _side_by_side(jobs: dict[str, list[str]], timeout: float, logs: dict[str, Path]) -> dict[str, float]:
-    """Run the jobs at the same time, each in its own session; return each one's wall seconds. Raises the first
-    failure (RuntimeError) once every job has ended."""
-    seconds: dict[str, float] = {}
-    errors: list[RuntimeError] = []
-
-    def one(name: str) -> None:
-        t0 = time.perf_counter()
-        try:
-            _run(jobs[name], timeout, logs[name], tag=f"[{name}] ")
-        except RuntimeError as exc:
-            errors.append(RuntimeError(f"{name} failed: {exc}"))
-        seconds[name] = time.perf_counter() - t0
-
-    threads = [threading.Thread(target=one, args=(name,)) for name in jobs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return seconds
-
-
-def _result(name: str, workdir: Path, train_s: float) -> tuple[dict[str, Any], dict[str, list[tuple[float, float]]]]:
-    """A model's table row and plot curves from its run directory."""
-    run = read_last_run(workdir / METRICS_FILE)
-    result = json.loads((workdir / "eval.json").read_text())
-    # the median step: the job that ends last runs its last steps alone, faster
-    row = {"model": name, "top1": (result["top1_mean"], result["top1_std"]),
-           "top5": (result["top5_mean"], result["top5_std"]), "checkpoints": len(result["checkpoints"]),
-           "train_s": train_s, "clips_s": statistics.median([r["clips_per_sec_total"] for r in run.steps])}
-    return row, {"top1": [(r["epoch"], r["top1"]) for r in run.evals], "loss": [(r["step"], r["loss"]) for r in run.steps]}
 
 
 def plot(curves: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> None:
@@ -142,31 +105,33 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
     launch = [horovodrun, "-np", str(args.np), "-H", f"localhost:{args.np}", "--gloo", sys.executable, "-m"]
-    settings = [f"data.root={data.resolve()}", f"train.epochs={epochs}", f"data.crop_size={size['crop']}",
-                f"data.scale_size={size['size']}"]
-    sets = [arg for s in settings for arg in ("--set", s)]
-    workdirs = {name: out / name.lower() for name, _ in MODELS}
-    configs_of = {name: str(configs / config_file) for name, config_file in MODELS}
-    for workdir in workdirs.values():
+    for name, config_file in MODELS:
+        workdir = out / name.lower()
         if workdir.exists():
             shutil.rmtree(workdir)  # a demo always starts from scratch
         workdir.mkdir(parents=True)
-    # TSM and TSN train at the same time on the same cores: their clips/s are then measured under the same load
-    # (one after the other, the ratio measured whatever else ran on the machine meanwhile: docs/models.md).
-    try:
-        train_s = _side_by_side(
-            {name: [*launch, "tsm_dist.training.train", "--config", configs_of[name], "--workdir", str(workdirs[name]),
-                    *sets] for name, _ in MODELS}, args.timeout, {n: w / "train.log" for n, w in workdirs.items()})
-        for name, _ in MODELS:
-            workdir = workdirs[name]
-            _run([*launch, "tsm_dist.training.evaluate", "--config", configs_of[name], "--workdir", str(workdir),
+        settings = [f"data.root={data.resolve()}", f"train.epochs={epochs}", f"data.crop_size={size['crop']}",
+                    f"data.scale_size={size['size']}"]
+        sets = [arg for s in settings for arg in ("--set", s)]
+        config = str(configs / config_file)
+        t0 = time.perf_counter()
+        try:
+            _run([*launch, "tsm_dist.training.train", "--config", config, "--workdir", str(workdir), *sets],
+                 args.timeout, workdir / "train.log")
+            train_s = time.perf_counter() - t0
+            _run([*launch, "tsm_dist.training.evaluate", "--config", config, "--workdir", str(workdir),
                   "--json", str(workdir / "eval.json"), *sets], args.timeout, workdir / "eval.log")
-    except RuntimeError as exc:
-        print(f"tsm-dist demo: {exc}", file=sys.stderr)
-        return 1
-    for name, _ in MODELS:
-        row, curves[name] = _result(name, workdirs[name], train_s[name])
-        rows.append(row)
+        except RuntimeError as exc:
+            print(f"tsm-dist demo: {name} failed: {exc}", file=sys.stderr)
+            return 1
+        run = read_last_run(workdir / METRICS_FILE)
+        steps, evals = run.steps, run.evals
+        result = json.loads((workdir / "eval.json").read_text())
+        rows.append({"model": name, "top1": (result["top1_mean"], result["top1_std"]),
+                     "top5": (result["top5_mean"], result["top5_std"]), "checkpoints": len(result["checkpoints"]),
+                     "train_s": train_s, "clips_s": mean_std([r["clips_per_sec_total"] for r in steps])[0]})
+        curves[name] = {"top1": [(r["epoch"], r["top1"]) for r in evals],
+                        "loss": [(r["step"], r["loss"]) for r in steps]}
 
     plot(curves, out / "demo.png")
     print(f"\n{'model':<6} {'top-1 (%)':>14} {'top-5 (%)':>14} {'train time':>11} {'clips/s':>8}")
@@ -175,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['train_s']:10.0f}s {r['clips_s']:8.1f}")
     print(f"(mean +- std over the last {rows[0]['checkpoints']} checkpoints, {args.np} Horovod ranks, "
           f"{epochs} epochs; chance is 25 %)")
-    print(f"(TSM and TSN trained at the same time on the same cores: clips/s, each one's median step, are measured "
-          f"under the same load; TSM/TSN {rows[0]['clips_s'] / rows[1]['clips_s']:.2f}x)")
     print(f"plot: {out / 'demo.png'}   total time: {time.perf_counter() - started:.0f}s")
     (out / "summary.json").write_text(json.dumps(rows, indent=2))
     print(next_steps(out / MODELS[0][0].lower(), configs / MODELS[0][1], sets))
