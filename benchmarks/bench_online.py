@@ -5,13 +5,14 @@ clip model run per new frame (the sliding-window alternative); cache bytes; expo
     python benchmarks/bench_online.py --models tsm8f_mbv2 --rounds 40 --threads 1 --forms concat,mask --cpu-time
 
 Each model is exported from the same weights as: the online graph with explicit shift caches in each
-graph form (``--forms``: ``concat``, the shifted input as slices + concatenation; ``mask`` and ``split``,
-convs only, tsm_dist/streaming/; a form that does not apply to a model is left out), the same graph
+graph form (``--forms``: ``concat``, the shifted input as slices + concatenation; ``mask``, ``sub`` and
+``split``, convs (and a Sub on the caches), tsm_dist/streaming/; a form that does not apply to a model is
+left out), the same graph
 without any shift (a 2D network per frame: no caches, no slices, no concatenation), and the offline
 8-frame clip graph. On a shared
 machine absolute times drift, so the variants are timed interleaved: every round runs each online form
 and the 2D graph as a block of ``--block`` consecutive frames (a stream runs one graph frame after frame;
-the first frame of a block, which follows another graph, is not timed), the blocks in reverse order
+the first ``--warm`` frames of a block, which follow another graph, are not timed), the blocks in reverse order
 every other round (ABBA), all on the same frame. Every graph is called the way OnnxStream calls it
 (``--call binding``: inputs and outputs bound to buffers once, the caches swapped between frames) or
 with ``session.run`` and numpy feeds (``--call run``). Per form it reports the median of the per-round
@@ -71,14 +72,16 @@ def _step(sess, caches: list[dict], frame: np.ndarray, call: str, input_name: st
     return run
 
 
-def _block(step, frames: int) -> list[float]:
-    """``frames`` consecutive frames of one graph, as a stream runs them; the first, which follows another
-    graph's run (its weights and arena out of the CPU caches), is not timed."""
-    step()
-    return [_timed(step) for _ in range(frames - 1)]
+def _block(step, frames: int, warm: int) -> list[float]:
+    """``frames`` consecutive frames of one graph, as a stream runs them; the first ``warm``, which follow
+    another graph's run (its weights and arena out of the CPU caches: a frame costs less for 4-5 frames
+    on MobileNetV2), are not timed."""
+    for _ in range(warm):
+        step()
+    return [_timed(step) for _ in range(frames - warm)]
 
 
-def _rounds(steps: dict, plain, clip, rounds: int, block: int) -> tuple[dict, list, list, list]:
+def _rounds(steps: dict, plain, clip, rounds: int, block: int, warm: int) -> tuple[dict, list, list, list]:
     """Interleaved timing: per form its times and per-round ratios to the 2D graph run in the same round.
     Each graph runs a block of frames per round; the order of the blocks reverses every round (ABBA)."""
     for step in (*steps.values(), plain, clip):  # warm-up: first runs allocate and plan
@@ -89,7 +92,7 @@ def _rounds(steps: dict, plain, clip, rounds: int, block: int) -> tuple[dict, li
     ratios = {f: [] for f in steps}
     t_clip = []
     for i in range(rounds):
-        timed = {name: _block(step, block) for name, step in (graphs if i % 2 == 0 else graphs[::-1])}
+        timed = {name: _block(step, block, warm) for name, step in (graphs if i % 2 == 0 else graphs[::-1])}
         for name in times:
             times[name] += timed[name]
         for f in steps:
@@ -117,13 +120,14 @@ def bench_model(name: str, size: int, threads: list[int], workdir: Path, forms: 
                  for f in forms}
         plain = _step(session(workdir / f"{name}_2d.onnx", n), [], frame, args.call)
         clip_step = _step(session(workdir / f"{name}_clip.onnx", n), [], clip, args.call, "clips")
-        times, ratios, t_2d, t_clip = _rounds(steps, plain, clip_step, args.rounds, args.block)
+        times, ratios, t_2d, t_clip = _rounds(steps, plain, clip_step, args.rounds, args.block, args.warm)
         feeds = {"frame": frame, **{c["input"]: np.zeros((1, *c["shape"][1:]), np.float32) for c in interface["caches"]}}
         for f in forms:
             q = statistics.quantiles(ratios[f], n=4)
             shares = op_shares(workdir / f"{name}_{f}.onnx", feeds, max(10, args.rounds), n)
             rows.append({
                 "model": name, "form": f, "size": size, "threads": n, "rounds": args.rounds, "block": args.block,
+                "warm": args.warm,
                 "call": args.call,
                 "online_op_shares": {k: round(v, 4) for k, v in shares.items()},
                 "online_ms": 1e3 * statistics.median(times[f]), "plain_2d_ms": 1e3 * statistics.median(t_2d),
@@ -177,8 +181,9 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", default="1,2", help="comma list of onnxruntime intra-op thread counts")
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--block", type=int, default=4,
-                   help="frames each graph runs per round, one after another as in a stream; the first is not timed")
+    p.add_argument("--block", type=int, default=8,
+                   help="frames each graph runs per round, one after another as in a stream")
+    p.add_argument("--warm", type=int, default=4, help="frames at the start of each block that are not timed")
     p.add_argument("--call", choices=("binding", "run"), default="binding",
                    help="how every graph is called: inputs and outputs bound to buffers once (OnnxStream) or "
                         "session.run with numpy feeds and outputs every call")
@@ -188,8 +193,8 @@ def main() -> None:
                    help="time CPU seconds of this process instead of wall-clock: on a loaded machine the time a "
                         "run waits for a core is not counted (onnxruntime computes in the calling thread at 1 thread)")
     args = p.parse_args()
-    if args.block < 2:
-        p.error("--block must be >= 2 (the first frame of a block is not timed)")
+    if not 0 <= args.warm < args.block:
+        p.error("--warm must be >= 0 and below --block (the frames of a block that are timed: block - warm)")
     global CLOCK
     CLOCK = time.process_time if args.cpu_time else time.perf_counter
     print("uptime:", os.popen("uptime").read().strip(), flush=True)
@@ -197,7 +202,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {os.cpu_count()} cores, "
           f"{'CPU' if args.cpu_time else 'wall-clock'} time, calls: {args.call}, {args.block} frames per graph "
-          "per round (the first not timed)", flush=True)
+          f"per round (the first {args.warm} not timed)", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
