@@ -133,7 +133,7 @@ def test_sidecar_says_what_outputs_are_and_stream_takes_its_frame_spacing(tmp_pa
     assert meta["frame_spacing"]["every"] == 4 and meta["preprocess"]["resize"]["method"] == "bilinear"
     assert "before softmax" in meta["output_meaning"]["logits"] and "mean" in meta["output_meaning"]["logits"]
     assert meta["output_meaning"]["new_cache_03"].startswith("feed as cache_03")
-    assert meta["shapes"]["logits"] == ["batch", 3] and meta["graph_form"] == "sub"  # auto for MobileNetV2
+    assert meta["shapes"]["logits"] == ["batch", 3] and meta["graph_form"] == "concat"  # auto for MobileNetV2
     capsys.readouterr()
     jsonl = tmp_path / "f.jsonl"
     assert cli(["stream", "--model", str(out), "--video", "synthetic:0", "--quiet", "--jsonl", str(jsonl)]) == 0
@@ -152,7 +152,7 @@ def test_graph_form_auto_per_architecture_and_split_where_it_applies(tmp_path, c
     torch.save({"model": build_model("tsm8f_mbv2", 3, width=8, online=True).state_dict(), "config": cfg.to_dict()}, ckpt)
     capsys.readouterr()
     argv = ["export", "--checkpoint", str(ckpt), "--size", "32", "--out", str(tmp_path / "m.onnx")]
-    assert cli(argv) == 0 and json.loads((tmp_path / "m.onnx.json").read_text())["graph_form"] == "sub"
+    assert cli(argv) == 0 and json.loads((tmp_path / "m.onnx.json").read_text())["graph_form"] == "concat"
     assert cli([*argv, "--graph-form", "split"]) == 0
     assert json.loads((tmp_path / "m.onnx.json").read_text())["graph_form"] == "split"
     inplace = _save(tmp_path, "tsm8f_r50", online="true", shift_place="inplace")  # the shift on the block input

@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="online shift points as slices + a concatenation (the official demo's graph), in convs "
                         "only: mask (any model) or split (ResNet, MobileNetV2), or sub (any model: convs and a Sub on "
                         "the caches); auto: the one measured cheapest per frame in onnxruntime for the architecture "
-                        "(split for ResNet, else sub; docs/deploy.md)")
+                        "(split for ResNet, else concat; docs/deploy.md)")
     p.add_argument("--size", type=positive_int, help="input height = width (default: the config's data.crop_size)")
     p.add_argument("--classes", help="class names, one per line (default: <data.root>/classes.txt if present)")
     p.add_argument("--out", required=True, help="the model file; the sidecar is FILE.json")
