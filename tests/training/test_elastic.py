@@ -46,6 +46,24 @@ class SlowLoader(TensorLoader):
             yield batch
 
 
+class SlowVideoLoader:
+    """The same for a real loader (DALI's): its batches, each after a pause."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            time.sleep(0.15)
+            yield batch
+
+
 def _overrides(elastic: bool, max_steps: int, on_resize: str) -> dict[str, Any]:
     batch = ({"train.global_batch": GLOBAL} if on_resize == "keep_global_batch" else {"train.accumulate": 2})
     values: dict[str, Any] = {"data.num_samples": SAMPLES, "data.batch_size": BATCH, **batch,
@@ -80,8 +98,9 @@ def rank_main(out: Path, mode: str, max_steps: int, resume: str, on_resize: str)
         if train:  # the rank this process has now (a change renumbers the ranks)
             (out / "pids" / f"rank{shard_id}.pid").write_text(str(os.getpid()))
         if videos:
-            return build_video_loader(file_list, root, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
-                                      seed=seed, train=train, num_samples=num_samples, **options)
+            return SlowVideoLoader(build_video_loader(file_list, root, batch_size=batch_size, shard_id=shard_id,
+                                                      num_shards=num_shards, seed=seed, train=train,
+                                                      num_samples=num_samples, **options))
         return SlowLoader(num_samples, batch_size, shard_id, num_shards, seed, train)
 
     host = os.environ["HOROVOD_HOSTNAME"] if mode in ("elastic", "dali") else "plain"
