@@ -1,7 +1,8 @@
 """The shift's C++ ops (``csrc/shift_ops.cpp``): built once at install time, loaded if built.
 
-A small shifted layer on a CPU costs more in Python than in data (docs/models.md, issue #27), so its
-training path runs as one op, ``torch.ops.tsm_dist.shifted_conv2d``, whose forward and backward are C++.
+A shifted layer's CPU training path runs as one op, ``torch.ops.tsm_dist.shifted_conv2d``, whose forward and
+backward are C++: no Python per layer, and the layer input shifted in place around the conv and restored, not
+copied (docs/models.md, issue #27).
 The library is built by ``./install.sh`` (``python -m tsm_dist.commands.shift_ops build``: g++ and torch's
 headers, no ninja, about a minute) into the venv, under a name keyed by the source and the torch build, so a
 changed source or another torch never loads a stale library. Nothing is compiled at run time: when the
