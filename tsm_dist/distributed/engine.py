@@ -129,7 +129,7 @@ class Engine:
             hvd.init()
             self._started_here = True
         self._hvd = hvd
-        self._layout = (hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
+        self.refresh_layout()
 
     def _init_torch(self) -> None:
         import torch.distributed as dist

@@ -102,10 +102,9 @@ def peer_failure(workdir: Path, exc: BaseException, rank: int, size: int,
         pass
     deadline = time.monotonic() + wait
     while True:
-        failed = _read(directory, "rank*.json")
-        if failed:
-            first = failed[0]
-            return PeerFailed(f"rank {first['rank']} failed: {first['cause']}", int(first["code"]), quiet=True)
+        noted = noted_failure(workdir)
+        if noted is not None:
+            return noted
         if time.monotonic() >= deadline:
             break
         time.sleep(0.2)
