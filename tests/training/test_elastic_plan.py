@@ -47,6 +47,27 @@ def _step(step: int, start: int) -> dict:
                                position={"data_epoch": (step - 1) // 3, "clip_start": start, "clips": 12})
 
 
+def test_the_reader_drops_an_evaluation_a_membership_change_rolled_back(tmp_path):
+    """Epoch 1 ends at step 3 and is evaluated; a rank dies before the epoch-end commit, the run goes back to the
+    commit at step 2, trains step 3 again and evaluates epoch 1 again: one evaluation of it is kept, the second."""
+    path = tmp_path / records.METRICS_FILE
+    log = records.MetricsLog(path)
+    log.write(records.header_record(config={}, engine="horovod", world_size=3, local_size=1, model="m",
+                                    num_frames=2, per_gpu_batch=2, accumulate=2, global_batch=12, params=1))
+    for step, start in ((1, 0), (2, 12), (3, 24)):
+        log.write(_step(step, start))
+    log.write(records.eval_record(epoch=1, step=3, top1=50.0, top5=100.0, loss=1.0, num_samples=8))
+    log.write(records.membership_record(old_world=3, new_world=2, cause="rank lost",
+                                        rolled_back_to={"step": 2, "epoch": 0, "batch_in_epoch": 4}, steps_lost=1,
+                                        continues_at={"step": 2, "epoch": 0, "batch_in_epoch": 6}))
+    log.write(_step(3, 24))
+    log.write(records.eval_record(epoch=1, step=3, top1=75.0, top5=100.0, loss=1.0, num_samples=8))
+    log.close()
+    run = records.read_last_run(path)
+    assert [(e["epoch"], e["top1"]) for e in run.evals] == [(1, 75.0)]
+    assert [s["step"] for s in run.steps] == [1, 2, 3]
+
+
 def test_the_reader_drops_the_steps_a_membership_change_rolled_back(tmp_path):
     path = tmp_path / records.METRICS_FILE
     log = records.MetricsLog(path)

@@ -177,9 +177,11 @@ def read_last_run(path: str | Path, since: int = 0) -> RunRecords:
             run.evals.append(record)
         elif record["type"] == "end":
             run.end = record
-        elif record["type"] == "membership":  # the steps after the commit it rolled back to were undone
+        elif record["type"] == "membership":  # the steps (and evaluations) after the commit it rolled back to were undone
             run.membership.append(record)
-            run.steps = [s for s in run.steps if s["step"] <= record["rolled_back_to"]["step"]]
+            back = record["rolled_back_to"]["step"]
+            run.steps = [s for s in run.steps if s["step"] <= back]
+            run.evals = [e for e in run.evals if e["step"] <= back]  # an epoch evaluated again after the rollback
     run.steps.sort(key=lambda r: r["step"])
     return run
 
