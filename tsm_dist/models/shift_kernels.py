@@ -438,31 +438,55 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+class ShiftedConvCall:
+    """One shifted layer's ``(conv2d(shift(x), weight, bias, ...), x)``, its arguments resolved once: the conv's
+    parameters, the clip length and the groups, and the C++ op's argument list (a block calls it every step,
+    and what is not re-derived per call is what a small layer's step does not pay for)."""
+
+    __slots__ = ("num_frames", "groups", "conv", "native")
+
+    def __init__(self, num_frames: int, groups: tuple[Group, ...], stride: int | Sequence[int] = 1,
+                 padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, conv_groups: int = 1) -> None:
+        self.num_frames, self.groups = num_frames, groups
+        self.conv = (_pair(stride), _pair(padding), _pair(dilation), conv_groups)
+        try:  # the op takes adjacent equal groups from channel 0 (every shift of the models)
+            fold, offsets = _native_groups(groups)
+        except ValueError:
+            self.native: tuple | None = None
+        else:
+            self.native = (list(self.conv[0]), list(self.conv[1]), list(self.conv[2]), conv_groups, num_frames,
+                           fold, offsets)
+
+    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``x`` is left bit-identical. Use the returned ``x`` for the residual identity path: its gradient is
+        then summed with the shifted path's."""
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            if self.native is not None and _runs_native(x, weight, bias):
+                return torch.ops.tsm_dist.shifted_conv2d.default(x, weight, bias, *self.native,
+                                                                 x.numel() > NATIVE_COPY_NUMEL)
+            return _ShiftedConvFn.apply(x, weight, bias, self.conv, self.num_frames, self.groups)
+        check_frames(x, self.num_frames)
+        if _shifts_while_copying(x, self.groups):
+            shifted = torch.empty_like(x)
+            _shift_into(shifted, x, self.num_frames, self.groups)
+            return F.conv2d(shifted, weight, bias, *self.conv), x
+        moved = _shift_inplace(x.data, self.num_frames, self.groups)
+        try:
+            return F.conv2d(x, weight, bias, *self.conv), x
+        finally:
+            _unshift_inplace(moved)
+
+
 def shifted_conv2d_and_identity(x: Tensor, weight: Tensor, bias: Tensor | None, num_frames: int,
                                 groups: tuple[Group, ...], stride: int | Sequence[int] = 1,
                                 padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
                                 conv_groups: int = 1) -> tuple[Tensor, Tensor]:
-    """``(conv2d(shift(x), weight, bias, ...), x)``, moving only the shifted channels of ``x``.
+    """``(conv2d(shift(x), weight, bias, ...), x)``, moving only the shifted channels of ``x`` (a
+    :class:`ShiftedConvCall` made for this one call).
 
     ``x`` is left bit-identical. Use the returned ``x`` for the residual identity path: its
-    gradient is then summed with the shifted path's in the same pass that moves the latter back.
+    gradient is then summed with the shifted path's.
     """
-    conv = (_pair(stride), _pair(padding), _pair(dilation), conv_groups)
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        if _runs_native(x, weight, bias):
-            fold, offsets = _native_groups(groups)
-            return torch.ops.tsm_dist.shifted_conv2d.default(x, weight, bias, *conv[:3], conv_groups, num_frames, fold,
-                                                     offsets, x.numel() > NATIVE_COPY_NUMEL)
-        return _ShiftedConvFn.apply(x, weight, bias, conv, num_frames, groups)
-    check_frames(x, num_frames)
-    if _shifts_while_copying(x, groups):
-        shifted = torch.empty_like(x)
-        _shift_into(shifted, x, num_frames, groups)
-        return F.conv2d(shifted, weight, bias, *conv), x
-    moved = _shift_inplace(x.data, num_frames, groups)
-    try:
-        return F.conv2d(x, weight, bias, *conv), x
-    finally:
-        _unshift_inplace(moved)
+    return ShiftedConvCall(num_frames, groups, stride, padding, dilation, conv_groups)(x, weight, bias)
 

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from tsm_dist.models.shift_kernels import Group, shift_copy, shifted_conv2d_and_identity
+from tsm_dist.models.shift_kernels import Group, ShiftedConvCall, shift_copy
 
 Direction = Literal["bi", "uni"]
 
@@ -62,12 +62,16 @@ def shift_groups(channels: int, fold_div: int = 8, direction: Direction = "bi") 
     raise ValueError(f"direction must be 'bi' or 'uni', got {direction!r}")
 
 
-def shifted_conv(x: Tensor, conv: nn.Conv2d, num_frames: int, groups: tuple[Group, ...]) -> tuple[Tensor, Tensor]:
-    """``(conv(shift(x)), x)`` for a Conv2d module (see :func:`shift_kernels.shifted_conv2d_and_identity`)."""
+def conv_call(conv: nn.Conv2d, num_frames: int, groups: tuple[Group, ...]) -> ShiftedConvCall:
+    """The shifted call of a Conv2d module: ``call(x, conv.weight, conv.bias)`` is ``(conv(shift(x)), x)``."""
     if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
         raise ValueError("shifted_conv needs a Conv2d with numeric zero padding")
-    return shifted_conv2d_and_identity(x, conv.weight, conv.bias, num_frames, groups, conv.stride,
-                                       conv.padding, conv.dilation, conv.groups)
+    return ShiftedConvCall(num_frames, groups, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def shifted_conv(x: Tensor, conv: nn.Conv2d, num_frames: int, groups: tuple[Group, ...]) -> tuple[Tensor, Tensor]:
+    """``(conv(shift(x)), x)`` for a Conv2d module (see :class:`shift_kernels.ShiftedConvCall`)."""
+    return conv_call(conv, num_frames, groups)(x, conv.weight, conv.bias)
 
 
 class TemporalShift(nn.Module):
@@ -88,6 +92,7 @@ class TemporalShift(nn.Module):
         self.num_frames = num_frames
         self.fold_div = fold_div
         self.direction: Direction = direction
+        self._calls: dict[tuple, ShiftedConvCall] = {}  # conv(): resolved once per input width and conv
 
     def extra_repr(self) -> str:
         return f"num_frames={self.num_frames}, fold_div={self.fold_div}, direction={self.direction}"
@@ -101,5 +106,9 @@ class TemporalShift(nn.Module):
 
     def conv(self, x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
         """``(conv(shift(x)), x)`` leaving ``x`` intact (the residual placement); use the returned
-        ``x`` as the block's identity (see :func:`shifted_conv2d_and_identity`)."""
-        return shifted_conv(x, conv, self.num_frames, self.groups(x.shape[1]))
+        ``x`` as the block's identity (see :class:`shift_kernels.ShiftedConvCall`)."""
+        key = (x.shape[1], conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+        call = self._calls.get(key)
+        if call is None:
+            call = self._calls[key] = conv_call(conv, self.num_frames, self.groups(x.shape[1]))
+        return call(x, conv.weight, conv.bias)

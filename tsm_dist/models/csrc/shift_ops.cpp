@@ -6,9 +6,10 @@
 //   tsm_dist::shift_add_(x, direct?, num_frames, fold, offsets) -> x = shift(x) + direct in place (the
 //                            backward's move-back, with the identity path's gradient)
 //   tsm_dist::shifted_conv2d(x, weight, bias?, stride, padding, dilation, groups, num_frames, fold,
-//                            offsets, in_place=True) -> (conv2d(shift(x)), x), differentiable (a C++ autograd
-//                            Function); in_place: x is shifted in place around the conv and its weight gradient
-//                            and restored (no copy, no extra memory), otherwise the conv reads a shifted copy
+//                            offsets, in_place=True) -> (conv2d(shift(x)), x), differentiable; in_place: x is
+//                            shifted in place around the conv and, by hooks on the conv's own autograd node, around
+//                            its weight gradient, and restored (no copy, no extra memory, no autograd Function);
+//                            otherwise the conv reads a shifted copy (a C++ autograd Function)
 //
 // Group g is channels [g*fold, (g+1)*fold): frame t of it takes frame t + offsets[g] of its clip, zero
 // where that is outside the clip (the shift of temporal_shift.py, bit for bit). Tensors are
@@ -17,10 +18,14 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/node.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -415,10 +420,9 @@ Tensor& call_shift_add_(Tensor& x, const std::optional<Tensor>& direct, int64_t 
   return op.call(x, direct, num_frames, fold, offsets);
 }
 
-std::vector<int64_t> opposite(const std::vector<int64_t>& offsets) {
-  std::vector<int64_t> back(offsets);
-  for (auto& o : back) o = -o;
-  return back;
+std::vector<int64_t> opposite(std::vector<int64_t> offsets) {
+  for (auto& o : offsets) o = -o;
+  return offsets;
 }
 
 // A tensor with exactly ``strides`` (a parameter's gradient must have the parameter's: DDP and Horovod
@@ -428,28 +432,18 @@ Tensor with_strides(const Tensor& t, IntArrayRef strides) {
   return at::empty_strided(t.sizes(), strides, t.options()).copy_(t);
 }
 
-// (conv2d(shift(x)), x): the conv reads x shifted in place (ShiftedInPlace), or a shifted copy of x kept for the
-// weight gradient; the in-place method saves x itself (alive anyway: the block's identity and the previous ReLU's
-// output) and shifts it again around convolution_backward, so no layer input is ever copied. x comes back as the
-// block's identity, so that the backward gets both of x's gradients: the shifted path's, moved back in place in
-// convolution_backward's fresh result, and the identity's, added in the same pass (the sum autograd would make
-// anyway for a tensor used twice).
-struct ShiftedConv : public torch::autograd::Function<ShiftedConv> {
+// The op's copy method, (conv2d(shift(x)), x): the conv reads a shifted copy of x, kept for the weight gradient.
+// x comes back as the block's identity, so that the backward gets both of x's gradients: the shifted path's, moved
+// back in place in convolution_backward's fresh result, and the identity's, added in the same pass (the sum
+// autograd would make anyway for a tensor used twice).
+struct ShiftedCopyConv : public torch::autograd::Function<ShiftedCopyConv> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                                const std::optional<Tensor>& bias, std::vector<int64_t> stride,
                                std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
-                               int64_t num_frames, int64_t fold, std::vector<int64_t> offsets, bool in_place) {
-    Tensor y, input;
-    if (in_place) {
-      ShiftedInPlace shifted(x, geometry(x, num_frames, fold, offsets));
-      y = at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
-      input = x;  // kept for the weight gradient, shifted again there
-    } else {
-      input = call_shift_copy(x, num_frames, fold, offsets);
-      y = at::convolution(input, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
-    }
+                               int64_t num_frames, int64_t fold, std::vector<int64_t> offsets) {
+    const Tensor input = call_shift_copy(x, num_frames, fold, offsets);
+    const Tensor y = at::convolution(input, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
     ctx->save_for_backward({input, weight});
-    ctx->saved_data["in_place"] = in_place;
     ctx->set_materialize_grads(false);  // an unused identity adds nothing (no zero tensor to add)
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
@@ -471,20 +465,10 @@ struct ShiftedConv : public torch::autograd::Function<ShiftedConv> {
       const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                      has_bias && ctx->needs_input_grad(2)};
       const std::vector<int64_t> bias_size{weight.size(0)};
-      auto conv_backward = [&] {
-        return at::convolution_backward(
-            grads[0], input, weight, has_bias ? std::optional<IntArrayRef>(bias_size) : std::nullopt,
-            ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
-            ctx->saved_data["dilation"].toIntVector(), false, {0, 0}, ctx->saved_data["groups"].toInt(), mask);
-      };
-      if (ctx->saved_data["in_place"].toBool() && mask[1]) {  // only the weight gradient reads the input's values
-        ShiftedInPlace shifted(input, geometry(input, ctx->saved_data["num_frames"].toInt(),
-                                               ctx->saved_data["fold"].toInt(),
-                                               ctx->saved_data["offsets"].toIntVector()));
-        std::tie(grad_x, grad_w, grad_b) = conv_backward();
-      } else {
-        std::tie(grad_x, grad_w, grad_b) = conv_backward();
-      }
+      std::tie(grad_x, grad_w, grad_b) = at::convolution_backward(
+          grads[0], input, weight, has_bias ? std::optional<IntArrayRef>(bias_size) : std::nullopt,
+          ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+          ctx->saved_data["dilation"].toIntVector(), false, {0, 0}, ctx->saved_data["groups"].toInt(), mask);
     }
     if (grad_x.defined()) {
       // convolution_backward's result is fresh: ours to move back in place (made dense if it is not).
@@ -501,17 +485,82 @@ struct ShiftedConv : public torch::autograd::Function<ShiftedConv> {
       grad_x = grad_identity;
     }
     if (grad_w.defined()) grad_w = with_strides(grad_w, weight.strides());
-    return {grad_x, grad_w, grad_b, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {grad_x, grad_w, grad_b, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
+
+// The in-place method's backward, as two hooks on the conv's own autograd node (ConvolutionBackward0, the node
+// TSN's layer has; no autograd Function of ours): before it runs, x is shifted in place again, if the weight
+// gradient is wanted (only it reads x's values); after it, x is restored and the input gradient, a fresh tensor,
+// is moved back in place (the shift's backward). The identity's gradient is added by autograd, as for TSN. The
+// restore also runs if the node is freed without its backward having finished (an error in between).
+struct HookedInput {
+  HookedInput(Tensor x, const Geometry& g, std::vector<int64_t> back) : x(std::move(x)), g(g), back(std::move(back)) {}
+  Tensor x;
+  Geometry g;
+  std::vector<int64_t> back;  // the offsets that move the gradient back
+  std::optional<ShiftedInPlace> shifted;
+  torch::autograd::Node* node = nullptr;  // the conv's node, which owns the hooks (and so this)
+};
+
+struct ShiftBeforeBackward : public torch::autograd::FunctionPreHook {
+  explicit ShiftBeforeBackward(std::shared_ptr<HookedInput> in) : in(std::move(in)) {}
+  variable_list operator()(const variable_list& grads) override {
+    if (!in->shifted && in->node->task_should_compute_output(1)) in->shifted.emplace(in->x, in->g);
+    return grads;
+  }
+  std::shared_ptr<HookedInput> in;
+};
+
+struct MoveBackAfterBackward : public torch::autograd::FunctionPostHook {
+  explicit MoveBackAfterBackward(std::shared_ptr<HookedInput> in) : in(std::move(in)) {}
+  variable_list operator()(const variable_list& grad_inputs, const variable_list& /*grad_outputs*/) override {
+    in->shifted.reset();
+    variable_list out(grad_inputs);
+    Tensor& grad_x = out[0];
+    if (grad_x.defined()) {
+      if (!grad_x.is_contiguous(grad_x.suggest_memory_format())) {
+        grad_x = grad_x.contiguous(in->x.suggest_memory_format());
+      }
+      call_shift_add_(grad_x, std::nullopt, in->g.num_frames, in->g.fold, in->back);
+    }
+    return out;
+  }
+  std::shared_ptr<HookedInput> in;
+};
+
+// (conv2d(shift(x)), x) by the in-place method: x shifted in place around at::convolution, which records its own
+// autograd node (saving x itself: no layer input is ever copied), and that node hooked (above).
+std::tuple<Tensor, Tensor> shifted_conv2d_in_place(const Tensor& x, const Tensor& weight,
+                                                   const std::optional<Tensor>& bias, IntArrayRef stride,
+                                                   IntArrayRef padding, IntArrayRef dilation, int64_t groups,
+                                                   int64_t num_frames, int64_t fold, IntArrayRef offsets) {
+  const Geometry g = geometry(x, num_frames, fold, offsets);
+  Tensor y;
+  {
+    ShiftedInPlace shifted(x, g);
+    y = at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, groups);
+  }
+  const auto& node = y.grad_fn();
+  if (node) {
+    auto in = std::make_shared<HookedInput>(x, g, opposite(offsets.vec()));
+    in->node = node.get();
+    node->add_pre_hook(std::make_unique<ShiftBeforeBackward>(in));
+    node->add_post_hook(std::make_unique<MoveBackAfterBackward>(in));
+  }
+  return {y, x};  // x itself: the identity, whose gradient autograd adds to the conv's
+}
 
 std::tuple<Tensor, Tensor> shifted_conv2d_autograd(const Tensor& x, const Tensor& weight,
                                                    const std::optional<Tensor>& bias, IntArrayRef stride,
                                                    IntArrayRef padding, IntArrayRef dilation, int64_t groups,
                                                    int64_t num_frames, int64_t fold, IntArrayRef offsets,
                                                    bool in_place) {
-  auto out = ShiftedConv::apply(x, weight, bias, stride.vec(), padding.vec(), dilation.vec(), groups, num_frames,
-                                fold, offsets.vec(), in_place);
+  if (in_place) {
+    return shifted_conv2d_in_place(x, weight, bias, stride, padding, dilation, groups, num_frames, fold, offsets);
+  }
+  auto out = ShiftedCopyConv::apply(x, weight, bias, stride.vec(), padding.vec(), dilation.vec(), groups,
+                                    num_frames, fold, offsets.vec());
   return {out[0], out[1]};
 }
 
