@@ -273,7 +273,8 @@ def bench_small(args: argparse.Namespace) -> None:
 
 # profiler event -> category of the step breakdown (self CPU time; an event's children are counted apart)
 _CATEGORIES = (("shift: Python of the autograd.Function", ("_ShiftedConvFn",)),
-               ("shift: C++ op's dispatch and autograd node", ("tsm_dist::shifted_conv2d", "ShiftedConv")),
+               ("shift: C++ op, forward (with its moves)", ("tsm_dist::shifted_conv2d", "ShiftedCopyConv")),
+               ("conv nodes (TSM: + the shift's bwd hooks)", ("evaluate_function: ConvolutionBackward0",)),
                ("shift: C++ passes (shift_copy, shift_add_)", ("tsm_dist::shift",)),
                ("convolutions (fwd + bwd)", ("aten::mkldnn_convolution", "aten::convolution_backward")),
                ("aten copies, fills, adds", ("aten::copy_", "aten::fill_", "aten::zero_", "aten::add", "aten::cat")),

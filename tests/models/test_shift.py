@@ -337,3 +337,15 @@ def test_small_tensors_shift_while_copying_and_match_the_reference_exactly(ident
     got = torch.autograd.grad(outputs, [x, conv.weight], grads)
     want = torch.autograd.grad((ref, x) if identity else (ref,), [x, conv.weight], grads)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_a_shift_point_resolves_its_layer_call_once_per_input_width_and_conv(kernel_path: str) -> None:
+    """TemporalShift.conv keeps one resolved call (ShiftedConvCall) per input width and conv geometry, and each
+    gives that conv's result on the shifted input."""
+    shift = TemporalShift(4)
+    plain, strided = nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1, stride=2)
+    x = torch.randn(8, 16, 6, 6, requires_grad=True)
+    for conv in (plain, strided, plain, strided):
+        y, identity = shift.conv(x, conv)
+        assert torch.equal(y, conv(temporal_shift(x, 4))) and torch.equal(identity, x)
+    assert len(shift._calls) == 2

@@ -201,3 +201,30 @@ def test_an_install_without_the_cpp_source_runs_the_python_kernels(monkeypatch, 
     monkeypatch.setattr(shift_native, "SOURCE", tmp_path / "shift_ops.cpp")
     monkeypatch.setattr(shift_native, "_state", {})
     assert not shift_native.available() and "is missing" in shift_native.why_not()
+
+
+@needs_ops
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_the_in_place_op_trains_through_the_convs_own_autograd_node(memory_format) -> None:
+    """No autograd Function of ours on the in-place path: y's node is the conv's own ConvolutionBackward0 (TSN's
+    node), whose hooks shift x around the weight gradient and move the input gradient back, and the identity is
+    x itself (autograd sums its two gradients). Against the reference: both gradients, the same graph run twice
+    (each run shifts and restores), and the input's gradient alone (a frozen weight); x is intact after all."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 5, 5).to(memory_format=memory_format).requires_grad_()
+    conv = nn.Conv2d(16, 8, 3, padding=1, bias=False).to(memory_format=memory_format)
+    before = x.detach().clone()
+    y, identity = torch.ops.tsm_dist.shifted_conv2d(x, conv.weight, None, [1, 1], [1, 1], [1, 1], 1, 4, 2,
+                                                    [1, -1], True)
+    assert type(y.grad_fn).__name__ == "ConvolutionBackward0" and identity is x
+    ref_x = before.clone().requires_grad_()
+    ref = conv(_shifted(ref_x, 4, 2, [1, -1]))
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, [ref_x, conv.weight], g, retain_graph=True)
+    for _ in range(2):
+        got = torch.autograd.grad(y, [x, conv.weight], g, retain_graph=True)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert torch.equal(x.detach(), before)
+    conv.weight.requires_grad_(False)
+    assert torch.equal(torch.autograd.grad(y, [x], g)[0], want[0])
+    assert torch.equal(x.detach(), before)
