@@ -340,8 +340,8 @@ def test_small_tensors_shift_while_copying_and_match_the_reference_exactly(ident
 
 
 def test_a_shift_point_resolves_its_layer_call_once_per_input_width_and_conv(kernel_path: str) -> None:
-    """TemporalShift.conv keeps one resolved call (ShiftedConvCall) per input width and conv geometry, and each
-    gives that conv's result on the shifted input."""
+    """TemporalShift.conv keeps one resolved call (ShiftedConvCall) per input width, shift and conv geometry, and
+    each gives that conv's result on the shifted input."""
     shift = TemporalShift(4)
     plain, strided = nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1, stride=2)
     x = torch.randn(8, 16, 6, 6, requires_grad=True)
@@ -349,3 +349,5 @@ def test_a_shift_point_resolves_its_layer_call_once_per_input_width_and_conv(ker
         y, identity = shift.conv(x, conv)
         assert torch.equal(y, conv(temporal_shift(x, 4))) and torch.equal(identity, x)
     assert len(shift._calls) == 2
+    shift.num_frames = 2  # a changed shift point resolves again
+    assert torch.equal(shift.conv(x, plain)[0], plain(temporal_shift(x, 2)))

@@ -92,7 +92,7 @@ class TemporalShift(nn.Module):
         self.num_frames = num_frames
         self.fold_div = fold_div
         self.direction: Direction = direction
-        self._calls: dict[tuple, ShiftedConvCall] = {}  # conv(): resolved once per input width and conv
+        self._calls: dict[tuple, ShiftedConvCall] = {}  # conv(): resolved once per input width, shift and conv
 
     def extra_repr(self) -> str:
         return f"num_frames={self.num_frames}, fold_div={self.fold_div}, direction={self.direction}"
@@ -107,7 +107,8 @@ class TemporalShift(nn.Module):
     def conv(self, x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
         """``(conv(shift(x)), x)`` leaving ``x`` intact (the residual placement); use the returned
         ``x`` as the block's identity (see :class:`shift_kernels.ShiftedConvCall`)."""
-        key = (x.shape[1], conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+        key = (x.shape[1], self.num_frames, self.fold_div, self.direction, conv.stride, conv.padding, conv.dilation,
+               conv.groups, conv.padding_mode)
         call = self._calls.get(key)
         if call is None:
             call = self._calls[key] = conv_call(conv, self.num_frames, self.groups(x.shape[1]))
