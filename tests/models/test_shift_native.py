@@ -209,7 +209,8 @@ def test_the_in_place_op_trains_through_the_convs_own_autograd_node(memory_forma
     """No autograd Function of ours on the in-place path: y's node is the conv's own ConvolutionBackward0 (TSN's
     node), whose hooks shift x around the weight gradient and move the input gradient back, and the identity is
     x itself (autograd sums its two gradients). Against the reference: both gradients, the same graph run twice
-    (each run shifts and restores), and the input's gradient alone (a frozen weight); x is intact after all."""
+    (each run shifts and restores), and the input's gradient alone, for which x is not shifted (only the weight
+    gradient reads its values; a hook after ours sees x as it is while the node runs); x is intact after all."""
     torch.manual_seed(0)
     x = torch.randn(8, 16, 5, 5).to(memory_format=memory_format).requires_grad_()
     conv = nn.Conv2d(16, 8, 3, padding=1, bias=False).to(memory_format=memory_format)
@@ -221,10 +222,12 @@ def test_the_in_place_op_trains_through_the_convs_own_autograd_node(memory_forma
     ref = conv(_shifted(ref_x, 4, 2, [1, -1]))
     g = torch.randn_like(ref)
     want = torch.autograd.grad(ref, [ref_x, conv.weight], g, retain_graph=True)
+    shifted_while_running: list[bool] = []
+    y.grad_fn.register_prehook(lambda grads: shifted_while_running.append(not torch.equal(x.detach(), before)))
     for _ in range(2):
         got = torch.autograd.grad(y, [x, conv.weight], g, retain_graph=True)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
         assert torch.equal(x.detach(), before)
-    conv.weight.requires_grad_(False)
     assert torch.equal(torch.autograd.grad(y, [x], g)[0], want[0])
     assert torch.equal(x.detach(), before)
+    assert shifted_while_running == [True, True, False]
