@@ -1,7 +1,8 @@
 """The shift's C++ ops (``csrc/shift_ops.cpp``): built once at install time, loaded if built.
 
 A shifted layer's CPU training path runs as one op, ``torch.ops.tsm_dist.shifted_conv2d``, whose forward and
-backward are C++: no Python per layer, and the layer input shifted in place around the conv and restored, not
+backward are C++ (the backward as hooks on the conv's own autograd node): one Python call per layer
+(``shift_kernels.ShiftedConvCall``), and the layer input shifted in place around the conv and restored, not
 copied (docs/models.md, issue #27).
 The library is built by ``./install.sh`` (``python -m tsm_dist.commands.shift_ops build``: g++ and torch's
 headers, no ninja, about a minute) into the venv, under a name keyed by the source and the torch build, so a
