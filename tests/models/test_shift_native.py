@@ -140,27 +140,54 @@ def test_the_in_place_op_equals_the_reference_and_leaves_x_bit_identical(threads
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        torch.manual_seed(0)
-        x = torch.randn(shape).to(dtype=dtype, memory_format=memory_format).requires_grad_()
-        conv = nn.Conv2d(shape[1], 6, 3, padding=1).to(dtype=dtype, memory_format=memory_format)
-        before, version = x.detach().clone(), x._version
-        y, identity = torch.ops.tsm_dist.shifted_conv2d(x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1], 1,
-                                                        frames, fold, offsets, True)
-        assert torch.equal(x.detach(), before) and x._version == version
-        ref_x = before.clone().requires_grad_()
-        ref = conv(_shifted(ref_x, frames, fold, offsets))
-        assert torch.equal(y, ref)
-        g, gi = torch.randn_like(ref), torch.randn_like(ref_x)
-        got = torch.autograd.grad((y, identity), [x, conv.weight, conv.bias], (g, gi))
-        want = torch.autograd.grad((ref, ref_x), [ref_x, conv.weight, conv.bias], (g, gi))
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
-        assert torch.equal(x.detach(), before) and x._version == version
-        with torch.no_grad():  # the op's CPU kernel (no autograd) shifts in place too
-            assert torch.equal(torch.ops.tsm_dist.shifted_conv2d(x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1],
-                                                                 1, frames, fold, offsets, True)[0], ref)
-        assert torch.equal(x.detach(), before)
+        _check_in_place(torch.randn(shape).to(dtype=dtype, memory_format=memory_format), frames, fold, offsets)
     finally:
         torch.set_num_threads(saved_threads)
+
+
+def _check_in_place(x: torch.Tensor, frames: int, fold: int, offsets: list[int]) -> None:
+    """The in-place op on x against a conv of the shifted copy: output, gradients, x left as it was."""
+    torch.manual_seed(0)
+    x = x.requires_grad_()
+    memory_format = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
+    conv = nn.Conv2d(x.shape[1], 6, 3, padding=1).to(dtype=x.dtype, memory_format=memory_format)
+    before, version = x.detach().clone(), x._version
+    y, identity = torch.ops.tsm_dist.shifted_conv2d(x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1], 1,
+                                                    frames, fold, offsets, True)
+    assert torch.equal(x.detach(), before) and x._version == version
+    ref_x = before.clone().requires_grad_()
+    ref = conv(_shifted(ref_x, frames, fold, offsets))
+    assert torch.equal(y, ref)
+    g, gi = torch.randn_like(ref), torch.randn_like(ref_x)
+    got = torch.autograd.grad((y, identity), [x, conv.weight, conv.bias], (g, gi))
+    want = torch.autograd.grad((ref, ref_x), [ref_x, conv.weight, conv.bias], (g, gi))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(x.detach(), before) and x._version == version
+    with torch.no_grad():  # the op's CPU kernel (no autograd) shifts in place too
+        assert torch.equal(torch.ops.tsm_dist.shifted_conv2d(x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1],
+                                                             1, frames, fold, offsets, True)[0], ref)
+    assert torch.equal(x.detach(), before)
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype,fold", [(torch.bfloat16, 1), (torch.bfloat16, 2), (torch.float32, 2), (torch.float32, 4),
+                                        (torch.float64, 4), (torch.float32, 16), (torch.float32, 32),
+                                        (torch.float32, 64)])
+@pytest.mark.parametrize("offsets", [[1, -1], [-1, 1], [1, 1], [-1, -1], [0, 1], [1, 0], [0, -1], [-1, 0], [1], [-1]])
+def test_eight_frame_channels_last_clips_every_group_size_and_unit_offset(dtype, fold: int,
+                                                                         offsets: list[int]) -> None:
+    """Channels-last clips of 8 frames with offsets of -1, 0 or 1 take a kernel compiled per group size (2 to 128
+    bytes a pixel; 256, the last case, takes the general one): the in-place op, and shift_add_ with and without
+    a direct gradient, equal the reference bit for bit. At 20x21 pixels the narrow layers span several chunks."""
+    channels = 8 * fold
+    x = torch.randn(16, channels, 20, 21).to(dtype=dtype, memory_format=torch.channels_last)
+    _check_in_place(x, 8, fold, offsets)
+    direct = torch.randn_like(x)
+    for add in (None, direct):
+        moved = x.clone()
+        torch.ops.tsm_dist.shift_add_(moved, add, 8, fold, offsets)
+        want = _shifted(x, 8, fold, offsets)
+        assert torch.equal(moved, want if add is None else want + direct)
 
 
 @needs_ops

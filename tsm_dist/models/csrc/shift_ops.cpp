@@ -26,6 +26,7 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -219,6 +220,108 @@ void sum_runs(T* dst, int64_t dst_stride, const T* a, int64_t a_stride, const T*
   }
 }
 
+// The usual channels-last move at compile time: clips of kUnitFrames frames, each group moved by -1, 0 or +1 frame,
+// a group's values per pixel a power of two of 2-128 bytes (the moves are copies: the dtype does not matter). A
+// pixel at a time, its group's values of all T frames are held in registers and written back moved, so each of x's
+// cache lines is read and written once per pass (with C < 64 floats a pixel's moved channels share one line), and
+// the T frames are T sequential streams. The general kernels (below: clip length, offsets and run length known at
+// run time, the moved values through a buffer) take about 1.7 times as long on the demo's widest layer, and at the
+// demo's sizes these passes are a few per cent of a training step (docs/models.md).
+constexpr int64_t kUnitFrames = 8;
+constexpr int64_t kPrefetchPixels = 8;  // x is often out of cache (in the backward): fetch 8 pixels ahead
+
+// One group's move in a unit pass: its frame offset; with ``save``, the frame the move pushes out of the clip is kept
+// there first; the frame left without a source takes ``fill``'s values (the kept ones, when moving back), or zero
+// if it is null. save and fill hold Bytes per pixel.
+struct UnitMove {
+  int64_t offset;
+  char* save;
+  const char* fill;
+};
+
+template <int64_t Bytes, int64_t Offset>
+inline void move_pixel_unit(char* px, int64_t frame_bytes, const UnitMove& mv, int64_t at) {
+  if constexpr (Offset != 0) {
+    struct Run {
+      unsigned char b[Bytes];
+    };
+    constexpr int64_t save_first = Offset > 0 ? 0 : kUnitFrames - 1;  // the frame this move pushes out
+    Run v[kUnitFrames];
+    for (int64_t t = 0; t < kUnitFrames; ++t) std::memcpy(&v[t], px + t * frame_bytes, Bytes);
+    if (mv.save) std::memcpy(mv.save + at, &v[save_first], Bytes);
+    for (int64_t t = 0; t < kUnitFrames; ++t) {
+      char* dst = px + t * frame_bytes;
+      if (t + Offset >= 0 && t + Offset < kUnitFrames) {
+        std::memcpy(dst, &v[t + Offset], Bytes);
+      } else if (mv.fill) {
+        std::memcpy(dst, mv.fill + at, Bytes);
+      } else {
+        std::memset(dst, 0, Bytes);
+      }
+    }
+  }
+}
+
+// Pixels [p0, p0 + count) of one clip whose first frame starts at ``base``; group i's bytes at i * Bytes in a pixel.
+template <int64_t Bytes, int64_t O0, int64_t O1>
+void move_pixels_unit(char* base, int64_t frame_bytes, int64_t pixel_bytes, const UnitMove* moves, int64_t p0,
+                      int64_t count) {
+  for (int64_t p = p0; p < p0 + count; ++p) {
+    char* px = base + p * pixel_bytes;
+    if (p + kPrefetchPixels < p0 + count) {
+      for (int64_t t = 0; t < kUnitFrames; ++t) {
+        __builtin_prefetch(px + kPrefetchPixels * pixel_bytes + t * frame_bytes, 1);
+      }
+    }
+    move_pixel_unit<Bytes, O0>(px, frame_bytes, moves[0], p * Bytes);
+    move_pixel_unit<Bytes, O1>(px + Bytes, frame_bytes, moves[1], p * Bytes);
+  }
+}
+
+template <int64_t Bytes>
+void move_pixels_unit_offsets(char* base, int64_t frame_bytes, int64_t pixel_bytes, const UnitMove* moves, int64_t p0,
+                              int64_t count) {
+  auto run = [&](auto o0, auto o1) {
+    move_pixels_unit<Bytes, decltype(o0)::value, decltype(o1)::value>(base, frame_bytes, pixel_bytes, moves, p0,
+                                                                      count);
+  };
+  using M = std::integral_constant<int64_t, -1>;
+  using Z = std::integral_constant<int64_t, 0>;
+  using P = std::integral_constant<int64_t, 1>;
+  switch ((moves[0].offset + 1) * 3 + moves[1].offset + 1) {
+    case 0: return run(M{}, M{});
+    case 1: return run(M{}, Z{});
+    case 2: return run(M{}, P{});
+    case 3: return run(Z{}, M{});
+    case 5: return run(Z{}, P{});
+    case 6: return run(P{}, M{});
+    case 7: return run(P{}, Z{});
+    case 8: return run(P{}, P{});
+    default: return;  // nothing moves
+  }
+}
+
+// Channels-last pixels [p0, p0 + count) of one clip (its first frame at ``base``) by the unit kernel, if it applies
+// (else false, and nothing is done): moves[i] is group i's (offset 0 for a group that stays or does not exist).
+bool move_pixels_by_unit(char* base, const Geometry& g, int64_t element_size, const UnitMove* moves, int64_t p0,
+                         int64_t count) {
+  if (g.num_frames != kUnitFrames) return false;
+  for (int64_t i = 0; i < kMaxGroups; ++i) {
+    if (moves[i].offset < -1 || moves[i].offset > 1) return false;
+  }
+  const int64_t frame_bytes = g.frame_size() * element_size, pixel_bytes = g.channels * element_size;
+  switch (g.fold * element_size) {
+    case 2: move_pixels_unit_offsets<2>(base, frame_bytes, pixel_bytes, moves, p0, count); return true;
+    case 4: move_pixels_unit_offsets<4>(base, frame_bytes, pixel_bytes, moves, p0, count); return true;
+    case 8: move_pixels_unit_offsets<8>(base, frame_bytes, pixel_bytes, moves, p0, count); return true;
+    case 16: move_pixels_unit_offsets<16>(base, frame_bytes, pixel_bytes, moves, p0, count); return true;
+    case 32: move_pixels_unit_offsets<32>(base, frame_bytes, pixel_bytes, moves, p0, count); return true;
+    case 64: move_pixels_unit_offsets<64>(base, frame_bytes, pixel_bytes, moves, p0, count); return true;
+    case 128: move_pixels_unit_offsets<128>(base, frame_bytes, pixel_bytes, moves, p0, count); return true;
+    default: return false;
+  }
+}
+
 // Channels-last pixels per work item (about 16 KB of a frame: with their T frames' moved values, they stay in L2).
 int64_t pixel_chunk(const Geometry& g) { return std::max<int64_t>(1, 4096 / g.channels); }
 
@@ -255,8 +358,9 @@ void shift_add_pixels(T* x, const T* direct, const Geometry& g, int64_t clip, in
 // does not change (nothing reads x in between: the guard's owner runs the conv on this thread, and CPU autograd
 // runs one node at a time). NCHW moves each group's (frame, channel) planes, in the frame order that reads every
 // source before it is overwritten; channels-last, where a pixel's moved channels share its cache lines, takes a
-// chunk of pixels at a time: their moved values of all T frames into a small buffer, then written back shifted,
-// so x's lines are read and written once per pass whatever the number of groups.
+// chunk of pixels at a time: the unit kernel (8 frames, offsets of one) a pixel at a time, otherwise their moved
+// values of all T frames into a small buffer, then written back shifted; either way x's lines are read and written
+// once per pass whatever the number of groups.
 class ShiftedInPlace {
  public:
   ShiftedInPlace(const Tensor& x, const Geometry& g) : x_(x), g_(g) {
@@ -330,6 +434,17 @@ class ShiftedInPlace {
     const Geometry& g = g_;
     const int64_t p0 = chunk * chunk_, count = std::min(units_, p0 + chunk_) - p0, t_len = g.num_frames;
     const int64_t moved = g.moved(), c = g.channels, fold = g.fold;
+    UnitMove unit[kMaxGroups] = {};
+    for (int64_t i = 0; i < g.groups; ++i) {
+      const int64_t offset = forward ? g.offsets[i] : -g.offsets[i];
+      if (offset == 0) continue;
+      char* kept_i = reinterpret_cast<char*>(kept(keep, clip, i, 0));  // lost(i) >= 1 frame kept: keep exists
+      unit[i] = {offset, forward ? kept_i : nullptr, forward ? nullptr : kept_i};
+    }
+    if (move_pixels_by_unit(reinterpret_cast<char*>(x + clip * t_len * g.frame_size()), g, sizeof(T), unit, p0,
+                            count)) {
+      return;  // the usual shift, at compile time
+    }
     buffer.resize(t_len * count * moved);
     T* buf = buffer.data();
     auto at = [&](int64_t t) { return x + (clip * t_len + t) * g.frame_size() + p0 * c; };
@@ -396,8 +511,16 @@ Tensor& shift_add_cpu(Tensor& x, const std::optional<Tensor>& direct, int64_t nu
                      [&](int64_t begin, int64_t end) {
                        std::vector<scalar_t> buffer;
                        for (int64_t item = begin; item < end; ++item) {
-                         const int64_t p0 = item % chunks * chunk;
-                         shift_add_pixels(data, d, g, item / chunks, p0, std::min(chunk, g.pixels - p0), buffer);
+                         const int64_t p0 = item % chunks * chunk, clip = item / chunks;
+                         if (!d) {  // the move alone (the in-place op's gradient): a pixel at a time
+                           UnitMove unit[kMaxGroups] = {};
+                           for (int64_t i = 0; i < g.groups; ++i) unit[i] = {g.offsets[i], nullptr, nullptr};
+                           if (move_pixels_by_unit(reinterpret_cast<char*>(data + clip * num_frames * g.frame_size()),
+                                                   g, sizeof(scalar_t), unit, p0, std::min(chunk, g.pixels - p0))) {
+                             continue;
+                           }
+                         }
+                         shift_add_pixels(data, d, g, clip, p0, std::min(chunk, g.pixels - p0), buffer);
                        }
                      });
   });
