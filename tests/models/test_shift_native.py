@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tsm_dist.models import build_model, shift_kernels, shift_native
@@ -21,6 +22,8 @@ def test_the_shift_ops_are_built() -> None:
         pytest.skip("TSM_DIST_SHIFT_NATIVE=0")
     assert shift_native.available(), shift_native.why_not()
     assert shift_native.library_path().is_file()
+    # Python's headers are there (Horovod builds against them): the library is the layers' Python entry too
+    assert shift_native.plan([1, 1], [0, 0], [1, 1], 1, 4, 2, [1, -1]) is not None
 
 
 def _ops(direction: str, channels: int, fold_div: int) -> tuple[int, list[int]]:
@@ -110,6 +113,49 @@ def test_dense_cpu_layers_train_through_the_op_and_others_do_not(monkeypatch) ->
     large = torch.randn(8, 16, 128, 130, requires_grad=True)
     names = _train_ops(large, nn.Conv2d(16, 2, 1, bias=False))
     assert "tsm_dist.shift_add_.default" in names and "tsm_dist.shift_copy.default" not in names
+
+
+
+class _Functions(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@needs_ops
+def test_a_layer_calls_the_op_through_its_python_entry_and_through_torch_ops_where_a_mode_must_see_it(
+        monkeypatch) -> None:
+    """A layer's call (ShiftedConvCall) goes through the library's own Python entry (ShiftedConvPlan: the layer's
+    fixed arguments held once, none converted per call), with torch.ops' results bit for bit; under a
+    torch-function mode (and for tensor subclasses) it goes through torch.ops, so that the mode sees the op;
+    turned off, neither runs; a library built without Python's headers has no entry and takes torch.ops."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 16, 5, 5).to(memory_format=torch.channels_last).requires_grad_()
+    call = shift_kernels.ShiftedConvCall(4, shift_groups(16, 8), 1, 1)
+    g = torch.randn(8, 8, 5, 5)
+    y, identity = call(x, conv.weight, conv.bias)
+    assert call.plan and identity is x and type(y.grad_fn).__name__ == "ConvolutionBackward0"
+    got = torch.autograd.grad((y, identity), [x, conv.weight, conv.bias], (g, x.detach()))
+    y_ops, identity_ops = torch.ops.tsm_dist.shifted_conv2d.default(x, conv.weight, conv.bias, *call.native, True)
+    want = torch.autograd.grad((y_ops, identity_ops), [x, conv.weight, conv.bias], (g, x.detach()))
+    assert torch.equal(y, y_ops) and all(torch.equal(a, b) for a, b in zip(got, want))
+    with _Functions() as mode:
+        call(x, conv.weight, conv.bias)
+    assert "tsm_dist.shifted_conv2d.default" in mode.names
+    with _Names() as names:  # a dispatch mode sees what the op runs, through either entry
+        (call(x, conv.weight, conv.bias)[0].sum()).backward()
+    assert "tsm_dist.shift_add_.default" in names.names
+    with shift_native.turned_off():
+        assert shift_native.plan(*call.native) is None
+        assert torch.equal(call(x, conv.weight, conv.bias)[0], y)
+    monkeypatch.setitem(shift_native._state, "entry", None)
+    without = shift_kernels.ShiftedConvCall(4, shift_groups(16, 8), 1, 1)
+    assert torch.equal(without(x, conv.weight, conv.bias)[0], y) and without.plan is False
 
 
 def _shifted(x: torch.Tensor, frames: int, fold: int, offsets: list[int]) -> torch.Tensor:

@@ -37,7 +37,7 @@ Python kernels above run only on GPUs, under autocast, for non-dense inputs, or 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -443,7 +443,7 @@ class ShiftedConvCall:
     parameters, the clip length and the groups, and the C++ op's argument list (a block calls it every step,
     and what is not re-derived per call is what a small layer's step does not pay for)."""
 
-    __slots__ = ("num_frames", "groups", "conv", "native")
+    __slots__ = ("num_frames", "groups", "conv", "native", "plan")
 
     def __init__(self, num_frames: int, groups: tuple[Group, ...], stride: int | Sequence[int] = 1,
                  padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, conv_groups: int = 1) -> None:
@@ -456,6 +456,7 @@ class ShiftedConvCall:
         else:
             self.native = (list(self.conv[0]), list(self.conv[1]), list(self.conv[2]), conv_groups, num_frames,
                            fold, offsets)
+        self.plan: Callable | None | bool = None  # the op's Python entry for these arguments, made on first use
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
         """``x`` is left bit-identical. Use the returned ``x`` for the residual identity path: its gradient is
@@ -463,8 +464,14 @@ class ShiftedConvCall:
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             if self.native is not None and _runs_native(x, weight, bias):
-                return torch.ops.tsm_dist.shifted_conv2d.default(x, weight, bias, *self.native,
-                                                                 x.numel() > NATIVE_COPY_NUMEL)
+                in_place = x.numel() > NATIVE_COPY_NUMEL
+                if type(x) is Tensor and not torch._C._is_torch_function_mode_enabled():
+                    if self.plan is None:  # False: the library has no Python entry
+                        self.plan = shift_native.plan(*self.native) or False
+                    if self.plan:
+                        return self.plan(x, weight, bias, in_place)
+                # tensor subclasses and torch-function modes see the op through torch.ops
+                return torch.ops.tsm_dist.shifted_conv2d.default(x, weight, bias, *self.native, in_place)
             return _ShiftedConvFn.apply(x, weight, bias, self.conv, self.num_frames, self.groups)
         check_frames(x, self.num_frames)
         if _shifts_while_copying(x, self.groups):

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.machinery
+import importlib.util
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -51,10 +54,15 @@ def _compile_command(output: Path) -> list[str]:
     torch_lib = Path(torch.__file__).parent / "lib"
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    # With Python's headers the library is also the extension module of the layers' call (ShiftedConvPlan);
+    # without them the ops alone are built and called through torch.ops.
+    python_include = Path(sysconfig.get_paths()["include"])
+    entry = ([f"-I{python_include}", "-DTSM_DIST_PYTHON_ENTRY"], ["-ltorch_python"]) \
+        if (python_include / "Python.h").is_file() else ([], [])
     # -fopenmp: at::parallel_for is OpenMP code in torch's headers; libgomp.so.1 resolves to torch's own.
     return [os.environ.get("CXX", "g++"), "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", abi, *includes,
-            str(SOURCE), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{torch_lib}",
-            "-o", str(output)]
+            *entry[0], str(SOURCE), f"-L{torch_lib}", "-lc10", "-ltorch_cpu", "-ltorch", *entry[1],
+            f"-Wl,-rpath,{torch_lib}", "-o", str(output)]
 
 
 def build() -> Path:
@@ -115,7 +123,36 @@ def _load() -> tuple[bool, str]:
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as exc:
         return False, f"{path.name} does not load: {str(exc).splitlines()[0]}"
+    _state["entry"] = _python_entry(path)
     return True, "loaded"
+
+
+def _python_entry(path: Path) -> object | None:
+    """The library as the Python module of the layers' call (``ShiftedConvPlan``), or None where it was built
+    without Python's headers (the op is then called through torch.ops)."""
+    loader = importlib.machinery.ExtensionFileLoader("tsm_dist_shift_ops", str(path))
+    spec = importlib.util.spec_from_file_location("tsm_dist_shift_ops", path, loader=loader)
+    if spec is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    try:
+        loader.exec_module(module)
+    except ImportError:  # no PyInit_tsm_dist_shift_ops: built without the entry
+        return None
+    return module
+
+
+def plan(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int, num_frames: int,
+         fold: int, offsets: Sequence[int]) -> Callable | None:
+    """A layer's ``ShiftedConvPlan``: ``plan(x, weight, bias, in_place)`` calls
+    ``torch.ops.tsm_dist.shifted_conv2d`` with the layer's fixed arguments, without torch.ops' per-call
+    argument conversions (14-20 us a call on the demo's layers, docs/models.md); None when the library is not
+    loaded or has no Python entry."""
+    entry = _state.get("entry") if available() else None
+    if entry is None:
+        return None
+    return entry.ShiftedConvPlan(list(stride), list(padding), list(dilation), groups, num_frames, fold,
+                                 list(offsets))
 
 
 def summary() -> str:

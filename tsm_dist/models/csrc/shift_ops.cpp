@@ -718,3 +718,53 @@ TORCH_LIBRARY_IMPL(tsm_dist, CPU, m) {
 TORCH_LIBRARY_IMPL(tsm_dist, Autograd, m) {
   m.impl("shifted_conv2d", &shifted_conv2d_autograd);
 }
+
+#ifdef TSM_DIST_PYTHON_ENTRY
+// A shifted layer's call from Python without torch.ops: ``ShiftedConvPlan(stride, padding, dilation, groups,
+// num_frames, fold, offsets)`` holds a layer's fixed arguments once, and calling it with (x, weight, bias, in_place)
+// calls tsm_dist::shifted_conv2d through the dispatcher (so dispatch modes and profilers see the op, as before). A
+// call through torch.ops converts every argument to a generic stack first: 14-20 us a call more than this entry,
+// the op itself or torch.conv2d's binding on the demo's layers (docs/models.md). The library is then also a Python
+// extension module, tsm_dist_shift_ops (shift_native.py imports it from the same file after loading the ops).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/python.h>
+
+namespace {
+
+class ShiftedConvPlan {
+ public:
+  ShiftedConvPlan(std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                  int64_t groups, int64_t num_frames, int64_t fold, std::vector<int64_t> offsets)
+      : stride_(std::move(stride)),
+        padding_(std::move(padding)),
+        dilation_(std::move(dilation)),
+        offsets_(std::move(offsets)),
+        groups_(groups),
+        num_frames_(num_frames),
+        fold_(fold) {}
+
+  std::tuple<Tensor, Tensor> operator()(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                        bool in_place) const {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("tsm_dist::shifted_conv2d", "")
+                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                                           IntArrayRef, IntArrayRef, IntArrayRef, int64_t, int64_t,
+                                                           int64_t, IntArrayRef, bool)>();
+    return op.call(x, weight, bias, stride_, padding_, dilation_, groups_, num_frames_, fold_, offsets_, in_place);
+  }
+
+ private:
+  std::vector<int64_t> stride_, padding_, dilation_, offsets_;
+  int64_t groups_, num_frames_, fold_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(tsm_dist_shift_ops, m) {
+  pybind11::class_<ShiftedConvPlan>(m, "ShiftedConvPlan")
+      .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t, int64_t,
+                          std::vector<int64_t>>())
+      .def("__call__", &ShiftedConvPlan::operator(), pybind11::call_guard<pybind11::gil_scoped_release>());
+}
+#endif  // TSM_DIST_PYTHON_ENTRY
