@@ -3,7 +3,9 @@
 A shifted layer's CPU training path runs as one op, ``torch.ops.tsm_dist.shifted_conv2d``, whose forward and
 backward are C++ (the backward as hooks on the conv's own autograd node): one Python call per layer
 (``shift_kernels.ShiftedConvCall``), and the layer input shifted in place around the conv and restored, not
-copied (docs/models.md, issue #27).
+copied (docs/models.md, issue #27). Built with Python's headers, the library is also a Python extension module
+whose ``ShiftedConvPlan`` (:func:`plan`) calls that op with a layer's fixed arguments, without torch.ops'
+conversions of every argument on every call.
 The library is built by ``./install.sh`` (``python -m tsm_dist.commands.shift_ops build``: g++ and torch's
 headers, no ninja, about a minute) into the venv, under a name keyed by the source and the torch build, so a
 changed source or another torch never loads a stale library. Nothing is compiled at run time: when the
