@@ -153,6 +153,18 @@ def test_a_layer_calls_the_op_through_its_python_entry_and_through_torch_ops_whe
     with shift_native.turned_off():
         assert shift_native.plan(*call.native) is None
         assert torch.equal(call(x, conv.weight, conv.bias)[0], y)
+    class Sub(torch.Tensor):  # a subclass gets torch.ops, whose __torch_function__ handling it may rely on
+        seen: list[str] = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+            cls.seen.append(str(func))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    y_sub, _ = call(x.detach().as_subclass(Sub).requires_grad_(), conv.weight, conv.bias)
+    assert "tsm_dist.shifted_conv2d.default" in Sub.seen and torch.equal(y_sub.as_subclass(torch.Tensor), y)
+    monkeypatch.delitem(shift_native._state, "loaded")  # loaded again: the entry is the module initialised before
+    assert shift_native.available() and shift_native.plan(*call.native) is not None
     monkeypatch.setitem(shift_native._state, "entry", None)
     without = shift_kernels.ShiftedConvCall(4, shift_groups(16, 8), 1, 1)
     assert torch.equal(without(x, conv.weight, conv.bias)[0], y) and without.plan is False

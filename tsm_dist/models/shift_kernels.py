@@ -465,7 +465,7 @@ class ShiftedConvCall:
                                         or (bias is not None and bias.requires_grad)):
             if self.native is not None and _runs_native(x, weight, bias):
                 in_place = x.numel() > NATIVE_COPY_NUMEL
-                if type(x) is Tensor and not torch._C._is_torch_function_mode_enabled():
+                if not torch._C._has_torch_function((x, weight, bias)):
                     if self.plan is None:  # False: the library has no Python entry
                         self.plan = shift_native.plan(*self.native) or False
                     if self.plan:

@@ -132,8 +132,12 @@ def _load() -> tuple[bool, str]:
 def _python_entry(path: Path) -> object | None:
     """The library as the Python module of the layers' call (``ShiftedConvPlan``), or None where it was built
     without Python's headers (the op is then called through torch.ops)."""
-    loader = importlib.machinery.ExtensionFileLoader("tsm_dist_shift_ops", str(path))
-    spec = importlib.util.spec_from_file_location("tsm_dist_shift_ops", path, loader=loader)
+    name = "tsm_dist_shift_ops"
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+        return loaded  # a module initialises once per process (a second _load finds it here)
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
     if spec is None:
         return None
     module = importlib.util.module_from_spec(spec)
@@ -141,6 +145,7 @@ def _python_entry(path: Path) -> object | None:
         loader.exec_module(module)
     except ImportError:  # no PyInit_tsm_dist_shift_ops: built without the entry
         return None
+    sys.modules[name] = module
     return module
 
 
