@@ -115,7 +115,6 @@ def test_dense_cpu_layers_train_through_the_op_and_others_do_not(monkeypatch) ->
     assert "tsm_dist.shift_add_.default" in names and "tsm_dist.shift_copy.default" not in names
 
 
-
 class _Functions(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
@@ -153,6 +152,7 @@ def test_a_layer_calls_the_op_through_its_python_entry_and_through_torch_ops_whe
     with shift_native.turned_off():
         assert shift_native.plan(*call.native) is None
         assert torch.equal(call(x, conv.weight, conv.bias)[0], y)
+
     class Sub(torch.Tensor):  # a subclass gets torch.ops, whose __torch_function__ handling it may rely on
         seen: list[str] = []
 
@@ -228,9 +228,9 @@ def _check_in_place(x: torch.Tensor, frames: int, fold: int, offsets: list[int])
 
 
 @needs_ops
-@pytest.mark.parametrize("dtype,fold", [(torch.bfloat16, 1), (torch.bfloat16, 2), (torch.float32, 2), (torch.float32, 4),
-                                        (torch.float64, 4), (torch.float32, 16), (torch.float32, 32),
-                                        (torch.float32, 64)])
+@pytest.mark.parametrize("dtype,fold", [(torch.bfloat16, 1), (torch.bfloat16, 2), (torch.float32, 2),
+                                        (torch.float32, 4), (torch.float64, 4), (torch.float32, 16),
+                                        (torch.float32, 32), (torch.float32, 64)])
 @pytest.mark.parametrize("offsets", [[1, -1], [-1, 1], [1, 1], [-1, -1], [0, 1], [1, 0], [0, -1], [-1, 0], [1], [-1]])
 def test_eight_frame_channels_last_clips_every_group_size_and_unit_offset(dtype, fold: int,
                                                                          offsets: list[int]) -> None:
