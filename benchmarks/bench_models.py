@@ -149,11 +149,8 @@ def comparison_models(what: str, batch: int, size: int, channels_last: bool,
 def _copy_path(step: Callable[[], None]) -> Callable[[], None]:
     """The step with every CPU layer read by its conv from a shifted copy (the C++ op's other method)."""
     def copy_step() -> None:
-        saved, sk.NATIVE_COPY_NUMEL = sk.NATIVE_COPY_NUMEL, 1 << 62
-        try:
+        with shift_native.copying(1 << 62):
             step()
-        finally:
-            sk.NATIVE_COPY_NUMEL = saved
     return copy_step
 
 

@@ -18,15 +18,14 @@ from tsm_dist.models.temporal_shift import TemporalShift, shift_groups, shifted_
 def kernel_path(request, monkeypatch) -> Iterator[str]:
     """The four CPU paths of the fused shift: the C++ op (when ./install.sh built it: see
     test_the_shift_ops_are_built) shifts x in place around the conv (``native``) or, with
-    ``NATIVE_COPY_NUMEL`` above the input's size, reads a shifted copy (``native-copy``); without the op, the
+    ``shift_native.copying`` above the input's size, reads a shifted copy (``native-copy``); without the op, the
     Python kernels shift small tensors while copying (``copy``), and ``SMALL_NUMEL = 0`` sends them through
     the Python in-place kernels that GPUs take (channels-last tensors with short moved runs still copy)."""
     if request.param.startswith("native"):
         if not shift_native.available():
             pytest.skip(f"the shift's C++ ops: {shift_native.why_not()}")
-        if request.param == "native-copy":
-            monkeypatch.setattr(shift_kernels, "NATIVE_COPY_NUMEL", 1 << 62)
-        yield request.param
+        with shift_native.copying(1 << 62 if request.param == "native-copy" else 0):
+            yield request.param
         return
     if request.param == "in-place":
         monkeypatch.setattr(shift_kernels, "SMALL_NUMEL", 0)

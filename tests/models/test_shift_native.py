@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tsm_dist.models import build_model, shift_kernels, shift_native
-from tsm_dist.models.temporal_shift import shift_groups, shifted_conv, temporal_shift
+from tsm_dist.models.temporal_shift import TemporalShift, shift_groups, shifted_conv, temporal_shift
 
 needs_ops = pytest.mark.skipif(not shift_native.available(), reason=f"shift ops: {shift_native.why_not()}")
 
@@ -23,7 +23,7 @@ def test_the_shift_ops_are_built() -> None:
     assert shift_native.available(), shift_native.why_not()
     assert shift_native.library_path().is_file()
     # Python's headers are there (Horovod builds against them): the library is the layers' Python entry too
-    assert shift_native.plan([1, 1], [0, 0], [1, 1], 1, 4, 2, [1, -1]) is not None
+    assert shift_native.plan([1, 1], [0, 0], [1, 1], 1, 4, 2, [1, -1], 16) is not None
 
 
 def _ops(direction: str, channels: int, fold_div: int) -> tuple[int, list[int]]:
@@ -92,16 +92,16 @@ def _train_ops(x: torch.Tensor, conv: nn.Conv2d) -> list[str]:
 
 
 @needs_ops
-def test_dense_cpu_layers_train_through_the_op_and_others_do_not(monkeypatch) -> None:
+def test_dense_cpu_layers_train_through_the_op_and_others_do_not() -> None:
     """The op takes every dense CPU training step, small and large, shifting x in place (no shifted copy) unless
-    the input is at most NATIVE_COPY_NUMEL elements; a non-dense input and autocast keep the Python kernels,
+    the input is at most shift_native.copying's elements; a non-dense input and autocast keep the Python kernels,
     all with the reference's results."""
     conv = nn.Conv2d(16, 8, 3, padding=1, bias=False)
     x = torch.randn(8, 16, 5, 5, requires_grad=True)
     names = _train_ops(x, conv)  # the mode sees the ops below autograd: shifted_conv2d's backward calls shift_add_
     assert "tsm_dist.shift_add_.default" in names and "tsm_dist.shift_copy.default" not in names
-    monkeypatch.setattr(shift_kernels, "NATIVE_COPY_NUMEL", x.numel())
-    assert "tsm_dist.shift_copy.default" in _train_ops(x, conv)
+    with shift_native.copying(x.numel()):
+        assert "tsm_dist.shift_copy.default" in _train_ops(x, conv)
     with shift_native.turned_off():
         assert not any(n.startswith("tsm_dist") for n in _train_ops(x, conv))
     sparse = torch.randn(8, 16, 5, 10)[:, :, :, ::2].requires_grad_()
@@ -150,7 +150,7 @@ def test_a_layer_calls_the_op_through_its_python_entry_and_through_torch_ops_whe
         (call(x, conv.weight, conv.bias)[0].sum()).backward()
     assert "tsm_dist.shift_add_.default" in names.names
     with shift_native.turned_off():
-        assert shift_native.plan(*call.native) is None
+        assert shift_native.plan(*call.native, 16) is None
         assert torch.equal(call(x, conv.weight, conv.bias)[0], y)
 
     class Sub(torch.Tensor):  # a subclass gets torch.ops, whose __torch_function__ handling it may rely on
@@ -164,10 +164,57 @@ def test_a_layer_calls_the_op_through_its_python_entry_and_through_torch_ops_whe
     y_sub, _ = call(x.detach().as_subclass(Sub).requires_grad_(), conv.weight, conv.bias)
     assert "tsm_dist.shifted_conv2d.default" in Sub.seen and torch.equal(y_sub.as_subclass(torch.Tensor), y)
     monkeypatch.delitem(shift_native._state, "loaded")  # loaded again: the entry is the module initialised before
-    assert shift_native.available() and shift_native.plan(*call.native) is not None
+    assert shift_native.available() and shift_native.plan(*call.native, 16) is not None
     monkeypatch.setitem(shift_native._state, "entry", None)
     without = shift_kernels.ShiftedConvCall(4, shift_groups(16, 8), 1, 1)
     assert torch.equal(without(x, conv.weight, conv.bias)[0], y) and without.plan is False
+
+
+@needs_ops
+def test_a_shift_points_resolved_call_is_checked_in_cpp_and_every_change_takes_the_full_path() -> None:
+    """TemporalShift.conv keeps its last resolution, whose entry (ShiftedConvPlan.take) checks in C++ what the Python
+    call checked: each condition that fails there (no grad, another width, autocast, a non-dense input, the ops
+    turned off, a copy-method size) and each change of the conv or the shift point gives the full path's result, and
+    copies resolve anew."""
+    import copy
+
+    torch.manual_seed(0)
+    shift = TemporalShift(4)
+    conv = nn.Conv2d(16, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 16, 6, 6).to(memory_format=torch.channels_last).requires_grad_()
+
+    def check(x: torch.Tensor, frames: int = 4) -> list[str]:
+        with _Names() as names:
+            y, identity = shift.conv(x, conv)
+            if torch.is_grad_enabled():
+                (y.square().sum() + identity.sum()).backward()
+        assert torch.equal(identity, x) and torch.equal(y, conv(temporal_shift(x, frames)))
+        return names.names
+
+    assert "tsm_dist.shift_add_.default" in check(x)
+    take = shift._last[6]
+    assert take(x, conv.weight, conv.bias) is not None  # the resolved call is taken, in C++
+    wider = torch.randn(8, 32, 6, 6, requires_grad=True)
+    assert take(wider, conv.weight, conv.bias) is None  # another width: not this resolution's
+    with torch.no_grad():
+        assert take(x, conv.weight, conv.bias) is None and not any(n.startswith("tsm_dist") for n in check(x))
+    assert take(x.detach(), conv.weight.detach(), conv.bias.detach()) is None  # nothing wants a gradient
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert take(x, conv.weight, conv.bias) is None
+    assert take(x, conv.weight.double(), conv.bias) is None  # the conv's dtype differs
+    sparse = torch.randn(8, 16, 6, 12)[:, :, :, ::2].requires_grad_()
+    assert take(sparse, conv.weight, conv.bias) is None and not any(n.startswith("tsm_dist") for n in check(sparse))
+    with shift_native.turned_off():
+        assert take(x, conv.weight, conv.bias) is None and not any(n.startswith("tsm_dist") for n in check(x))
+    with shift_native.copying(x.numel()):
+        assert "tsm_dist.shift_copy.default" in check(x)  # the resolved call reads the copy method's size per call
+    assert "tsm_dist.shift_copy.default" not in check(x)
+    conv.stride = (2, 2)  # a changed conv resolves again
+    assert torch.equal(shift.conv(x, conv)[0], conv(temporal_shift(x, 4)))
+    shift.num_frames = 2  # and so does a changed shift point
+    assert shift._last is None and "tsm_dist.shift_add_.default" in check(x, 2)
+    twin = copy.deepcopy(shift)  # the entry neither copies nor pickles: a copy resolves anew
+    assert twin._last is None and not twin._calls and torch.equal(twin.conv(x, conv)[0], shift.conv(x, conv)[0])
 
 
 def _shifted(x: torch.Tensor, frames: int, fold: int, offsets: list[int]) -> torch.Tensor:

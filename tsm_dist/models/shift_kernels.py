@@ -51,12 +51,6 @@ import tsm_dist.models.shift_native as shift_native
 Group = tuple[int, int, int]
 # On a CPU, layer inputs up to this many elements are shifted while copying (see _shifts_while_copying).
 SMALL_NUMEL = 1 << 18  # 1 MB of float32: every shifted layer of the demo-sized models, none of R50 at 224²
-# The C++ op shifts layer inputs of more than this many elements in place, smaller ones while copying (the
-# conv reads a shifted copy). In place measured as fast or faster at every size (docs/models.md), so 0: the copy
-# is kept as the benchmarks' comparison (bench_models.py --copy-path) and is tested like every path.
-NATIVE_COPY_NUMEL = 0
-
-
 def check_frames(x: Tensor, num_frames: int) -> None:
     """``x`` must be ``(N*T, C, ...)``: whole clips of ``num_frames`` frames folded into the batch."""
     if x.shape[0] % num_frames:
@@ -456,22 +450,30 @@ class ShiftedConvCall:
         else:
             self.native = (list(self.conv[0]), list(self.conv[1]), list(self.conv[2]), conv_groups, num_frames,
                            fold, offsets)
-        self.plan: Callable | None | bool = None  # the op's Python entry for these arguments, made on first use
+        # The op's Python entry for these arguments and the first call's input width (shift_native.plan), made on
+        # first use; False: none (the library has no entry, or the op does not run).
+        self.plan: Callable | None | bool = None
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
         """``x`` is left bit-identical. Use the returned ``x`` for the residual identity path: its gradient is
         then summed with the shifted path's."""
+        plan = self.plan
+        if plan is None and self.native is not None:
+            plan = self.plan = shift_native.plan(*self.native, x.shape[1]) or False
+        if plan:  # the op's entry checks in C++ whether the op takes this call (what _slow checks in Python)
+            out = plan(x, weight, bias)
+            if out is not None:
+                return out
+        return self._slow(x, weight, bias)
+
+    def _slow(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             if self.native is not None and _runs_native(x, weight, bias):
-                in_place = x.numel() > NATIVE_COPY_NUMEL
-                if not torch._C._has_torch_function((x, weight, bias)):
-                    if self.plan is None:  # False: the library has no Python entry
-                        self.plan = shift_native.plan(*self.native) or False
-                    if self.plan:
-                        return self.plan(x, weight, bias, in_place)
-                # tensor subclasses and torch-function modes see the op through torch.ops
-                return torch.ops.tsm_dist.shifted_conv2d.default(x, weight, bias, *self.native, in_place)
+                # tensor subclasses and torch-function modes see the op through torch.ops (as does a library
+                # built without the Python entry)
+                return torch.ops.tsm_dist.shifted_conv2d.default(x, weight, bias, *self.native,
+                                                                 x.numel() > shift_native.copy_numel())
             return _ShiftedConvFn.apply(x, weight, bias, self.conv, self.num_frames, self.groups)
         check_frames(x, self.num_frames)
         if _shifts_while_copying(x, self.groups):

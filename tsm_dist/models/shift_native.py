@@ -5,7 +5,7 @@ backward are C++ (the backward as hooks on the conv's own autograd node): one Py
 (``shift_kernels.ShiftedConvCall``), and the layer input shifted in place around the conv and restored, not
 copied (docs/models.md, issue #27). Built with Python's headers, the library is also a Python extension module
 whose ``ShiftedConvPlan`` (:func:`plan`) calls that op with a layer's fixed arguments, without torch.ops'
-conversions of every argument on every call.
+conversions of every argument on every call, and checks in C++ whether the op takes the call.
 The library is built by ``./install.sh`` (``python -m tsm_dist.commands.shift_ops build``: g++ and torch's
 headers, no ninja, about a minute) into the venv, under a name keyed by the source and the torch build, so a
 changed source or another torch never loads a stale library. Nothing is compiled at run time: when the
@@ -107,10 +107,39 @@ def turned_off() -> Iterator[None]:
     available()
     saved = dict(_state)
     _state.update(loaded=False, why="turned off by shift_native.turned_off()")
+    _configure()
     try:
         yield
     finally:
         _state.update(saved)
+        _configure()
+
+
+def copy_numel() -> int:
+    """Layer inputs of at most this many elements are read by the conv from a shifted copy (the op's copy
+    method), larger ones are shifted in place. In place measured as fast or faster at every size (docs/models.md),
+    so 0: the copy is the benchmarks' comparison (bench_models.py --copy-path), tested like every path."""
+    return int(_state.get("copy_numel", 0))  # type: ignore[call-overload]
+
+
+@contextlib.contextmanager
+def copying(up_to: int) -> Iterator[None]:
+    """Inside, the op shifts layer inputs of at most ``up_to`` elements while copying (see :func:`copy_numel`)."""
+    saved = copy_numel()
+    _state["copy_numel"] = up_to
+    _configure()
+    try:
+        yield
+    finally:
+        _state["copy_numel"] = saved
+        _configure()
+
+
+def _configure() -> None:
+    """What the Python entry's plans read on every call: whether the ops are on, and the copy method's size."""
+    entry = _state.get("entry")
+    if entry is not None:
+        entry.configure(bool(_state.get("loaded")), copy_numel())  # type: ignore[attr-defined]
 
 
 def _load() -> tuple[bool, str]:
@@ -120,12 +149,15 @@ def _load() -> tuple[bool, str]:
         return False, f"{SOURCE} is missing (an install without the C++ source)"
     path = library_path()
     if not path.exists():
-        return False, f"not built for this source and torch (run ./install.sh, or python -m tsm_dist.commands.shift_ops build)"
+        return False, ("not built for this source and torch (run ./install.sh, or python -m "
+                       "tsm_dist.commands.shift_ops build)")
     try:
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as exc:
         return False, f"{path.name} does not load: {str(exc).splitlines()[0]}"
     _state["entry"] = _python_entry(path)
+    if _state["entry"] is not None:
+        _state["entry"].configure(True, copy_numel())  # type: ignore[attr-defined]
     return True, "loaded"
 
 
@@ -150,16 +182,18 @@ def _python_entry(path: Path) -> object | None:
 
 
 def plan(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int, num_frames: int,
-         fold: int, offsets: Sequence[int]) -> Callable | None:
-    """A layer's ``ShiftedConvPlan``: ``plan(x, weight, bias, in_place)`` calls
-    ``torch.ops.tsm_dist.shifted_conv2d`` with the layer's fixed arguments, without torch.ops' per-call
-    argument conversions (14-20 us a call on the demo's layers, docs/models.md); None when the library is not
-    loaded or has no Python entry."""
+         fold: int, offsets: Sequence[int], channels: int) -> Callable | None:
+    """A layer's ``ShiftedConvPlan.take``: ``take(x, weight, bias)`` is the layer's ``(conv2d(shift(x)), x)``
+    through ``torch.ops.tsm_dist.shifted_conv2d`` where the op takes this call (a training step of a dense 4-d CPU
+    input of ``channels`` channels in the conv's dtype, no autocast, no tensor subclass or torch-function mode: the
+    checks in C++, the layer's fixed arguments held once), and None otherwise, for the caller's Python path.
+    Without torch.ops' per-call argument conversions (14-20 us a call on the demo's layers) and the Python checks
+    (16 us, docs/models.md). None when the library is not loaded or has no Python entry."""
     entry = _state.get("entry") if available() else None
     if entry is None:
         return None
-    return entry.ShiftedConvPlan(list(stride), list(padding), list(dilation), groups, num_frames, fold,
-                                 list(offsets))
+    make = entry.ShiftedConvPlan  # type: ignore[attr-defined]
+    return make(list(stride), list(padding), list(dilation), groups, num_frames, fold, list(offsets), channels).take
 
 
 def summary() -> str:

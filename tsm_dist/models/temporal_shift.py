@@ -93,6 +93,18 @@ class TemporalShift(nn.Module):
         self.fold_div = fold_div
         self.direction: Direction = direction
         self._calls: dict[tuple, ShiftedConvCall] = {}  # conv(): resolved once per input width, shift and conv
+        # conv()'s last resolution: the conv, its geometry's objects then, and the op's entry for that call
+        self._last: tuple | None = None
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name in ("num_frames", "fold_div", "direction"):  # a changed shift point resolves again
+            self.__dict__["_last"] = None
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles resolve their calls anew (a resolved call holds the op's entry, which neither
+        copies nor pickles)."""
+        return {**super().__getstate__(), "_calls": {}, "_last": None}
 
     def extra_repr(self) -> str:
         return f"num_frames={self.num_frames}, fold_div={self.fold_div}, direction={self.direction}"
@@ -107,9 +119,22 @@ class TemporalShift(nn.Module):
     def conv(self, x: Tensor, conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
         """``(conv(shift(x)), x)`` leaving ``x`` intact (the residual placement); use the returned
         ``x`` as the block's identity (see :class:`shift_kernels.ShiftedConvCall`)."""
+        last = self._last
+        # The same conv with the same geometry as last time: the op's entry checks the rest in C++ (the input's
+        # width included) and takes the call, or says None. Every check here is an identity (nothing allocated):
+        # between a step's kernels each Python-level operation costs microseconds (docs/models.md, sixth pass).
+        if (last is not None and last[0] is conv and last[1] is conv.stride and last[2] is conv.padding
+                and last[3] is conv.dilation and last[4] == conv.groups and last[5] is conv.padding_mode):
+            out = last[6](x, conv.weight, conv.bias)
+            if out is not None:
+                return out
         key = (x.shape[1], self.num_frames, self.fold_div, self.direction, conv.stride, conv.padding, conv.dilation,
                conv.groups, conv.padding_mode)
         call = self._calls.get(key)
         if call is None:
             call = self._calls[key] = conv_call(conv, self.num_frames, self.groups(x.shape[1]))
-        return call(x, conv.weight, conv.bias)
+        out = call(x, conv.weight, conv.bias)
+        if call.plan:
+            self.__dict__["_last"] = (conv, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                      conv.padding_mode, call.plan)
+        return out

@@ -721,28 +721,45 @@ TORCH_LIBRARY_IMPL(tsm_dist, Autograd, m) {
 
 #ifdef TSM_DIST_PYTHON_ENTRY
 // A shifted layer's call from Python without torch.ops: ``ShiftedConvPlan(stride, padding, dilation, groups,
-// num_frames, fold, offsets)`` holds a layer's fixed arguments once, and calling it with (x, weight, bias, in_place)
-// calls tsm_dist::shifted_conv2d through the dispatcher (so dispatch modes and profilers see the op, as before). A
-// call through torch.ops converts every argument to a generic stack first: 14-20 us a call more than this entry,
-// the op itself or torch.conv2d's binding on the demo's layers (docs/models.md). The library is then also a Python
-// extension module, tsm_dist_shift_ops (shift_native.py imports it from the same file after loading the ops).
+// num_frames, fold, offsets, channels)`` holds a layer's fixed arguments once, and calls tsm_dist::shifted_conv2d
+// through the dispatcher (so dispatch modes and profilers see the op, as before). A call through torch.ops converts
+// every argument to a generic stack first: 14-20 us a call more than this entry, the op itself or torch.conv2d's
+// binding on the demo's layers (docs/models.md). ``plan.take(x, weight, bias)`` also checks, in C++, what the
+// layer's Python call checked before calling the op (shift_kernels.ShiftedConvCall: grad needed, a dense 4-d CPU
+// input of the declared width in the conv's dtype, no autocast, no __torch_function__ to honour) and returns None
+// where one does not hold, for the caller's Python path: between a step's kernels, where Python's own data is out of
+// cache, each Python-level check cost microseconds (a shifted layer's Python call 16 us over TSN's conv module, the
+// sixth pass in docs/models.md). The library is then also a Python extension module, tsm_dist_shift_ops
+// (shift_native.py imports it from the same file after loading the ops).
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/python.h>
 
 namespace {
 
+// What every plan's take() reads: the ops turned off (shift_native.turned_off) and the copy method's size
+// (shift_native.copying), set from Python by configure().
+struct EntryConfig {
+  bool enabled = true;
+  int64_t copy_numel = 0;
+};
+EntryConfig entry_config;
+
 class ShiftedConvPlan {
  public:
   ShiftedConvPlan(std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                  int64_t groups, int64_t num_frames, int64_t fold, std::vector<int64_t> offsets)
+                  int64_t groups, int64_t num_frames, int64_t fold, std::vector<int64_t> offsets, int64_t channels)
       : stride_(std::move(stride)),
         padding_(std::move(padding)),
         dilation_(std::move(dilation)),
         offsets_(std::move(offsets)),
         groups_(groups),
         num_frames_(num_frames),
-        fold_(fold) {}
+        fold_(fold),
+        channels_(channels) {}
 
   std::tuple<Tensor, Tensor> operator()(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                         bool in_place) const {
@@ -754,9 +771,38 @@ class ShiftedConvPlan {
     return op.call(x, weight, bias, stride_, padding_, dilation_, groups_, num_frames_, fold_, offsets_, in_place);
   }
 
+  // The layer's (conv2d(shift(x)), x) through the op where the op takes this training step, else None.
+  pybind11::object take(pybind11::handle x, pybind11::handle weight, pybind11::handle bias) const {
+    const pybind11::object none = pybind11::none();
+    // Exactly torch.Tensor or nn.Parameter (whose __torch_function__ is disabled) and no torch-function mode: a
+    // subclass or a mode must see the op through torch.ops, which the Python path does.
+    if (!entry_config.enabled || !at::GradMode::is_enabled() || at::impl::torch_function_mode_enabled() ||
+        !THPVariable_CheckExact(x.ptr()) || !THPVariable_CheckExact(weight.ptr()) ||
+        !(bias.is_none() || THPVariable_CheckExact(bias.ptr()))) {
+      return none;
+    }
+    const Tensor& xt = THPVariable_Unpack(x.ptr());
+    const Tensor& wt = THPVariable_Unpack(weight.ptr());
+    std::optional<Tensor> bt;
+    if (!bias.is_none()) bt = THPVariable_Unpack(bias.ptr());
+    if (!(xt.requires_grad() || wt.requires_grad() || (bt && bt->requires_grad())) || !xt.device().is_cpu() ||
+        xt.dim() != 4 || xt.size(1) != channels_ || wt.scalar_type() != xt.scalar_type() ||
+        (bt && bt->scalar_type() != xt.scalar_type()) || at::autocast::is_autocast_enabled(at::kCPU) ||
+        !(xt.is_contiguous() || xt.is_contiguous(at::MemoryFormat::ChannelsLast))) {
+      return none;
+    }
+    const bool in_place = xt.numel() > entry_config.copy_numel;
+    std::tuple<Tensor, Tensor> out;
+    {
+      pybind11::gil_scoped_release no_gil;
+      out = (*this)(xt, wt, bt, in_place);
+    }
+    return pybind11::cast(std::move(out));
+  }
+
  private:
   std::vector<int64_t> stride_, padding_, dilation_, offsets_;
-  int64_t groups_, num_frames_, fold_;
+  int64_t groups_, num_frames_, fold_, channels_;
 };
 
 }  // namespace
@@ -764,7 +810,9 @@ class ShiftedConvPlan {
 PYBIND11_MODULE(tsm_dist_shift_ops, m) {
   pybind11::class_<ShiftedConvPlan>(m, "ShiftedConvPlan")
       .def(pybind11::init<std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t, int64_t,
-                          std::vector<int64_t>>())
-      .def("__call__", &ShiftedConvPlan::operator(), pybind11::call_guard<pybind11::gil_scoped_release>());
+                          std::vector<int64_t>, int64_t>())
+      .def("__call__", &ShiftedConvPlan::operator(), pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("take", &ShiftedConvPlan::take);
+  m.def("configure", [](bool enabled, int64_t copy_numel) { entry_config = EntryConfig{enabled, copy_numel}; });
 }
 #endif  // TSM_DIST_PYTHON_ENTRY
