@@ -518,6 +518,30 @@ def test_killing_pack_leaves_no_worker_processes(synthetic, tmp_path):
                 and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]], workers
 
 
+def test_a_stop_while_the_pool_starts_is_one_line_and_leaves_no_worker(synthetic, tmp_path, monkeypatch, capsys):
+    """SIGTERM while a submit starts the worker pool's thread (CI once caught it there: the shutdown then joined a
+    thread whose start was cut short, a traceback instead of the line) stops the pack as anywhere else."""
+    import multiprocessing
+    import signal
+    import time
+    from concurrent.futures import process
+
+    start = process._ExecutorManagerThread._bootstrap_inner
+
+    def signalled_start(thread):  # the new thread, before it says it started: the main thread waits for that
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+        start(thread)
+
+    monkeypatch.setattr(process._ExecutorManagerThread, "_bootstrap_inner", signalled_start)
+    before = set(multiprocessing.active_children())
+    code = pack_main(["--list", synthetic.train_list, "--root", synthetic.root, "--out", str(tmp_path / "out"),
+                      "--workers", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 143 and "interrupted" in err and "Traceback" not in err, err
+    assert not set(multiprocessing.active_children()) - before
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):

@@ -14,6 +14,7 @@ reported. The layout is in ``pack_format.py`` and docs/data.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -77,7 +78,8 @@ def ordered_map(fn: Callable, jobs: list, executor: Executor | None, window: int
     position = 0
     while pending or position < len(jobs):
         while position < len(jobs) and len(pending) < window:
-            pending.append((executor.submit(fn, jobs[position]), jobs[position]))
+            with _whole():  # a submit starts the pool's processes and thread: a stop waits for it to end
+                pending.append((executor.submit(fn, jobs[position]), jobs[position]))
             position += 1
         future, job = pending.pop(0)
         try:
@@ -363,8 +365,32 @@ class Stopped(Exception):
     """SIGTERM (a cancelled job, ``kill``) while packing."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Stopped()
+_held = {"depth": 0, "signal": 0}  # inside _whole(): its depth, and a stop signal that came meanwhile
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    """SIGTERM raises :class:`Stopped` and SIGINT ``KeyboardInterrupt``, where the code is, or at the end of
+    :func:`_whole`."""
+    if _held["depth"]:
+        _held["signal"] = _held["signal"] or signum
+        return
+    raise Stopped() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def _whole() -> Iterator[None]:
+    """A stop signal inside raises at its end: a process pool's submit starts worker processes and the pool's
+    thread, and one interrupted halfway leaves the pool unable to shut down (the shutdown joins a thread whose
+    start was cut short: a traceback instead of the one line, and workers left running)."""
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+        signum = _held["signal"] if not _held["depth"] else 0
+        if signum:
+            _held["signal"] = 0
+            _on_stop_signal(signum, None)
 
 
 def _report_skipped(out: str, skipped: list[dict[str, Any]], bad_lines: list[tuple[str, str]]) -> None:
@@ -410,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.shard_mb <= 0 or args.workers < 1 or args.gop < 1:
             parser.error("--shard-mb must be > 0, --workers and --gop >= 1")
         options = PackOptions(**{f.name: getattr(args, f.name) for f in fields(PackOptions)})
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = {signum: signal.signal(signum, _on_stop_signal) for signum in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(signum) not in (signal.SIG_IGN, None)}  # an ignored SIGINT stays ignored
     try:
         return _run(args.verify, not args.no_progress, options)
     except (KeyboardInterrupt, Stopped) as stop:
@@ -418,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 143 if isinstance(stop, Stopped) else 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run(verify_dir: str | None, show_progress: bool, options: PackOptions | None) -> int:
