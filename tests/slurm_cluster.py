@@ -313,7 +313,7 @@ PartitionName={PARTITION} Nodes={",".join(self.nodes)} Default=YES MaxTime=INFIN
                 return fields
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {fields.get('JobState')} after {timeout_s:.0f} s "
-                                   f"(reason {fields.get('Reason')}):\n{self.logs()}")
+                                   f"(reason {fields.get('Reason')}):\n{self.logs()}\n{_stuck(fields)}")
             time.sleep(0.5)
 
     def wait_final(self, job_id: int, timeout_s: float) -> dict[str, str]:
@@ -345,6 +345,15 @@ PartitionName={PARTITION} Nodes={",".join(self.nodes)} Default=YES MaxTime=INFIN
             text = path.read_text(errors="replace")[-tail_chars:]
             parts.append(f"--- {path.name} ---\n{text}")
         return "\n".join(parts)
+
+
+def _stuck(fields: dict[str, str], tail_chars: int = 6000) -> str:
+    """A job that did not get where a test waited for: its own output (``StdOut``) and the processes then running
+    (jobs stayed RUNNING after a rank was SIGKILLed, twice in many CI runs, with only the daemons' logs kept)."""
+    out = Path(fields.get("StdOut", ""))
+    text = out.read_text(errors="replace")[-tail_chars:] if out.is_file() else "(none)"
+    ps = subprocess.run(["ps", "-eo", "pid,ppid,stat,etime,args", "--forest"], capture_output=True, text=True)
+    return f"--- the job's output ({out}) ---\n{text}\n--- processes ---\n{ps.stdout}"
 
 
 def job_pids(job_id: int | str, env_match: dict[str, str], command: str = "tsm_dist") -> list[int]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,17 +70,6 @@ def _log(tmp_path: Path, job_id: int) -> str:
 _records = job_records
 
 
-def _wait_final(cluster: SlurmCluster, tmp_path: Path, job_id: int) -> dict[str, str]:
-    """The job's final fields; on a timeout the error also holds the job's own log and the processes then running
-    (a job once stayed RUNNING after a rank was killed, in one CI run of many, with only the daemons' logs kept)."""
-    try:
-        return cluster.wait_final(job_id, JOB_TIMEOUT_S)
-    except TimeoutError as err:
-        ps = subprocess.run(["ps", "-eo", "pid,ppid,stat,etime,args", "--forest"], capture_output=True, text=True)
-        raise TimeoutError(f"{err}\n--- job log ---\n{_log(tmp_path, job_id)}\n--- processes ---\n{ps.stdout}") \
-            from None
-
-
 def _wait_for_step(cluster: SlurmCluster, tmp_path: Path, job_id: int, workdir: Path, step: int) -> None:
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not any(r["step"] >= step for r in _records(workdir, "step")):
@@ -92,7 +80,7 @@ def _wait_for_step(cluster: SlurmCluster, tmp_path: Path, job_id: int, workdir: 
 
 def test_elastic_job_trains_through_horovodrun_and_host_discovery(cluster: SlurmCluster, tmp_path: Path) -> None:
     job_id, workdir = _submit(cluster, tmp_path, ["data.num_samples=32", "train.epochs=2"])  # 4 steps per epoch
-    fields = _wait_final(cluster, tmp_path, job_id)
+    fields = cluster.wait_final(job_id, JOB_TIMEOUT_S)
     log = _log(tmp_path, job_id)
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{log}\n{cluster.logs()}"
     assert "elastic: 2 of 2 slot(s) at start, never fewer than 2 rank(s); hosts now: localhost:2" in log, log
@@ -111,7 +99,7 @@ def test_the_warning_to_the_batch_shell_reaches_the_ranks_and_the_job_resumes(cl
     cluster._run(["scancel", "--batch", "--signal=USR1", str(job_id)])
     cluster.wait(job_id, lambda f: int(f.get("Restarts", 0)) >= 1, JOB_TIMEOUT_S)
     cluster.release_now(job_id)
-    fields = _wait_final(cluster, tmp_path, job_id)
+    fields = cluster.wait_final(job_id, JOB_TIMEOUT_S)
     log = _log(tmp_path, job_id)
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{log}"
     assert "exit code 75, as the end record decided (the launcher's: 1)" in log and "preempted: requeueing job" in log
@@ -128,7 +116,7 @@ def test_scancel_reaches_horovodrun_and_the_ranks_still_checkpoint(cluster: Slur
     job_id, workdir = _submit(cluster, tmp_path, LONG)
     _wait_for_step(cluster, tmp_path, job_id, workdir, 3)
     cluster.scancel(job_id)  # SIGTERM to every process of the job, horovodrun included; SIGKILL after KillWait
-    fields = _wait_final(cluster, tmp_path, job_id)
+    fields = cluster.wait_final(job_id, JOB_TIMEOUT_S)
     deadline = time.monotonic() + 30
     while not _records(workdir, "end") and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -173,7 +161,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory):
 
 def test_elastic_job_trains_across_two_hosts(two_nodes: SlurmCluster, tmp_path: Path) -> None:
     job_id, workdir = _submit(two_nodes, tmp_path, ["data.num_samples=32", "train.epochs=2"], nodes=2)
-    fields = _wait_final(two_nodes, tmp_path, job_id)
+    fields = two_nodes.wait_final(job_id, JOB_TIMEOUT_S)
     log = _log(tmp_path, job_id)
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{log}\n{two_nodes.logs()}"
     first, second = two_nodes.nodes
@@ -196,7 +184,7 @@ SHORT, SHORT_STEPS = ["data.num_samples=960", "train.epochs=2", "engine.commit_e
 
 
 def _assert_went_on_with_one_rank(cluster: SlurmCluster, tmp_path: Path, job_id: int, workdir: Path) -> None:
-    fields = _wait_final(cluster, tmp_path, job_id)
+    fields = cluster.wait_final(job_id, JOB_TIMEOUT_S)
     log = _log(tmp_path, job_id)
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{log}"
     ends = _records(workdir, "end")
@@ -247,7 +235,7 @@ def test_a_spare_node_replaces_a_lost_one(three_nodes: SlurmCluster, tmp_path: P
     killed_at = time.time()
     for pid in _rank_pids_on(job_id, busy[1]):
         os.kill(pid, signal.SIGKILL)
-    fields = _wait_final(three_nodes, tmp_path, job_id)
+    fields = three_nodes.wait_final(job_id, JOB_TIMEOUT_S)
     log = _log(tmp_path, job_id)
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), f"{fields}\n{log}"
     assert "2 of 3 slot(s) at start, 1 slot(s) spare, never fewer than 2 rank(s)" in log, log
