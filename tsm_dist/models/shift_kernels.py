@@ -51,6 +51,8 @@ import tsm_dist.models.shift_native as shift_native
 Group = tuple[int, int, int]
 # On a CPU, layer inputs up to this many elements are shifted while copying (see _shifts_while_copying).
 SMALL_NUMEL = 1 << 18  # 1 MB of float32: every shifted layer of the demo-sized models, none of R50 at 224²
+
+
 def check_frames(x: Tensor, num_frames: int) -> None:
     """``x`` must be ``(N*T, C, ...)``: whole clips of ``num_frames`` frames folded into the batch."""
     if x.shape[0] % num_frames:
