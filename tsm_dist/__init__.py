@@ -61,9 +61,17 @@ def outcome_decided() -> None:
             _signal.signal(sig, _signal.SIG_IGN)
 
 
+def _spawned_child() -> bool:
+    """A process that multiprocessing's spawn started (pack's workers, for one): it runs with its parent's argv, but
+    the command's line is its parent's to say; a stop signal ends it as it would without us."""
+    process = _sys.modules.get("multiprocessing.process")  # the child's name is set before it imports its parent's
+    return process is not None and process.current_process().name != "MainProcess"  # __main__, which imports us
+
+
 # only for our commands (python -m tsm_dist.<module> imports this package while argv[0] is still "-m";
-# the console script is tsm-dist), never for a program that imports tsm_dist as a library
-if _sys.argv and _os.path.basename(_sys.argv[0]) in ("-m", "tsm-dist"):
+# the console script is tsm-dist), never for a program that imports tsm_dist as a library, nor for a worker
+# process it spawned (a scheduler's SIGTERM to the whole group gave one "terminated" line per pack worker)
+if _sys.argv and _os.path.basename(_sys.argv[0]) in ("-m", "tsm-dist") and not _spawned_child():
     _previous_hook = _sys.excepthook
     _sys.excepthook = _quiet_interrupt
     _COMMAND_PID = _os.getpid()

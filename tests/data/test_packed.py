@@ -542,6 +542,26 @@ def test_a_stop_while_the_pool_starts_is_one_line_and_leaves_no_worker(synthetic
     assert not set(multiprocessing.active_children()) - before
 
 
+def test_spawned_workers_of_a_command_keep_the_default_stop_signals(tmp_path):
+    """pack's workers are spawned with the command's argv and import its console script, so tsm_dist too; the
+    one-line stop handler stays the command's (a SIGTERM to the whole process group printed one "terminated" line
+    per worker besides pack's own line). A script named like the console script spawns one worker the same way."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "tsm-dist"
+    script.write_text("import multiprocessing, signal\nimport tsm_dist\n\n\ndef handlers():\n"
+                      "    return [str(signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGINT)]\n\n\n"
+                      "if __name__ == '__main__':\n"
+                      "    print(str(signal.getsignal(signal.SIGTERM)))\n"
+                      "    with multiprocessing.get_context('spawn').Pool(1) as pool:\n"
+                      "        print(pool.apply(handlers))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    command, worker = done.stdout.splitlines()
+    assert done.returncode == 0 and "_on_stop_signal" in command, done.stdout + done.stderr
+    assert "_on_stop_signal" not in worker, worker
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
